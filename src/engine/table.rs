@@ -1,0 +1,113 @@
+//! Parquet tables (polars) that carry their provenance in the file's
+//! key-value metadata, and safetensors files with the same.
+
+use anyhow::{anyhow, Context, Result};
+use polars::prelude::{DataFrame, KeyValueMetadata, ParquetCompression, ParquetReader, ParquetWriter, SerReader};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub fn write_parquet(path: &Path, df: &mut DataFrame, provenance: &[(String, String)]) -> Result<()> {
+    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    ParquetWriter::new(file)
+        .with_compression(ParquetCompression::Uncompressed)
+        .with_key_value_metadata(Some(KeyValueMetadata::from_static(provenance.to_vec())))
+        .finish(df)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+pub fn read_parquet(path: &Path) -> Result<DataFrame> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    ParquetReader::new(file).finish().with_context(|| format!("{}: not a readable Parquet table", path.display()))
+}
+
+/// The key-value metadata of a Parquet file, read with the `parquet` crate so
+/// that any Parquet file (not only ours) can be inspected.
+pub fn parquet_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let reader = SerializedFileReader::new(file).with_context(|| format!("{}: not a Parquet file", path.display()))?;
+    let mut out = BTreeMap::new();
+    if let Some(kv) = reader.metadata().file_metadata().key_value_metadata() {
+        for e in kv {
+            out.insert(e.key.clone(), e.value.clone().unwrap_or_default());
+        }
+    }
+    Ok(out)
+}
+
+/// A named u8/i16/f32 array for safetensors.
+pub struct NamedTensor {
+    pub name: String,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl NamedTensor {
+    pub fn u8(name: &str, shape: Vec<usize>, data: Vec<u8>) -> Self {
+        NamedTensor { name: name.into(), dtype: safetensors::Dtype::U8, shape, data }
+    }
+    pub fn i16(name: &str, shape: Vec<usize>, data: &[i16]) -> Self {
+        NamedTensor { name: name.into(), dtype: safetensors::Dtype::I16, shape, data: data.iter().flat_map(|v| v.to_le_bytes()).collect() }
+    }
+    pub fn f32(name: &str, shape: Vec<usize>, data: &[f32]) -> Self {
+        NamedTensor { name: name.into(), dtype: safetensors::Dtype::F32, shape, data: data.iter().flat_map(|v| v.to_le_bytes()).collect() }
+    }
+}
+
+/// Write tensors with one metadata entry (`liverseg`: sorted JSON), since
+/// safetensors serialises a metadata map in hash order and several entries
+/// would make the bytes differ from run to run.
+pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], provenance: &[(String, String)]) -> Result<()> {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|t| Ok((t.name.clone(), safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).map_err(|e| anyhow!("tensor {}: {e:?}", t.name))?)))
+        .collect::<Result<_>>()?;
+    let meta: BTreeMap<&str, &str> = provenance.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let meta = std::collections::HashMap::from([("liverseg".to_owned(), serde_json::to_string(&meta)?)]);
+    safetensors::tensor::serialize_to_file(views, &Some(meta), path).map_err(|e| anyhow!("cannot write {}: {e:?}", path.display()))
+}
+
+/// Tensors read back from a safetensors file.
+pub struct TensorFile {
+    bytes: Vec<u8>,
+}
+
+impl TensorFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a valid safetensors file: {e:?}", path.display()))?;
+        Ok(TensorFile { bytes })
+    }
+
+    /// (shape, raw little-endian bytes, dtype) of tensor `name`.
+    pub fn get(&self, name: &str) -> Result<(Vec<usize>, &[u8], safetensors::Dtype)> {
+        let st = safetensors::SafeTensors::deserialize(&self.bytes).map_err(|e| anyhow!("{e:?}"))?;
+        let t = st.tensor(name).map_err(|_| anyhow!("no tensor `{name}`"))?;
+        let (shape, dtype) = (t.shape().to_vec(), t.dtype());
+        // Borrow from our own buffer rather than the temporary view.
+        let start = t.data().as_ptr() as usize - self.bytes.as_ptr() as usize;
+        Ok((shape, &self.bytes[start..start + t.data().len()], dtype))
+    }
+
+    pub fn u8(&self, name: &str) -> Result<(Vec<usize>, Vec<u8>)> {
+        let (shape, data, dtype) = self.get(name)?;
+        if dtype != safetensors::Dtype::U8 {
+            return Err(anyhow!("tensor `{name}` is {dtype:?}, expected U8"));
+        }
+        Ok((shape, data.to_vec()))
+    }
+
+    pub fn i16(&self, name: &str) -> Result<(Vec<usize>, Vec<i16>)> {
+        let (shape, data, dtype) = self.get(name)?;
+        if dtype != safetensors::Dtype::I16 {
+            return Err(anyhow!("tensor `{name}` is {dtype:?}, expected I16"));
+        }
+        Ok((shape, data.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect()))
+    }
+
+    pub fn dtype(&self, name: &str) -> Result<safetensors::Dtype> {
+        Ok(self.get(name)?.2)
+    }
+}

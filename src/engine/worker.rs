@@ -1,0 +1,106 @@
+//! Running a stage in a separate worker process. Stages that need libtorch run
+//! as `liverseg-torch stage REQUEST.json`, so the engine binary stays small and
+//! starts fast, and a scheduler could run the same command on another machine.
+
+use super::params::Params;
+use super::stage::{RawFile, StageContext, Summary};
+use super::store::{read_manifest, Artifact, MANIFEST};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Serialize, Deserialize)]
+pub struct WorkerRequest {
+    pub stage: String,
+    pub key: String,
+    pub params: BTreeMap<String, serde_json::Value>,
+    pub out_dir: PathBuf,
+    pub scratch_dir: PathBuf,
+    pub upstream: BTreeMap<String, PathBuf>,
+    pub raw_files: Vec<RawFile>,
+    pub project_root: PathBuf,
+    pub show_progress: bool,
+    /// Where the worker writes the stage's summary metrics (JSON).
+    pub summary_path: PathBuf,
+}
+
+/// The worker binary next to the running one.
+pub fn worker_binary() -> Result<PathBuf> {
+    let me = std::env::current_exe().context("cannot locate the running executable")?;
+    let dir = me.parent().ok_or_else(|| anyhow!("executable has no folder"))?;
+    let bin = dir.join("liverseg-torch");
+    if !bin.is_file() {
+        bail!("{}: worker binary not found; build it with `make build`", bin.display());
+    }
+    Ok(bin)
+}
+
+/// Run `ctx`'s stage in the worker and return its summary.
+pub fn run_in_worker(ctx: &StageContext) -> Result<Summary> {
+    let summary_path = ctx.out_dir.with_extension("summary.json");
+    let req = WorkerRequest {
+        stage: ctx.stage.name.to_owned(),
+        key: ctx.key.to_owned(),
+        params: ctx.params.0.clone(),
+        out_dir: ctx.out_dir.to_path_buf(),
+        scratch_dir: ctx.scratch_dir.clone(),
+        upstream: ctx.upstream.iter().map(|(k, a)| (k.clone(), a.dir.clone())).collect(),
+        raw_files: ctx.raw_files.to_vec(),
+        project_root: ctx.project_root.to_path_buf(),
+        show_progress: ctx.show_progress,
+        summary_path: summary_path.clone(),
+    };
+    let req_path = ctx.out_dir.with_extension("request.json");
+    std::fs::write(&req_path, serde_json::to_vec_pretty(&req)?).with_context(|| format!("cannot write {}", req_path.display()))?;
+    let status = std::process::Command::new(worker_binary()?)
+        .arg("stage")
+        .arg(&req_path)
+        .status()
+        .context("cannot start the liverseg-torch worker")?;
+    std::fs::remove_file(&req_path).ok();
+    if !status.success() {
+        bail!("worker for stage `{}` failed ({status})", ctx.stage.name);
+    }
+    let bytes = std::fs::read(&summary_path).with_context(|| format!("worker wrote no summary at {}", summary_path.display()))?;
+    std::fs::remove_file(&summary_path).ok();
+    serde_json::from_slice(&bytes).context("worker summary is not JSON")
+}
+
+/// Worker side: rebuild the context from a request.
+pub struct WorkerJob {
+    pub req: WorkerRequest,
+    pub params: Params,
+    pub upstream: BTreeMap<String, Artifact>,
+}
+
+impl WorkerJob {
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let req: WorkerRequest = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a worker request", path.display()))?;
+        let mut upstream = BTreeMap::new();
+        for (name, dir) in &req.upstream {
+            let manifest = read_manifest(&dir.join(MANIFEST))?;
+            upstream.insert(name.clone(), Artifact { stage: name.clone(), key: manifest.key.clone(), dir: dir.clone(), manifest });
+        }
+        Ok(WorkerJob { params: Params(req.params.clone()), upstream, req })
+    }
+
+    pub fn context<'a>(&'a self, stage: &'static super::stage::StageInfo) -> StageContext<'a> {
+        StageContext {
+            stage,
+            key: &self.req.key,
+            params: &self.params,
+            out_dir: &self.req.out_dir,
+            scratch_dir: self.req.scratch_dir.clone(),
+            upstream: self.upstream.clone(),
+            raw_files: &self.req.raw_files,
+            project_root: &self.req.project_root,
+            show_progress: self.req.show_progress,
+        }
+    }
+
+    pub fn finish(&self, summary: &Summary) -> Result<()> {
+        std::fs::write(&self.req.summary_path, serde_json::to_vec(summary)?).with_context(|| format!("cannot write {}", self.req.summary_path.display()))
+    }
+}

@@ -1,0 +1,153 @@
+//! DICOM CT series: slices ordered by position along the slice normal,
+//! rescale slope and intercept applied to give Hounsfield units.
+
+use super::Volume;
+use anyhow::{anyhow, bail, Context, Result};
+use dicom_object::{open_file, Tag};
+use std::path::{Path, PathBuf};
+
+struct Slice {
+    path: PathBuf,
+    position: [f64; 3],
+    hu: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    spacing: [f64; 2],
+    orientation: [f64; 6],
+}
+
+fn read_slice(path: &Path) -> Result<Slice> {
+    let p = path.display();
+    let obj = open_file(path).map_err(|e| anyhow!("{p}: not a readable DICOM file: {e}"))?;
+    let get = |tag: Tag, name: &str| obj.element(tag).map_err(|_| anyhow!("{p}: missing {name}"));
+    let floats = |tag: Tag, name: &str| -> Result<Vec<f64>> { get(tag, name)?.to_multi_float64().map_err(|e| anyhow!("{p}: bad {name}: {e}")) };
+    let int = |tag: Tag, name: &str| -> Result<i64> { get(tag, name)?.to_int::<i64>().map_err(|e| anyhow!("{p}: bad {name}: {e}")) };
+    let ts = obj.meta().transfer_syntax().trim_end_matches('\0').to_owned();
+    if !matches!(ts.as_str(), "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1" | "1.2.840.10008.1.2.2") {
+        bail!("{p}: compressed transfer syntax {ts} is not supported; decompress the series first (e.g. gdcmconv --raw)");
+    }
+    let rows = int(Tag(0x0028, 0x0010), "Rows")? as usize;
+    let cols = int(Tag(0x0028, 0x0011), "Columns")? as usize;
+    let bits = int(Tag(0x0028, 0x0100), "BitsAllocated")?;
+    let signed = int(Tag(0x0028, 0x0103), "PixelRepresentation").unwrap_or(0) == 1;
+    let samples = int(Tag(0x0028, 0x0002), "SamplesPerPixel").unwrap_or(1);
+    if samples != 1 {
+        bail!("{p}: {samples} samples per pixel; a CT slice has one");
+    }
+    let slope = floats(Tag(0x0028, 0x1053), "RescaleSlope").ok().and_then(|v| v.first().copied()).unwrap_or(1.0);
+    let intercept = floats(Tag(0x0028, 0x1052), "RescaleIntercept").ok().and_then(|v| v.first().copied()).unwrap_or(0.0);
+    let position: Vec<f64> = floats(Tag(0x0020, 0x0032), "ImagePositionPatient")?;
+    let orientation: Vec<f64> = floats(Tag(0x0020, 0x0037), "ImageOrientationPatient")?;
+    let spacing: Vec<f64> = floats(Tag(0x0028, 0x0030), "PixelSpacing")?;
+    if position.len() != 3 || orientation.len() != 6 || spacing.len() != 2 {
+        bail!("{p}: malformed geometry tags");
+    }
+    let pixels = get(Tag(0x7FE0, 0x0010), "PixelData")?.to_bytes().map_err(|e| anyhow!("{p}: unreadable PixelData: {e}"))?;
+    let n = rows * cols;
+    let hu: Vec<f32> = match (bits, signed) {
+        (16, true) if pixels.len() >= 2 * n => pixels.chunks_exact(2).take(n).map(|c| i16::from_le_bytes([c[0], c[1]]) as f64 * slope + intercept).map(|v| v as f32).collect(),
+        (16, false) if pixels.len() >= 2 * n => pixels.chunks_exact(2).take(n).map(|c| u16::from_le_bytes([c[0], c[1]]) as f64 * slope + intercept).map(|v| v as f32).collect(),
+        (8, _) if pixels.len() >= n => pixels.iter().take(n).map(|&v| (v as f64 * slope + intercept) as f32).collect(),
+        (16 | 8, _) => bail!("{p}: truncated: PixelData has {} bytes for {rows}×{cols} pixels", pixels.len()),
+        (b, _) => bail!("{p}: {b} bits allocated is not supported"),
+    };
+    Ok(Slice {
+        path: path.to_path_buf(),
+        position: [position[0], position[1], position[2]],
+        hu,
+        rows,
+        cols,
+        spacing: [spacing[0], spacing[1]],
+        orientation: [orientation[0], orientation[1], orientation[2], orientation[3], orientation[4], orientation[5]],
+    })
+}
+
+/// Read every file of a series directory into one volume (RAS affine).
+pub fn read_series(dir: &Path) -> Result<Volume> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list the DICOM series", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{}: empty DICOM series folder", dir.display());
+    }
+    let mut slices: Vec<Slice> = files.iter().map(|f| read_slice(f)).collect::<Result<_>>()?;
+    let first = &slices[0];
+    let (rows, cols, o) = (first.rows, first.cols, first.orientation);
+    for s in &slices {
+        if s.rows != rows || s.cols != cols {
+            bail!("{}: {}×{} pixels, the series' first slice has {rows}×{cols}", s.path.display(), s.rows, s.cols);
+        }
+    }
+    let normal = [o[1] * o[5] - o[2] * o[4], o[2] * o[3] - o[0] * o[5], o[0] * o[4] - o[1] * o[3]];
+    let along = |s: &Slice| s.position[0] * normal[0] + s.position[1] * normal[1] + s.position[2] * normal[2];
+    slices.sort_by(|a, b| along(a).total_cmp(&along(b)));
+    let gap = if slices.len() > 1 { (along(&slices[slices.len() - 1]) - along(&slices[0])) / (slices.len() - 1) as f64 } else { 1.0 };
+    let gap = if gap.abs() < 1e-6 { 1.0 } else { gap };
+    let (row_sp, col_sp) = (slices[0].spacing[0], slices[0].spacing[1]);
+    let p0 = slices[0].position;
+    // LPS (DICOM) to RAS: negate x and y.
+    let lps_cols = [[o[0] * col_sp, o[1] * col_sp, o[2] * col_sp], [o[3] * row_sp, o[4] * row_sp, o[5] * row_sp], [normal[0] * gap, normal[1] * gap, normal[2] * gap]];
+    let mut affine = [[0.0; 4]; 4];
+    for j in 0..3 {
+        affine[0][j] = -lps_cols[j][0];
+        affine[1][j] = -lps_cols[j][1];
+        affine[2][j] = lps_cols[j][2];
+    }
+    affine[0][3] = -p0[0];
+    affine[1][3] = -p0[1];
+    affine[2][3] = p0[2];
+    affine[3][3] = 1.0;
+    let mut data = Vec::with_capacity(rows * cols * slices.len());
+    for s in &slices {
+        data.extend_from_slice(&s.hu);
+    }
+    Ok(Volume { dims: [cols, rows, slices.len()], spacing: [col_sp, row_sp, gap.abs()], affine, data })
+}
+
+/// Resample `mask` onto the voxel grid of `target` by world coordinates
+/// (nearest neighbour), so a mask stored in another orientation lines up.
+pub fn resample_nearest(mask: &Volume, target: &Volume) -> Result<Vec<f32>> {
+    let inv = invert_affine(&mask.affine).ok_or_else(|| anyhow!("mask affine is singular"))?;
+    let [nx, ny, nz] = target.dims;
+    let t = &target.affine;
+    let mut out = vec![0f32; nx * ny * nz];
+    for z in 0..nz {
+        for y in 0..ny {
+            for x in 0..nx {
+                let v = [x as f64, y as f64, z as f64];
+                let w: Vec<f64> = (0..3).map(|r| t[r][0] * v[0] + t[r][1] * v[1] + t[r][2] * v[2] + t[r][3]).collect();
+                let m: Vec<f64> = (0..3).map(|r| inv[r][0] * w[0] + inv[r][1] * w[1] + inv[r][2] * w[2] + inv[r][3]).collect();
+                let (i, j, k) = (m[0].round(), m[1].round(), m[2].round());
+                if i >= 0.0 && j >= 0.0 && k >= 0.0 && (i as usize) < mask.dims[0] && (j as usize) < mask.dims[1] && (k as usize) < mask.dims[2] {
+                    out[x + nx * (y + ny * z)] = mask.voxel(i as usize, j as usize, k as usize);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn invert_affine(a: &[[f64; 4]; 4]) -> Option<[[f64; 4]; 4]> {
+    let m = [[a[0][0], a[0][1], a[0][2]], [a[1][0], a[1][1], a[1][2]], [a[2][0], a[2][1], a[2][2]]];
+    let det = m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0]) + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
+    if det.abs() < 1e-12 {
+        return None;
+    }
+    let inv = [
+        [(m[1][1] * m[2][2] - m[1][2] * m[2][1]) / det, (m[0][2] * m[2][1] - m[0][1] * m[2][2]) / det, (m[0][1] * m[1][2] - m[0][2] * m[1][1]) / det],
+        [(m[1][2] * m[2][0] - m[1][0] * m[2][2]) / det, (m[0][0] * m[2][2] - m[0][2] * m[2][0]) / det, (m[0][2] * m[1][0] - m[0][0] * m[1][2]) / det],
+        [(m[1][0] * m[2][1] - m[1][1] * m[2][0]) / det, (m[0][1] * m[2][0] - m[0][0] * m[2][1]) / det, (m[0][0] * m[1][1] - m[0][1] * m[1][0]) / det],
+    ];
+    let mut out = [[0.0; 4]; 4];
+    for r in 0..3 {
+        for c in 0..3 {
+            out[r][c] = inv[r][c];
+        }
+        out[r][3] = -(inv[r][0] * a[0][3] + inv[r][1] * a[1][3] + inv[r][2] * a[2][3]);
+    }
+    out[3][3] = 1.0;
+    Some(out)
+}

@@ -1,0 +1,111 @@
+//! Medical image readers and writers, resampling and synthetic phantoms.
+
+pub mod dicom;
+pub mod nifti;
+pub mod nrrd;
+pub mod resize;
+pub mod slices2d;
+pub mod synth;
+
+use anyhow::{bail, Result};
+
+/// A 3D scalar volume, x fastest, with its voxel-to-world (RAS, mm) affine.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    pub dims: [usize; 3],
+    pub spacing: [f64; 3],
+    pub affine: [[f64; 4]; 4],
+    pub data: Vec<f32>,
+}
+
+impl Volume {
+    pub fn voxel(&self, x: usize, y: usize, z: usize) -> f32 {
+        self.data[x + self.dims[0] * (y + self.dims[1] * z)]
+    }
+
+    /// The voxel axis that runs most nearly along the world S axis: slices are
+    /// taken across it, whatever order the file stores its axes in.
+    pub fn axial_axis(&self) -> usize {
+        let mut best = (2, -1.0);
+        for j in 0..3 {
+            let col = [self.affine[0][j], self.affine[1][j], self.affine[2][j]];
+            let norm = (col[0] * col[0] + col[1] * col[1] + col[2] * col[2]).sqrt().max(1e-12);
+            let s = col[2].abs() / norm;
+            if s > best.1 {
+                best = (j, s);
+            }
+        }
+        best.0
+    }
+
+    /// Three-letter orientation code (RAS convention) of the voxel axes, e.g. "LPS".
+    pub fn orientation(&self) -> String {
+        (0..3)
+            .map(|j| {
+                let col = [self.affine[0][j], self.affine[1][j], self.affine[2][j]];
+                let (i, v) = col.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).map(|(i, v)| (i, *v)).unwrap_or((0, 1.0));
+                match (i, v >= 0.0) {
+                    (0, true) => 'R',
+                    (0, false) => 'L',
+                    (1, true) => 'A',
+                    (1, false) => 'P',
+                    (_, true) => 'S',
+                    (_, false) => 'I',
+                }
+            })
+            .collect()
+    }
+
+    pub fn num_slices(&self) -> usize {
+        self.dims[self.axial_axis()]
+    }
+
+    /// In-plane (rows, cols) of an axial slice and the (row, col) spacing.
+    pub fn slice_shape(&self) -> ((usize, usize), (f64, f64)) {
+        let (a, b) = self.inplane_axes();
+        ((self.dims[b], self.dims[a]), (self.spacing[b], self.spacing[a]))
+    }
+
+    fn inplane_axes(&self) -> (usize, usize) {
+        match self.axial_axis() {
+            0 => (1, 2),
+            1 => (0, 2),
+            _ => (0, 1),
+        }
+    }
+
+    /// Axial slice `k` as a row-major (rows, cols) image.
+    pub fn slice(&self, k: usize) -> Vec<f32> {
+        let ax = self.axial_axis();
+        let (a, b) = self.inplane_axes();
+        let ((rows, cols), _) = self.slice_shape();
+        let mut out = Vec::with_capacity(rows * cols);
+        let mut idx = [0usize; 3];
+        idx[ax] = k;
+        for r in 0..rows {
+            idx[b] = r;
+            for c in 0..cols {
+                idx[a] = c;
+                out.push(self.voxel(idx[0], idx[1], idx[2]));
+            }
+        }
+        out
+    }
+
+    pub fn check_same_grid(&self, other: &Volume, what: &str) -> Result<()> {
+        if self.dims != other.dims {
+            bail!("{what}: image is {:?} voxels but mask is {:?}", self.dims, other.dims);
+        }
+        Ok(())
+    }
+}
+
+/// 4×4 identity with the given spacing on the diagonal.
+pub fn scaled_identity(spacing: [f64; 3]) -> [[f64; 4]; 4] {
+    let mut a = [[0.0; 4]; 4];
+    for i in 0..3 {
+        a[i][i] = spacing[i];
+    }
+    a[3][3] = 1.0;
+    a
+}

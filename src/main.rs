@@ -1,0 +1,234 @@
+//! The `liverseg` command line.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use liverseg::engine::config::{self, Override};
+use liverseg::engine::runner::Engine;
+use liverseg::engine::{self as eng, stage::Stage};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "liverseg", version, about = "Content-hashed liver segmentation pipeline: data, training, evaluation, lineage")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct PipelineArgs {
+    /// The pipeline file.
+    #[arg(long, default_value = "pipeline.yaml", global = true)]
+    pipeline: PathBuf,
+    /// Named profile from pipeline.yaml (default: its default_profile).
+    #[arg(long, global = true)]
+    profile: Option<String>,
+    /// Override a parameter, as editing pipeline.yaml would: -P train.lr=3e-4
+    #[arg(short = 'P', value_name = "KEY=VALUE", global = true)]
+    set: Vec<Override>,
+    /// No progress output.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the DAG up to TARGET (default: everything), reusing complete artifacts.
+    Run {
+        target: Option<String>,
+        /// Print {"ran": [...], "reused": [...]} on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
+    /// Rerun one stage from the cached upstream artifacts.
+    Stage {
+        name: String,
+        /// Rerun even if an artifact for the current key exists.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
+    /// Each stage's key and state (fresh, stale, missing), with the reason.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
+    /// Trace an artifact file, a stage, or stage.metric back to the raw files.
+    Lineage {
+        what: String,
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
+    /// Print the stage graph (text, or Graphviz with --dot).
+    Dag {
+        #[arg(long)]
+        dot: bool,
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
+    /// Re-hash every artifact file against its manifest.
+    Verify {
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
+    /// List (or with --apply remove) artifacts the current pipeline no longer reaches.
+    Gc {
+        #[arg(long)]
+        apply: bool,
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
+    /// Model tools.
+    Model {
+        #[command(subcommand)]
+        cmd: ModelCmd,
+    },
+    /// Write synthetic abdominal CT phantoms as LiTS-layout NIfTI.
+    Synth {
+        out: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        cases: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+        #[arg(long, default_value_t = 20)]
+        slices: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCmd {
+    /// Print a layer table with output shapes and parameter counts.
+    Summary {
+        #[arg(long, default_value = "deeplabv3plus")]
+        arch: String,
+        #[arg(long, default_value = "resnet34")]
+        encoder: String,
+        #[arg(long, default_value_t = 1)]
+        in_channels: i64,
+        #[arg(long, default_value_t = 2)]
+        classes: i64,
+        #[arg(long, default_value_t = 224)]
+        size: i64,
+    },
+    /// Print the state_dict names and shapes the weights file uses.
+    Names {
+        #[arg(long, default_value = "deeplabv3plus")]
+        arch: String,
+        #[arg(long, default_value = "resnet34")]
+        encoder: String,
+        #[arg(long, default_value_t = 1)]
+        in_channels: i64,
+        #[arg(long, default_value_t = 2)]
+        classes: i64,
+    },
+}
+
+fn engine<'r>(p: &PipelineArgs, registry: &'r [Box<dyn Stage>]) -> Result<Engine<'r>> {
+    if !p.pipeline.is_file() {
+        bail!("{}: pipeline file not found (run from the project folder, or pass --pipeline FILE)", p.pipeline.display());
+    }
+    let pipeline = config::load(&p.pipeline, registry, p.profile.as_deref(), &p.set)?;
+    let mut e = Engine::new(pipeline, registry);
+    e.show_progress = !p.quiet;
+    Ok(e)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = real_main(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    let registry = liverseg::stages::registry();
+    match cli.command {
+        Command::Run { target, json, p } => {
+            let e = engine(&p, &registry)?;
+            let report = e.run(target.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            }
+        }
+        Command::Stage { name, force, p } => {
+            let e = engine(&p, &registry)?;
+            e.run_one(&name, force)?;
+        }
+        Command::Status { json, p } => {
+            let e = engine(&p, &registry)?;
+            let st = eng::status::status(&e)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                for s in st {
+                    println!("{:<10} {:<7} {}  {}", s.stage, s.state, s.key, s.reasons.join("; "));
+                }
+            }
+        }
+        Command::Lineage { what, p } => {
+            let e = engine(&p, &registry)?;
+            print!("{}", eng::lineage::lineage(&e, &what)?);
+        }
+        Command::Dag { dot, p } => {
+            let e = engine(&p, &registry)?;
+            print!("{}", eng::render_dag(&e.pipeline, dot));
+        }
+        Command::Verify { p } => {
+            let e = engine(&p, &registry)?;
+            let mut bad = 0;
+            let all = e.store.list()?;
+            for a in &all {
+                for problem in eng::store::verify(a)? {
+                    println!("MISMATCH {problem}");
+                    bad += 1;
+                }
+            }
+            if bad > 0 {
+                bail!("{bad} mismatch(es) in {} artifacts", all.len());
+            }
+            println!("ok: {} artifacts verified", all.len());
+        }
+        Command::Gc { apply, p } => {
+            let e = engine(&p, &registry)?;
+            let dead = eng::unreachable(&e)?;
+            let lock = if apply { Some(e.store.lock()?) } else { None };
+            for a in &dead {
+                println!("{} {}/{}", if apply { "removed" } else { "unreachable" }, a.stage, a.key);
+                if let Some(l) = &lock {
+                    e.store.remove(a, l)?;
+                }
+            }
+            if dead.is_empty() {
+                println!("nothing to collect");
+            } else if !apply {
+                println!("{} artifact(s); rerun with --apply to remove them", dead.len());
+            }
+        }
+        Command::Model { cmd } => {
+            // Model code lives in the libtorch worker; this binary never loads libtorch.
+            let (verb, arch, encoder, in_channels, classes, size) = match cmd {
+                ModelCmd::Summary { arch, encoder, in_channels, classes, size } => ("summary", arch, encoder, in_channels, classes, size),
+                ModelCmd::Names { arch, encoder, in_channels, classes } => ("names", arch, encoder, in_channels, classes, 224),
+            };
+            let status = std::process::Command::new(eng::worker::worker_binary()?)
+                .args(["model", verb, "--arch", &arch, "--encoder", &encoder, "--in-channels", &in_channels.to_string(), "--classes", &classes.to_string(), "--size", &size.to_string()])
+                .status()
+                .context("cannot start liverseg-torch")?;
+            if !status.success() {
+                std::process::exit(status.code().unwrap_or(1));
+            }
+        }
+        Command::Synth { out, cases, seed, size, slices } => {
+            liverseg::imaging::synth::write_lits(&out, cases, seed, size, slices).with_context(|| format!("cannot write phantoms to {}", out.display()))?;
+            println!("wrote {cases} phantom cases to {}", out.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,468 @@
+//! ingest (source stage): walk `data.root`, read CT with liver masks from
+//! NIfTI, DICOM or 2D image pairs (or generate phantoms), and store one
+//! tensor file per case plus a slice table.
+//!
+//! inputs: raw files under data.root (none for `synthetic`)
+//! outputs: slices.parquet, quarantine.parquet, cases/<case>.safetensors
+
+use anyhow::{anyhow, bail, Context, Result};
+use crate::engine::params::{param, ParamType::*, ParamSpec, Params};
+use crate::engine::stage::{Stage, StageContext, StageInfo, Summary};
+use crate::engine::table::{write_parquet, write_safetensors, NamedTensor};
+use crate::imaging::{self, slices2d::MaskRule, Volume};
+use polars::prelude::{Column, DataFrame};
+use rayon::prelude::*;
+use regex::Regex;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const VERSION: u32 = 1;
+const PARAMS: &[ParamSpec] = &[
+    param("data.source", Choice(&["synthetic", "nifti", "dicom", "slices2d"]), "synthetic", "where slices come from"),
+    param("data.root", Str, "data", "dataset folder, relative to pipeline.yaml"),
+    param("data.synthetic_cases", Int, "16", "phantom patients generated for `synthetic`"),
+    param("data.synthetic_size", Int, "128", "phantom in-plane size (pixels)"),
+    param("data.synthetic_slices", Int, "20", "phantom slices per patient"),
+    param("data.synthetic_seed", Int, "7", "phantom seed"),
+    param("data.liver_labels", FloatList, "[1, 2]", "mask labels that count as liver (LiTS: 1 liver, 2 tumour; TotalSegmentator: 5)"),
+    param("data.max_label", Int, "2", "labels above this are outside the label map and rejected"),
+    param("data.case_regex", Str, "'(?:flipped|mirrored)_(\\d+)_(\\d+)'", "2D pairs: regex on the file stem, group 1 = patient, group 2 = slice"),
+    param("data.image_dir", Str, "images", "2D pairs: image folder under root"),
+    param("data.mask_dir", Str, "masks", "2D pairs: mask folder under root"),
+    param("data.mask_rule", Str, "'threshold:127'", "2D pairs: `threshold:T` (liver if > T) or `rgb:R,G,B`"),
+    param("data.dicom_pairs", Any, "[]", "DICOM: list of {series: DIR, mask: FILE} relative to root"),
+    param("on_error", Choice(&["fail", "skip"]), "fail", "bad input file: stop (fail) or quarantine it and go on (skip)"),
+];
+
+pub static INFO: StageInfo = StageInfo {
+    name: "ingest",
+    version: VERSION,
+    inputs: &[],
+    outputs: &["slices.parquet", "quarantine.parquet", "cases/"],
+    params: PARAMS,
+    about: "read CT slices and liver masks (NIfTI, DICOM, 2D pairs, or phantoms)",
+};
+
+pub struct Ingest;
+
+/// One unit of input: a volume/mask pair, a DICOM series, or one patient's 2D pairs.
+#[derive(Debug, Clone)]
+enum Item {
+    Synthetic { case: u64 },
+    Nifti { case: String, image: PathBuf, mask: Option<PathBuf> },
+    Dicom { case: String, series: PathBuf, mask: PathBuf },
+    Slices { case: String, pairs: Vec<(String, PathBuf, Option<PathBuf>)> }, // (slice, image, mask)
+}
+
+struct SliceRow {
+    case_id: String,
+    slice_index: i64,
+    source_file: String,
+    source_blake3: String,
+    source_size: u64,
+    spacing: [f64; 3],
+    unit: &'static str,
+    liver_pixels: u64,
+    rows: usize,
+    cols: usize,
+    orientation: String,
+}
+
+fn root_of(params: &Params, project_root: &Path) -> Result<PathBuf> {
+    Ok(project_root.join(params.str("data.root")?))
+}
+
+fn rel(root: &Path, p: &Path) -> String {
+    p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned()
+}
+
+fn is_nifti(name: &str) -> bool {
+    name.ends_with(".nii") || name.ends_with(".nii.gz")
+}
+
+fn nifti_stem(name: &str) -> &str {
+    name.trim_end_matches(".gz").trim_end_matches(".nii")
+}
+
+fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
+        let e = e.with_context(|| format!("cannot walk {}", dir.display()))?;
+        if e.file_type().is_file() && !e.file_name().to_string_lossy().starts_with('.') {
+            out.push(e.into_path());
+        }
+    }
+    Ok(out)
+}
+
+fn dicom_pairs(params: &Params) -> Result<Vec<(String, String)>> {
+    let v = params.get("data.dicom_pairs")?;
+    let arr = v.as_array().ok_or_else(|| anyhow!("data.dicom_pairs: expected a list of {{series, mask}}"))?;
+    arr.iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let s = e.get("series").and_then(|s| s.as_str());
+            let m = e.get("mask").and_then(|s| s.as_str());
+            match (s, m) {
+                (Some(s), Some(m)) => Ok((s.to_owned(), m.to_owned())),
+                _ => bail!("data.dicom_pairs[{i}]: needs `series` and `mask`"),
+            }
+        })
+        .collect()
+}
+
+impl Ingest {
+    /// Discover the input items under root; problems that concern one file are
+    /// returned as (file, reason) for quarantine.
+    fn discover(&self, params: &Params, root: &Path) -> Result<(Vec<Item>, Vec<(String, String)>)> {
+        let source = params.str("data.source")?;
+        let mut bad = Vec::new();
+        if source == "synthetic" {
+            let n = params.u64("data.synthetic_cases")?;
+            if n == 0 {
+                bail!("data.synthetic_cases must be at least 1");
+            }
+            return Ok(((0..n).map(|case| Item::Synthetic { case }).collect(), bad));
+        }
+        if !root.is_dir() {
+            bail!("{}: data.root is not a folder", root.display());
+        }
+        let mut items = Vec::new();
+        match source {
+            "nifti" => {
+                let files = list_files(root)?;
+                let by_name: BTreeMap<String, PathBuf> = files.iter().map(|p| (rel(root, p), p.clone())).collect();
+                for (name, path) in &by_name {
+                    let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+                    if !is_nifti(&file) {
+                        continue;
+                    }
+                    let stem = nifti_stem(&file);
+                    let parent = path.parent().unwrap_or(root);
+                    let find_mask = |dir: &Path, stem: &str| ["nii.gz", "nii"].iter().map(|ext| dir.join(format!("{stem}.{ext}"))).find(|p| p.is_file());
+                    if let Some(n) = stem.strip_prefix("volume-") {
+                        let mask = find_mask(parent, &format!("segmentation-{n}"));
+                        items.push(Item::Nifti { case: n.to_owned(), image: path.clone(), mask });
+                    } else if parent.file_name().is_some_and(|d| d == "imagesTr") {
+                        let labels = parent.parent().unwrap_or(root).join("labelsTr");
+                        let mask = find_mask(&labels, stem);
+                        items.push(Item::Nifti { case: stem.to_owned(), image: path.clone(), mask });
+                    } else if !(stem.starts_with("segmentation-") || parent.file_name().is_some_and(|d| d == "labelsTr")) {
+                        bad.push((name.clone(), "NIfTI file that is neither volume-N nor imagesTr/X (no way to pair it with a mask)".to_owned()));
+                    }
+                }
+            }
+            "dicom" => {
+                for (series, mask) in dicom_pairs(params)? {
+                    items.push(Item::Dicom { case: series.replace('/', "_"), series: root.join(&series), mask: root.join(&mask) });
+                }
+            }
+            "slices2d" => {
+                let re = Regex::new(params.str("data.case_regex")?).context("data.case_regex is not a valid regex")?;
+                if re.captures_len() < 3 {
+                    bail!("data.case_regex needs two groups: patient and slice");
+                }
+                let images = root.join(params.str("data.image_dir")?);
+                let masks = root.join(params.str("data.mask_dir")?);
+                if !images.is_dir() {
+                    bail!("{}: image folder not found (data.image_dir)", images.display());
+                }
+                let mut by_case: BTreeMap<String, Vec<(String, PathBuf, Option<PathBuf>)>> = BTreeMap::new();
+                for img in list_files(&images)? {
+                    let name = img.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+                    let stem = Path::new(&name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                    let Some(c) = re.captures(&stem) else {
+                        bad.push((rel(root, &img), format!("file name does not match data.case_regex `{}`", re.as_str())));
+                        continue;
+                    };
+                    let mask = masks.join(&name);
+                    let mask = mask.is_file().then_some(mask);
+                    by_case.entry(c[1].to_owned()).or_default().push((c[2].to_owned(), img, mask));
+                }
+                for (case, pairs) in by_case {
+                    items.push(Item::Slices { case, pairs });
+                }
+            }
+            other => bail!("unknown data.source `{other}`"),
+        }
+        if items.is_empty() && bad.is_empty() {
+            bail!("{}: no input files found for data.source `{source}`", root.display());
+        }
+        Ok((items, bad))
+    }
+}
+
+/// Map a label volume to a binary liver mask, rejecting labels outside the map.
+fn liver_mask(labels: &[f32], liver: &[f64], max_label: i64, what: &str) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(labels.len());
+    for &l in labels {
+        if !l.is_finite() || l < 0.0 || l.fract() != 0.0 || l as i64 > max_label {
+            bail!("{what}: label {l} is outside the label map (0..={max_label}); set data.max_label if it is valid");
+        }
+        out.push(u8::from(liver.contains(&(l as f64))));
+    }
+    Ok(out)
+}
+
+struct CaseOut {
+    rows: Vec<SliceRow>,
+    image: NamedTensor,
+    mask: NamedTensor,
+}
+
+fn volume_case(case: &str, image: Volume, mask: Vec<u8>, source: (String, String, u64)) -> Result<CaseOut> {
+    let n = image.num_slices();
+    let ((rows, cols), (sr, sc)) = image.slice_shape();
+    let ax = image.axial_axis();
+    let mask_vol = Volume { data: mask.iter().map(|&v| v as f32).collect(), ..image.clone() };
+    let (mut img_data, mut mask_data, mut out_rows) = (Vec::with_capacity(n * rows * cols), Vec::with_capacity(n * rows * cols), Vec::new());
+    for k in 0..n {
+        let s = image.slice(k);
+        let m: Vec<u8> = mask_vol.slice(k).into_iter().map(|v| v as u8).collect();
+        img_data.extend(s.iter().map(|&v| v.round().clamp(-32768.0, 32767.0) as i16));
+        let liver = m.iter().map(|&v| v as u64).sum();
+        mask_data.extend(m);
+        out_rows.push(SliceRow {
+            case_id: case.to_owned(),
+            slice_index: k as i64,
+            source_file: source.0.clone(),
+            source_blake3: source.1.clone(),
+            source_size: source.2,
+            spacing: [sr, sc, image.spacing[ax]],
+            unit: "HU",
+            liver_pixels: liver,
+            rows,
+            cols,
+            orientation: image.orientation(),
+        });
+    }
+    Ok(CaseOut { rows: out_rows, image: NamedTensor::i16("image", vec![n, rows, cols], &img_data), mask: NamedTensor::u8("mask", vec![n, rows, cols], mask_data) })
+}
+
+impl Stage for Ingest {
+    fn info(&self) -> &'static StageInfo {
+        &INFO
+    }
+
+    fn raw_inputs(&self, params: &Params, project_root: &Path) -> Result<Vec<(String, PathBuf)>> {
+        let root = root_of(params, project_root)?;
+        let files = match params.str("data.source")? {
+            "synthetic" => return Ok(Vec::new()),
+            "dicom" => {
+                let mut f = Vec::new();
+                for (series, mask) in dicom_pairs(params)? {
+                    f.extend(list_files(&root.join(&series))?);
+                    f.push(root.join(mask));
+                }
+                f
+            }
+            "slices2d" => {
+                let mut f = list_files(&root.join(params.str("data.image_dir")?))?;
+                let masks = root.join(params.str("data.mask_dir")?);
+                if masks.is_dir() {
+                    f.extend(list_files(&masks)?);
+                }
+                f
+            }
+            _ => {
+                if !root.is_dir() {
+                    bail!("{}: data.root is not a folder", root.display());
+                }
+                list_files(&root)?
+            }
+        };
+        Ok(files.into_iter().map(|p| (rel(&root, &p), p)).collect())
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Summary> {
+        let p = ctx.params;
+        let root = root_of(p, ctx.project_root)?;
+        let skip = p.str("on_error")? == "skip";
+        let liver = p.f64_list("data.liver_labels")?;
+        let max_label = p.i64("data.max_label")?;
+        let hashes: BTreeMap<&str, (&str, u64)> = ctx.raw_files.iter().map(|r| (r.path.as_str(), (r.blake3.as_str(), r.size))).collect();
+        let src = |path: &Path| -> (String, String, u64) {
+            let r = rel(&root, path);
+            let (h, s) = hashes.get(r.as_str()).copied().unwrap_or(("", 0));
+            (r, h.to_owned(), s)
+        };
+        let (items, mut quarantine) = self.discover(p, &root)?;
+        if !skip {
+            if let Some((file, reason)) = quarantine.first() {
+                bail!("{}: {reason}", root.join(file).display());
+            }
+        }
+        let rule = match p.str("data.mask_rule")? {
+            r if r.starts_with("threshold:") => MaskRule::Threshold(r[10..].trim().parse().map_err(|_| anyhow!("data.mask_rule `{r}`: threshold must be 0..255"))?),
+            r if r.starts_with("rgb:") => {
+                let c: Vec<u8> = r[4..].split(',').map(|x| x.trim().parse()).collect::<std::result::Result<_, _>>().map_err(|_| anyhow!("data.mask_rule `{r}`: expected rgb:R,G,B"))?;
+                if c.len() != 3 {
+                    bail!("data.mask_rule `{r}`: expected rgb:R,G,B");
+                }
+                MaskRule::Colour([c[0], c[1], c[2]], 40)
+            }
+            r => bail!("data.mask_rule `{r}`: expected threshold:T or rgb:R,G,B"),
+        };
+        let (size, slices, seed) = (p.usize("data.synthetic_size")?, p.usize("data.synthetic_slices")?, p.u64("data.synthetic_seed")?);
+        let cases_dir = ctx.out("cases");
+        std::fs::create_dir_all(&cases_dir)?;
+        let provenance = ctx.provenance();
+
+        // Cases are independent: read, convert and write each in parallel, one
+        // volume per worker at a time, so memory stays bounded by the worker count.
+        // Each item yields its kept slice rows and the files it quarantined.
+        type Outcome = (Vec<SliceRow>, Vec<(String, String)>);
+        let process = |item: &Item| -> Result<Outcome> {
+            let (case, out): (String, std::result::Result<CaseOut, (String, anyhow::Error)>) = match item {
+                Item::Synthetic { case } => {
+                    let ph = imaging::synth::phantom(seed, *case, size, slices);
+                    let mut affine = imaging::scaled_identity(ph.spacing);
+                    affine[0][0] = -ph.spacing[0];
+                    affine[1][1] = -ph.spacing[1];
+                    let vol = Volume { dims: ph.dims, spacing: ph.spacing, affine, data: ph.hu.iter().map(|&v| v as f32).collect() };
+                    let labels: Vec<f32> = ph.labels.iter().map(|&v| v as f32).collect();
+                    let name = format!("synthetic/volume-{case}");
+                    let r = liver_mask(&labels, &liver, max_label, &name).and_then(|m| volume_case(&format!("{case:03}"), vol, m, (name.clone(), String::new(), 0)));
+                    (format!("{case:03}"), r.map_err(|e| (name, e)))
+                }
+                Item::Nifti { case, image, mask } => {
+                    let r = (|| {
+                        let mask = mask.as_ref().ok_or_else(|| (rel(&root, image), anyhow!("{}: missing mask (no segmentation file beside it)", image.display())))?;
+                        let img = imaging::nifti::read(image).map_err(|e| (rel(&root, image), e))?.volume;
+                        let m = imaging::nifti::read(mask).map_err(|e| (rel(&root, mask), e))?.volume;
+                        img.check_same_grid(&m, &mask.display().to_string()).map_err(|e| (rel(&root, mask), e))?;
+                        let bin = liver_mask(&m.data, &liver, max_label, &mask.display().to_string()).map_err(|e| (rel(&root, mask), e))?;
+                        volume_case(case, img, bin, src(image)).map_err(|e| (rel(&root, image), e))
+                    })();
+                    (case.clone(), r)
+                }
+                Item::Dicom { case, series, mask } => {
+                    let r = (|| {
+                        let img = imaging::dicom::read_series(series).map_err(|e| (rel(&root, series), e))?;
+                        if !mask.is_file() {
+                            return Err((rel(&root, mask), anyhow!("{}: missing mask for DICOM series {}", mask.display(), series.display())));
+                        }
+                        let name = mask.to_string_lossy();
+                        let m = if name.ends_with(".nrrd") { imaging::nrrd::read(mask) } else { imaging::nifti::read(mask).map(|f| f.volume) }.map_err(|e| (rel(&root, mask), e))?;
+                        let labels = imaging::dicom::resample_nearest(&m, &img).map_err(|e| (rel(&root, mask), e))?;
+                        let bin = liver_mask(&labels, &liver, max_label, &mask.display().to_string()).map_err(|e| (rel(&root, mask), e))?;
+                        volume_case(case, img, bin, (rel(&root, series), String::new(), 0)).map_err(|e| (rel(&root, series), e))
+                    })();
+                    (case.clone(), r)
+                }
+                Item::Slices { case, pairs } => {
+                    let mut rows = Vec::new();
+                    let (mut img_data, mut mask_data) = (Vec::new(), Vec::new());
+                    let mut shape: Option<(usize, usize)> = None;
+                    let mut bad = Vec::new();
+                    for (slice, image, mask) in pairs {
+                        let r: std::result::Result<_, (String, anyhow::Error)> = (|| {
+                            let mask = mask.as_ref().ok_or_else(|| (rel(&root, image), anyhow!("{}: missing mask (expected one of the same name in data.mask_dir)", image.display())))?;
+                            let pair = imaging::slices2d::read_pair(image, mask, rule).map_err(|e| (rel(&root, image), e))?;
+                            if let Some(s) = shape {
+                                if s != (pair.rows, pair.cols) {
+                                    return Err((rel(&root, image), anyhow!("{}: {}×{} pixels, other slices of patient {case} are {}×{}", image.display(), pair.rows, pair.cols, s.0, s.1)));
+                                }
+                            }
+                            Ok(pair)
+                        })();
+                        match r {
+                            Ok(pair) => {
+                                shape = Some((pair.rows, pair.cols));
+                                let (file, h, s) = src(image);
+                                rows.push(SliceRow {
+                                    case_id: case.clone(),
+                                    slice_index: slice.parse().unwrap_or(-1),
+                                    source_file: file,
+                                    source_blake3: h,
+                                    source_size: s,
+                                    spacing: [f64::NAN, f64::NAN, f64::NAN],
+                                    unit: "8bit",
+                                    liver_pixels: pair.mask.iter().map(|&v| v as u64).sum(),
+                                    rows: pair.rows,
+                                    cols: pair.cols,
+                                    orientation: String::new(),
+                                });
+                                img_data.extend(pair.image);
+                                mask_data.extend(pair.mask);
+                            }
+                            Err((f, e)) if skip => bad.push((f, format!("{e:#}"))),
+                            Err((_, e)) => return Err(e),
+                        }
+                    }
+                    if rows.is_empty() {
+                        return Ok((Vec::new(), bad));
+                    }
+                    let (h, w) = shape.expect("at least one slice");
+                    let n = rows.len();
+                    let out = CaseOut { rows, image: NamedTensor::u8("image", vec![n, h, w], img_data), mask: NamedTensor::u8("mask", vec![n, h, w], mask_data) };
+                    write_safetensors(&cases_dir.join(format!("{case}.safetensors")), &[out.image, out.mask], &provenance)?;
+                    return Ok((out.rows, bad));
+                }
+            };
+            match out {
+                Ok(c) => {
+                    write_safetensors(&cases_dir.join(format!("{case}.safetensors")), &[c.image, c.mask], &provenance)?;
+                    Ok((c.rows, Vec::new()))
+                }
+                Err((file, e)) if skip => Ok((Vec::new(), vec![(file, format!("{e:#}"))])),
+                Err((_, e)) => Err(e),
+            }
+        };
+        let bar = crate::progress::bar(items.len() as u64, "ingest", ctx.show_progress);
+        let results: Vec<Result<Outcome>> = items
+            .par_iter()
+            .map(|it| {
+                let r = process(it);
+                bar.inc(1);
+                r
+            })
+            .collect();
+        bar.finish_and_clear();
+        let mut rows = Vec::new();
+        for r in results {
+            let (kept, bad) = r?;
+            rows.extend(kept);
+            quarantine.extend(bad);
+        }
+        if rows.is_empty() {
+            bail!("{}: every input was rejected; nothing to ingest", root.display());
+        }
+        quarantine.sort();
+        write_tables(ctx, &rows, &quarantine)?;
+        let cases: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.case_id.as_str()).collect();
+        let mut s = Summary::new();
+        s.insert("cases".into(), cases.len().into());
+        s.insert("slices".into(), rows.len().into());
+        s.insert("liver_pixels".into(), rows.iter().map(|r| r.liver_pixels).sum::<u64>().into());
+        s.insert("quarantined".into(), quarantine.len().into());
+        if !quarantine.is_empty() && ctx.show_progress {
+            eprintln!("ingest: quarantined {} file(s); see quarantine.parquet", quarantine.len());
+        }
+        Ok(s)
+    }
+}
+
+fn write_tables(ctx: &StageContext, rows: &[SliceRow], quarantine: &[(String, String)]) -> Result<()> {
+    let mut df = DataFrame::new_infer_height(vec![
+        Column::new("case_id".into(), rows.iter().map(|r| r.case_id.clone()).collect::<Vec<_>>()),
+        Column::new("slice_index".into(), rows.iter().map(|r| r.slice_index).collect::<Vec<_>>()),
+        Column::new("source_file".into(), rows.iter().map(|r| r.source_file.clone()).collect::<Vec<_>>()),
+        Column::new("source_blake3".into(), rows.iter().map(|r| r.source_blake3.clone()).collect::<Vec<_>>()),
+        Column::new("source_size".into(), rows.iter().map(|r| r.source_size).collect::<Vec<_>>()),
+        Column::new("spacing_row_mm".into(), rows.iter().map(|r| r.spacing[0]).collect::<Vec<_>>()),
+        Column::new("spacing_col_mm".into(), rows.iter().map(|r| r.spacing[1]).collect::<Vec<_>>()),
+        Column::new("spacing_slice_mm".into(), rows.iter().map(|r| r.spacing[2]).collect::<Vec<_>>()),
+        Column::new("unit".into(), rows.iter().map(|r| r.unit).collect::<Vec<_>>()),
+        Column::new("liver_pixels".into(), rows.iter().map(|r| r.liver_pixels).collect::<Vec<_>>()),
+        Column::new("rows".into(), rows.iter().map(|r| r.rows as u64).collect::<Vec<_>>()),
+        Column::new("cols".into(), rows.iter().map(|r| r.cols as u64).collect::<Vec<_>>()),
+        Column::new("orientation".into(), rows.iter().map(|r| r.orientation.clone()).collect::<Vec<_>>()),
+    ])?;
+    write_parquet(&ctx.out("slices.parquet"), &mut df, &ctx.provenance())?;
+    let mut q = DataFrame::new_infer_height(vec![
+        Column::new("file".into(), quarantine.iter().map(|q| q.0.clone()).collect::<Vec<_>>()),
+        Column::new("reason".into(), quarantine.iter().map(|q| q.1.clone()).collect::<Vec<_>>()),
+    ])?;
+    write_parquet(&ctx.out("quarantine.parquet"), &mut q, &ctx.provenance())
+}

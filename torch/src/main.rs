@@ -1,0 +1,65 @@
+//! The libtorch worker: runs the stages and commands that need a model, so the
+//! `liverseg` engine binary itself never loads libtorch.
+
+use anyhow::{bail, Result};
+use liverseg::engine::worker::WorkerJob;
+use std::path::PathBuf;
+
+fn usage() -> ! {
+    eprintln!("usage: liverseg-torch stage REQUEST.json\n       liverseg-torch model summary|names [--arch A] [--encoder E] [--in-channels N] [--classes N] [--size S]");
+    std::process::exit(2);
+}
+
+fn main() {
+    // Die with the engine: a killed `liverseg run` must not leave training behind.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(e) = real_main(&args) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn flag(args: &[String], name: &str, default: &str) -> String {
+    args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone()).unwrap_or_else(|| default.to_owned())
+}
+
+fn real_main(args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        Some("stage") => {
+            let Some(path) = args.get(1) else { usage() };
+            let job = WorkerJob::load(&PathBuf::from(path))?;
+            let info: &'static liverseg::engine::stage::StageInfo = match job.req.stage.as_str() {
+                "train" => &liverseg::stages::train::TRAIN,
+                "baseline" => &liverseg::stages::train::BASELINE,
+                other => bail!("the worker has no stage `{other}`"),
+            };
+            let ctx = job.context(info);
+            let summary = liverseg_torch::training::run::train(&ctx)?;
+            job.finish(&summary)
+        }
+        Some("model") => {
+            let spec = liverseg_torch::model::ModelSpec {
+                arch: flag(args, "--arch", "deeplabv3plus"),
+                encoder: flag(args, "--encoder", "resnet34"),
+                in_channels: flag(args, "--in-channels", "1").parse()?,
+                classes: flag(args, "--classes", "2").parse()?,
+            };
+            match args.get(1).map(String::as_str) {
+                Some("summary") => print!("{}", liverseg_torch::model::summary::summary(&spec, flag(args, "--size", "224").parse()?)?),
+                Some("names") => {
+                    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+                    liverseg_torch::model::SegmentationModel::new(&vs.root(), &spec)?;
+                    for (name, shape) in liverseg_torch::model::io::state_dict_names(&vs) {
+                        println!("{name}\t{shape:?}");
+                    }
+                }
+                _ => usage(),
+            }
+            Ok(())
+        }
+        _ => usage(),
+    }
+}

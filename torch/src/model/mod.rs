@@ -1,0 +1,108 @@
+//! Segmentation models composed as segmentation_models_pytorch composes them:
+//! encoder, decoder, head.
+
+pub mod decoder;
+pub mod encoder;
+pub mod io;
+pub mod summary;
+
+use anyhow::{bail, Result};
+use decoder::DeepLabV3PlusDecoder;
+use encoder::ResNetEncoder;
+use tch::nn;
+use tch::Tensor;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelSpec {
+    /// `deeplabv3plus`, or `resnet` for the plain baseline.
+    pub arch: String,
+    pub encoder: String,
+    pub in_channels: i64,
+    pub classes: i64,
+}
+
+pub const ARCHS: &[&str] = &["deeplabv3plus", "resnet"];
+
+#[derive(Debug)]
+enum Decoder {
+    DeepLabV3Plus(DeepLabV3PlusDecoder),
+    /// The baseline has no decoder: the head reads layer4 directly.
+    None,
+}
+
+/// Encoder + decoder + head. The head is a 1×1 conv to the classes followed
+/// by bilinear upsampling to the input size.
+#[derive(Debug)]
+pub struct SegmentationModel {
+    pub spec: ModelSpec,
+    encoder: ResNetEncoder,
+    decoder: Decoder,
+    head: nn::Conv2D,
+}
+
+impl SegmentationModel {
+    pub fn new(root: &nn::Path, spec: &ModelSpec) -> Result<Self> {
+        let (output_stride, decoder) = match spec.arch.as_str() {
+            "deeplabv3plus" => (16, true),
+            // The study's "ResNet" comparison: the plain encoder at its native
+            // stride 32, no ASPP and no decoder (an FCN-32s-style head).
+            "resnet" => (32, false),
+            other => bail!("unknown arch `{other}` (supported: {})", ARCHS.join(", ")),
+        };
+        let encoder = ResNetEncoder::new(&(root / "encoder"), &spec.encoder, spec.in_channels, output_stride)?;
+        let (decoder, head_in) = if decoder {
+            let d = DeepLabV3PlusDecoder::new(&(root / "decoder"), encoder.out_channels, 256);
+            let c = d.out_channels;
+            (Decoder::DeepLabV3Plus(d), c)
+        } else {
+            (Decoder::None, encoder.out_channels[4])
+        };
+        let head = nn::conv2d(root / "segmentation_head" / 0, head_in, spec.classes, 1, Default::default());
+        Ok(SegmentationModel { spec: spec.clone(), encoder, decoder, head })
+    }
+
+    /// The divisor input sides must respect.
+    pub fn required_divisor(&self) -> i64 {
+        self.encoder.output_stride
+    }
+
+    pub fn check_input(&self, h: i64, w: i64) -> Result<()> {
+        let d = self.required_divisor().max(16);
+        if h % d != 0 || w % d != 0 {
+            bail!("input {h}×{w}: both sides must be divisible by {d} for {} (output stride {})", self.spec.arch, self.encoder.output_stride);
+        }
+        Ok(())
+    }
+
+    /// Logits [N, classes, H, W].
+    pub fn forward(&self, xs: &Tensor, train: bool) -> Tensor {
+        let (h, w) = (xs.size()[2], xs.size()[3]);
+        let feats = self.encoder.forward(xs, train);
+        match &self.decoder {
+            Decoder::DeepLabV3Plus(d) => {
+                let x = d.forward(&feats, train).apply(&self.head);
+                let (fh, fw) = (x.size()[2], x.size()[3]);
+                x.upsample_bilinear2d([fh * 4, fw * 4], true, None, None)
+            }
+            Decoder::None => feats[4].apply(&self.head).upsample_bilinear2d([h, w], false, None, None),
+        }
+    }
+}
+
+impl SegmentationModel {
+    /// (block, output shape) for every block, in forward order.
+    pub fn trace(&self, xs: &Tensor) -> Vec<(String, Vec<i64>)> {
+        let (mut rows, feats) = self.encoder.trace(xs);
+        if let Decoder::DeepLabV3Plus(d) = &self.decoder {
+            let (drows, _) = d.trace(&feats);
+            rows.extend(drows);
+        }
+        rows.push(("segmentation_head".to_owned(), self.forward(xs, false).size()));
+        rows
+    }
+}
+
+/// Trainable parameters (running statistics excluded), as smp counts them.
+pub fn trainable_parameters(vs: &nn::VarStore) -> i64 {
+    vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+}
