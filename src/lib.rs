@@ -7,6 +7,7 @@
 
 pub mod engine;
 pub mod imaging;
+pub mod metrics;
 pub mod progress;
 pub mod rng;
 #[path = "../stages/mod.rs"]

@@ -2,6 +2,7 @@
 //! outputs and a version constant in its `INFO`.
 
 pub mod augment;
+pub mod evaluate;
 pub mod ingest;
 pub mod normalise;
 pub mod split;
@@ -11,5 +12,5 @@ use crate::engine::stage::Stage;
 
 /// Every stage the pipeline can name, in DAG order.
 pub fn registry() -> Vec<Box<dyn Stage>> {
-    vec![Box::new(ingest::Ingest), Box::new(normalise::Normalise), Box::new(split::Split), Box::new(augment::Augment), Box::new(train::Train(&train::TRAIN)), Box::new(train::Train(&train::BASELINE))]
+    vec![Box::new(ingest::Ingest), Box::new(normalise::Normalise), Box::new(split::Split), Box::new(augment::Augment), Box::new(train::Train(&train::TRAIN)), Box::new(train::Train(&train::BASELINE)), Box::new(evaluate::Evaluate)]
 }

@@ -19,6 +19,7 @@ macro_rules! train_params {
             param("encoder", Choice(&["resnet18", "resnet34", "resnet50"]), "resnet34", "ResNet encoder"),
             param("epochs", Int, "12", "maximum epochs"),
             param("patience", Int, "5", "early stopping: epochs without a lower validation loss"),
+            param("time_budget_min", Float, "0", "stop starting new epochs after this many minutes of training (0 = no limit)"),
             param("batch_size", Int, "16", "batch size"),
             param("lr", Float, "1e-3", "learning rate"),
             param("weight_decay", Float, "0", "weight decay (L2 for adam/sgd/rmsprop, decoupled for adamw)"),

@@ -118,7 +118,8 @@ impl Store {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
                 let holder = fs::read_to_string(&path).unwrap_or_default();
-                eprintln!("waiting: another liverseg process ({}) is writing {}", holder.trim(), self.root.display());
+                let holder = if holder.trim().is_empty() { String::new() } else { format!(" ({})", holder.trim()) };
+                eprintln!("waiting: another liverseg process{holder} is writing {}", self.root.display());
                 file.lock().with_context(|| format!("cannot lock {}", path.display()))?;
             }
             Err(fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("cannot lock {}", path.display())),
@@ -244,6 +245,6 @@ mod tests {
     #[test]
     fn utc_formatting() {
         assert_eq!(super::utc_string(0.0), "1970-01-01T00:00:00Z");
-        assert_eq!(super::utc_string(1_798_000_000.0), "2026-12-23T08:26:40Z");
+        assert_eq!(super::utc_string(1_798_000_000.0), "2026-12-23T04:26:40Z");
     }
 }

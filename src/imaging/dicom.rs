@@ -23,9 +23,7 @@ fn read_slice(path: &Path) -> Result<Slice> {
     let floats = |tag: Tag, name: &str| -> Result<Vec<f64>> { get(tag, name)?.to_multi_float64().map_err(|e| anyhow!("{p}: bad {name}: {e}")) };
     let int = |tag: Tag, name: &str| -> Result<i64> { get(tag, name)?.to_int::<i64>().map_err(|e| anyhow!("{p}: bad {name}: {e}")) };
     let ts = obj.meta().transfer_syntax().trim_end_matches('\0').to_owned();
-    if !matches!(ts.as_str(), "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1" | "1.2.840.10008.1.2.2") {
-        bail!("{p}: compressed transfer syntax {ts} is not supported; decompress the series first (e.g. gdcmconv --raw)");
-    }
+    let native = matches!(ts.as_str(), "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1" | "1.2.840.10008.1.2.2");
     let rows = int(Tag(0x0028, 0x0010), "Rows")? as usize;
     let cols = int(Tag(0x0028, 0x0011), "Columns")? as usize;
     let bits = int(Tag(0x0028, 0x0100), "BitsAllocated")?;
@@ -42,7 +40,15 @@ fn read_slice(path: &Path) -> Result<Slice> {
     if position.len() != 3 || orientation.len() != 6 || spacing.len() != 2 {
         bail!("{p}: malformed geometry tags");
     }
-    let pixels = get(Tag(0x7FE0, 0x0010), "PixelData")?.to_bytes().map_err(|e| anyhow!("{p}: unreadable PixelData: {e}"))?;
+    // Native pixel data is read as is; compressed syntaxes (JPEG, JPEG 2000,
+    // RLE) go through dicom-pixeldata's decoders.
+    let pixels: Vec<u8> = if native {
+        get(Tag(0x7FE0, 0x0010), "PixelData")?.to_bytes().map_err(|e| anyhow!("{p}: unreadable PixelData: {e}"))?.into_owned()
+    } else {
+        use dicom_pixeldata::PixelDecoder;
+        let decoded = obj.decode_pixel_data().map_err(|e| anyhow!("{p}: cannot decode pixel data of transfer syntax {ts}: {e}"))?;
+        decoded.data().to_vec()
+    };
     let n = rows * cols;
     let hu: Vec<f32> = match (bits, signed) {
         (16, true) if pixels.len() >= 2 * n => pixels.chunks_exact(2).take(n).map(|c| i16::from_le_bytes([c[0], c[1]]) as f64 * slope + intercept).map(|v| v as f32).collect(),

@@ -34,10 +34,14 @@ fn real_main(args: &[String]) -> Result<()> {
             let info: &'static liverseg::engine::stage::StageInfo = match job.req.stage.as_str() {
                 "train" => &liverseg::stages::train::TRAIN,
                 "baseline" => &liverseg::stages::train::BASELINE,
+                "evaluate" => &liverseg::stages::evaluate::INFO,
                 other => bail!("the worker has no stage `{other}`"),
             };
             let ctx = job.context(info);
-            let summary = liverseg_torch::training::run::train(&ctx)?;
+            let summary = match info.name {
+                "evaluate" => liverseg_torch::evaluate::evaluate(&ctx)?,
+                _ => liverseg_torch::training::run::train(&ctx)?,
+            };
             job.finish(&summary)
         }
         Some("model") => {

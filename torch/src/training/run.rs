@@ -1,7 +1,7 @@
 //! The training loop behind the `train` and `baseline` stages.
 
 use super::loader::{batches, SliceSet};
-use super::metrics::Confusion;
+use super::metrics::{confusion, Confusion};
 use super::optim::{OptKind, Optimizer};
 use super::Loss;
 use liverseg::engine::stage::{StageContext, Summary};
@@ -199,7 +199,9 @@ pub fn train(ctx: &StageContext) -> Result<Summary> {
 
     let name = ctx.stage.name;
     let started = Instant::now();
-    while progress.epochs_done < epochs && progress.bad_epochs < patience {
+    let budget_s = p.f64("time_budget_min")? * 60.0;
+    let spent = |prog: &Progress| prog.rows.iter().map(|r| r.seconds).sum::<f64>();
+    while progress.epochs_done < epochs && progress.bad_epochs < patience && (budget_s <= 0.0 || spent(&progress) < budget_s) {
         let epoch = progress.epochs_done + 1;
         let lr = match schedule.as_str() {
             "cosine" => base_lr * 0.5 * (1.0 + (std::f64::consts::PI * (epoch - 1) as f64 / epochs as f64).cos()),
@@ -226,7 +228,7 @@ pub fn train(ctx: &StageContext) -> Result<Summary> {
             let n = y.size()[0] as usize;
             loss_sum += loss.double_value(&[]) * n as f64;
             seen += n;
-            conf.add(&Confusion::from_tensors(&logits.detach().argmax(1, false), &y));
+            conf.add(&confusion(&logits.detach().argmax(1, false), &y));
             bar.inc(1);
         }
         bar.finish_and_clear();
@@ -289,8 +291,12 @@ pub fn train(ctx: &StageContext) -> Result<Summary> {
         progress.rows.push(row);
         write_checkpoint(&ctx.scratch_dir, &vs, &best, &opt, &progress)?;
     }
-    if progress.bad_epochs >= patience && ctx.show_progress {
-        eprintln!("early stopping: no lower validation loss for {patience} epochs");
+    if ctx.show_progress {
+        if progress.bad_epochs >= patience {
+            eprintln!("early stopping: no lower validation loss for {patience} epochs");
+        } else if budget_s > 0.0 && spent(&progress) >= budget_s && progress.epochs_done < epochs {
+            eprintln!("time budget of {:.0} min reached after {} epochs", budget_s / 60.0, progress.epochs_done);
+        }
     }
 
     // The artifact holds the best epoch's weights.
@@ -370,7 +376,7 @@ pub fn evaluate_set(model: &SegmentationModel, set: &Arc<SliceSet>, batch: usize
             let n = y.size()[0] as usize;
             loss_sum += loss_fn.compute(&logits, &y).double_value(&[]) * n as f64;
             seen += n;
-            conf.add(&Confusion::from_tensors(&logits.argmax(1, false), &y));
+            conf.add(&confusion(&logits.argmax(1, false), &y));
         }
     });
     (loss_sum / seen.max(1) as f64, conf)

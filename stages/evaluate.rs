@@ -1,0 +1,45 @@
+//! evaluate: every trained model on the test split, with per-slice and
+//! per-case (per-patient) tables, as nnU-Net reports them. Runs in the
+//! `liverseg-torch` worker.
+//!
+//! Rules: Dice and IoU are 1 when prediction and truth are both empty; HD95
+//! pools each case's 2D surface distances (mm where the spacing is known,
+//! otherwise pixels) and is undefined (null) when exactly one is empty; the
+//! 95% CI of per-case Dice is a percentile bootstrap over cases.
+//!
+//! inputs: normalise, split, train, baseline
+//! outputs: table1.parquet, per_case.parquet, per_slice.parquet, predictions/<model>.safetensors
+
+use crate::engine::params::{param, ParamType::*, ParamSpec};
+use crate::engine::stage::{Stage, StageContext, StageInfo, Summary};
+use anyhow::Result;
+
+pub const VERSION: u32 = 1;
+const PARAMS: &[ParamSpec] = &[
+    param("split", Choice(&["test", "val"]), "test", "which split to evaluate (test for reporting)"),
+    param("bootstrap", Int, "2000", "bootstrap resamples for the per-case Dice CI"),
+    param("seed", Int, "0", "bootstrap seed"),
+    param("batch_size", Int, "16", "inference batch size"),
+    param("device", Choice(&["auto", "cpu", "cuda"]), "auto", "auto = CUDA when available"),
+];
+
+pub static INFO: StageInfo = StageInfo {
+    name: "evaluate",
+    version: VERSION,
+    inputs: &["normalise", "split"],
+    outputs: &["table1.parquet", "per_case.parquet", "per_slice.parquet", "predictions/"],
+    params: PARAMS,
+    about: "test-split metrics per slice, per case and per model",
+};
+
+pub struct Evaluate;
+
+impl Stage for Evaluate {
+    fn info(&self) -> &'static StageInfo {
+        &INFO
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Summary> {
+        crate::engine::worker::run_in_worker(ctx)
+    }
+}
