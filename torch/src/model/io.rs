@@ -48,6 +48,12 @@ pub fn load(vs: &mut nn::VarStore, path: &Path, strict: bool) -> Result<usize> {
         Ok(())
     })
     .with_context(|| format!("cannot load weights from {}", path.display()))?;
+    if strict {
+        // Like PyTorch's strict load_state_dict: nothing unexpected either.
+        if let Some(extra) = file.keys().find(|k| !vars.contains_key(*k) && !k.ends_with(".num_batches_tracked")) {
+            bail!("{}: unexpected tensor `{extra}` (a different architecture or encoder?)", path.display());
+        }
+    }
     if loaded == 0 {
         bail!("{}: none of its tensors names a parameter of this model", path.display());
     }
