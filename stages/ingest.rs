@@ -194,12 +194,15 @@ impl Ingest {
 
 /// Map a label volume to a binary liver mask, rejecting labels outside the map.
 fn liver_mask(labels: &[f32], liver: &[f64], max_label: i64, what: &str) -> Result<Vec<u8>> {
+    // One lookup per voxel: label -> is liver, for every label in the map.
+    let table: Vec<u8> = (0..=max_label.max(0)).map(|l| u8::from(liver.contains(&(l as f64)))).collect();
     let mut out = Vec::with_capacity(labels.len());
     for &l in labels {
-        if !l.is_finite() || l < 0.0 || l.fract() != 0.0 || l as i64 > max_label {
+        let i = l as i64; // saturating; NaN becomes 0 and is caught by the round trip below
+        if i < 0 || i > max_label || i as f32 != l {
             bail!("{what}: label {l} is outside the label map (0..={max_label}); set data.max_label if it is valid");
         }
-        out.push(u8::from(liver.contains(&(l as f64))));
+        out.push(table[i as usize]);
     }
     Ok(out)
 }
@@ -214,12 +217,12 @@ fn volume_case(case: &str, image: Volume, mask: Vec<u8>, source: (String, String
     let n = image.num_slices();
     let ((rows, cols), (sr, sc)) = image.slice_shape();
     let ax = image.axial_axis();
-    let mask_vol = Volume { data: mask.iter().map(|&v| v as f32).collect(), ..image.clone() };
     let (mut img_data, mut mask_data, mut out_rows) = (Vec::with_capacity(n * rows * cols), Vec::with_capacity(n * rows * cols), Vec::new());
     for k in 0..n {
         let s = image.slice(k);
-        let m: Vec<u8> = mask_vol.slice(k).into_iter().map(|v| v as u8).collect();
-        img_data.extend(s.iter().map(|&v| v.round().clamp(-32768.0, 32767.0) as i16));
+        let m: Vec<u8> = image.slice_of(&mask, k);
+        // HU are integers in every CT format; `as` saturates out-of-range values.
+        img_data.extend(s.iter().map(|&v| (v + 0.5).floor() as i16));
         let liver = m.iter().map(|&v| v as u64).sum();
         mask_data.extend(m);
         out_rows.push(SliceRow {

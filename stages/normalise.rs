@@ -104,10 +104,10 @@ impl Stage for Normalise {
                     } else {
                         src.iter().map(|&v| v / 255.0).collect()
                     };
-                    let resized = resize::bilinear(&scaled, h, w, size, size);
+                    let image = resize::bilinear_to_u8(&scaled, h, w, size, size);
                     let mask = resize::nearest(&masks[k * h * w..(k + 1) * h * w], h, w, size, size);
                     let liver = mask.iter().map(|&v| v as u64).sum();
-                    out.push(Kept { row, image: resized.iter().map(|&v| (v * 255.0).round() as u8).collect(), mask, liver });
+                    out.push(Kept { row, image, mask, liver });
                 }
                 bar.inc(1);
                 Ok(out)

@@ -76,18 +76,24 @@ impl Volume {
 
     /// Axial slice `k` as a row-major (rows, cols) image.
     pub fn slice(&self, k: usize) -> Vec<f32> {
+        self.slice_of(&self.data, k)
+    }
+
+    /// Axial slice `k` of any array laid out on this volume's grid (a mask).
+    pub fn slice_of<T: Copy>(&self, data: &[T], k: usize) -> Vec<T> {
         let ax = self.axial_axis();
+        let [nx, ny, _] = self.dims;
+        if ax == 2 {
+            // The usual layout: an axial slice is one contiguous block.
+            return data[k * nx * ny..(k + 1) * nx * ny].to_vec();
+        }
         let (a, b) = self.inplane_axes();
         let ((rows, cols), _) = self.slice_shape();
+        let stride = [1, nx, nx * ny];
         let mut out = Vec::with_capacity(rows * cols);
-        let mut idx = [0usize; 3];
-        idx[ax] = k;
         for r in 0..rows {
-            idx[b] = r;
-            for c in 0..cols {
-                idx[a] = c;
-                out.push(self.voxel(idx[0], idx[1], idx[2]));
-            }
+            let base = k * stride[ax] + r * stride[b];
+            out.extend((0..cols).map(|c| data[base + c * stride[a]]));
         }
         out
     }

@@ -1,35 +1,56 @@
 //! Resampling of 2D slices: bilinear for intensities, nearest for masks.
 //! Pixel centres are aligned as in PIL and `align_corners=False`.
 
+/// Source index pairs and weights along one axis (computed once per axis,
+/// not per pixel).
+fn taps(n: usize, on: usize) -> Vec<(usize, usize, f32)> {
+    let s = n as f32 / on as f32;
+    (0..on)
+        .map(|i| {
+            let f = ((i as f32 + 0.5) * s - 0.5).clamp(0.0, (n - 1) as f32);
+            let i0 = f as usize;
+            (i0, (i0 + 1).min(n - 1), f - i0 as f32)
+        })
+        .collect()
+}
+
 pub fn bilinear(src: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> Vec<f32> {
     let mut out = vec![0f32; oh * ow];
-    let sy = h as f32 / oh as f32;
-    let sx = w as f32 / ow as f32;
-    for y in 0..oh {
-        let fy = ((y as f32 + 0.5) * sy - 0.5).clamp(0.0, (h - 1) as f32);
-        let y0 = fy.floor() as usize;
-        let y1 = (y0 + 1).min(h - 1);
-        let wy = fy - y0 as f32;
-        for x in 0..ow {
-            let fx = ((x as f32 + 0.5) * sx - 0.5).clamp(0.0, (w - 1) as f32);
-            let x0 = fx.floor() as usize;
-            let x1 = (x0 + 1).min(w - 1);
-            let wx = fx - x0 as f32;
-            let top = src[y0 * w + x0] * (1.0 - wx) + src[y0 * w + x1] * wx;
-            let bot = src[y1 * w + x0] * (1.0 - wx) + src[y1 * w + x1] * wx;
-            out[y * ow + x] = top * (1.0 - wy) + bot * wy;
+    bilinear_with(src, h, w, oh, ow, |i, v| out[i] = v);
+    out
+}
+
+/// Bilinear resize of an image given by `value(i)`, writing each output with `put`.
+fn bilinear_with(src: &[f32], h: usize, w: usize, oh: usize, ow: usize, mut put: impl FnMut(usize, f32)) {
+    let xs = taps(w, ow);
+    let mut row = vec![0f32; w];
+    for (y, &(y0, y1, wy)) in taps(h, oh).iter().enumerate() {
+        // Blend the two source rows once, then interpolate along x.
+        let (r0, r1) = (&src[y0 * w..(y0 + 1) * w], &src[y1 * w..(y1 + 1) * w]);
+        for ((o, &a), &b) in row.iter_mut().zip(r0).zip(r1) {
+            *o = a + (b - a) * wy;
+        }
+        for (x, &(x0, x1, wx)) in xs.iter().enumerate() {
+            put(y * ow + x, row[x0] + (row[x1] - row[x0]) * wx);
         }
     }
+}
+
+/// Bilinear resize of values in [0, 1] straight to uint8 (0..255).
+pub fn bilinear_to_u8(src: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> Vec<u8> {
+    let mut out = vec![0u8; oh * ow];
+    bilinear_with(src, h, w, oh, ow, |i, v| out[i] = (v * 255.0 + 0.5) as u8);
     out
 }
 
 pub fn nearest(src: &[u8], h: usize, w: usize, oh: usize, ow: usize) -> Vec<u8> {
     let mut out = vec![0u8; oh * ow];
+    let xs: Vec<usize> = (0..ow).map(|x| (((x as f32 + 0.5) * w as f32 / ow as f32) as usize).min(w - 1)).collect();
     for y in 0..oh {
         let sy = (((y as f32 + 0.5) * h as f32 / oh as f32) as usize).min(h - 1);
-        for x in 0..ow {
-            let sx = (((x as f32 + 0.5) * w as f32 / ow as f32) as usize).min(w - 1);
-            out[y * ow + x] = src[sy * w + sx];
+        let row = &src[sy * w..(sy + 1) * w];
+        for (o, &sx) in out[y * ow..(y + 1) * ow].iter_mut().zip(&xs) {
+            *o = row[sx];
         }
     }
     out

@@ -19,29 +19,53 @@ pub struct Pair {
     pub mask: Vec<u8>,
 }
 
-fn open(path: &Path) -> Result<image::DynamicImage> {
-    image::ImageReader::open(path)
-        .with_context(|| format!("{}: cannot open", path.display()))?
+/// 8-bit grey pixels and (rows, cols). JPEGs are decoded straight to luma
+/// (the Y channel), skipping colour conversion: most exports are RGB JPEGs
+/// of grey images, and that conversion would dominate ingest.
+fn grey(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        use zune_core::{bytestream::ZCursor, colorspace::ColorSpace, options::DecoderOptions};
+        let opts = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::Luma);
+        let mut dec = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(&bytes[..]), opts);
+        let pixels = dec.decode().map_err(|e| anyhow::anyhow!("{}: not a decodable PNG/JPEG image (truncated or corrupt?): {e:?}", path.display()))?;
+        let info = dec.info().ok_or_else(|| anyhow::anyhow!("{}: JPEG without a frame header", path.display()))?;
+        let (rows, cols) = (info.height as usize, info.width as usize);
+        if pixels.len() != rows * cols {
+            bail!("{}: decoded {} bytes for {rows}×{cols} luma pixels", path.display(), pixels.len());
+        }
+        return Ok((pixels, rows, cols));
+    }
+    let img = open_any(path, bytes)?.to_luma8();
+    let (w, h) = img.dimensions();
+    Ok((img.into_raw(), h as usize, w as usize))
+}
+
+fn open_any(path: &Path, bytes: Vec<u8>) -> Result<image::DynamicImage> {
+    image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .with_context(|| format!("{}: cannot read", path.display()))?
         .decode()
         .with_context(|| format!("{}: not a decodable PNG/JPEG image (truncated or corrupt?)", path.display()))
 }
 
+
 pub fn read_pair(image_path: &Path, mask_path: &Path, rule: MaskRule) -> Result<Pair> {
-    let img = open(image_path)?.to_luma8();
-    let mask_img = open(mask_path)?;
-    let (w, h) = img.dimensions();
-    if mask_img.width() != w || mask_img.height() != h {
-        bail!("{}: mask is {}×{} but its image {} is {w}×{h}", mask_path.display(), mask_img.width(), mask_img.height(), image_path.display());
-    }
-    let mask = match rule {
-        MaskRule::Threshold(t) => mask_img.to_luma8().into_raw().into_iter().map(|v| u8::from(v > t)).collect(),
-        MaskRule::Colour(c, tol) => mask_img
-            .to_rgb8()
-            .pixels()
-            .map(|p| u8::from((0..3).all(|i| p.0[i].abs_diff(c[i]) <= tol)))
-            .collect(),
+    let (image, h, w) = grey(image_path)?;
+    let (mask, mh, mw) = match rule {
+        MaskRule::Threshold(t) => {
+            let (m, mh, mw) = grey(mask_path)?;
+            (m.into_iter().map(|v| u8::from(v > t)).collect::<Vec<u8>>(), mh, mw)
+        }
+        MaskRule::Colour(c, tol) => {
+            let bytes = std::fs::read(mask_path).with_context(|| format!("{}: cannot read", mask_path.display()))?;
+            let rgb = open_any(mask_path, bytes)?.to_rgb8();
+            let (mw, mh) = rgb.dimensions();
+            (rgb.pixels().map(|p| u8::from((0..3).all(|i| p.0[i].abs_diff(c[i]) <= tol))).collect(), mh as usize, mw as usize)
+        }
     };
-    Ok(Pair { rows: h as usize, cols: w as usize, image: img.into_raw(), mask })
+    if (mh, mw) != (h, w) {
+        bail!("{}: mask is {mw}×{mh} but its image {} is {w}×{h}", mask_path.display(), image_path.display());
+    }
+    Ok(Pair { rows: h, cols: w, image, mask })
 }

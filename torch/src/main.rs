@@ -44,6 +44,16 @@ fn real_main(args: &[String]) -> Result<()> {
             };
             job.finish(&summary)
         }
+        Some("bench-train") => {
+            // Training and inference images/s of DeepLabV3+ResNet34 with Adam on
+            // random data: the counterpart of bench/py_train_speed.py.
+            let size: i64 = flag(args, "--size", "224").parse()?;
+            let batch: i64 = flag(args, "--batch", "8").parse()?;
+            let steps: usize = flag(args, "--steps", "5").parse()?;
+            let (train, infer) = liverseg_torch::training::run::speed(size, batch, steps)?;
+            println!("{train:.2} {infer:.2}");
+            Ok(())
+        }
         Some("model") => {
             let spec = liverseg_torch::model::ModelSpec {
                 arch: flag(args, "--arch", "deeplabv3plus"),

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# liverseg benchmarks (make bench). Each comparison runs both sides in this
+# one invocation, so ratios are measured under the same machine load.
+#   engine: no-op `liverseg run` over >= 1,000 raw files (target < 50 ms)
+#   data:   ingest + normalise slices/s vs a plain Python reference (target >= 4x)
+#   train:  DeepLabV3+ResNet34 images/s vs segmentation_models_pytorch (target >= 1x)
+# `bash bench/run.sh accuracy` trains the msd profile (about 1.5 hours on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=$PWD/target/release/liverseg
+WORKER=$PWD/target/release/liverseg-torch
+PY=$PWD/.venv/bin/python
+SHARED=$(cd .. && pwd)/shared/data
+OUT=$PWD/target/bench
+mkdir -p "$OUT"
+what=${1:-all}
+
+if [ ! -d "$SHARED/msd-liver-2d" ]; then
+  echo "SKIPPED: $SHARED/msd-liver-2d is absent; the benchmarks run on the shared MSD slices"
+  exit 0
+fi
+"$PY" -c "import numpy, PIL, nibabel, segmentation_models_pytorch" 2>/dev/null || \
+  .venv/bin/pip install --quiet numpy pillow nibabel segmentation-models-pytorch torch==2.13.0
+
+peak_kb() { /usr/bin/time -f "%M" "$@" 2>&1 >/dev/null | tail -1; }
+
+if [ "$what" = all ] || [ "$what" = engine ]; then
+  echo "## engine: no-op run, default pipeline, MSD slices (1,042 raw files)"
+  P=$OUT/noop; rm -rf "$P"; mkdir -p "$P"
+  sed "s|data.root: ../shared/data/msd-liver-2d|data.root: $SHARED/msd-liver-2d|" pipeline.yaml > "$P/pipeline.yaml"
+  # Cheap training so every stage has an artifact; the no-op cost does not depend on it.
+  CHEAP=(--profile msd -P train.epochs=1 -P train.max_train_slices=16 -P baseline.epochs=1 -P baseline.max_train_slices=16)
+  (cd "$P" && "$BIN" run -q "${CHEAP[@]}")
+  (cd "$P" && "$BIN" run -q "${CHEAP[@]}" --json) | grep -q '"ran":\[\]'
+  times=()
+  for i in $(seq 1 21); do
+    s=$(date +%s%N); (cd "$P" && "$BIN" run -q "${CHEAP[@]}" >/dev/null); e=$(date +%s%N)
+    times+=($(( (e - s) / 1000 )))
+  done
+  median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 11p)
+  echo "no-op run: median of 21 = $(echo "scale=1; $median/1000" | bc) ms (stat cache: $(ls -l "$P/artifacts/.cache/stat-cache.json" | awk '{print $5}') bytes)"
+fi
+
+if [ "$what" = all ] || [ "$what" = data ]; then
+  echo "## data: ingest + normalise to 224x224, slices/s (same run, same load)"
+  D=$OUT/data; rm -rf "$D"; mkdir -p "$D"
+  "$BIN" synth "$D/nifti" --cases 20 --size 256 --slices 40 --seed 3 >/dev/null
+  for src in msd nifti; do
+    if [ $src = msd ]; then root=$SHARED/msd-liver-2d; kind=slices2d; else root=$D/nifti; kind=nifti; fi
+    cat > "$D/pipeline.yaml" <<YAML
+data: {source: $kind, root: $root}
+stages:
+  ingest: {}
+  normalise: {deps: [ingest], params: {size: 224}}
+YAML
+    rm -rf "$D/artifacts"
+    s=$(date +%s%N); kb=$(cd "$D" && peak_kb "$BIN" run -q normalise); e=$(date +%s%N)
+    n=$(cd "$D" && "$BIN" lineage normalise.slices_kept | head -1 | awk '{print $3}')
+    rs=$(echo "scale=3; ($e - $s)/1000000000" | bc)
+    read -r pn psecs prate pmb < <("$PY" bench/py_ingest.py $kind "$root" 224)
+    rrate=$(echo "scale=1; $n/$rs" | bc)
+    echo "$src: liverseg $n slices in ${rs}s = $rrate slices/s, peak $((kb/1024)) MiB | python $pn slices in ${psecs}s = $prate slices/s, peak ${pmb} MiB | ratio $(echo "scale=2; $rrate/$prate" | bc)x"
+  done
+fi
+
+if [ "$what" = all ] || [ "$what" = train ]; then
+  echo "## train: DeepLabV3+ResNet34, Adam, CPU images/s (train / inference)"
+  for cfg in "224 8 4" "128 16 4"; do
+    set -- $cfg
+    read -r rt ri < <("$WORKER" bench-train --size $1 --batch $2 --steps $3)
+    read -r pt pi < <("$PY" bench/py_train_speed.py $1 $2 $3 2>/dev/null)
+    echo "${1}x${1} batch $2: liverseg $rt / $ri | smp $pt / $pi | train ratio $(echo "scale=2; $rt/$pt" | bc)x, inference ratio $(echo "scale=2; $ri/$pi" | bc)x"
+  done
+fi
+
+if [ "$what" = accuracy ]; then
+  echo "## accuracy: msd profile (DeepLabV3+ and the ResNet baseline), test patients"
+  A=$OUT/accuracy; mkdir -p "$A"
+  sed "s|data.root: ../shared/data/msd-liver-2d|data.root: $SHARED/msd-liver-2d|" pipeline.yaml > "$A/pipeline.yaml"
+  (cd "$A" && /usr/bin/time -v "$BIN" run --profile msd) 2>&1 | tee "$A/log.txt" | grep -E "^(ran|Epoch|early|time budget|train:|baseline:)"
+fi
