@@ -82,6 +82,12 @@ enum Command {
         #[command(flatten)]
         p: PipelineArgs,
     },
+    /// List every stage's parameters: name, type, default and meaning.
+    Params {
+        /// Markdown table (as in README.md).
+        #[arg(long)]
+        markdown: bool,
+    },
     /// Model tools.
     Model {
         #[command(subcommand)]
@@ -209,6 +215,27 @@ fn real_main(cli: Cli) -> Result<()> {
                 println!("nothing to collect");
             } else if !apply {
                 println!("{} artifact(s); rerun with --apply to remove them", dead.len());
+            }
+        }
+        Command::Params { markdown } => {
+            for s in &registry {
+                let info = s.info();
+                if markdown {
+                    println!("\n**{}** (v{}; reads {}): {}\n", info.name, info.version, if info.inputs.is_empty() { "raw files".to_owned() } else { info.inputs.join(", ") }, info.about);
+                    println!("| key | type | default | meaning |\n|---|---|---|---|");
+                }
+                for p in info.params {
+                    let key = if p.name.starts_with(config::DATA_PREFIX) { p.name.to_owned() } else { format!("{}.{}", info.name, p.name) };
+                    let ty = match p.ty {
+                        eng::params::ParamType::Choice(c) => c.join(" \\| "),
+                        other => format!("{other:?}").to_lowercase(),
+                    };
+                    if markdown {
+                        println!("| `{key}` | {ty} | `{}` | {} |", p.default.trim_matches('\'').replace('|', "\\|"), p.help);
+                    } else {
+                        println!("{key:<28} {ty:<30} {:<22} {}", p.default, p.help);
+                    }
+                }
             }
         }
         Command::Model { cmd } => {
