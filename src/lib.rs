@@ -10,5 +10,6 @@ pub mod imaging;
 pub mod metrics;
 pub mod progress;
 pub mod rng;
+pub mod tune;
 #[path = "../stages/mod.rs"]
 pub mod stages;

@@ -88,6 +88,22 @@ enum Command {
         #[arg(long)]
         markdown: bool,
     },
+    /// Segment new scans with a trained model: NIfTI in gives a NIfTI mask
+    /// with the input's geometry, a DICOM series gives NIfTI, PNG/JPEG give PNG.
+    Predict {
+        /// A model artifact folder (artifacts/train/<key>), a model.safetensors
+        /// with model.json beside it, or a stage name (train, baseline).
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
     /// Model tools.
     Model {
         #[command(subcommand)]
@@ -236,6 +252,27 @@ fn real_main(cli: Cli) -> Result<()> {
                         println!("{key:<28} {ty:<30} {:<22} {}", p.default, p.help);
                     }
                 }
+            }
+        }
+        Command::Predict { model, input, output, device, p } => {
+            let dir = if std::path::Path::new(&model).exists() {
+                PathBuf::from(&model)
+            } else {
+                // A stage name: its artifact for the current pipeline.
+                engine(&p, &registry)?.current_artifact(&model)?.dir
+            };
+            let status = std::process::Command::new(eng::worker::worker_binary()?)
+                .args(["predict", "--model"])
+                .arg(&dir)
+                .arg("--input")
+                .arg(&input)
+                .arg("--output")
+                .arg(&output)
+                .args(["--device", &device])
+                .status()
+                .context("cannot start liverseg-torch")?;
+            if !status.success() {
+                std::process::exit(status.code().unwrap_or(1));
             }
         }
         Command::Model { cmd } => {

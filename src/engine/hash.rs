@@ -89,20 +89,42 @@ impl StatCache {
         StatCache { file, entries, dirty: false }
     }
 
-    /// Hash of `path`, re-reading it only if its stat changed. Returns (size, hash).
-    pub fn hash(&mut self, path: &Path) -> Result<(u64, String)> {
-        let meta = std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
-        let (size, mtime_ns, inode) = stat_of(&meta);
-        let k = path.to_string_lossy().into_owned();
-        if let Some(e) = self.entries.get(&k) {
-            if e.size == size && e.mtime_ns == mtime_ns && e.inode == inode {
-                return Ok((size, e.blake3.clone()));
+    /// (size, hash) of each path, in order; files whose stat changed are
+    /// re-hashed in parallel.
+    pub fn hash_many(&mut self, paths: &[std::path::PathBuf], show_progress: bool) -> Result<Vec<(u64, String)>> {
+        use rayon::prelude::*;
+        let mut out: Vec<Option<(u64, String)>> = Vec::with_capacity(paths.len());
+        let mut misses = Vec::new();
+        for (i, path) in paths.iter().enumerate() {
+            let meta = std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+            let (size, mtime_ns, inode) = stat_of(&meta);
+            match self.entries.get(path.to_string_lossy().as_ref()) {
+                Some(e) if e.size == size && e.mtime_ns == mtime_ns && e.inode == inode => out.push(Some((size, e.blake3.clone()))),
+                _ => {
+                    out.push(None);
+                    misses.push((i, size, mtime_ns, inode));
+                }
             }
         }
-        let blake3 = hash_file(path)?;
-        self.entries.insert(k, StatEntry { size, mtime_ns, inode, blake3: blake3.clone() });
-        self.dirty = true;
-        Ok((size, blake3))
+        if !misses.is_empty() {
+            let bar = crate::progress::bar(misses.len() as u64, "hashing", show_progress && misses.len() > 200);
+            let hashed: Vec<Result<String>> = misses
+                .par_iter()
+                .map(|(i, ..)| {
+                    let h = hash_file(&paths[*i]);
+                    bar.inc(1);
+                    h
+                })
+                .collect();
+            bar.finish_and_clear();
+            for ((i, size, mtime_ns, inode), h) in misses.into_iter().zip(hashed) {
+                let blake3 = h?;
+                self.entries.insert(paths[i].to_string_lossy().into_owned(), StatEntry { size, mtime_ns, inode, blake3: blake3.clone() });
+                out[i] = Some((size, blake3));
+            }
+            self.dirty = true;
+        }
+        Ok(out.into_iter().map(|o| o.expect("filled")).collect())
     }
 
     pub fn save(&mut self) -> Result<()> {

@@ -45,11 +45,10 @@ impl<'r> Engine<'r> {
         let mut planned: BTreeMap<String, Planned> = BTreeMap::new();
         for s in stages {
             let imp = self.stage_impl(&s.name)?;
-            let mut raw_files = Vec::new();
-            for (rel, path) in imp.raw_inputs(&s.params, &self.pipeline.root)? {
-                let (size, blake3) = cache.hash(&path)?;
-                raw_files.push(RawFile { path: rel, size, blake3 });
-            }
+            let inputs = imp.raw_inputs(&s.params, &self.pipeline.root)?;
+            let paths: Vec<std::path::PathBuf> = inputs.iter().map(|(_, p)| p.clone()).collect();
+            let hashes = cache.hash_many(&paths, self.show_progress)?;
+            let raw_files: Vec<RawFile> = inputs.into_iter().zip(hashes).map(|((rel, _), (size, blake3))| RawFile { path: rel, size, blake3 }).collect();
             let upstream: BTreeMap<String, String> = s
                 .deps
                 .iter()

@@ -180,20 +180,25 @@ pub fn read_manifest(path: &Path) -> Result<Manifest> {
 
 /// blake3 and size of every file under `dir` except the manifest, by relative path.
 pub fn hash_tree(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
-    let mut out = BTreeMap::new();
+    use rayon::prelude::*;
+    let mut files = Vec::new();
     for entry in walkdir::WalkDir::new(dir).sort_by_file_name() {
         let entry = entry.with_context(|| format!("cannot walk {}", dir.display()))?;
         if !entry.file_type().is_file() {
             continue;
         }
         let rel = entry.path().strip_prefix(dir).expect("under dir").to_string_lossy().into_owned();
-        if rel == MANIFEST {
-            continue;
+        if rel != MANIFEST {
+            files.push((rel, entry.into_path()));
         }
-        let size = entry.metadata().with_context(|| format!("cannot stat {}", entry.path().display()))?.len();
-        out.insert(rel, FileEntry { size, blake3: hash_file(entry.path())? });
     }
-    Ok(out)
+    files
+        .par_iter()
+        .map(|(rel, path)| {
+            let size = std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?.len();
+            Ok((rel.clone(), FileEntry { size, blake3: hash_file(path)? }))
+        })
+        .collect()
 }
 
 /// Differences between an artifact's files and its manifest.

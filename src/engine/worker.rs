@@ -51,8 +51,14 @@ pub fn run_in_worker(ctx: &StageContext) -> Result<Summary> {
         show_progress: ctx.show_progress,
         summary_path: summary_path.clone(),
     };
-    let req_path = ctx.out_dir.with_extension("request.json");
-    std::fs::write(&req_path, serde_json::to_vec_pretty(&req)?).with_context(|| format!("cannot write {}", req_path.display()))?;
+    run_request(&req)
+}
+
+/// Run one request in a worker process (its stderr passes through) and
+/// return the summary it wrote.
+pub fn run_request(req: &WorkerRequest) -> Result<Summary> {
+    let req_path = req.out_dir.with_extension("request.json");
+    std::fs::write(&req_path, serde_json::to_vec_pretty(req)?).with_context(|| format!("cannot write {}", req_path.display()))?;
     let status = std::process::Command::new(worker_binary()?)
         .arg("stage")
         .arg(&req_path)
@@ -60,10 +66,10 @@ pub fn run_in_worker(ctx: &StageContext) -> Result<Summary> {
         .context("cannot start the liverseg-torch worker")?;
     std::fs::remove_file(&req_path).ok();
     if !status.success() {
-        bail!("worker for stage `{}` failed ({status})", ctx.stage.name);
+        bail!("worker for stage `{}` failed ({status})", req.stage);
     }
-    let bytes = std::fs::read(&summary_path).with_context(|| format!("worker wrote no summary at {}", summary_path.display()))?;
-    std::fs::remove_file(&summary_path).ok();
+    let bytes = std::fs::read(&req.summary_path).with_context(|| format!("worker wrote no summary at {}", req.summary_path.display()))?;
+    std::fs::remove_file(&req.summary_path).ok();
     serde_json::from_slice(&bytes).context("worker summary is not JSON")
 }
 

@@ -98,6 +98,21 @@ impl Volume {
         out
     }
 
+    /// Write a row-major axial slice `k` into `data` laid out on this grid
+    /// (the inverse of `slice_of`).
+    pub fn put_slice<T: Copy>(&self, data: &mut [T], k: usize, values: &[T]) {
+        let ax = self.axial_axis();
+        let [nx, ny, _] = self.dims;
+        let (a, b) = self.inplane_axes();
+        let ((rows, cols), _) = self.slice_shape();
+        let stride = [1, nx, nx * ny];
+        for r in 0..rows {
+            for c in 0..cols {
+                data[k * stride[ax] + r * stride[b] + c * stride[a]] = values[r * cols + c];
+            }
+        }
+    }
+
     pub fn check_same_grid(&self, other: &Volume, what: &str) -> Result<()> {
         if self.dims != other.dims {
             bail!("{what}: image is {:?} voxels but mask is {:?}", self.dims, other.dims);

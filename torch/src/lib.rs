@@ -4,4 +4,5 @@
 
 pub mod evaluate;
 pub mod model;
+pub mod predict;
 pub mod training;

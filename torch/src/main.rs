@@ -6,7 +6,7 @@ use liverseg::engine::worker::WorkerJob;
 use std::path::PathBuf;
 
 fn usage() -> ! {
-    eprintln!("usage: liverseg-torch stage REQUEST.json\n       liverseg-torch model summary|names [--arch A] [--encoder E] [--in-channels N] [--classes N] [--size S]");
+    eprintln!("usage: liverseg-torch stage REQUEST.json\n       liverseg-torch predict --model DIR --input FILE_OR_DIR --output OUT [--device D]\n       liverseg-torch model summary|names [--arch A] [--encoder E] [--in-channels N] [--classes N] [--size S]");
     std::process::exit(2);
 }
 
@@ -43,6 +43,14 @@ fn real_main(args: &[String]) -> Result<()> {
                 _ => liverseg_torch::training::run::train(&ctx)?,
             };
             job.finish(&summary)
+        }
+        Some("predict") => {
+            let get = |n: &str| -> Result<PathBuf> { args.windows(2).find(|w| w[0] == n).map(|w| PathBuf::from(&w[1])).ok_or_else(|| anyhow::anyhow!("predict needs {n}")) };
+            let device = liverseg_torch::training::run::device_for(&flag(args, "--device", "auto"))?;
+            for f in liverseg_torch::predict::predict(&get("--model")?, &get("--input")?, &get("--output")?, device)? {
+                println!("wrote {}", f.display());
+            }
+            Ok(())
         }
         Some("bench-train") => {
             // Training and inference images/s of DeepLabV3+ResNet34 with Adam on

@@ -26,6 +26,8 @@ stages:
   evaluate:
     deps: [normalise, split, train]
     params: {split: val}
+  report:
+    deps: [ingest, normalise, split, evaluate, train]
 "#;
 
 fn project(name: &str) -> PathBuf {
@@ -59,15 +61,35 @@ fn training_learns_resumes_and_is_deterministic() {
     // 1. An uninterrupted run learns: validation loss falls and liver Dice
     //    clears a bar that an all-background or random model cannot.
     let a = project("train_a");
-    run(&a, &["run", "evaluate", "-q"]);
+    run(&a, &["run", "report", "-q"]);
     let m = metrics(&a);
     let loss = column(&m, "val_loss");
     assert!(loss.iter().cloned().fold(f64::MAX, f64::min) < loss[0], "val loss never fell: {loss:?}");
     let manifest = liverseg::engine::store::read_manifest(&artifact(&a, "evaluate").join("manifest.json")).unwrap();
     let dice = manifest.metrics["train.dice_per_case"].as_f64().unwrap();
     assert!(dice > 0.6, "liver Dice per case {dice}");
+    // The report's Table 1 is the evaluate artifact's, and every section is there.
+    let html = std::fs::read_to_string(artifact(&a, "report").join("report.html")).unwrap();
+    for section in ["Table 1", "Learning curves", "Examples", "Hyperparameter search", "Data", "Lineage", "data:image/png;base64,", "data:image/svg+xml;base64,"] {
+        assert!(html.contains(section), "report lacks {section}");
+    }
+    assert!(html.contains(&format!("{dice:.4}")), "Table 1 does not show the evaluated Dice {dice:.4}");
     let weights = tch::Tensor::read_safetensors(artifact(&a, "train").join("model.safetensors")).unwrap();
     assert!(weights.iter().any(|(n, _)| n == "decoder.aspp.0.convs.0.0.weight"));
+
+    // predict round-trips a real NIfTI: same shape and affine, a 0/1 mask.
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/formats/totalsegmentator/example_ct_sm.nii.gz");
+    if shared.is_file() {
+        let out = a.join("pred.nii.gz");
+        run(&a, &["predict", "--model", "train", "--input", shared.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+        let (src, pred) = (liverseg::imaging::nifti::read(&shared).unwrap(), liverseg::imaging::nifti::read(&out).unwrap());
+        assert_eq!(src.volume.dims, pred.volume.dims);
+        assert_eq!(src.volume.affine, pred.volume.affine);
+        assert_eq!(pred.datatype, 2, "uint8 mask");
+        assert!(pred.volume.data.iter().all(|&v| v == 0.0 || v == 1.0));
+    } else {
+        eprintln!("SKIPPED predict round trip: ../shared/data is absent");
+    }
 
     // 2. Killed after its first epoch, the next run resumes from the checkpoint
     //    and ends with the same metrics as the uninterrupted run.

@@ -138,7 +138,22 @@ fn snapshot(vs: &nn::VarStore) -> BTreeMap<String, Tensor> {
 }
 
 pub fn train(ctx: &StageContext) -> Result<Summary> {
-    let p = ctx.params;
+    // With a tune stage upstream, its best parameters replace the file's.
+    let tuned;
+    let p = match ctx.upstream.get("tune") {
+        Some(t) => {
+            let mut merged = ctx.params.clone();
+            for (k, v) in liverseg::stages::tune::best_params(&t.dir)? {
+                merged.0.insert(k, v);
+            }
+            if ctx.show_progress {
+                eprintln!("{}: using tuned parameters from tune@{}", ctx.stage.name, t.key);
+            }
+            tuned = merged;
+            &tuned
+        }
+        None => ctx.params,
+    };
     let spec = ModelSpec { arch: p.str("arch")?.to_owned(), encoder: p.str("encoder")?.to_owned(), in_channels: 1, classes: 2 };
     let epochs = p.i64("epochs")?;
     let patience = p.i64("patience")?;
@@ -199,9 +214,17 @@ pub fn train(ctx: &StageContext) -> Result<Summary> {
 
     let name = ctx.stage.name;
     let started = Instant::now();
+    let objective_of = |r: &EpochRow| -> Result<f64> { Ok(if p.str("prune_metric")? == "val_dice" { -r.val_dice } else { r.val_loss }) };
+    // A resumed trial that had already been pruned stays pruned.
+    let prune_epoch = p.i64("prune_epoch")?;
+    let mut pruned = prune_epoch > 0
+        && match progress.rows.get(prune_epoch as usize - 1) {
+            Some(r) => objective_of(r)? > p.f64("prune_threshold")?,
+            None => false,
+        };
     let budget_s = p.f64("time_budget_min")? * 60.0;
     let spent = |prog: &Progress| prog.rows.iter().map(|r| r.seconds).sum::<f64>();
-    while progress.epochs_done < epochs && progress.bad_epochs < patience && (budget_s <= 0.0 || spent(&progress) < budget_s) {
+    while !pruned && progress.epochs_done < epochs && progress.bad_epochs < patience && (budget_s <= 0.0 || spent(&progress) < budget_s) {
         let epoch = progress.epochs_done + 1;
         let lr = match schedule.as_str() {
             "cosine" => base_lr * 0.5 * (1.0 + (std::f64::consts::PI * (epoch - 1) as f64 / epochs as f64).cos()),
@@ -288,8 +311,17 @@ pub fn train(ctx: &StageContext) -> Result<Summary> {
         }
         progress.epochs_done = epoch;
         progress.step = opt.step;
+        let objective = objective_of(&row)?;
         progress.rows.push(row);
         write_checkpoint(&ctx.scratch_dir, &vs, &best, &opt, &progress)?;
+        // Median pruning (tune): worse than the earlier trials' median at this epoch.
+        if prune_epoch > 0 && epoch == prune_epoch && objective > p.f64("prune_threshold")? {
+            pruned = true;
+            if ctx.show_progress {
+                eprintln!("pruned at epoch {epoch}: {} worse than the median of earlier trials", p.str("prune_metric")?);
+            }
+            break;
+        }
     }
     if ctx.show_progress {
         if progress.bad_epochs >= patience {
@@ -308,7 +340,9 @@ pub fn train(ctx: &StageContext) -> Result<Summary> {
         Ok(())
     })?;
     let steps = opt.step;
-    model::io::save(&vs, &ctx.out("model.safetensors"), steps)?;
+    if p.bool("save_model")? {
+        model::io::save(&vs, &ctx.out("model.safetensors"), steps)?;
+    }
     let rows = &progress.rows;
     let col_f = |f: fn(&EpochRow) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
     let mut df = DataFrame::new_infer_height(vec![
@@ -358,6 +392,10 @@ pub fn train(ctx: &StageContext) -> Result<Summary> {
     s.insert("train_seconds".into(), json_f(rows.iter().map(|r| r.seconds).sum::<f64>()));
     s.insert("wall_seconds_this_run".into(), json_f(started.elapsed().as_secs_f64()));
     s.insert("device".into(), format!("{device:?}").into());
+    s.insert("pruned".into(), pruned.into());
+    for k in ["lr", "batch_size", "optimizer", "weight_decay", "loss"] {
+        s.insert(format!("used.{k}"), p.get(k)?.clone());
+    }
     Ok(s)
 }
 
