@@ -104,6 +104,32 @@ enum Command {
         #[command(flatten)]
         p: PipelineArgs,
     },
+    /// Evaluate a trained model on external data (any layout ingest reads),
+    /// with the model's own preprocessing and the same metrics; never retrains.
+    Evaluate {
+        /// A model artifact folder, or a stage name (train, baseline).
+        #[arg(long)]
+        model: String,
+        /// The dataset folder.
+        #[arg(long)]
+        data: PathBuf,
+        /// nifti | dicom | slices2d
+        #[arg(long, default_value = "nifti")]
+        source: String,
+        /// Mask labels that count as liver, e.g. 5 for TotalSegmentator.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        liver_labels: Vec<f64>,
+        #[arg(long, default_value_t = 2)]
+        max_label: i64,
+        /// slices2d: regex with patient and slice groups.
+        #[arg(long)]
+        case_regex: Option<String>,
+        /// Workspace for the evaluation's own pipeline and artifacts.
+        #[arg(long, default_value = "external-eval")]
+        out: PathBuf,
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
     /// Model tools.
     Model {
         #[command(subcommand)]
@@ -274,6 +300,37 @@ fn real_main(cli: Cli) -> Result<()> {
             if !status.success() {
                 std::process::exit(status.code().unwrap_or(1));
             }
+        }
+        Command::Evaluate { model, data, source, liver_labels, max_label, case_regex, out, p } => {
+            let dir = if std::path::Path::new(&model).exists() { PathBuf::from(&model) } else { engine(&p, &registry)?.current_artifact(&model)?.dir };
+            let dir = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
+            let card: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("model.json")).with_context(|| format!("{}: no model.json (not a trained model)", dir.display()))?)?;
+            let weights = eng::hash::hash_file(&dir.join("model.safetensors"))?;
+            let data = data.canonicalize().with_context(|| format!("cannot resolve {}", data.display()))?;
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            // The evaluation is itself a cached pipeline: ingest and normalise with the
+            // model's preprocessing, then evaluate every slice.
+            let mut data_block = serde_json::json!({"source": source, "root": data, "liver_labels": liver_labels, "max_label": max_label});
+            if let Some(r) = case_regex {
+                data_block["case_regex"] = r.into();
+            }
+            let yaml = serde_json::json!({
+                "description": "external evaluation (written by liverseg evaluate)",
+                "data": data_block,
+                "stages": {
+                    "ingest": {},
+                    "normalise": {"deps": ["ingest"], "params": {"size": card["size"], "window": card["window"], "minmax_8bit": card["minmax_8bit"]}},
+                    "evaluate": {"deps": ["normalise"], "params": {"split": "all", "models": [dir], "models_blake3": [weights]}},
+                }
+            });
+            let file = out.join("pipeline.yaml");
+            std::fs::write(&file, serde_yaml::to_string(&yaml)?).with_context(|| format!("cannot write {}", file.display()))?;
+            let ext = PipelineArgs { pipeline: file, profile: None, set: p.set.clone(), quiet: p.quiet };
+            let e = engine(&ext, &registry)?;
+            e.run(Some("evaluate"))?;
+            let a = e.current_artifact("evaluate")?;
+            println!("{}", serde_json::to_string_pretty(&a.manifest.metrics)?);
+            println!("tables: {}", a.dir.display());
         }
         Command::Model { cmd } => {
             // Model code lives in the libtorch worker; this binary never loads libtorch.

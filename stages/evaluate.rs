@@ -16,7 +16,9 @@ use anyhow::Result;
 
 pub const VERSION: u32 = 1;
 const PARAMS: &[ParamSpec] = &[
-    param("split", Choice(&["test", "val"]), "test", "which split to evaluate (test for reporting)"),
+    param("split", Choice(&["test", "val", "all"]), "test", "which split to evaluate (test for reporting; all = every slice, for external data without a split upstream)"),
+    param("models", StrList, "[]", "extra trained models to evaluate (artifact folders), besides upstream train/baseline"),
+    param("models_blake3", StrList, "[]", "content hashes of `models` (their model.safetensors), so the key changes with the weights"),
     param("bootstrap", Int, "2000", "bootstrap resamples for the per-case Dice CI"),
     param("seed", Int, "0", "bootstrap seed"),
     param("batch_size", Int, "16", "inference batch size"),
@@ -26,7 +28,7 @@ const PARAMS: &[ParamSpec] = &[
 pub static INFO: StageInfo = StageInfo {
     name: "evaluate",
     version: VERSION,
-    inputs: &["normalise", "split"],
+    inputs: &["normalise"],
     outputs: &["table1.parquet", "per_case.parquet", "per_slice.parquet", "predictions/"],
     params: PARAMS,
     about: "test-split metrics per slice, per case and per model",

@@ -63,15 +63,19 @@ pub fn evaluate(ctx: &StageContext) -> Result<Summary> {
     let device = device_for(p.str("device")?)?;
     let batch = p.usize("batch_size")?;
     let norm = ctx.upstream("normalise")?;
-    let split = ctx.upstream("split")?;
     let data = TensorFile::open(&norm.file("data.safetensors"))?;
     let (shape, images) = data.u8("images")?;
     let (_, masks) = data.u8("masks")?;
     let size = shape[1];
     let px = size * size;
     let index = read_parquet(&norm.file("index.parquet"))?;
-    let assignment = read_parquet(&split.file("assignment.parquet"))?;
-    let splits: Vec<String> = assignment.column("split")?.str()?.iter().map(|s| s.unwrap_or_default().to_owned()).collect();
+    let splits: Vec<String> = if which == "all" {
+        vec!["all".to_owned(); shape[0]]
+    } else {
+        let split = ctx.upstream("split")?;
+        let assignment = read_parquet(&split.file("assignment.parquet"))?;
+        assignment.column("split")?.str()?.iter().map(|s| s.unwrap_or_default().to_owned()).collect()
+    };
     let cases: Vec<String> = index.column("case_id")?.str()?.iter().map(|s| s.unwrap_or_default().to_owned()).collect();
     let spacing: Vec<f64> = index.column("spacing_row_mm")?.f64()?.iter().map(|v| v.unwrap_or(f64::NAN)).collect();
     let src_rows: Vec<u64> = index.column("src_rows")?.u64()?.iter().map(|v| v.unwrap_or(0)).collect();
@@ -90,11 +94,14 @@ pub fn evaluate(ctx: &StageContext) -> Result<Summary> {
     let unit = if mm.iter().all(Option::is_some) { "mm" } else { "px" };
 
     let mut results = Vec::new();
-    for (name, artifact) in &ctx.upstream {
-        if !artifact.file("model.safetensors").is_file() {
-            continue;
-        }
-        let (card, pred, loss) = predict(&artifact.dir, &x, Some(&y), sel.len(), size, batch, device)?;
+    let mut model_dirs: Vec<(String, std::path::PathBuf)> = ctx.upstream.iter().filter(|(_, a)| a.file("model.safetensors").is_file()).map(|(n, a)| (n.clone(), a.dir.clone())).collect();
+    for m in p.str_list("models")? {
+        let dir = ctx.project_root.join(&m);
+        let name = dir.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| m.clone());
+        model_dirs.push((name, dir));
+    }
+    for (name, dir) in &model_dirs {
+        let (card, pred, loss) = predict(dir, &x, Some(&y), sel.len(), size, batch, device)?;
         let per_slice: Vec<Confusion> = (0..sel.len()).map(|k| Confusion::from_masks(&pred[k * px..(k + 1) * px], &y[k * px..(k + 1) * px])).collect();
         let mut overall = Confusion::default();
         per_slice.iter().for_each(|c| overall.add(c));

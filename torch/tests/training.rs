@@ -91,6 +91,15 @@ fn training_learns_resumes_and_is_deterministic() {
         eprintln!("SKIPPED predict round trip: ../shared/data is absent");
     }
 
+    // External evaluation: other data, the model's own preprocessing, no retraining.
+    run(&a, &["synth", "ext", "--cases", "2", "--size", "64", "--slices", "6", "--seed", "42"]);
+    let out = run(&a, &["evaluate", "--model", "train", "--data", "ext", "--out", "ext-eval", "-q"]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("\"split\": \"all\"") && printed.contains(".dice_per_case"), "{printed}");
+    let ext_yaml = std::fs::read_to_string(a.join("ext-eval/pipeline.yaml")).unwrap();
+    assert!(ext_yaml.contains("size: 64"), "preprocessing comes from the model: {ext_yaml}");
+    assert_eq!(std::fs::read_dir(a.join("artifacts/train")).unwrap().count(), 1, "evaluation must not retrain");
+
     // 2. Killed after its first epoch, the next run resumes from the checkpoint
     //    and ends with the same metrics as the uninterrupted run.
     let b = project("train_b");

@@ -20,7 +20,7 @@ fn project(name: &str, tune: &str) -> PathBuf {
     dir
 }
 
-const BASE: &str = "strategies: [random], trial_epochs: 2, trial_encoder: resnet18, trial_max_slices: 16, threads: 1";
+const BASE: &str = "strategies: [random], trial_encoder: resnet18, trial_max_slices: 16, threads: 1";
 
 fn summary(dir: &Path, extra: &[&str]) -> serde_json::Map<String, serde_json::Value> {
     let mut args = vec!["run", "tune", "-q"];
@@ -36,7 +36,7 @@ fn summary(dir: &Path, extra: &[&str]) -> serde_json::Map<String, serde_json::Va
 
 #[test]
 fn trials_are_cached_extended_resumed_and_pruned() {
-    let dir = project("tune_cache", &format!("{{{BASE}, budget: 2, prune: none}}"));
+    let dir = project("tune_cache", &format!("{{{BASE}, trial_epochs: 2, budget: 2, prune: none}}"));
     let s = summary(&dir, &[]);
     assert_eq!((s["trials_run"].as_u64(), s["trials_reused"].as_u64()), (Some(2), Some(0)));
     // Raising the budget runs only the new trial.
@@ -80,7 +80,7 @@ fn a_bad_search_space_names_the_key() {
         ("{optimizer: {choice: []}}", "tune.space.optimizer.choice: empty choice"),
         ("{momentum_x: {choice: [1]}}", "tune.space.momentum_x: the train stage has no parameter"),
     ] {
-        let dir = project("tune_bad", &format!("{{{BASE}, budget: 1, space: {space}}}"));
+        let dir = project("tune_bad", &format!("{{{BASE}, trial_epochs: 1, budget: 1, space: {space}}}"));
         let out = Command::new(liverseg()).args(["run", "tune", "-q"]).current_dir(&dir).output().unwrap();
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
