@@ -149,32 +149,28 @@ enum Command {
     },
 }
 
+#[derive(Args)]
+struct ModelArgs {
+    /// deeplabv3plus, or resnet (the plain baseline)
+    #[arg(long, default_value = "deeplabv3plus")]
+    arch: String,
+    #[arg(long, default_value = "resnet34")]
+    encoder: String,
+    #[arg(long, default_value_t = 1)]
+    in_channels: i64,
+    #[arg(long, default_value_t = 2)]
+    classes: i64,
+    /// Input side (summary only).
+    #[arg(long, default_value_t = 224)]
+    size: i64,
+}
+
 #[derive(Subcommand)]
 enum ModelCmd {
     /// Print a layer table with output shapes and parameter counts.
-    Summary {
-        #[arg(long, default_value = "deeplabv3plus")]
-        arch: String,
-        #[arg(long, default_value = "resnet34")]
-        encoder: String,
-        #[arg(long, default_value_t = 1)]
-        in_channels: i64,
-        #[arg(long, default_value_t = 2)]
-        classes: i64,
-        #[arg(long, default_value_t = 224)]
-        size: i64,
-    },
+    Summary(ModelArgs),
     /// Print the state_dict names and shapes the weights file uses.
-    Names {
-        #[arg(long, default_value = "deeplabv3plus")]
-        arch: String,
-        #[arg(long, default_value = "resnet34")]
-        encoder: String,
-        #[arg(long, default_value_t = 1)]
-        in_channels: i64,
-        #[arg(long, default_value_t = 2)]
-        classes: i64,
-    },
+    Names(ModelArgs),
 }
 
 fn engine<'r>(p: &PipelineArgs, registry: &'r [Box<dyn Stage>]) -> Result<Engine<'r>> {
@@ -334,12 +330,12 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Command::Model { cmd } => {
             // Model code lives in the libtorch worker; this binary never loads libtorch.
-            let (verb, arch, encoder, in_channels, classes, size) = match cmd {
-                ModelCmd::Summary { arch, encoder, in_channels, classes, size } => ("summary", arch, encoder, in_channels, classes, size),
-                ModelCmd::Names { arch, encoder, in_channels, classes } => ("names", arch, encoder, in_channels, classes, 224),
+            let (verb, m) = match cmd {
+                ModelCmd::Summary(m) => ("summary", m),
+                ModelCmd::Names(m) => ("names", m),
             };
             let status = std::process::Command::new(eng::worker::worker_binary()?)
-                .args(["model", verb, "--arch", &arch, "--encoder", &encoder, "--in-channels", &in_channels.to_string(), "--classes", &classes.to_string(), "--size", &size.to_string()])
+                .args(["model", verb, "--arch", &m.arch, "--encoder", &m.encoder, "--in-channels", &m.in_channels.to_string(), "--classes", &m.classes.to_string(), "--size", &m.size.to_string()])
                 .status()
                 .context("cannot start liverseg-torch")?;
             if !status.success() {

@@ -174,7 +174,7 @@ pub fn evaluate(ctx: &StageContext) -> Result<Summary> {
         if ctx.show_progress {
             eprintln!(
                 "{}: Dice per case {:.4} [{lo:.4}, {hi:.4}], global {:.4}, mIoU {:.4}, liver IoU {:.4}, PA {:.4}, HD95 {:.2} {unit} ({} cases, {} slices)",
-                r.name, mean(&case_dice), o.dice(), o.miou(), o.liver_iou(), o.pixel_accuracy(), mean(&case_hd), case_names.len(), sel.len()
+                r.name, mean(&case_dice), o.dice(), o.miou(), o.liver_iou(), o.pixel_accuracy(), if case_hd.is_empty() { f64::NAN } else { mean(&case_hd) }, case_names.len(), sel.len()
             );
         }
     }
