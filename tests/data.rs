@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use liverseg::engine::table::{read_parquet, TensorFile};
+use liverseg::engine::table::read_parquet;
 use liverseg::imaging::{dicom, nifti, nrrd, slices2d};
 
 #[test]
@@ -231,5 +231,4 @@ fn bad_inputs_fail_clearly_or_are_quarantined() {
     std::fs::write(d2.join("raw/masks/flipped_1_1.jpg"), b"not a jpeg").unwrap();
     let err = fails(&d2, &["run", "-q"]);
     assert!(err.contains("flipped_1_1.jpg: not a decodable PNG/JPEG image"), "{err}");
-    let _ = TensorFile::open(&dir.join("nonexistent")).err().unwrap();
 }
