@@ -11,6 +11,12 @@ use std::path::{Path, PathBuf};
 pub const KEY_HEX_LEN: usize = 20;
 
 pub fn hash_file(path: &Path) -> Result<String> {
+    // Large artifacts (tensors of a whole dataset): memory-mapped and hashed on all cores.
+    if std::fs::metadata(path).map(|m| m.len() > 8 << 20).unwrap_or(false) {
+        let mut h = blake3::Hasher::new();
+        h.update_mmap_rayon(path).with_context(|| format!("cannot read {}", path.display()))?;
+        return Ok(h.finalize().to_hex().to_string());
+    }
     let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 16];
