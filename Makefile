@@ -11,13 +11,24 @@ export LIBTORCH_USE_PYTORCH := 1
 BIN := target/release/liverseg
 CARGO_FLAGS := --release --locked
 
-.PHONY: reproduce test bench build venv clean-artifacts report-open
+.PHONY: reproduce test bench build venv clean-artifacts report-check chromium
 
 reproduce: build
 	$(BIN) run
 
-test: build
+test: build chromium
 	cargo test $(CARGO_FLAGS) --workspace -- --test-threads=1
+
+# Render the current report in headless Chromium, check every image loads,
+# and write a screenshot to report.png.
+report-check: build chromium
+	bash tests/scripts/render_report.sh "$$($(BIN) path report -q)/report.html" report.png
+
+# The report render check needs Debian's chromium; install it when missing.
+chromium:
+	@command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null) || \
+	  echo "warning: could not install chromium; the report render check will be skipped"
 
 build: venv
 	cargo build $(CARGO_FLAGS) --workspace

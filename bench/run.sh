@@ -5,6 +5,8 @@
 #   data:   ingest + normalise slices/s vs a plain Python reference (target >= 4x)
 #   train:  DeepLabV3+ResNet34 images/s vs segmentation_models_pytorch (target >= 1x)
 # `bash bench/run.sh accuracy` trains msd.yaml (about 1.5 hours on 2 cores).
+# `bash bench/run.sh tune` compares random search with TPE on the MSD slices,
+#   3 seeds each, plus one study without pruning (about 1 hour on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$PWD/target/release/liverseg
@@ -73,6 +75,33 @@ if [ "$what" = all ] || [ "$what" = train ]; then
     read -r pt pi < <("$PY" bench/py_train_speed.py $1 $2 $3 2>/dev/null)
     echo "${1}x${1} batch $2: liverseg $rt / $ri | smp $pt / $pi | train ratio $(echo "scale=2; $rt/$pt" | bc)x, inference ratio $(echo "scale=2; $ri/$pi" | bc)x"
   done
+fi
+
+if [ "$what" = tune ]; then
+  echo "## tune: best validation Dice vs trials, random vs bayes (TPE), MSD slices at 96x96"
+  "$PY" -c "import pyarrow" 2>/dev/null || .venv/bin/pip install --quiet pyarrow
+  T=$OUT/tune; mkdir -p "$T"
+  BUDGET=${TUNE_BUDGET:-12}
+  for run in "0 median" "1 median" "2 median" "0 none"; do
+    set -- $run
+    R=$T/seed$1-$2; mkdir -p "$R"
+    cat > "$R/pipeline.yaml" <<YAML
+data: {source: slices2d, root: $SHARED/msd-liver-2d}
+stages:
+  ingest: {}
+  normalise: {deps: [ingest], params: {size: 96}}
+  split: {deps: [normalise]}
+  augment: {deps: [normalise, split], params: {copies: 1}}
+  tune:
+    deps: [normalise, split, augment]
+    params: {strategies: [random, bayes], budget: $BUDGET, seed: $1, objective: val_dice,
+             trial_epochs: 3, trial_max_slices: 128, trial_encoder: resnet18,
+             prune: $2, prune_epoch: 1, threads: 2}
+YAML
+    s=$(date +%s); (cd "$R" && "$BIN" run tune 2>&1 | grep -E "^tune|^ran|rror"); e=$(date +%s)
+    echo "seed $1, prune $2: $((e - s)) s wall (cached trials are not rerun)"
+  done
+  "$PY" bench/tune_curve.py "$T"
 fi
 
 if [ "$what" = accuracy ]; then

@@ -70,6 +70,18 @@ enum Command {
         #[command(flatten)]
         p: PipelineArgs,
     },
+    /// Print the folder of a stage's current artifact (for scripts).
+    Path {
+        stage: String,
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
+    /// Run one worker request (a tune trial, or a libtorch stage) as its own
+    /// process: the command a cluster scheduler runs for each trial.
+    Trial {
+        /// The request JSON written by the tune stage.
+        request: PathBuf,
+    },
     /// Re-hash every artifact file against its manifest.
     Verify {
         #[command(flatten)]
@@ -223,6 +235,20 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Dag { dot, p } => {
             let e = engine(&p, &registry)?;
             print!("{}", eng::render_dag(&e.pipeline, dot));
+        }
+        Command::Path { stage, p } => {
+            let e = engine(&p, &registry)?;
+            println!("{}", e.current_artifact(&stage)?.dir.display());
+        }
+        Command::Trial { request } => {
+            let status = std::process::Command::new(eng::worker::worker_binary()?)
+                .arg("stage")
+                .arg(&request)
+                .status()
+                .context("cannot start liverseg-torch")?;
+            if !status.success() {
+                anyhow::bail!("trial {} failed ({status})", request.display());
+            }
         }
         Command::Verify { p } => {
             let e = engine(&p, &registry)?;

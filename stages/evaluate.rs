@@ -7,14 +7,21 @@
 //! otherwise pixels) and is undefined (null) when exactly one is empty; the
 //! 95% CI of per-case Dice is a percentile bootstrap over cases.
 //!
-//! inputs: normalise, split, train, baseline
-//! outputs: table1.parquet, per_case.parquet, per_slice.parquet, predictions/<model>.safetensors
+//! External datasets (`external:` in pipeline.yaml) arrive as upstream
+//! `normalise.NAME` instances, preprocessed with the pipeline's normalise
+//! params; every slice of each is evaluated with the same metrics, and a
+//! model whose training window differs from the data's is refused.
+//!
+//! inputs: normalise, split, train, baseline, normalise.NAME (external)
+//! outputs: table1.parquet, per_case.parquet, per_slice.parquet, predictions/<model>.safetensors,
+//!   examples.parquet + gradcam/<model>.safetensors (best/median/worst case, liver Grad-CAM),
+//!   external/NAME/{table1,per_case,per_slice}.parquet
 
 use crate::engine::params::{param, ParamType::*, ParamSpec};
 use crate::engine::stage::{Stage, StageContext, StageInfo, Summary};
 use anyhow::Result;
 
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const PARAMS: &[ParamSpec] = &[
     param("split", Choice(&["test", "val", "all"]), "test", "which split to evaluate (test for reporting; all = every slice, for external data without a split upstream)"),
     param("models", StrList, "[]", "extra trained models to evaluate (artifact folders), besides upstream train/baseline"),
@@ -29,7 +36,7 @@ pub static INFO: StageInfo = StageInfo {
     name: "evaluate",
     version: VERSION,
     inputs: &["normalise"],
-    outputs: &["table1.parquet", "per_case.parquet", "per_slice.parquet", "predictions/"],
+    outputs: &["table1.parquet", "per_case.parquet", "per_slice.parquet", "predictions/", "examples.parquet", "gradcam/", "external/"],
     params: PARAMS,
     about: "test-split metrics per slice, per case and per model",
 };

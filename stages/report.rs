@@ -4,6 +4,8 @@
 //!
 //! inputs: ingest, split, evaluate, train, baseline (whichever models exist)
 //! outputs: report.html, report.md, figures/*.svg, figures/*.png
+//! sections: Table 1, learning curves, examples with Grad-CAM, external
+//! validation, hyperparameter search, data, lineage
 
 use crate::engine::params::{param, ParamType::*, ParamSpec};
 use crate::engine::stage::{Stage, StageContext, StageInfo, Summary};
@@ -13,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use polars::prelude::DataFrame;
 use std::fmt::Write;
 
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const PARAMS: &[ParamSpec] = &[param("title", Str, "'liverseg report'", "report title")];
 
 pub static INFO: StageInfo = StageInfo {
@@ -39,8 +41,8 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-/// A line chart of several series against epoch, as standalone SVG.
-fn line_chart(title: &str, series: &[(&str, &str, Vec<f64>)]) -> String {
+/// A line chart of several series against epoch (or trial), as standalone SVG.
+fn line_chart(title: &str, x_label: &str, series: &[(&str, &str, Vec<f64>)]) -> String {
     let (w, h, pad) = (360.0, 220.0, 36.0);
     let n = series.iter().map(|s| s.2.len()).max().unwrap_or(0).max(2);
     let vals: Vec<f64> = series.iter().flat_map(|s| s.2.iter().copied()).filter(|v| v.is_finite()).collect();
@@ -55,19 +57,33 @@ fn line_chart(title: &str, series: &[(&str, &str, Vec<f64>)]) -> String {
     let _ = write!(s, "<text x='{}' y='14' text-anchor='middle' font-weight='bold'>{}</text>", w / 2.0, esc(title));
     let _ = write!(s, "<line x1='{pad}' y1='{}' x2='{}' y2='{}' stroke='#444'/><line x1='{pad}' y1='{pad}' x2='{pad}' y2='{}' stroke='#444'/>", h - pad, w - pad, h - pad, h - pad);
     let _ = write!(s, "<text x='4' y='{}'>{hi:.3}</text><text x='4' y='{}'>{lo:.3}</text>", pad + 4.0, h - pad);
-    let _ = write!(s, "<text x='{}' y='{}' text-anchor='middle'>epoch (1–{})</text>", w / 2.0, h - 8.0, n);
+    let _ = write!(s, "<text x='{}' y='{}' text-anchor='middle'>{x_label} (1–{})</text>", w / 2.0, h - 8.0, n);
     for (k, (name, colour, v)) in series.iter().enumerate() {
         let pts: Vec<String> = v.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| format!("{:.1},{:.1}", x(i), y(v))).collect();
         let _ = write!(s, "<polyline fill='none' stroke='{colour}' stroke-width='2' points='{}'/>", pts.join(" "));
+        // Markers too, so that a one-epoch run still shows its values.
+        for p in &pts {
+            let (cx, cy) = p.split_once(',').unwrap_or(("0", "0"));
+            let _ = write!(s, "<circle cx='{cx}' cy='{cy}' r='2.5' fill='{colour}'/>");
+        }
         let _ = write!(s, "<text x='{}' y='{}' fill='{colour}'>{}</text>", w - pad - 70.0, pad + 14.0 * k as f64, esc(name));
     }
     s.push_str("</svg>");
     s
 }
 
-/// Image | truth | prediction, side by side: truth in green, prediction in red.
-fn overlay_png(img: &[u8], truth: &[u8], pred: &[u8], size: usize) -> Result<Vec<u8>> {
-    let mut canvas = image::RgbImage::new(3 * size as u32, size as u32);
+/// A jet-like colour map for Grad-CAM: blue (0) through green to red (255).
+fn heat(v: u8) -> [u8; 3] {
+    let t = v as f64 / 255.0;
+    let c = |x: f64| ((1.5 - (4.0 * t - x).abs()).clamp(0.0, 1.0) * 255.0) as u8;
+    [c(3.0), c(2.0), c(1.0)]
+}
+
+/// Image | truth | prediction | Grad-CAM, side by side: truth in green,
+/// prediction in red, the liver Grad-CAM map blended over the image.
+fn overlay_png(img: &[u8], truth: &[u8], pred: &[u8], cam: Option<&[u8]>, size: usize) -> Result<Vec<u8>> {
+    let panels = if cam.is_some() { 4 } else { 3 };
+    let mut canvas = image::RgbImage::new(panels * size as u32, size as u32);
     for y in 0..size {
         for x in 0..size {
             let i = y * size + x;
@@ -77,11 +93,65 @@ fn overlay_png(img: &[u8], truth: &[u8], pred: &[u8], size: usize) -> Result<Vec
             canvas.put_pixel((size + x) as u32, y as u32, t);
             let p = if pred[i] > 0 { image::Rgb([220, g / 2, g / 2]) } else { image::Rgb([g, g, g]) };
             canvas.put_pixel((2 * size + x) as u32, y as u32, p);
+            if let Some(cam) = cam {
+                let h = heat(cam[i]);
+                let mix = |k: usize| ((g as u16 + h[k] as u16) / 2) as u8;
+                canvas.put_pixel((3 * size + x) as u32, y as u32, image::Rgb([mix(0), mix(1), mix(2)]));
+            }
         }
     }
     let mut out = Vec::new();
     canvas.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)?;
     Ok(out)
+}
+
+/// The objective of every trial against one parameter, as standalone SVG:
+/// log scale for positive numbers spanning a decade or more, categories otherwise.
+fn scatter_chart(title: &str, xs: &[String], ys: &[f64], pruned: &[bool]) -> String {
+    let (w, h, pad) = (300.0, 200.0, 36.0);
+    let nums: Option<Vec<f64>> = xs.iter().map(|x| x.trim_matches('"').parse::<f64>().ok()).collect();
+    let mut cats: Vec<&str> = xs.iter().map(String::as_str).collect();
+    cats.sort();
+    cats.dedup();
+    let (xpos, ticks): (Vec<f64>, Vec<(f64, String)>) = match nums {
+        Some(v) if cats.len() > 4 => {
+            let log = v.iter().all(|&x| x > 0.0) && v.iter().cloned().fold(f64::MIN, f64::max) / v.iter().cloned().fold(f64::MAX, f64::min) >= 10.0;
+            let t: Vec<f64> = v.iter().map(|&x| if log { x.log10() } else { x }).collect();
+            let (lo, hi) = t.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+            let span = if hi - lo < 1e-12 { 1.0 } else { hi - lo };
+            let pos = t.iter().map(|x| (x - lo) / span).collect();
+            let fmt = |x: f64| if log { format!("{:.0e}", 10f64.powf(x)) } else { format!("{x:.3}") };
+            (pos, vec![(0.0, fmt(lo)), (1.0, fmt(hi))])
+        }
+        _ => {
+            let k = cats.len().max(1);
+            let pos = xs.iter().map(|x| (cats.iter().position(|c| c == x).unwrap_or(0) as f64 + 0.5) / k as f64).collect();
+            (pos, cats.iter().enumerate().map(|(i, c)| ((i as f64 + 0.5) / k as f64, c.trim_matches('"').to_owned())).collect())
+        }
+    };
+    let fin: Vec<f64> = ys.iter().copied().filter(|v| v.is_finite()).collect();
+    let (mut lo, mut hi) = fin.iter().fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    if !lo.is_finite() || hi - lo < 1e-9 {
+        lo -= 0.5;
+        hi += 0.5;
+    }
+    let x = |f: f64| pad + (w - 2.0 * pad) * f;
+    let y = |v: f64| h - pad - (h - 2.0 * pad) * (v - lo) / (hi - lo);
+    let mut s = format!("<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' viewBox='0 0 {w} {h}' font-family='sans-serif' font-size='11'>");
+    let _ = write!(s, "<text x='{}' y='14' text-anchor='middle' font-weight='bold'>{}</text>", w / 2.0, esc(title));
+    let _ = write!(s, "<line x1='{pad}' y1='{}' x2='{}' y2='{}' stroke='#444'/><line x1='{pad}' y1='{pad}' x2='{pad}' y2='{}' stroke='#444'/>", h - pad, w - pad, h - pad, h - pad);
+    let _ = write!(s, "<text x='4' y='{}'>{hi:.3}</text><text x='4' y='{}'>{lo:.3}</text>", pad + 4.0, h - pad);
+    for (f, label) in &ticks {
+        let _ = write!(s, "<text x='{:.1}' y='{}' text-anchor='middle'>{}</text>", x(*f), h - pad + 14.0, esc(label));
+    }
+    for i in 0..ys.len().min(xpos.len()) {
+        if ys[i].is_finite() {
+            let colour = if pruned.get(i).copied().unwrap_or(false) { "#999" } else { "#1f77b4" };
+            let _ = write!(s, "<circle cx='{:.1}' cy='{:.1}' r='4' fill='{colour}' fill-opacity='0.8'/>", x(xpos[i]), y(ys[i]));
+        }
+    }
+    s.push_str("</svg>");
+    s
 }
 
 fn base64(bytes: &[u8]) -> String {
@@ -116,14 +186,6 @@ impl Stage for Report {
         std::fs::create_dir_all(&figures)?;
         let mut html = String::new();
         let mut md = String::new();
-        let raw_hash = {
-            let mut h = blake3::Hasher::new();
-            for r in &ingest.manifest.raw_inputs {
-                h.update(r.path.as_bytes());
-                h.update(r.blake3.as_bytes());
-            }
-            h.finalize().to_hex()[..16].to_string()
-        };
         let chain = |a: &Artifact| -> String {
             let mut parts = vec![key_line(a)];
             for (d, k) in &a.manifest.upstream {
@@ -131,7 +193,7 @@ impl Stage for Report {
             }
             parts.join(" ← ")
         };
-        let _ = write!(html, "<!doctype html><html><head><meta charset='utf-8'><title>{0}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}th{{background:#eee}}td:first-child{{text-align:left}}code{{font-size:90%}}figure{{display:inline-block;margin:4px}}</style></head><body><h1>{0}</h1>", esc(title));
+        let _ = write!(html, "<!doctype html><html><head><meta charset='utf-8'><title>{0}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}th{{background:#eee}}td:first-child{{text-align:left}}code{{font-size:90%;overflow-wrap:anywhere}}figure{{display:inline-block;margin:4px}}</style></head><body><h1>{0}</h1>", esc(title));
         let _ = writeln!(md, "# {title}\n");
 
         // Table 1.
@@ -184,7 +246,7 @@ impl Stage for Report {
             let _ = write!(html, "<h3>{m} <small><code>{}</code></small></h3>", key_line(a));
             let _ = writeln!(md, "### {m} (`{}`)\n", key_line(a));
             for (name, tr, va) in [("loss", "train_loss", "val_loss"), ("pixel accuracy", "train_pa", "val_pa"), ("mIoU", "train_miou", "val_miou")] {
-                let svg = line_chart(&format!("{m}: {name}"), &[("train", "#1f77b4", f64s(&df, tr)?), ("validation", "#d62728", f64s(&df, va)?)]);
+                let svg = line_chart(&format!("{m}: {name}"), "epoch", &[("train", "#1f77b4", f64s(&df, tr)?), ("validation", "#d62728", f64s(&df, va)?)]);
                 let file = format!("{m}_{}.svg", tr.trim_start_matches("train_"));
                 std::fs::write(figures.join(&file), &svg)?;
                 let _ = write!(html, "<figure><img alt='{m} {name}' src='data:image/svg+xml;base64,{}'/></figure>", base64(svg.as_bytes()));
@@ -192,46 +254,73 @@ impl Stage for Report {
             }
         }
 
-        // Qualitative: best, median and worst test cases per model.
-        let per_case = read_parquet(&eval.file("per_case.parquet"))?;
-        let per_slice = read_parquet(&eval.file("per_slice.parquet"))?;
+        // Qualitative: evaluate's best, median and worst cases per model, with Grad-CAM.
         let data = TensorFile::open(&norm.file("data.safetensors"))?;
         let (shape, images) = data.u8("images")?;
         let (_, masks) = data.u8("masks")?;
         let size = shape[1];
         let px = size * size;
-        let _ = write!(html, "<h2>Examples: best, median and worst {split_name} patients</h2><p>Left to right: image, ground truth (green), prediction (red); the slice with the most liver of each patient.</p>");
-        let _ = writeln!(md, "\n## Examples: best, median and worst {split_name} patients\n\nImage, ground truth (green), prediction (red).\n");
-        let pc_model = strs(&per_case, "model")?;
-        let pc_case = strs(&per_case, "case_id")?;
-        let pc_dice = f64s(&per_case, "dice")?;
-        let ps_model = strs(&per_slice, "model")?;
-        let ps_case = strs(&per_slice, "case_id")?;
-        let ps_idx: Vec<u64> = per_slice.column("idx")?.u64()?.iter().map(|v| v.unwrap_or(0)).collect();
+        let _ = write!(html, "<h2>Examples: best, median and worst {split_name} patients</h2><p>Left to right: image, ground truth (green), prediction (red), and the Grad-CAM map of the liver class at the encoder's last stage (blue low, red high; the study's Figure 5); the slice with the most liver of each patient. Source: <code>{}</code>.</p>", key_line(eval));
+        let _ = writeln!(md, "\n## Examples: best, median and worst {split_name} patients\n\nImage, ground truth (green), prediction (red), liver Grad-CAM (blue low, red high). Source: `{}`.\n", key_line(eval));
+        let ex = read_parquet(&eval.file("examples.parquet"))?;
+        let (ex_model, ex_label, ex_case, ex_dice) = (strs(&ex, "model")?, strs(&ex, "label")?, strs(&ex, "case_id")?, f64s(&ex, "dice")?);
+        let ex_idx: Vec<u64> = ex.column("idx")?.u64()?.iter().map(|v| v.unwrap_or(0)).collect();
+        let ex_pos: Vec<u64> = ex.column("position")?.u64()?.iter().map(|v| v.unwrap_or(0)).collect();
         for m in &models {
             let preds = TensorFile::open(&eval.file(&format!("predictions/{m}.safetensors")))?;
             let (_, pred) = preds.u8("predictions")?;
-            let mut rows: Vec<(f64, &str)> = (0..pc_model.len()).filter(|&i| &pc_model[i] == m).map(|i| (pc_dice[i], pc_case[i].as_str())).collect();
-            rows.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
-            if rows.is_empty() {
-                continue;
-            }
-            let picks = [("best", 0), ("median", rows.len() / 2), ("worst", rows.len() - 1)];
-            for (label, r) in picks {
-                let (dice, case) = rows[r];
-                // Position k of this model's slices in the prediction tensor.
-                let slices: Vec<(usize, u64)> = (0..ps_model.len()).filter(|&i| &ps_model[i] == m).enumerate().filter(|(_, i)| ps_case[*i] == case).map(|(k, i)| (k, ps_idx[i])).collect();
-                let Some(&(k, idx)) = slices.iter().max_by_key(|(_, idx)| masks[*idx as usize * px..(*idx as usize + 1) * px].iter().map(|&v| v as u64).sum::<u64>()) else { continue };
-                let idx = idx as usize;
-                let png = overlay_png(&images[idx * px..(idx + 1) * px], &masks[idx * px..(idx + 1) * px], &pred[k * px..(k + 1) * px], size)?;
-                let file = format!("{m}_{label}.png");
+            let cams = TensorFile::open(&eval.file(&format!("gradcam/{m}.safetensors")))?;
+            let (_, cam) = cams.u8("gradcam")?;
+            for (j, i) in (0..ex_model.len()).filter(|&i| &ex_model[i] == m).enumerate() {
+                let (idx, k) = (ex_idx[i] as usize, ex_pos[i] as usize);
+                if (idx + 1) * px > images.len() || (k + 1) * px > pred.len() || (j + 1) * px > cam.len() {
+                    bail!("{}: examples.parquet points outside the stored tensors", eval.dir.display());
+                }
+                let png = overlay_png(&images[idx * px..(idx + 1) * px], &masks[idx * px..(idx + 1) * px], &pred[k * px..(k + 1) * px], Some(&cam[j * px..(j + 1) * px]), size)?;
+                let file = format!("{m}_{}.png", ex_label[i]);
                 std::fs::write(figures.join(&file), &png)?;
-                let cap = format!("{m}, {label}: patient {case}, Dice {dice:.3}");
-                let _ = write!(html, "<figure><img alt='{}' src='data:image/png;base64,{}' width='{}'/><figcaption>{}</figcaption></figure>", esc(&cap), base64(&png), 3 * size.max(128), esc(&cap));
+                let cap = format!("{m}, {}: patient {}, Dice {:.3}", ex_label[i], ex_case[i], ex_dice[i]);
+                let _ = write!(html, "<figure><img alt='{}' src='data:image/png;base64,{}' width='{}'/><figcaption>{}</figcaption></figure>", esc(&cap), base64(&png), 4 * size.max(128), esc(&cap));
                 let _ = writeln!(md, "![{cap}](figures/{file})  \n{cap}\n");
             }
         }
-        let _ = write!(html, "<p><em>Grad-CAM maps (the study's Figure 5) are not produced yet.</em></p>");
+
+        // External validation.
+        let external: Vec<String> = eval.manifest.metrics.get("external").and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()).unwrap_or_default();
+        let _ = write!(html, "<h2>External validation</h2>");
+        let _ = writeln!(md, "## External validation\n");
+        if external.is_empty() {
+            let _ = write!(html, "<p>No <code>external:</code> datasets in pipeline.yaml; <code>liverseg evaluate --model M --data DIR</code> evaluates one on demand.</p>");
+            let _ = writeln!(md, "No `external:` datasets in pipeline.yaml; `liverseg evaluate --model M --data DIR` evaluates one on demand.\n");
+        }
+        for name in &external {
+            let t = read_parquet(&eval.file(&format!("external/{name}/table1.parquet")))?;
+            let ext_models = strs(&t, "model")?;
+            let cols: Vec<Vec<f64>> = ["dice_per_case", "dice_per_case_ci_low", "dice_per_case_ci_high", "dice_global", "liver_iou", "miou", "pixel_accuracy", "hd95_mean"].iter().map(|c| f64s(&t, c)).collect::<Result<_>>()?;
+            let cases = eval.manifest.metrics.get(&format!("external.{name}.cases")).cloned().unwrap_or_default();
+            let slices = eval.manifest.metrics.get(&format!("external.{name}.slices")).cloned().unwrap_or_default();
+            let eunit = eval.manifest.metrics.get(&format!("external.{name}.hd95_unit")).and_then(|v| v.as_str()).unwrap_or("px").to_owned();
+            let src = eval.manifest.upstream.get(&format!("normalise.{name}")).map(|k| format!("normalise.{name}@{k}")).unwrap_or_default();
+            let head = ["model", "Dice per case [95% CI]", "Dice global", "liver IoU", "mIoU", "pixel acc.", &format!("HD95 ({eunit})")];
+            let _ = write!(html, "<h3>{}</h3><p>{cases} cases, {slices} slices, every slice, the models' own preprocessing. Source: <code>{}</code>, data <code>{}</code>.</p><table><tr>", esc(name), key_line(eval), esc(&src));
+            for hcol in head {
+                let _ = write!(html, "<th>{}</th>", esc(hcol));
+            }
+            html.push_str("</tr>");
+            let _ = writeln!(md, "### {name}\n\n{cases} cases, {slices} slices. Source: `{}`, data `{src}`.\n\n| {} |\n|{}", key_line(eval), head.join(" | "), "---|".repeat(head.len()));
+            for (i, m) in ext_models.iter().enumerate() {
+                let cells = [m.clone(), format!("{:.4} [{:.4}, {:.4}]", cols[0][i], cols[1][i], cols[2][i]), format!("{:.4}", cols[3][i]), format!("{:.4}", cols[4][i]), format!("{:.4}", cols[5][i]), format!("{:.4}", cols[6][i]), format!("{:.2}", cols[7][i])];
+                html.push_str("<tr>");
+                for c in &cells {
+                    let _ = write!(html, "<td>{}</td>", esc(c));
+                }
+                html.push_str("</tr>");
+                let _ = writeln!(md, "| {} |", cells.join(" | "));
+                summary.insert(format!("external.{name}.{m}.dice_per_case"), serde_json::json!(cols[0][i]));
+            }
+            html.push_str("</table>");
+            let _ = writeln!(md);
+        }
 
         // Hyperparameter search.
         let _ = write!(html, "<h2>Hyperparameter search</h2>");
@@ -261,28 +350,41 @@ impl Stage for Report {
                     }).collect();
                     series.push((st.as_str(), colours[i % colours.len()], curve));
                 }
-                let svg = line_chart(&format!("best {obj_name} so far (x: trial)"), &series);
+                let svg = line_chart(&format!("best {obj_name} so far"), "trial", &series);
                 std::fs::write(figures.join("tune_best_so_far.svg"), &svg)?;
                 let _ = write!(html, "<p>Source: <code>{}</code>. Best {obj_name} {:.4} by {} (trial {}), params <code>{}</code>; {} of {} trials pruned.</p>", chain(t), best["value"].as_f64().unwrap_or(f64::NAN), best["strategy"].as_str().unwrap_or(""), best["trial"], esc(&best["params"].to_string()), pruned.iter().filter(|p| **p).count(), pruned.len());
                 let _ = write!(html, "<figure><img alt='best so far' src='data:image/svg+xml;base64,{}'/></figure>", base64(svg.as_bytes()));
                 let _ = writeln!(md, "Source: `{}`. Best {obj_name} {:.4} by {} (trial {}), params `{}`.\n\n![best so far](figures/tune_best_so_far.svg)\n", chain(t), best["value"].as_f64().unwrap_or(f64::NAN), best["strategy"].as_str().unwrap_or(""), best["trial"], best["params"]);
-                // Each parameter against the objective, as a table (choices and values as tried).
+                // Each parameter against the objective: one scatter per parameter (grey = pruned), then every trial.
                 let params: Vec<String> = trials.get_column_names().iter().filter_map(|c| c.strip_prefix("param_").map(str::to_owned)).collect();
+                let trial_no: Vec<u64> = trials.column("trial")?.u64()?.iter().map(|v| v.unwrap_or(0)).collect();
+                for p in &params {
+                    let svg = scatter_chart(&format!("{obj_name} vs {p}"), &strs(&trials, &format!("param_{p}"))?, &objective, &pruned);
+                    let file = format!("tune_{p}.svg");
+                    std::fs::write(figures.join(&file), &svg)?;
+                    let _ = write!(html, "<figure><img alt='{obj_name} vs {}' src='data:image/svg+xml;base64,{}'/></figure>", esc(p), base64(svg.as_bytes()));
+                    let _ = writeln!(md, "![{obj_name} vs {p}](figures/{file})");
+                }
+                let _ = writeln!(md);
                 html.push_str("<table><tr><th>strategy</th><th>trial</th>");
                 for p in &params {
                     let _ = write!(html, "<th>{}</th>", esc(p));
                 }
                 let _ = write!(html, "<th>{obj_name}</th><th>pruned</th></tr>");
-                let _ = writeln!(md, "| strategy | {} | {obj_name} | pruned |\n|{}", params.join(" | "), "---|".repeat(params.len() + 3));
+                let _ = writeln!(md, "| strategy | trial | {} | {obj_name} | pruned |\n|{}", params.join(" | "), "---|".repeat(params.len() + 4));
                 let cols: Vec<Vec<String>> = params.iter().map(|p| strs(&trials, &format!("param_{p}"))).collect::<Result<_>>()?;
                 for k in 0..strategy.len() {
-                    let _ = write!(html, "<tr><td>{}</td><td>{k}</td>", esc(&strategy[k]));
-                    let cells: Vec<String> = cols.iter().map(|c| c[k].clone()).collect();
+                    let _ = write!(html, "<tr><td>{}</td><td>{}</td>", esc(&strategy[k]), trial_no[k]);
+                    // Values as tried, to 4 significant digits; choices as written.
+                    let cells: Vec<String> = cols.iter().map(|c| match c[k].parse::<f64>() {
+                        Ok(v) if c[k].contains(['.', 'e']) => format!("{v:.3e}"),
+                        _ => c[k].trim_matches('"').to_owned(),
+                    }).collect();
                     for c in &cells {
                         let _ = write!(html, "<td>{}</td>", esc(c));
                     }
                     let _ = write!(html, "<td>{:.4}</td><td>{}</td></tr>", objective[k], pruned[k]);
-                    let _ = writeln!(md, "| {} | {} | {:.4} | {} |", strategy[k], cells.join(" | "), objective[k], pruned[k]);
+                    let _ = writeln!(md, "| {} | {} | {} | {:.4} | {} |", strategy[k], trial_no[k], cells.join(" | "), objective[k], pruned[k]);
                 }
                 html.push_str("</table>");
             }
@@ -316,16 +418,38 @@ impl Stage for Report {
         // Lineage.
         let _ = write!(html, "<h2>Lineage</h2><p>Every number above comes from these artifacts (stage@key); <code>liverseg lineage STAGE</code> prints each one's params and file hashes.</p><ul>");
         let _ = writeln!(md, "## Lineage\n");
-        let mut all: Vec<&Artifact> = ctx.upstream.values().collect();
-        all.sort_by(|a, b| a.manifest.started_unix.total_cmp(&b.manifest.started_unix));
-        for a in all {
+        // Every artifact behind the report, walked through the manifests down to
+        // the source stages (external datasets included), oldest first.
+        let store = crate::engine::store::Store::new(ctx.project_root.join("artifacts"));
+        let mut all: Vec<Artifact> = ctx.upstream.values().cloned().collect();
+        let mut k = 0;
+        while k < all.len() {
+            let ups: Vec<(String, String)> = all[k].manifest.upstream.iter().map(|(s, key)| (s.clone(), key.clone())).collect();
+            for (stage, key) in ups {
+                if !all.iter().any(|a| a.stage == stage && a.key == key) {
+                    let a = store.get(&stage, &key)?.with_context(|| format!("lineage: {stage}@{key} is not in the store"))?;
+                    all.push(a);
+                }
+            }
+            k += 1;
+        }
+        all.sort_by(|a, b| a.manifest.started_unix.total_cmp(&b.manifest.started_unix).then(a.stage.cmp(&b.stage)));
+        for a in &all {
             let line = format!("{} (params {})", chain(a), serde_json::to_string(&a.manifest.params)?);
             let _ = write!(html, "<li><code>{}</code></li>", esc(&line));
             let _ = writeln!(md, "- `{line}`");
         }
-        let raw = format!("raw data: {} files, combined blake3 {raw_hash}", ingest.manifest.raw_inputs.len());
-        let _ = write!(html, "<li>{}</li></ul></body></html>", esc(&raw));
-        let _ = writeln!(md, "- {raw}");
+        for a in all.iter().filter(|a| a.manifest.upstream.is_empty()) {
+            let mut h = blake3::Hasher::new();
+            for r in &a.manifest.raw_inputs {
+                h.update(r.path.as_bytes());
+                h.update(r.blake3.as_bytes());
+            }
+            let raw = format!("raw data of {}: {} files, combined blake3 {}", key_line(a), a.manifest.raw_inputs.len(), &h.finalize().to_hex()[..16]);
+            let _ = write!(html, "<li>{}</li>", esc(&raw));
+            let _ = writeln!(md, "- {raw}");
+        }
+        html.push_str("</ul></body></html>");
         if models.is_empty() {
             bail!("report: the evaluate artifact lists no models");
         }

@@ -147,6 +147,38 @@ fn stage_command_and_gc() {
     assert!(dag.contains("\"split\" -> \"augment\""));
 }
 
+/// Stages an `external:` dataset needs (ingest, normalise, evaluate).
+macro_rules! ext_stages {
+    () => {
+        "stages:\n  ingest: {}\n  normalise: {deps: [ingest]}\n  split: {deps: [normalise]}\n  augment: {deps: [normalise, split]}\n  train: {deps: [normalise, split, augment]}\n  evaluate: {deps: [normalise, split, train]}\n"
+    };
+}
+const EXT_STAGES: &str = ext_stages!();
+const EXT_STAGES_MISSING_SOURCE: &str = concat!("external:\n  site_b: {root: elsewhere}\n", ext_stages!());
+const EXT_STAGES_BAD_KEY: &str = concat!("external:\n  site_b: {source: nifti, colour: red}\n", ext_stages!());
+const EXT_STAGES_BAD_TYPE: &str = concat!("external:\n  site_b: {source: synthetic, synthetic_cases: many}\n", ext_stages!());
+
+/// `external:` adds an ingest and a normalise instance per dataset, with the
+/// pipeline's normalise params, and makes evaluate depend on them.
+#[test]
+fn external_datasets_become_stage_instances() {
+    let yaml = format!("external:\n  site_b: {{source: synthetic, synthetic_cases: 3, synthetic_seed: 9}}\n{EXT_STAGES}");
+    let dir = project("engine_external", &yaml);
+    let dag = ok(&dir, &["dag", "-P", "normalise.size=64"]);
+    assert!(dag.contains("normalise.site_b  <- ingest.site_b"), "{dag}");
+    assert!(dag.contains("evaluate  <- normalise, split, train, normalise.site_b"), "{dag}");
+    ok(&dir, &["run", "normalise.site_b", "-q", "-P", "normalise.size=64"]);
+    let own = artifacts_of(&dir, "normalise.site_b");
+    assert_eq!(own.len(), 1);
+    let m = liverseg::engine::store::read_manifest(&own[0].join("manifest.json")).unwrap();
+    assert_eq!(m.params["size"], 64, "the pipeline's normalise params, profile and -P included");
+    let ingest = liverseg::engine::store::read_manifest(&artifacts_of(&dir, "ingest.site_b")[0].join("manifest.json")).unwrap();
+    assert_eq!(ingest.params["data.synthetic_seed"], 9);
+    assert_eq!(ingest.metrics["cases"], 3);
+    // The main dataset was not touched.
+    assert!(artifacts_of(&dir, "ingest").is_empty());
+}
+
 #[test]
 fn bad_pipeline_files_get_one_clear_error() {
     let cases: &[(&str, &str, &[&str])] = &[
@@ -158,6 +190,11 @@ fn bad_pipeline_files_get_one_clear_error() {
         ("stages:\n  ingest: {}\n", "has no parameter `nope`", &["-P", "ingest.nope=1"]),
         ("stages:\n  ingest: {}\n  normalise: {}\n", "deps must list it", &[]),
         ("stages: [oops\n", "not valid YAML", &[]),
+        // `external:` datasets: each error names the entry and key.
+        ("external: {b: {source: nifti}}\nstages:\n  ingest: {}\n", "external: needs stages ingest, normalise and evaluate", &[]),
+        (EXT_STAGES_MISSING_SOURCE, "external.site_b: needs `source`", &[]),
+        (EXT_STAGES_BAD_KEY, "external.site_b.colour: not a dataset key", &[]),
+        (EXT_STAGES_BAD_TYPE, "external.site_b.synthetic_cases: expected an integer", &[]),
     ];
     for (i, (yaml, want, extra)) in cases.iter().enumerate() {
         let dir = project(&format!("engine_badyaml_{i}"), yaml);

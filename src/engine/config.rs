@@ -15,9 +15,27 @@ pub const DATA_PREFIX: &str = "data.";
 #[derive(Debug, Clone)]
 pub struct ResolvedStage {
     pub name: String,
+    /// The registered stage that does the work: `name` itself, or for an
+    /// instance such as `normalise.hospital_b`, the stage it instantiates.
+    pub uses: String,
     pub deps: Vec<String>,
+    /// Upstream names as the stage sees them, where they differ from the dep
+    /// names (an instance reads `ingest.hospital_b` as `ingest`).
+    pub upstream_as: BTreeMap<String, String>,
     pub params: Params,
 }
+
+impl ResolvedStage {
+    /// The name under which the stage finds upstream `dep`.
+    pub fn upstream_name<'a>(&'a self, dep: &'a str) -> &'a str {
+        self.upstream_as.get(dep).map(String::as_str).unwrap_or(dep)
+    }
+}
+
+/// Top-level `external:` datasets: each becomes an ingest and a normalise
+/// instance (`ingest.NAME`, `normalise.NAME`, with the pipeline's normalise
+/// params, so preprocessing matches the models'), read by evaluate.
+pub const EXTERNAL_PREFIX: &str = "normalise.";
 
 #[derive(Debug, Clone)]
 pub struct Pipeline {
@@ -102,8 +120,8 @@ pub fn parse(text: &str, file: &Path, root: &Path, registry: &[Box<dyn Stage>], 
     let top = as_mapping(&doc, &format!("{f}"))?;
     for k in top.keys() {
         let k = key_str(k, &format!("{f}"))?;
-        if !["stages", "profiles", "default_profile", "data", "description"].contains(&k.as_str()) {
-            bail!("{f}: unknown top-level key `{k}` (expected stages, profiles, default_profile, data, description)");
+        if !["stages", "profiles", "default_profile", "data", "external", "description"].contains(&k.as_str()) {
+            bail!("{f}: unknown top-level key `{k}` (expected stages, profiles, default_profile, data, external, description)");
         }
     }
     let stages_map = as_mapping(top.get("stages").ok_or_else(|| anyhow!("{f}: no `stages:` section"))?, &format!("{f}: stages"))?;
@@ -223,9 +241,62 @@ pub fn parse(text: &str, file: &Path, root: &Path, registry: &[Box<dyn Stage>], 
             let value = coerce(spec.ty, v).map_err(|e| anyhow!("{place}: {e}"))?;
             params.0.insert(k.clone(), value);
         }
-        stages.push(ResolvedStage { name: name.clone(), deps: deps[name].clone(), params });
+        stages.push(ResolvedStage { name: name.clone(), uses: name.clone(), deps: deps[name].clone(), upstream_as: BTreeMap::new(), params });
+    }
+    if let Some(ext) = top.get("external") {
+        add_external(&mut stages, as_mapping(ext, &format!("{f}: external"))?, &f.to_string(), registry)?;
     }
     Ok(Pipeline { file: file.to_path_buf(), root: root.to_path_buf(), profile: profile_name, stages })
+}
+
+fn add_external(stages: &mut Vec<ResolvedStage>, ext: &Mapping, f: &str, registry: &[Box<dyn Stage>]) -> Result<()> {
+    let find = |n: &str| stages.iter().position(|s| s.name == n);
+    let (Some(ingest), Some(normalise), Some(evaluate)) = (find("ingest"), find("normalise"), find("evaluate")) else {
+        bail!("{f}: external: needs stages ingest, normalise and evaluate in the pipeline");
+    };
+    let ingest_specs = registry.iter().find(|s| s.info().name == "ingest").expect("ingest registered").info().params;
+    let mut added = Vec::new();
+    for (k, v) in ext {
+        let name = key_str(k, &format!("{f}: external"))?;
+        let place = format!("{f}: external.{name}");
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            bail!("{place}: names may use letters, digits, `_` and `-` only");
+        }
+        // The pipeline's own ingest settings (on_error), with this dataset's `data.*` keys.
+        let mut params = stages[ingest].params.clone();
+        for spec in ingest_specs.iter().filter(|s| s.name.starts_with(DATA_PREFIX)) {
+            let dv: Y = serde_yaml::from_str(spec.default).with_context(|| format!("default of ingest.{}", spec.name))?;
+            params.0.insert(spec.name.to_owned(), coerce(spec.ty, &dv)?);
+        }
+        let entry = as_mapping(v, &place)?;
+        if !entry.contains_key("source") {
+            bail!("{place}: needs `source` (and `root`, the dataset folder, unless synthetic)");
+        }
+        for (dk, dv) in entry {
+            let dk = key_str(dk, &place)?;
+            let full = format!("{DATA_PREFIX}{dk}");
+            let spec = ingest_specs.iter().find(|s| s.name == full).ok_or_else(|| {
+                let known: Vec<&str> = ingest_specs.iter().filter_map(|s| s.name.strip_prefix(DATA_PREFIX)).collect();
+                anyhow!("{place}.{dk}: not a dataset key (known: {})", known.join(", "))
+            })?;
+            params.0.insert(full, coerce(spec.ty, dv).map_err(|e| anyhow!("{place}.{dk}: {e}"))?);
+        }
+        let ing = format!("ingest.{name}");
+        let norm = format!("{EXTERNAL_PREFIX}{name}");
+        added.push(ResolvedStage { name: ing.clone(), uses: "ingest".into(), deps: vec![], upstream_as: BTreeMap::new(), params });
+        added.push(ResolvedStage {
+            name: norm.clone(),
+            uses: "normalise".into(),
+            deps: vec![ing.clone()],
+            upstream_as: BTreeMap::from([(ing, "ingest".to_owned())]),
+            params: stages[normalise].params.clone(),
+        });
+        stages[evaluate].deps.push(norm);
+    }
+    // Instances go right before evaluate, which keeps the order topological.
+    let at = stages.iter().position(|s| s.name == "evaluate").expect("found above");
+    stages.splice(at..at, added);
+    Ok(())
 }
 
 /// Kahn's algorithm, keeping file order among ready stages; on a cycle, returns it.

@@ -44,7 +44,7 @@ impl<'r> Engine<'r> {
         let mut cache = StatCache::open(self.store.stat_cache_file());
         let mut planned: BTreeMap<String, Planned> = BTreeMap::new();
         for s in stages {
-            let imp = self.stage_impl(&s.name)?;
+            let imp = self.stage_impl(&s.uses)?;
             let inputs = imp.raw_inputs(&s.params, &self.pipeline.root)?;
             let paths: Vec<std::path::PathBuf> = inputs.iter().map(|(_, p)| p.clone()).collect();
             let hashes = cache.hash_many(&paths, self.show_progress)?;
@@ -132,11 +132,11 @@ impl<'r> Engine<'r> {
     }
 
     fn execute(&self, s: &ResolvedStage, p: &Planned, lock: &super::store::StoreLock) -> Result<f64> {
-        let imp = self.stage_impl(&s.name)?;
+        let imp = self.stage_impl(&s.uses)?;
         let mut upstream = BTreeMap::new();
         for (d, key) in &p.upstream {
             let a = self.store.get(d, key)?.ok_or_else(|| anyhow!("upstream artifact {d}@{key} vanished from the store"))?;
-            upstream.insert(d.clone(), a);
+            upstream.insert(s.upstream_name(d).to_owned(), a);
         }
         let build = self.store.begin(&s.name, &p.key, lock)?;
         let ctx = StageContext {

@@ -33,7 +33,7 @@ pub fn status(engine: &Engine) -> Result<Vec<StageStatus>> {
         };
         let m = &last.manifest;
         let mut reasons = Vec::new();
-        let version = engine.stage_impl(&s.name)?.info().version;
+        let version = engine.stage_impl(&s.uses)?.info().version;
         if m.version != version {
             reasons.push(format!("code version {} -> {version}", m.version));
         }

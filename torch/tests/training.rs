@@ -15,6 +15,8 @@ data:
   synthetic_cases: 12
   synthetic_size: 64
   synthetic_slices: 10
+external:
+  other_site: {source: synthetic, synthetic_cases: 2, synthetic_size: 80, synthetic_slices: 8, synthetic_seed: 42}
 stages:
   ingest: {}
   normalise: {deps: [ingest], params: {size: 64}}
@@ -70,10 +72,54 @@ fn training_learns_resumes_and_is_deterministic() {
     assert!(dice > 0.6, "liver Dice per case {dice}");
     // The report's Table 1 is the evaluate artifact's, and every section is there.
     let html = std::fs::read_to_string(artifact(&a, "report").join("report.html")).unwrap();
-    for section in ["Table 1", "Learning curves", "Examples", "Hyperparameter search", "Data", "Lineage", "data:image/png;base64,", "data:image/svg+xml;base64,"] {
+    for section in ["Table 1", "Learning curves", "Examples", "Grad-CAM", "External validation", "other_site", "Hyperparameter search", "Data", "Lineage", "data:image/png;base64,", "data:image/svg+xml;base64,"] {
         assert!(html.contains(section), "report lacks {section}");
     }
     assert!(html.contains(&format!("{dice:.4}")), "Table 1 does not show the evaluated Dice {dice:.4}");
+
+    // The `external:` dataset went through the same preprocessing and metrics.
+    let ext_dice = manifest.metrics["external.other_site.train.dice_per_case"].as_f64().unwrap();
+    assert!(ext_dice > 0.4, "external Dice per case {ext_dice}");
+    assert_eq!(manifest.metrics["external.other_site.cases"], 2);
+    assert!(html.contains(&format!("{ext_dice:.4}")), "the report does not show the external Dice {ext_dice:.4}");
+    let ext_norm = liverseg::engine::store::read_manifest(&artifact(&a, "normalise.other_site").join("manifest.json")).unwrap();
+    let own_norm = liverseg::engine::store::read_manifest(&artifact(&a, "normalise").join("manifest.json")).unwrap();
+    assert_eq!(ext_norm.params, own_norm.params, "external data must get the models' preprocessing");
+
+    // Grad-CAM of the liver class is highest over the liver: on the best
+    // example, its mean inside the true liver exceeds its mean outside.
+    let eval_dir = artifact(&a, "evaluate");
+    let examples = liverseg::engine::table::read_parquet(&eval_dir.join("examples.parquet")).unwrap();
+    let labels: Vec<String> = examples.column("label").unwrap().str().unwrap().iter().map(|v| v.unwrap().to_owned()).collect();
+    let idx: Vec<u64> = examples.column("idx").unwrap().u64().unwrap().iter().map(|v| v.unwrap()).collect();
+    let cams = liverseg::engine::table::TensorFile::open(&eval_dir.join("gradcam/train.safetensors")).unwrap();
+    let (shape, cam) = cams.u8("gradcam").unwrap();
+    // Two validation patients: best and median/worst are one and the same case, shown once.
+    assert_eq!(shape, vec![2, 64, 64]);
+    assert_eq!(labels, ["best", "median"]);
+    let data = liverseg::engine::table::TensorFile::open(&artifact(&a, "normalise").join("data.safetensors")).unwrap();
+    let (_, masks) = data.u8("masks").unwrap();
+    let best = labels.iter().position(|l| l == "best").unwrap();
+    let truth = &masks[idx[best] as usize * 4096..(idx[best] as usize + 1) * 4096];
+    let map = &cam[best * 4096..(best + 1) * 4096];
+    let mean = |inside: bool| {
+        let v: Vec<f64> = (0..4096).filter(|&i| (truth[i] > 0) == inside).map(|i| map[i] as f64).collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    assert!(mean(true) > mean(false), "Grad-CAM inside the liver {:.1} vs outside {:.1}", mean(true), mean(false));
+
+    // Headless Chromium renders the report and every embedded image decodes.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/scripts/render_report.sh");
+    let shot = a.join("report.png");
+    let out = Command::new("bash").arg(&script).arg(artifact(&a, "report").join("report.html")).arg(&shot).output().unwrap();
+    match out.status.code() {
+        Some(2) => eprintln!("SKIPPED report render: {}", String::from_utf8_lossy(&out.stderr).trim()),
+        _ => {
+            assert!(out.status.success(), "report render: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
+            assert!(shot.is_file(), "no screenshot");
+        }
+    }
     let weights = tch::Tensor::read_safetensors(artifact(&a, "train").join("model.safetensors")).unwrap();
     assert!(weights.iter().any(|(n, _)| n == "decoder.aspp.0.convs.0.0.weight"));
 

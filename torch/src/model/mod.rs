@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use decoder::DeepLabV3PlusDecoder;
 use encoder::ResNetEncoder;
 use tch::nn;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelSpec {
@@ -78,14 +78,43 @@ impl SegmentationModel {
     pub fn forward(&self, xs: &Tensor, train: bool) -> Tensor {
         let (h, w) = (xs.size()[2], xs.size()[3]);
         let feats = self.encoder.forward(xs, train);
+        self.decode(&feats, h, w, train)
+    }
+
+    /// Decoder and head on encoder features (stem, layer1..layer4).
+    fn decode(&self, feats: &[Tensor], h: i64, w: i64, train: bool) -> Tensor {
         match &self.decoder {
             Decoder::DeepLabV3Plus(d) => {
-                let x = d.forward(&feats, train).apply(&self.head);
+                let x = d.forward(feats, train).apply(&self.head);
                 let (fh, fw) = (x.size()[2], x.size()[3]);
                 x.upsample_bilinear2d([fh * 4, fw * 4], true, None, None)
             }
             Decoder::None => feats[4].apply(&self.head).upsample_bilinear2d([h, w], false, None, None),
         }
+    }
+
+    /// Grad-CAM (Selvaraju et al. 2017) for `class` at the encoder's last
+    /// stage, in eval mode, adapted to segmentation as Seg-Grad-CAM
+    /// (Vinogradova et al. 2020): the score is the class logit summed over the
+    /// pixels predicted as that class (every pixel of an image where none is).
+    /// Returns maps [N, H, W] scaled to [0, 1] per image.
+    pub fn grad_cam(&self, xs: &Tensor, class: i64) -> Tensor {
+        let (h, w) = (xs.size()[2], xs.size()[3]);
+        let mut feats = tch::no_grad(|| self.encoder.forward(xs, false));
+        // layer4 as a leaf: the gradient stops there, which is all Grad-CAM needs.
+        let act = feats[4].detach().set_requires_grad(true);
+        feats[4] = act.shallow_clone();
+        let logits = self.decode(&feats, h, w, false);
+        let chosen = logits.argmax(1, false).eq(class).to_kind(Kind::Float);
+        let none = chosen.sum_dim_intlist(&[1i64, 2][..], true, Kind::Float).eq(0.0).to_kind(Kind::Float);
+        let score = (logits.select(1, class) * (chosen + none)).sum(Kind::Float);
+        let grads = Tensor::run_backward(&[score], &[&act], false, false);
+        tch::no_grad(|| {
+            let weights = grads[0].mean_dim(&[2i64, 3][..], true, Kind::Float);
+            let cam = (weights * &act).sum_dim_intlist(&[1i64][..], true, Kind::Float).relu();
+            let cam = cam.upsample_bilinear2d([h, w], false, None, None).squeeze_dim(1);
+            &cam / cam.amax([1, 2], true).clamp_min(1e-12)
+        })
     }
 }
 
