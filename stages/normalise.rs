@@ -34,6 +34,25 @@ pub static INFO: StageInfo = StageInfo {
 
 pub struct Normalise;
 
+/// A case's source pixels: HU as i16, or 8-bit.
+enum Raw {
+    I16(Vec<i16>),
+    U8(Vec<u8>),
+}
+
+/// One slice to [0, 1] (HU window, its own min..max, or /255) and resized to size².
+fn scaled_resize<T: Copy + Into<f32>>(src: &[T], hu: bool, minmax: bool, (lo, hi): (f32, f32), (h, w): (usize, usize), size: usize) -> Vec<u8> {
+    let (off, span) = if hu {
+        (lo, hi - lo)
+    } else if minmax {
+        let (mn, mx) = src.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v.into()), b.max(v.into())));
+        (mn, (mx - mn).max(1.0))
+    } else {
+        (0.0, 255.0)
+    };
+    resize::bilinear_map_to_u8(src, |v| ((v.into() - off) / span).clamp(0.0, 1.0), h, w, size, size)
+}
+
 struct Kept {
     row: usize,
     image: Vec<u8>,
@@ -87,24 +106,16 @@ impl Stage for Normalise {
                     bail!("{}: {n} slices but slices.parquet lists {}", path.display(), rows.len());
                 }
                 let hu = units.get(rows[0]) == Some("HU");
-                let images: Vec<f32> = if tf.dtype("image")? == safetensors::Dtype::I16 {
-                    tf.i16("image")?.1.into_iter().map(|v| v as f32).collect()
-                } else {
-                    tf.u8("image")?.1.into_iter().map(|v| v as f32).collect()
-                };
+                // Intensities are mapped to [0, 1] row by row inside the resize
+                // (no converted copy of the volume).
+                let image = if tf.dtype("image")? == safetensors::Dtype::I16 { Raw::I16(tf.i16("image")?.1) } else { Raw::U8(tf.u8("image")?.1) };
                 let mut out = Vec::with_capacity(n);
                 for (k, &row) in rows.iter().enumerate() {
-                    let src = &images[k * h * w..(k + 1) * h * w];
-                    let scaled: Vec<f32> = if hu {
-                        src.iter().map(|&v| ((v - lo) / (hi - lo)).clamp(0.0, 1.0)).collect()
-                    } else if minmax {
-                        let (mn, mx) = src.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-                        let span = (mx - mn).max(1.0);
-                        src.iter().map(|&v| (v - mn) / span).collect()
-                    } else {
-                        src.iter().map(|&v| v / 255.0).collect()
+                    let range = k * h * w..(k + 1) * h * w;
+                    let image = match &image {
+                        Raw::I16(v) => scaled_resize(&v[range], hu, minmax, (lo, hi), (h, w), size),
+                        Raw::U8(v) => scaled_resize(&v[range], hu, minmax, (lo, hi), (h, w), size),
                     };
-                    let image = resize::bilinear_to_u8(&scaled, h, w, size, size);
                     let mask = resize::nearest(&masks[k * h * w..(k + 1) * h * w], h, w, size, size);
                     let liver = mask.iter().map(|&v| v as u64).sum();
                     out.push(Kept { row, image, mask, liver });

@@ -16,18 +16,21 @@ fn taps(n: usize, on: usize) -> Vec<(usize, usize, f32)> {
 
 pub fn bilinear(src: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> Vec<f32> {
     let mut out = vec![0f32; oh * ow];
-    bilinear_with(src, h, w, oh, ow, |i, v| out[i] = v);
+    bilinear_with(src, |v| v, h, w, oh, ow, |i, v| out[i] = v);
     out
 }
 
-/// Bilinear resize of an image given by `value(i)`, writing each output with `put`.
-fn bilinear_with(src: &[f32], h: usize, w: usize, oh: usize, ow: usize, mut put: impl FnMut(usize, f32)) {
+/// Bilinear resize of `map(src)`, writing each output with `put`. `map`
+/// (e.g. an HU window) is applied to the source rows as they are read, so no
+/// converted copy of the image is ever made.
+fn bilinear_with<T: Copy>(src: &[T], map: impl Fn(T) -> f32, h: usize, w: usize, oh: usize, ow: usize, mut put: impl FnMut(usize, f32)) {
     let xs = taps(w, ow);
     let mut row = vec![0f32; w];
     for (y, &(y0, y1, wy)) in taps(h, oh).iter().enumerate() {
         // Blend the two source rows once, then interpolate along x.
         let (r0, r1) = (&src[y0 * w..(y0 + 1) * w], &src[y1 * w..(y1 + 1) * w]);
         for ((o, &a), &b) in row.iter_mut().zip(r0).zip(r1) {
+            let (a, b) = (map(a), map(b));
             *o = a + (b - a) * wy;
         }
         for (x, &(x0, x1, wx)) in xs.iter().enumerate() {
@@ -38,8 +41,13 @@ fn bilinear_with(src: &[f32], h: usize, w: usize, oh: usize, ow: usize, mut put:
 
 /// Bilinear resize of values in [0, 1] straight to uint8 (0..255).
 pub fn bilinear_to_u8(src: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> Vec<u8> {
+    bilinear_map_to_u8(src, |v| v, h, w, oh, ow)
+}
+
+/// Bilinear resize of `map(src)` (values in [0, 1]) straight to uint8.
+pub fn bilinear_map_to_u8<T: Copy>(src: &[T], map: impl Fn(T) -> f32, h: usize, w: usize, oh: usize, ow: usize) -> Vec<u8> {
     let mut out = vec![0u8; oh * ow];
-    bilinear_with(src, h, w, oh, ow, |i, v| out[i] = (v * 255.0 + 0.5) as u8);
+    bilinear_with(src, map, h, w, oh, ow, |i, v| out[i] = (v * 255.0 + 0.5) as u8);
     out
 }
 
