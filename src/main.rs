@@ -223,8 +223,9 @@ fn real_main(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
+                let width = st.iter().map(|s| s.stage.len()).max().unwrap_or(0);
                 for s in st {
-                    println!("{:<10} {:<7} {}  {}", s.stage, s.state, s.key, s.reasons.join("; "));
+                    println!("{:<width$} {:<7} {}  {}", s.stage, s.state, s.key, s.reasons.join("; "));
                 }
             }
         }
