@@ -242,7 +242,7 @@ fn real_main(cli: Cli) -> Result<()> {
             println!("{}", e.current_artifact(&stage)?.dir.display());
         }
         Command::Trial { request } => {
-            let status = std::process::Command::new(eng::worker::worker_binary()?)
+            let status = eng::worker::worker_command()?
                 .arg("stage")
                 .arg(&request)
                 .status()
@@ -310,7 +310,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 // A stage name: its artifact for the current pipeline.
                 engine(&p, &registry)?.current_artifact(&model)?.dir
             };
-            let status = std::process::Command::new(eng::worker::worker_binary()?)
+            let status = eng::worker::worker_command()?
                 .args(["predict", "--model"])
                 .arg(&dir)
                 .arg("--input")
@@ -361,7 +361,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 ModelCmd::Summary(m) => ("summary", m),
                 ModelCmd::Names(m) => ("names", m),
             };
-            let status = std::process::Command::new(eng::worker::worker_binary()?)
+            let status = eng::worker::worker_command()?
                 .args(["model", verb, "--arch", &m.arch, "--encoder", &m.encoder, "--in-channels", &m.in_channels.to_string(), "--classes", &m.classes.to_string(), "--size", &m.size.to_string()])
                 .status()
                 .context("cannot start liverseg-torch")?;

@@ -56,10 +56,34 @@ pub fn run_in_worker(ctx: &StageContext) -> Result<Summary> {
 
 /// Run one request in a worker process (its stderr passes through) and
 /// return the summary it wrote.
+/// A command for the worker binary that dies with the process that starts
+/// it. PDEATHSIG is set between fork and exec, and the parent is checked
+/// afterwards: set in the worker's own `main` it would come too late when the
+/// engine is killed while the worker is still loading libtorch, and that
+/// orphan would race a rerun of the same trial over its checkpoint.
+pub fn worker_command() -> Result<std::process::Command> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(worker_binary()?);
+    let parent = std::process::id();
+    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
 pub fn run_request(req: &WorkerRequest) -> Result<Summary> {
     let req_path = req.out_dir.with_extension("request.json");
     std::fs::write(&req_path, serde_json::to_vec_pretty(req)?).with_context(|| format!("cannot write {}", req_path.display()))?;
-    let status = std::process::Command::new(worker_binary()?)
+    let status = worker_command()?
         .arg("stage")
         .arg(&req_path)
         .status()
