@@ -98,7 +98,7 @@ stages:
              trial_epochs: 3, trial_max_slices: 128, trial_encoder: resnet18,
              prune: $2, prune_epoch: 1, threads: 2}
 YAML
-    s=$(date +%s); (cd "$R" && "$BIN" run tune 2>&1 | grep -E "^tune|^ran|rror"); e=$(date +%s)
+    s=$(date +%s); (cd "$R" && "$BIN" run tune 2>&1 | grep --line-buffered -E "^(tune|ran|reused)|rror"); e=$(date +%s)
     echo "seed $1, prune $2: $((e - s)) s wall (cached trials are not rerun)"
   done
   "$PY" bench/tune_curve.py "$T"

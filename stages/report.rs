@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use polars::prelude::DataFrame;
 use std::fmt::Write;
 
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 const PARAMS: &[ParamSpec] = &[param("title", Str, "'liverseg report'", "report title")];
 
 pub static INFO: StageInfo = StageInfo {
@@ -445,7 +445,11 @@ impl Stage for Report {
                 h.update(r.path.as_bytes());
                 h.update(r.blake3.as_bytes());
             }
-            let raw = format!("raw data of {}: {} files, combined blake3 {}", key_line(a), a.manifest.raw_inputs.len(), &h.finalize().to_hex()[..16]);
+            let raw = if a.manifest.raw_inputs.is_empty() {
+                format!("raw data of {}: none; generated from its params (synthetic phantoms)", key_line(a))
+            } else {
+                format!("raw data of {}: {} files, combined blake3 {}", key_line(a), a.manifest.raw_inputs.len(), &h.finalize().to_hex()[..16])
+            };
             let _ = write!(html, "<li>{}</li>", esc(&raw));
             let _ = writeln!(md, "- {raw}");
         }
