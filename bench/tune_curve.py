@@ -34,6 +34,17 @@ for i in range(n):
     per = " | ".join(" ".join(f"{c[i]:.3f}" for c in cs) for cs in curves.values())
     print(f"{i + 1:>5}  " + "  ".join(f"{m:8.4f}" for m in means) + f"   {per}")
 
+# Where each strategy spends its trials once TPE's random startup (3) is over.
+print("trials 4 and later: median objective, pruned / run, per seed")
+for s in curves:
+    per = []
+    for d in seeds:
+        rows = [r for r in trials(os.path.join(root, d)) if r["strategy"] == s and r["trial"] >= 3]
+        objs = sorted(r["objective"] for r in rows)
+        med = (objs[(len(objs) - 1) // 2] + objs[len(objs) // 2]) / 2
+        per.append(f"{med:.3f} ({sum(r['pruned'] for r in rows)}/{len(rows)} pruned)")
+    print(f"  {s:>6}: " + ", ".join(per))
+
 with_p, without = trials(os.path.join(root, "seed0-median")), trials(os.path.join(root, "seed0-none"))
 for name, rows in (("median pruning", with_p), ("no pruning", without)):
     secs = sum(r["seconds"] for r in rows)
