@@ -154,6 +154,16 @@ fn scatter_chart(title: &str, xs: &[String], ys: &[f64], pruned: &[bool]) -> Str
     s
 }
 
+/// One table row, in the HTML and in the Markdown twin.
+fn table_row(html: &mut String, md: &mut String, cells: &[String]) {
+    html.push_str("<tr>");
+    for c in cells {
+        let _ = write!(html, "<td>{}</td>", esc(c));
+    }
+    html.push_str("</tr>");
+    let _ = writeln!(md, "| {} |", cells.join(" | "));
+}
+
 fn base64(bytes: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::with_capacity(bytes.len() * 4 / 3 + 4);
@@ -226,12 +236,7 @@ impl Stage for Report {
                 format!("{train_secs:.0}"),
                 params[i].to_string(),
             ];
-            html.push_str("<tr>");
-            for c in &cells {
-                let _ = write!(html, "<td>{}</td>", esc(c));
-            }
-            html.push_str("</tr>");
-            let _ = writeln!(md, "| {} |", cells.join(" | "));
+            table_row(&mut html, &mut md, &cells);
             summary.insert(format!("{m}.dice_per_case"), serde_json::json!(vals[3][i]));
             summary.insert(format!("{m}.miou"), serde_json::json!(vals[0][i]));
         }
@@ -310,12 +315,7 @@ impl Stage for Report {
             let _ = writeln!(md, "### {name}\n\n{cases} cases, {slices} slices. Source: `{}`, data `{src}`.\n\n| {} |\n|{}", key_line(eval), head.join(" | "), "---|".repeat(head.len()));
             for (i, m) in ext_models.iter().enumerate() {
                 let cells = [m.clone(), format!("{:.4} [{:.4}, {:.4}]", cols[0][i], cols[1][i], cols[2][i]), format!("{:.4}", cols[3][i]), format!("{:.4}", cols[4][i]), format!("{:.4}", cols[5][i]), format!("{:.4}", cols[6][i]), format!("{:.2}", cols[7][i])];
-                html.push_str("<tr>");
-                for c in &cells {
-                    let _ = write!(html, "<td>{}</td>", esc(c));
-                }
-                html.push_str("</tr>");
-                let _ = writeln!(md, "| {} |", cells.join(" | "));
+                table_row(&mut html, &mut md, &cells);
                 summary.insert(format!("external.{name}.{m}.dice_per_case"), serde_json::json!(cols[0][i]));
             }
             html.push_str("</table>");
