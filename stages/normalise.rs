@@ -40,8 +40,9 @@ enum Raw {
     U8(Vec<u8>),
 }
 
-/// One slice to [0, 1] (HU window, its own min..max, or /255) and resized to size².
-fn scaled_resize<T: Copy + Into<f32>>(src: &[T], hu: bool, minmax: bool, (lo, hi): (f32, f32), (h, w): (usize, usize), size: usize) -> Vec<u8> {
+/// One slice to [0, 1] (HU window, its own min..max, or /255) and resized to
+/// size², as uint8. `predict` uses it too, so new scans get exactly this.
+pub fn scaled_resize<T: Copy + Into<f32>>(src: &[T], hu: bool, minmax: bool, (lo, hi): (f32, f32), (h, w): (usize, usize), size: usize) -> Vec<u8> {
     let (off, span) = if hu {
         (lo, hi - lo)
     } else if minmax {

@@ -228,11 +228,7 @@ pub fn parse(text: &str, file: &Path, root: &Path, registry: &[Box<dyn Stage>], 
     for name in &topo {
         let stage = registry.iter().find(|s| s.info().name == name).expect("checked above");
         let specs = stage.info().params;
-        let mut params = Params::default();
-        for spec in specs {
-            let dv: Y = serde_yaml::from_str(spec.default).with_context(|| format!("default of {name}.{}", spec.name))?;
-            params.0.insert(spec.name.to_owned(), coerce(spec.ty, &dv).with_context(|| format!("default of {name}.{}", spec.name))?);
-        }
+        let mut params = defaults(name, specs.iter())?;
         for (k, v, place) in &raw_params[name] {
             let spec = specs.iter().find(|s| s.name == k).ok_or_else(|| {
                 let known: Vec<&str> = specs.iter().map(|s| s.name).collect();
@@ -247,6 +243,16 @@ pub fn parse(text: &str, file: &Path, root: &Path, registry: &[Box<dyn Stage>], 
         add_external(&mut stages, as_mapping(ext, &format!("{f}: external"))?, &f.to_string(), registry)?;
     }
     Ok(Pipeline { file: file.to_path_buf(), root: root.to_path_buf(), profile: profile_name, stages })
+}
+
+/// The declared defaults of `specs`, typed.
+fn defaults<'a>(stage: &str, specs: impl Iterator<Item = &'a super::params::ParamSpec>) -> Result<Params> {
+    let mut params = Params::default();
+    for spec in specs {
+        let dv: Y = serde_yaml::from_str(spec.default).with_context(|| format!("default of {stage}.{}", spec.name))?;
+        params.0.insert(spec.name.to_owned(), coerce(spec.ty, &dv).with_context(|| format!("default of {stage}.{}", spec.name))?);
+    }
+    Ok(params)
 }
 
 fn add_external(stages: &mut Vec<ResolvedStage>, ext: &Mapping, f: &str, registry: &[Box<dyn Stage>]) -> Result<()> {
@@ -264,10 +270,7 @@ fn add_external(stages: &mut Vec<ResolvedStage>, ext: &Mapping, f: &str, registr
         }
         // The pipeline's own ingest settings (on_error), with this dataset's `data.*` keys.
         let mut params = stages[ingest].params.clone();
-        for spec in ingest_specs.iter().filter(|s| s.name.starts_with(DATA_PREFIX)) {
-            let dv: Y = serde_yaml::from_str(spec.default).with_context(|| format!("default of ingest.{}", spec.name))?;
-            params.0.insert(spec.name.to_owned(), coerce(spec.ty, &dv)?);
-        }
+        params.0.extend(defaults("ingest", ingest_specs.iter().filter(|s| s.name.starts_with(DATA_PREFIX)))?.0);
         let entry = as_mapping(v, &place)?;
         if !entry.contains_key("source") {
             bail!("{place}: needs `source` (and `root`, the dataset folder, unless synthetic)");

@@ -54,8 +54,6 @@ pub fn run_in_worker(ctx: &StageContext) -> Result<Summary> {
     run_request(&req)
 }
 
-/// Run one request in a worker process (its stderr passes through) and
-/// return the summary it wrote.
 /// A command for the worker binary that dies with the process that starts
 /// it. PDEATHSIG is set between fork and exec, and the parent is checked
 /// afterwards: set in the worker's own `main` it would come too late when the
@@ -80,6 +78,8 @@ pub fn worker_command() -> Result<std::process::Command> {
     Ok(cmd)
 }
 
+/// Run one request in a worker process (its stderr passes through) and
+/// return the summary it wrote.
 pub fn run_request(req: &WorkerRequest) -> Result<Summary> {
     let req_path = req.out_dir.with_extension("request.json");
     std::fs::write(&req_path, serde_json::to_vec_pretty(req)?).with_context(|| format!("cannot write {}", req_path.display()))?;

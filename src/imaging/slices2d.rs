@@ -22,7 +22,7 @@ pub struct Pair {
 /// 8-bit grey pixels and (rows, cols). JPEGs are decoded straight to luma
 /// (the Y channel), skipping colour conversion: most exports are RGB JPEGs
 /// of grey images, and that conversion would dominate ingest.
-fn grey(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
+pub fn grey(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     if bytes.starts_with(&[0xFF, 0xD8]) {
         use zune_core::{bytestream::ZCursor, colorspace::ColorSpace, options::DecoderOptions};

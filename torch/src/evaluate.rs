@@ -22,26 +22,34 @@ pub struct ModelResult {
     pub predictions: Vec<u8>,
 }
 
-/// Load the trained model in `dir` (its card and weights).
-pub fn load_model(dir: &std::path::Path, device: tch::Device) -> Result<(ModelCard, nn::VarStore, SegmentationModel)> {
+/// A trained model, loaded once: its card and network.
+pub struct Loaded {
+    pub name: String,
+    pub card: ModelCard,
+    pub net: SegmentationModel,
+    /// Owns the weights `net` uses.
+    _vs: nn::VarStore,
+}
+
+/// Load the trained model in `dir` (model.json and model.safetensors).
+pub fn load_model(name: &str, dir: &Path, device: tch::Device) -> Result<Loaded> {
     let card: ModelCard = serde_json::from_slice(&std::fs::read(dir.join("model.json")).with_context(|| format!("{}: no model.json", dir.display()))?)
         .with_context(|| format!("{}: bad model.json", dir.display()))?;
     let mut vs = nn::VarStore::new(device);
     let net = SegmentationModel::new(&vs.root(), &card.spec)?;
     model::io::load(&mut vs, &dir.join("model.safetensors"), true)?;
-    Ok((card, vs, net))
+    Ok(Loaded { name: name.to_owned(), card, net, _vs: vs })
 }
 
 fn to_input(images: &[u8], b: usize, size: usize, device: tch::Device) -> Tensor {
     Tensor::from_slice(images).view([b as i64, 1, size as i64, size as i64]).to_kind(Kind::Float).to_device(device) / 255.0
 }
 
-/// Predict `images` ([n, size, size] u8) with the model in `dir`; returns the
-/// masks and the mean cross-entropy against `masks`.
-pub fn predict(dir: &std::path::Path, images: &[u8], masks: Option<&[u8]>, n: usize, size: usize, batch: usize, device: tch::Device) -> Result<(ModelCard, Vec<u8>, f64)> {
-    let (card, _vs, net) = load_model(dir, device)?;
-    if card.size as usize != size {
-        bail!("{}: model was trained at {}×{}, data is {size}×{size}", dir.display(), card.size, card.size);
+/// Predict `images` ([n, size, size] u8); returns the masks and the mean
+/// cross-entropy against `masks`.
+pub fn predict(m: &Loaded, images: &[u8], masks: Option<&[u8]>, n: usize, size: usize, batch: usize, device: tch::Device) -> Result<(Vec<u8>, f64)> {
+    if m.card.size as usize != size {
+        bail!("model {} was trained at {}×{}, data is {size}×{size}", m.name, m.card.size, m.card.size);
     }
     let px = size * size;
     let mut out = vec![0u8; n * px];
@@ -51,9 +59,9 @@ pub fn predict(dir: &std::path::Path, images: &[u8], masks: Option<&[u8]>, n: us
             let end = (start + batch).min(n);
             let b = (end - start) as i64;
             let x = to_input(&images[start * px..end * px], end - start, size, device);
-            let logits = net.forward(&x, false).to_kind(Kind::Float);
-            if let Some(m) = masks {
-                let y = Tensor::from_slice(&m[start * px..end * px]).view([b, size as i64, size as i64]).to_kind(Kind::Int64).to_device(device);
+            let logits = m.net.forward(&x, false).to_kind(Kind::Float);
+            if let Some(masks) = masks {
+                let y = Tensor::from_slice(&masks[start * px..end * px]).view([b, size as i64, size as i64]).to_kind(Kind::Int64).to_device(device);
                 loss_sum += logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0).double_value(&[]) * b as f64;
             }
             let pred = logits.argmax(1, false).to_kind(Kind::Uint8).to_device(tch::Device::Cpu).flatten(0, -1);
@@ -62,13 +70,12 @@ pub fn predict(dir: &std::path::Path, images: &[u8], masks: Option<&[u8]>, n: us
         }
         Ok(())
     })?;
-    Ok((card, out, loss_sum / n.max(1) as f64))
+    Ok((out, loss_sum / n.max(1) as f64))
 }
 
 /// Liver-class Grad-CAM maps of `images` ([n, size, size] u8), as u8 (255 = the image's maximum).
-pub fn grad_cam(dir: &std::path::Path, images: &[u8], n: usize, size: usize, device: tch::Device) -> Result<Vec<u8>> {
-    let (_, _vs, net) = load_model(dir, device)?;
-    let cam = net.grad_cam(&to_input(images, n, size, device), 1);
+pub fn grad_cam(m: &Loaded, images: &[u8], n: usize, size: usize, device: tch::Device) -> Result<Vec<u8>> {
+    let cam = m.net.grad_cam(&to_input(images, n, size, device), 1);
     let cam = (cam * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8).to_device(tch::Device::Cpu).flatten(0, -1);
     Vec::try_from(&cam).map_err(|e| anyhow!("{e}"))
 }
@@ -186,23 +193,24 @@ fn measure(set: &EvalSet, r: &ModelResult, bootstrap: usize, seed: u64) -> Measu
 
 /// Every model on `set`: table1, per_case and per_slice Parquet and the
 /// predictions under `out` (the artifact folder, or external/NAME in it).
-fn evaluate_set(ctx: &StageContext, set: &EvalSet, models: &[(String, PathBuf)], out: &Path, label: &str, summary_prefix: &str, summary: &mut Summary) -> Result<Vec<(ModelResult, Measured)>> {
+fn evaluate_set(ctx: &StageContext, set: &EvalSet, models: &[Loaded], out: &Path, label: &str, summary_prefix: &str, summary: &mut Summary) -> Result<Vec<(ModelResult, Measured)>> {
     let p = ctx.params;
     let device = device_for(p.str("device")?)?;
     let px = set.size * set.size;
     let unit = if set.mm.iter().all(Option::is_some) { "mm" } else { "px" };
     let mut done = Vec::new();
-    for (name, dir) in models {
-        let (card, pred, loss) = predict(dir, &set.images, Some(&set.masks), set.len(), set.size, p.usize("batch_size")?, device)?;
+    for model in models {
+        let (name, card) = (&model.name, &model.card);
         // Preprocessing must be the model's own: same window and intensity rule as its training data.
         let window: Vec<f64> = set.preprocessing["window"].as_array().map(|a| a.iter().filter_map(|v| v.as_f64()).collect()).unwrap_or_default();
         if window != card.window || set.preprocessing["minmax_8bit"].as_bool() != Some(card.minmax_8bit) {
             bail!("{label}: model {name} was trained with window {:?} (min-max {}), but these slices were normalised with window {window:?} (min-max {})", card.window, card.minmax_8bit, set.preprocessing["minmax_8bit"]);
         }
+        let (pred, loss) = predict(model, &set.images, Some(&set.masks), set.len(), set.size, p.usize("batch_size")?, device)?;
         let per_slice: Vec<Confusion> = (0..set.len()).map(|k| Confusion::from_masks(&pred[k * px..(k + 1) * px], &set.masks[k * px..(k + 1) * px])).collect();
         let mut overall = Confusion::default();
         per_slice.iter().for_each(|c| overall.add(c));
-        let r = ModelResult { name: name.clone(), card, loss, overall, per_slice, predictions: pred };
+        let r = ModelResult { name: name.clone(), card: card.clone(), loss, overall, per_slice, predictions: pred };
         let m = measure(set, &r, p.usize("bootstrap")?, p.u64("seed")?);
         for (k, v) in &m.row {
             if *k != "model" && *k != "arch" {
@@ -265,12 +273,13 @@ fn evaluate_set(ctx: &StageContext, set: &EvalSet, models: &[(String, PathBuf)],
 /// The report's qualitative figure: for each model its best, median and worst
 /// case by Dice, the slice with the most liver of each, and a liver Grad-CAM
 /// map of that slice (examples.parquet, gradcam/<model>.safetensors).
-fn examples(ctx: &StageContext, set: &EvalSet, models: &[(String, PathBuf)], done: &[(ModelResult, Measured)]) -> Result<()> {
+fn examples(ctx: &StageContext, set: &EvalSet, models: &[Loaded], done: &[(ModelResult, Measured)]) -> Result<()> {
     let device = device_for(ctx.params.str("device")?)?;
     let (size, px) = (set.size, set.size * set.size);
     let mut rows: Vec<(String, &str, String, f64, usize, usize)> = Vec::new();
     std::fs::create_dir_all(ctx.out("gradcam"))?;
-    for ((name, dir), (_, m)) in models.iter().zip(done) {
+    for (model, (_, m)) in models.iter().zip(done) {
+        let name = &model.name;
         let mut ranked: Vec<(f64, &str)> = m.per_case.iter().map(|c| (c.1.dice(), c.0.as_str())).collect();
         ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
         let picks = [("best", 0), ("median", ranked.len() / 2), ("worst", ranked.len() - 1)];
@@ -294,7 +303,7 @@ fn examples(ctx: &StageContext, set: &EvalSet, models: &[(String, PathBuf)], don
             rows.push((name.clone(), label, case.to_owned(), dice, set.rows[k], k));
         }
         let n = images.len() / px;
-        let cams = grad_cam(dir, &images, n, size, device)?;
+        let cams = grad_cam(model, &images, n, size, device)?;
         write_safetensors(&ctx.out(&format!("gradcam/{name}.safetensors")), &[NamedTensor::u8("gradcam", vec![n, size, size], cams)], &ctx.provenance())?;
     }
     let mut df = DataFrame::new_infer_height(vec![
@@ -311,12 +320,15 @@ fn examples(ctx: &StageContext, set: &EvalSet, models: &[(String, PathBuf)], don
 pub fn evaluate(ctx: &StageContext) -> Result<Summary> {
     let p = ctx.params;
     let which = p.str("split")?;
-    let mut models: Vec<(String, PathBuf)> = ctx.upstream.iter().filter(|(_, a)| a.file("model.safetensors").is_file()).map(|(n, a)| (n.clone(), a.dir.clone())).collect();
+    let mut dirs: Vec<(String, PathBuf)> = ctx.upstream.iter().filter(|(_, a)| a.file("model.safetensors").is_file()).map(|(n, a)| (n.clone(), a.dir.clone())).collect();
     for m in p.str_list("models")? {
         let dir = ctx.project_root.join(&m);
         let name = dir.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| m.clone());
-        models.push((name, dir));
+        dirs.push((name, dir));
     }
+    // Each model is loaded once and serves every dataset and the Grad-CAM maps.
+    let device = device_for(p.str("device")?)?;
+    let models: Vec<Loaded> = dirs.iter().map(|(name, dir)| load_model(name, dir, device)).collect::<Result<_>>()?;
     if models.is_empty() {
         bail!("evaluate: no upstream stage holds a trained model");
     }
