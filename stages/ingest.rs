@@ -207,38 +207,81 @@ fn liver_mask(labels: &[f32], liver: &[f64], max_label: i64, what: &str) -> Resu
     Ok(out)
 }
 
+/// `liver_mask` for integer labels (u8 or i16 files): one table lookup per
+/// voxel, with labels outside the map marked in the table itself.
+fn liver_mask_int<L: Copy + Into<i64>>(labels: &[L], liver: &[f64], max_label: i64, what: &str) -> Result<Vec<u8>> {
+    const OUTSIDE: u8 = 2;
+    let (lo, hi) = (i64::from(i16::MIN), i64::from(i16::MAX));
+    let table: Vec<u8> = (lo..=hi).map(|l| if l < 0 || l > max_label { OUTSIDE } else { u8::from(liver.contains(&(l as f64))) }).collect();
+    let out: Vec<u8> = labels.iter().map(|&l| table[(l.into() - lo) as usize]).collect();
+    if let Some(i) = out.iter().position(|&v| v == OUTSIDE) {
+        bail!("{what}: label {} is outside the label map (0..={max_label}); set data.max_label if it is valid", labels[i].into());
+    }
+    Ok(out)
+}
+
+fn native_liver_mask(labels: &imaging::nifti::NativeVolume, liver: &[f64], max_label: i64, what: &str) -> Result<Vec<u8>> {
+    use imaging::nifti::NativeVolume::*;
+    match labels {
+        U8(v) => liver_mask_int(&v.data, liver, max_label, what),
+        I16(v) => liver_mask_int(&v.data, liver, max_label, what),
+        F32(v) => liver_mask(&v.data, liver, max_label, what),
+    }
+}
+
+/// HU as i16: CT values are integers in every format; `as` saturates out-of-range values.
+fn native_hu(image: imaging::nifti::NativeVolume) -> Volume<i16> {
+    use imaging::nifti::NativeVolume::*;
+    match image {
+        U8(v) => v.with_data(v.data.iter().map(|&x| i16::from(x)).collect()),
+        I16(v) => v,
+        F32(v) => float_hu(v),
+    }
+}
+
+fn float_hu(v: Volume) -> Volume<i16> {
+    v.with_data(v.data.iter().map(|&x| (x + 0.5).floor() as i16).collect())
+}
+
 struct CaseOut {
     rows: Vec<SliceRow>,
     image: NamedTensor,
     mask: NamedTensor,
 }
 
-fn volume_case(case: &str, image: Volume, mask: Vec<u8>, source: (String, String, u64)) -> Result<CaseOut> {
+fn volume_case(case: &str, image: Volume<i16>, mask: Vec<u8>, source: (String, String, u64)) -> Result<CaseOut> {
     let n = image.num_slices();
     let ((rows, cols), (sr, sc)) = image.slice_shape();
     let ax = image.axial_axis();
-    let (mut img_data, mut mask_data, mut out_rows) = (Vec::with_capacity(n * rows * cols), Vec::with_capacity(n * rows * cols), Vec::new());
-    for k in 0..n {
-        let s = image.slice(k);
-        let m: Vec<u8> = image.slice_of(&mask, k);
-        // HU are integers in every CT format; `as` saturates out-of-range values.
-        img_data.extend(s.iter().map(|&v| (v + 0.5).floor() as i16));
-        let liver = m.iter().map(|&v| v as u64).sum();
-        mask_data.extend(m);
-        out_rows.push(SliceRow {
+    let plane = rows * cols;
+    let (orientation, slice_mm) = (image.orientation(), image.spacing[ax]);
+    // With z as the axial axis (the usual layout) the volume already is the
+    // [slice, row, col] tensor; other layouts are gathered slice by slice.
+    let (img_data, mask_data) = if ax == 2 {
+        (image.data, mask)
+    } else {
+        let (mut img, mut msk) = (Vec::with_capacity(n * plane), Vec::with_capacity(n * plane));
+        for k in 0..n {
+            img.extend(image.slice(k));
+            msk.extend(image.slice_of(&mask, k));
+        }
+        (img, msk)
+    };
+    let out_rows = (0..n)
+        .map(|k| SliceRow {
             case_id: case.to_owned(),
             slice_index: k as i64,
             source_file: source.0.clone(),
             source_blake3: source.1.clone(),
             source_size: source.2,
-            spacing: [sr, sc, image.spacing[ax]],
+            spacing: [sr, sc, slice_mm],
             unit: "HU",
-            liver_pixels: liver,
+            liver_pixels: mask_data[k * plane..(k + 1) * plane].iter().map(|&v| v as u64).sum(),
             rows,
             cols,
-            orientation: image.orientation(),
-        });
-    }
+            orientation: orientation.clone(),
+        })
+        .collect();
     Ok(CaseOut { rows: out_rows, image: NamedTensor::i16("image", vec![n, rows, cols], &img_data), mask: NamedTensor::u8("mask", vec![n, rows, cols], mask_data) })
 }
 
@@ -322,19 +365,20 @@ impl Stage for Ingest {
                     let mut affine = imaging::scaled_identity(ph.spacing);
                     affine[0][0] = -ph.spacing[0];
                     affine[1][1] = -ph.spacing[1];
-                    let vol = Volume { dims: ph.dims, spacing: ph.spacing, affine, data: ph.hu.iter().map(|&v| v as f32).collect() };
-                    let labels: Vec<f32> = ph.labels.iter().map(|&v| v as f32).collect();
+                    let vol = Volume { dims: ph.dims, spacing: ph.spacing, affine, data: ph.hu };
                     let name = format!("synthetic/volume-{case}");
-                    let r = liver_mask(&labels, &liver, max_label, &name).and_then(|m| volume_case(&format!("{case:03}"), vol, m, (name.clone(), String::new(), 0)));
+                    let r = liver_mask_int(&ph.labels, &liver, max_label, &name).and_then(|m| volume_case(&format!("{case:03}"), vol, m, (name.clone(), String::new(), 0)));
                     (format!("{case:03}"), r.map_err(|e| (name, e)))
                 }
                 Item::Nifti { case, image, mask } => {
                     let r = (|| {
                         let mask = mask.as_ref().ok_or_else(|| (rel(&root, image), anyhow!("{}: missing mask (no segmentation file beside it)", image.display())))?;
-                        let img = imaging::nifti::read(image).map_err(|e| (rel(&root, image), e))?.volume;
-                        let m = imaging::nifti::read(mask).map_err(|e| (rel(&root, mask), e))?.volume;
-                        img.check_same_grid(&m, &mask.display().to_string()).map_err(|e| (rel(&root, mask), e))?;
-                        let bin = liver_mask(&m.data, &liver, max_label, &mask.display().to_string()).map_err(|e| (rel(&root, mask), e))?;
+                        let img = native_hu(imaging::nifti::read_native(image).map_err(|e| (rel(&root, image), e))?.0);
+                        let m = imaging::nifti::read_native(mask).map_err(|e| (rel(&root, mask), e))?.0;
+                        if img.dims != m.dims() {
+                            return Err((rel(&root, mask), anyhow!("{}: image is {:?} voxels but mask is {:?}", mask.display(), img.dims, m.dims())));
+                        }
+                        let bin = native_liver_mask(&m, &liver, max_label, &mask.display().to_string()).map_err(|e| (rel(&root, mask), e))?;
                         volume_case(case, img, bin, src(image)).map_err(|e| (rel(&root, image), e))
                     })();
                     (case.clone(), r)
@@ -349,7 +393,7 @@ impl Stage for Ingest {
                         let m = if name.ends_with(".nrrd") { imaging::nrrd::read(mask) } else { imaging::nifti::read(mask).map(|f| f.volume) }.map_err(|e| (rel(&root, mask), e))?;
                         let labels = imaging::dicom::resample_nearest(&m, &img).map_err(|e| (rel(&root, mask), e))?;
                         let bin = liver_mask(&labels, &liver, max_label, &mask.display().to_string()).map_err(|e| (rel(&root, mask), e))?;
-                        volume_case(case, img, bin, (rel(&root, series), String::new(), 0)).map_err(|e| (rel(&root, series), e))
+                        volume_case(case, float_hu(img), bin, (rel(&root, series), String::new(), 0)).map_err(|e| (rel(&root, series), e))
                     })();
                     (case.clone(), r)
                 }

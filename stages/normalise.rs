@@ -34,24 +34,30 @@ pub static INFO: StageInfo = StageInfo {
 
 pub struct Normalise;
 
-/// A case's source pixels: HU as i16, or 8-bit.
-enum Raw {
-    I16(Vec<i16>),
-    U8(Vec<u8>),
+/// A case's source pixels, borrowed from ingest's file: HU as little-endian
+/// i16, or 8-bit.
+enum Raw<'a> {
+    I16(&'a [[u8; 2]]),
+    U8(&'a [u8]),
 }
 
 /// One slice to [0, 1] (HU window, its own min..max, or /255) and resized to
 /// size², as uint8. `predict` uses it too, so new scans get exactly this.
-pub fn scaled_resize<T: Copy + Into<f32>>(src: &[T], hu: bool, minmax: bool, (lo, hi): (f32, f32), (h, w): (usize, usize), size: usize) -> Vec<u8> {
+pub fn scaled_resize<T: Copy + Into<f32>>(src: &[T], hu: bool, minmax: bool, window: (f32, f32), shape: (usize, usize), size: usize) -> Vec<u8> {
+    scaled_resize_with(src, |v| v.into(), hu, minmax, window, shape, size)
+}
+
+/// `scaled_resize` of pixels that `value` turns into numbers (e.g. i16 bytes).
+fn scaled_resize_with<T: Copy>(src: &[T], value: impl Fn(T) -> f32 + Copy, hu: bool, minmax: bool, (lo, hi): (f32, f32), (h, w): (usize, usize), size: usize) -> Vec<u8> {
     let (off, span) = if hu {
         (lo, hi - lo)
     } else if minmax {
-        let (mn, mx) = src.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v.into()), b.max(v.into())));
+        let (mn, mx) = src.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(value(v)), b.max(value(v))));
         (mn, (mx - mn).max(1.0))
     } else {
         (0.0, 255.0)
     };
-    resize::bilinear_map_to_u8(src, |v| ((v.into() - off) / span).clamp(0.0, 1.0), h, w, size, size)
+    resize::bilinear_map_to_u8(src, |v| ((value(v) - off) / span).clamp(0.0, 1.0), h, w, size, size)
 }
 
 struct Kept {
@@ -101,7 +107,7 @@ impl Stage for Normalise {
             .map(|(case, rows)| {
                 let path = ingest.file(&format!("cases/{case}.safetensors"));
                 let tf = TensorFile::open(&path)?;
-                let (mshape, masks) = tf.u8("mask")?;
+                let (mshape, masks) = tf.u8_ref("mask")?;
                 let (n, h, w) = (mshape[0], mshape[1], mshape[2]);
                 if n != rows.len() {
                     bail!("{}: {n} slices but slices.parquet lists {}", path.display(), rows.len());
@@ -109,12 +115,15 @@ impl Stage for Normalise {
                 let hu = units.get(rows[0]) == Some("HU");
                 // Intensities are mapped to [0, 1] row by row inside the resize
                 // (no converted copy of the volume).
-                let image = if tf.dtype("image")? == safetensors::Dtype::I16 { Raw::I16(tf.i16("image")?.1) } else { Raw::U8(tf.u8("image")?.1) };
+                let image = match tf.get("image")? {
+                    (_, bytes, safetensors::Dtype::I16) => Raw::I16(bytes.as_chunks::<2>().0),
+                    _ => Raw::U8(tf.u8_ref("image")?.1),
+                };
                 let mut out = Vec::with_capacity(n);
                 for (k, &row) in rows.iter().enumerate() {
                     let range = k * h * w..(k + 1) * h * w;
                     let image = match &image {
-                        Raw::I16(v) => scaled_resize(&v[range], hu, minmax, (lo, hi), (h, w), size),
+                        Raw::I16(v) => scaled_resize_with(&v[range], |b| f32::from(i16::from_le_bytes(b)), hu, minmax, (lo, hi), (h, w), size),
                         Raw::U8(v) => scaled_resize(&v[range], hu, minmax, (lo, hi), (h, w), size),
                     };
                     let mask = resize::nearest(&masks[k * h * w..(k + 1) * h * w], h, w, size, size);

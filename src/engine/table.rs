@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub fn write_parquet(path: &Path, df: &mut DataFrame, provenance: &[(String, String)]) -> Result<()> {
-    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    // Buffered: the writer issues one small write per page header and value run.
+    let file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?);
     ParquetWriter::new(file)
         .with_compression(ParquetCompression::Uncompressed)
         .with_key_value_metadata(Some(KeyValueMetadata::from_static(provenance.to_vec())))
@@ -49,7 +50,12 @@ impl NamedTensor {
         NamedTensor { name: name.into(), dtype: safetensors::Dtype::U8, shape, data }
     }
     pub fn i16(name: &str, shape: Vec<usize>, data: &[i16]) -> Self {
-        NamedTensor { name: name.into(), dtype: safetensors::Dtype::I16, shape, data: data.iter().flat_map(|v| v.to_le_bytes()).collect() }
+        // A plain loop over fixed-size chunks (not flat_map) compiles to a vector copy.
+        let mut bytes = vec![0u8; data.len() * 2];
+        for (b, v) in bytes.chunks_exact_mut(2).zip(data) {
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+        NamedTensor { name: name.into(), dtype: safetensors::Dtype::I16, shape, data: bytes }
     }
     pub fn f32(name: &str, shape: Vec<usize>, data: &[f32]) -> Self {
         NamedTensor { name: name.into(), dtype: safetensors::Dtype::F32, shape, data: data.iter().flat_map(|v| v.to_le_bytes()).collect() }
@@ -69,14 +75,19 @@ pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], provenance: &[(St
     safetensors::tensor::serialize_to_file(views, &Some(meta), path).map_err(|e| anyhow!("cannot write {}: {e:?}", path.display()))
 }
 
-/// Tensors read back from a safetensors file.
+/// Tensors read back from a safetensors file, memory-mapped: normalise reads
+/// every case of ingest this way, and a copy into fresh memory cost as much
+/// as the resize. Store files are write-once (built aside, renamed into
+/// place, never modified), which is what makes mapping them safe.
 pub struct TensorFile {
-    bytes: Vec<u8>,
+    bytes: memmap2::Mmap,
 }
 
 impl TensorFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+        // SAFETY: see the type's comment; the file is not changed while mapped.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot read {}", path.display()))?;
         safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a valid safetensors file: {e:?}", path.display()))?;
         Ok(TensorFile { bytes })
     }
@@ -91,12 +102,17 @@ impl TensorFile {
         Ok((shape, &self.bytes[start..start + t.data().len()], dtype))
     }
 
-    pub fn u8(&self, name: &str) -> Result<(Vec<usize>, Vec<u8>)> {
+    /// Shape and bytes of a U8 tensor, borrowed from the file.
+    pub fn u8_ref(&self, name: &str) -> Result<(Vec<usize>, &[u8])> {
         let (shape, data, dtype) = self.get(name)?;
         if dtype != safetensors::Dtype::U8 {
             return Err(anyhow!("tensor `{name}` is {dtype:?}, expected U8"));
         }
-        Ok((shape, data.to_vec()))
+        Ok((shape, data))
+    }
+
+    pub fn u8(&self, name: &str) -> Result<(Vec<usize>, Vec<u8>)> {
+        self.u8_ref(name).map(|(shape, data)| (shape, data.to_vec()))
     }
 
     pub fn i16(&self, name: &str) -> Result<(Vec<usize>, Vec<i16>)> {

@@ -7,19 +7,24 @@ pub mod resize;
 pub mod slices2d;
 pub mod synth;
 
-use anyhow::{bail, Result};
 
 /// A 3D scalar volume, x fastest, with its voxel-to-world (RAS, mm) affine.
+/// Voxels are f32 unless a reader keeps the file's own integer type.
 #[derive(Debug, Clone)]
-pub struct Volume {
+pub struct Volume<T = f32> {
     pub dims: [usize; 3],
     pub spacing: [f64; 3],
     pub affine: [[f64; 4]; 4],
-    pub data: Vec<f32>,
+    pub data: Vec<T>,
 }
 
-impl Volume {
-    pub fn voxel(&self, x: usize, y: usize, z: usize) -> f32 {
+impl<T: Copy> Volume<T> {
+    /// The same grid with other voxel data.
+    pub fn with_data<U>(&self, data: Vec<U>) -> Volume<U> {
+        Volume { dims: self.dims, spacing: self.spacing, affine: self.affine, data }
+    }
+
+    pub fn voxel(&self, x: usize, y: usize, z: usize) -> T {
         self.data[x + self.dims[0] * (y + self.dims[1] * z)]
     }
 
@@ -75,12 +80,12 @@ impl Volume {
     }
 
     /// Axial slice `k` as a row-major (rows, cols) image.
-    pub fn slice(&self, k: usize) -> Vec<f32> {
+    pub fn slice(&self, k: usize) -> Vec<T> {
         self.slice_of(&self.data, k)
     }
 
     /// Axial slice `k` of any array laid out on this volume's grid (a mask).
-    pub fn slice_of<T: Copy>(&self, data: &[T], k: usize) -> Vec<T> {
+    pub fn slice_of<V: Copy>(&self, data: &[V], k: usize) -> Vec<V> {
         let ax = self.axial_axis();
         let [nx, ny, _] = self.dims;
         if ax == 2 {
@@ -100,7 +105,7 @@ impl Volume {
 
     /// Write a row-major axial slice `k` into `data` laid out on this grid
     /// (the inverse of `slice_of`).
-    pub fn put_slice<T: Copy>(&self, data: &mut [T], k: usize, values: &[T]) {
+    pub fn put_slice<V: Copy>(&self, data: &mut [V], k: usize, values: &[V]) {
         let ax = self.axial_axis();
         let [nx, ny, _] = self.dims;
         let (a, b) = self.inplane_axes();
@@ -111,13 +116,6 @@ impl Volume {
                 data[k * stride[ax] + r * stride[b] + c * stride[a]] = values[r * cols + c];
             }
         }
-    }
-
-    pub fn check_same_grid(&self, other: &Volume, what: &str) -> Result<()> {
-        if self.dims != other.dims {
-            bail!("{what}: image is {:?} voxels but mask is {:?}", self.dims, other.dims);
-        }
-        Ok(())
     }
 }
 

@@ -39,7 +39,39 @@ impl Endian {
     }
 }
 
+/// Voxels in the file's own type where that is exact (u8 or i16 without
+/// scaling), so ingest need not convert a whole volume to f32 and back.
+pub enum NativeVolume {
+    U8(Volume<u8>),
+    I16(Volume<i16>),
+    F32(Volume<f32>),
+}
+
+impl NativeVolume {
+    pub fn dims(&self) -> [usize; 3] {
+        match self {
+            NativeVolume::U8(v) => v.dims,
+            NativeVolume::I16(v) => v.dims,
+            NativeVolume::F32(v) => v.dims,
+        }
+    }
+
+    pub fn into_f32(self) -> Volume {
+        match self {
+            NativeVolume::U8(v) => v.with_data(v.data.iter().map(|&x| x as f32).collect()),
+            NativeVolume::I16(v) => v.with_data(v.data.iter().map(|&x| x as f32).collect()),
+            NativeVolume::F32(v) => v,
+        }
+    }
+}
+
 pub fn read(path: &Path) -> Result<NiftiFile> {
+    let (volume, header, datatype) = read_native(path)?;
+    Ok(NiftiFile { volume: volume.into_f32(), header, datatype })
+}
+
+/// The volume in its native voxel type, the raw 348-byte header and the datatype code.
+pub fn read_native(path: &Path) -> Result<(NativeVolume, Vec<u8>, i16)> {
     let p = path.display();
     let bytes = read_all(path)?;
     if bytes.len() < HEADER_LEN {
@@ -90,6 +122,16 @@ pub fn read(path: &Path) -> Result<NiftiFile> {
         bail!("{p}: truncated: {} bytes, header says {need} ({}×{}×{} voxels of {bpv} bytes at offset {vox_offset})", bytes.len(), dims[0], dims[1], dims[2]);
     }
     let d = &bytes[vox_offset..need];
+    let affine = header_affine(&bytes, &e, spacing);
+    let grid = Volume::<()> { dims, spacing, affine, data: Vec::new() };
+    let header = bytes[..HEADER_LEN].to_vec();
+    if slope == 1.0 && inter == 0.0 {
+        match datatype {
+            2 => return Ok((NativeVolume::U8(grid.with_data(d.to_vec())), header, datatype)),
+            4 => return Ok((NativeVolume::I16(grid.with_data(d.chunks_exact(2).map(|c| e.i16(c, 0)).collect())), header, datatype)),
+            _ => {}
+        }
+    }
     let raw: Vec<f32> = match datatype {
         2 => d.iter().map(|&v| v as f32).collect(),
         256 => d.iter().map(|&v| v as i8 as f32).collect(),
@@ -105,8 +147,7 @@ pub fn read(path: &Path) -> Result<NiftiFile> {
     if let Some(i) = data.iter().position(|v| !v.is_finite()) {
         bail!("{p}: voxel {i} is NaN or infinite");
     }
-    let affine = header_affine(&bytes, &e, spacing);
-    Ok(NiftiFile { volume: Volume { dims, spacing, affine, data }, header: bytes[..HEADER_LEN].to_vec(), datatype })
+    Ok((NativeVolume::F32(grid.with_data(data)), header, datatype))
 }
 
 /// sform if set, else qform, else spacing only (NIfTI method 1).

@@ -16,26 +16,28 @@ fn taps(n: usize, on: usize) -> Vec<(usize, usize, f32)> {
 
 pub fn bilinear(src: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> Vec<f32> {
     let mut out = vec![0f32; oh * ow];
-    bilinear_with(src, |v| v, h, w, oh, ow, |i, v| out[i] = v);
+    bilinear_rows(src, |v| v, h, w, oh, ow, |y, row, xs| {
+        for (o, &(x0, x1, wx)) in out[y * ow..(y + 1) * ow].iter_mut().zip(xs) {
+            *o = row[x0] + (row[x1] - row[x0]) * wx;
+        }
+    });
     out
 }
 
-/// Bilinear resize of `map(src)`, writing each output with `put`. `map`
-/// (e.g. an HU window) is applied to the source rows as they are read, so no
-/// converted copy of the image is ever made.
-fn bilinear_with<T: Copy>(src: &[T], map: impl Fn(T) -> f32, h: usize, w: usize, oh: usize, ow: usize, mut put: impl FnMut(usize, f32)) {
+/// The vertical half of a bilinear resize of `map(src)`: for each output row
+/// `y`, blend its two source rows once and hand the blended row (and the
+/// x taps) to `emit`. `map` (e.g. an HU window) is applied to source rows as
+/// they are read, so no converted copy of the image is ever made.
+fn bilinear_rows<T: Copy>(src: &[T], map: impl Fn(T) -> f32, h: usize, w: usize, oh: usize, ow: usize, mut emit: impl FnMut(usize, &[f32], &[(usize, usize, f32)])) {
     let xs = taps(w, ow);
     let mut row = vec![0f32; w];
     for (y, &(y0, y1, wy)) in taps(h, oh).iter().enumerate() {
-        // Blend the two source rows once, then interpolate along x.
         let (r0, r1) = (&src[y0 * w..(y0 + 1) * w], &src[y1 * w..(y1 + 1) * w]);
         for ((o, &a), &b) in row.iter_mut().zip(r0).zip(r1) {
             let (a, b) = (map(a), map(b));
             *o = a + (b - a) * wy;
         }
-        for (x, &(x0, x1, wx)) in xs.iter().enumerate() {
-            put(y * ow + x, row[x0] + (row[x1] - row[x0]) * wx);
-        }
+        emit(y, &row, &xs);
     }
 }
 
@@ -47,7 +49,14 @@ pub fn bilinear_to_u8(src: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> 
 /// Bilinear resize of `map(src)` (values in [0, 1]) straight to uint8.
 pub fn bilinear_map_to_u8<T: Copy>(src: &[T], map: impl Fn(T) -> f32, h: usize, w: usize, oh: usize, ow: usize) -> Vec<u8> {
     let mut out = vec![0u8; oh * ow];
-    bilinear_with(src, map, h, w, oh, ow, |i, v| out[i] = (v * 255.0 + 0.5) as u8);
+    bilinear_rows(src, map, h, w, oh, ow, |y, row, xs| {
+        // The x taps are a gather, so this loop is scalar: keep it free of
+        // index arithmetic and bounds checks on the output.
+        for (o, &(x0, x1, wx)) in out[y * ow..(y + 1) * ow].iter_mut().zip(xs) {
+            let (a, b) = (row[x0], row[x1]);
+            *o = ((a + (b - a) * wx) * 255.0 + 0.5) as u8;
+        }
+    });
     out
 }
 
