@@ -7,7 +7,7 @@
 use anyhow::{bail, Context, Result};
 use crate::engine::params::{param, ParamType::*, ParamSpec};
 use crate::engine::stage::{Stage, StageContext, StageInfo, Summary};
-use crate::engine::table::{read_parquet, write_parquet, write_safetensors, NamedTensor, TensorFile};
+use crate::engine::table::{read_parquet, write_parquet, TensorFile, TensorFileWriter};
 use crate::imaging::resize;
 use crate::rng::Rng;
 use polars::prelude::{Column, DataFrame, IdxSize};
@@ -48,7 +48,14 @@ pub fn scaled_resize<T: Copy + Into<f32>>(src: &[T], hu: bool, minmax: bool, win
 }
 
 /// `scaled_resize` of pixels that `value` turns into numbers (e.g. i16 bytes).
-fn scaled_resize_with<T: Copy>(src: &[T], value: impl Fn(T) -> f32 + Copy, hu: bool, minmax: bool, (lo, hi): (f32, f32), (h, w): (usize, usize), size: usize) -> Vec<u8> {
+fn scaled_resize_with<T: Copy>(src: &[T], value: impl Fn(T) -> f32 + Copy, hu: bool, minmax: bool, window: (f32, f32), shape: (usize, usize), size: usize) -> Vec<u8> {
+    let mut out = vec![0u8; size * size];
+    scaled_resize_into(src, value, hu, minmax, window, shape, &mut out);
+    out
+}
+
+/// `scaled_resize_with` into `out` (size², size = √out.len()).
+fn scaled_resize_into<T: Copy>(src: &[T], value: impl Fn(T) -> f32 + Copy, hu: bool, minmax: bool, (lo, hi): (f32, f32), (h, w): (usize, usize), out: &mut [u8]) {
     let (off, span) = if hu {
         (lo, hi - lo)
     } else if minmax {
@@ -57,14 +64,36 @@ fn scaled_resize_with<T: Copy>(src: &[T], value: impl Fn(T) -> f32 + Copy, hu: b
     } else {
         (0.0, 255.0)
     };
-    resize::bilinear_map_to_u8(src, |v| ((value(v) - off) / span).clamp(0.0, 1.0), h, w, size, size)
+    let size = out.len().isqrt();
+    resize::bilinear_map_into_u8(src, |v| ((value(v) - off) / span).clamp(0.0, 1.0), h, w, out, size);
 }
 
-struct Kept {
-    row: usize,
-    image: Vec<u8>,
-    mask: Vec<u8>,
-    liver: u64,
+/// One case of ingest, borrowed from its mapped file.
+struct CaseView<'a> {
+    n: usize,
+    h: usize,
+    w: usize,
+    image: Raw<'a>,
+    masks: &'a [u8],
+}
+
+impl<'a> CaseView<'a> {
+    fn new(tf: &'a TensorFile, path: &std::path::Path, listed: usize) -> Result<Self> {
+        let (shape, masks) = tf.u8_ref("mask").with_context(|| path.display().to_string())?;
+        let (n, h, w) = (shape[0], shape[1], shape[2]);
+        if n != listed {
+            bail!("{}: {n} slices but slices.parquet lists {listed}", path.display());
+        }
+        let image = match tf.get("image").with_context(|| path.display().to_string())? {
+            (_, bytes, safetensors::Dtype::I16) => Raw::I16(bytes.as_chunks::<2>().0),
+            _ => Raw::U8(tf.u8_ref("image").with_context(|| path.display().to_string())?.1),
+        };
+        Ok(CaseView { n, h, w, image, masks })
+    }
+
+    fn mask(&self, k: usize) -> &[u8] {
+        &self.masks[k * self.h * self.w..(k + 1) * self.h * self.w]
+    }
 }
 
 impl Stage for Normalise {
@@ -88,6 +117,8 @@ impl Stage for Normalise {
         let empty_fraction = p.f64("empty_fraction")?;
         let seed = p.u64("seed")?;
 
+        let t0 = std::time::Instant::now();
+        let tr = |what: &str| if std::env::var_os("TRACE").is_some() { eprintln!("TRACE   {what} {:.1} ms", t0.elapsed().as_secs_f64() * 1e3) };
         let ingest = ctx.upstream("ingest")?;
         let table = read_parquet(&ingest.file("slices.parquet"))?;
         let cases = table.column("case_id")?.str()?.clone();
@@ -101,75 +132,95 @@ impl Stage for Normalise {
                 _ => groups.push((c, vec![i])),
             }
         }
+        tr("table");
+        let case_path = |case: &str| ingest.file(&format!("cases/{case}.safetensors"));
+        let plane = size * size;
+
+        // Which slices to keep depends on the resized masks' liver pixels, so
+        // a policy other than `all` counts them first (masks are cheap).
+        let livers: Option<Vec<Vec<u64>>> = if policy == "all" {
+            None
+        } else {
+            let counted = groups
+                .par_iter()
+                .map(|(case, rows)| {
+                    let path = case_path(case);
+                    let tf = TensorFile::open(&path)?;
+                    let view = CaseView::new(&tf, &path, rows.len())?;
+                    let mut mask = vec![0u8; plane];
+                    Ok((0..view.n)
+                        .map(|k| {
+                            resize::nearest_into(view.mask(k), view.h, view.w, &mut mask, size);
+                            mask.iter().map(|&v| v as u64).sum()
+                        })
+                        .collect())
+                })
+                .collect::<Result<_>>()?;
+            Some(counted)
+        };
+        let mut rng = Rng::new(seed);
+        let keep: Vec<Vec<usize>> = groups
+            .iter()
+            .enumerate()
+            .map(|(g, (_, rows))| {
+                (0..rows.len())
+                    .filter(|&k| match &livers {
+                        None => true,
+                        Some(l) if policy == "liver" => l[g][k] > 0,
+                        Some(l) => l[g][k] > 0 || rng.f64() < empty_fraction,
+                    })
+                    .collect()
+            })
+            .collect();
+        let total = table.height();
+        let n: usize = keep.iter().map(Vec::len).sum();
+        if n == 0 {
+            bail!("normalise: the slice policy `{policy}` kept no slices");
+        }
+        tr("chosen");
+
+        // Each case is resized into its own buffers and written straight to
+        // its place in the output file: memory stays at a few cases, however
+        // large the dataset.
+        let out = TensorFileWriter::create(&ctx.out("data.safetensors"), &[("images", safetensors::Dtype::U8, vec![n, size, size]), ("masks", safetensors::Dtype::U8, vec![n, size, size])], &ctx.provenance())?;
+        let starts: Vec<usize> = keep.iter().scan(0, |acc, k| { let s = *acc; *acc += k.len(); Some(s) }).collect();
         let bar = crate::progress::bar(groups.len() as u64, "normalise", ctx.show_progress);
-        let per_case: Vec<Vec<Kept>> = groups
+        let kept_livers: Vec<Vec<u64>> = groups
             .par_iter()
-            .map(|(case, rows)| {
-                let path = ingest.file(&format!("cases/{case}.safetensors"));
+            .zip(&keep)
+            .zip(&starts)
+            .map(|(((case, rows), ks), &start)| {
+                let path = case_path(case);
                 let tf = TensorFile::open(&path)?;
-                let (mshape, masks) = tf.u8_ref("mask")?;
-                let (n, h, w) = (mshape[0], mshape[1], mshape[2]);
-                if n != rows.len() {
-                    bail!("{}: {n} slices but slices.parquet lists {}", path.display(), rows.len());
-                }
+                let view = CaseView::new(&tf, &path, rows.len())?;
                 let hu = units.get(rows[0]) == Some("HU");
-                // Intensities are mapped to [0, 1] row by row inside the resize
-                // (no converted copy of the volume).
-                let image = match tf.get("image")? {
-                    (_, bytes, safetensors::Dtype::I16) => Raw::I16(bytes.as_chunks::<2>().0),
-                    _ => Raw::U8(tf.u8_ref("image")?.1),
-                };
-                let mut out = Vec::with_capacity(n);
-                for (k, &row) in rows.iter().enumerate() {
-                    let range = k * h * w..(k + 1) * h * w;
-                    let image = match &image {
-                        Raw::I16(v) => scaled_resize_with(&v[range], |b| f32::from(i16::from_le_bytes(b)), hu, minmax, (lo, hi), (h, w), size),
-                        Raw::U8(v) => scaled_resize(&v[range], hu, minmax, (lo, hi), (h, w), size),
-                    };
-                    let mask = resize::nearest(&masks[k * h * w..(k + 1) * h * w], h, w, size, size);
-                    let liver = mask.iter().map(|&v| v as u64).sum();
-                    out.push(Kept { row, image, mask, liver });
+                let (mut images, mut masks) = (vec![0u8; ks.len() * plane], vec![0u8; ks.len() * plane]);
+                let mut livers = Vec::with_capacity(ks.len());
+                for ((&k, image), mask) in ks.iter().zip(images.chunks_exact_mut(plane)).zip(masks.chunks_exact_mut(plane)) {
+                    // Intensities are mapped to [0, 1] row by row inside the
+                    // resize (no converted copy of the volume).
+                    let range = k * view.h * view.w..(k + 1) * view.h * view.w;
+                    match &view.image {
+                        Raw::I16(v) => scaled_resize_into(&v[range], |b| f32::from(i16::from_le_bytes(b)), hu, minmax, (lo, hi), (view.h, view.w), image),
+                        Raw::U8(v) => scaled_resize_into(&v[range], f32::from, hu, minmax, (lo, hi), (view.h, view.w), image),
+                    }
+                    resize::nearest_into(view.mask(k), view.h, view.w, mask, size);
+                    livers.push(mask.iter().map(|&v| v as u64).sum());
                 }
+                out.write_at("images", start * plane, &images)?;
+                out.write_at("masks", start * plane, &masks)?;
                 bar.inc(1);
-                Ok(out)
+                Ok(livers)
             })
             .collect::<Result<_>>()?;
         bar.finish_and_clear();
-
-        let total: usize = per_case.iter().map(Vec::len).sum();
-        let mut kept: Vec<Kept> = Vec::with_capacity(total);
-        let (mut dropped_empty, mut kept_empty) = (0u64, 0u64);
-        let mut rng = Rng::new(seed);
-        for k in per_case.into_iter().flatten() {
-            let keep = match policy {
-                "all" => true,
-                "liver" => k.liver > 0,
-                _ => k.liver > 0 || rng.f64() < empty_fraction,
-            };
-            if keep {
-                kept_empty += u64::from(k.liver == 0);
-                kept.push(k);
-            } else {
-                dropped_empty += 1;
-            }
-        }
-        if kept.is_empty() {
-            bail!("normalise: the slice policy `{policy}` kept no slices");
-        }
-        let n = kept.len();
-        let mut images = Vec::with_capacity(n * size * size);
-        let mut masks = Vec::with_capacity(n * size * size);
-        for k in &kept {
-            images.extend_from_slice(&k.image);
-            masks.extend_from_slice(&k.mask);
-        }
-        write_safetensors(
-            &ctx.out("data.safetensors"),
-            &[NamedTensor::u8("images", vec![n, size, size], images), NamedTensor::u8("masks", vec![n, size, size], masks)],
-            &ctx.provenance(),
-        )?;
+        out.finish()?;
+        tr("written");
+        let kept: Vec<(usize, u64)> = groups.iter().zip(&keep).zip(&kept_livers).flat_map(|(((_, rows), ks), ls)| ks.iter().zip(ls).map(|(&k, &l)| (rows[k], l))).collect();
+        let kept_empty = kept.iter().filter(|k| k.1 == 0).count() as u64;
+        let dropped_empty = (total - n) as u64;
         let take = |name: &str| -> Result<Column> {
-            let idx: Vec<IdxSize> = kept.iter().map(|k| k.row as IdxSize).collect();
+            let idx: Vec<IdxSize> = kept.iter().map(|k| k.0 as IdxSize).collect();
             Ok(table.column(name)?.take_slice(&idx)?)
         };
         let mut index = DataFrame::new_infer_height(vec![
@@ -180,11 +231,12 @@ impl Stage for Normalise {
             take("spacing_row_mm")?,
             take("spacing_col_mm")?,
             take("unit")?,
-            Column::new("src_rows".into(), kept.iter().map(|k| table.column("rows").ok().and_then(|c| c.u64().ok()?.get(k.row)).unwrap_or(0)).collect::<Vec<_>>()),
-            Column::new("liver_pixels".into(), kept.iter().map(|k| k.liver).collect::<Vec<_>>()),
+            Column::new("src_rows".into(), kept.iter().map(|k| table.column("rows").ok().and_then(|c| c.u64().ok()?.get(k.0)).unwrap_or(0)).collect::<Vec<_>>()),
+            Column::new("liver_pixels".into(), kept.iter().map(|k| k.1).collect::<Vec<_>>()),
         ])
         .context("cannot build index table")?;
         write_parquet(&ctx.out("index.parquet"), &mut index, &ctx.provenance())?;
+        tr("parquet");
         let mut s = Summary::new();
         s.insert("slices_in".into(), total.into());
         s.insert("slices_kept".into(), n.into());

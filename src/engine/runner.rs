@@ -80,7 +80,9 @@ impl<'r> Engine<'r> {
             Some(t) => self.pipeline.ancestors_and_self(t)?,
             None => self.pipeline.stages.iter().collect(),
         };
+        let tp = Instant::now();
         let planned = self.plan(&stages)?;
+        if std::env::var_os("TRACE").is_some() { eprintln!("TRACE plan {:.1} ms", tp.elapsed().as_secs_f64()*1e3); }
         let mut report = RunReport::default();
         // Fast path: nothing to do needs no lock.
         if stages.iter().all(|s| self.store.artifact_dir(&s.name, &planned[&s.name].key).join(super::store::MANIFEST).is_file()) {
@@ -177,7 +179,9 @@ impl<'r> Engine<'r> {
             liverseg_version: env!("CARGO_PKG_VERSION").to_owned(),
             metrics,
         };
+        let tc = Instant::now();
         self.store.commit(&build, manifest, lock)?;
+        if std::env::var_os("TRACE").is_some() { eprintln!("TRACE {} run {:.1} ms commit {:.1} ms", s.name, secs*1e3, tc.elapsed().as_secs_f64()*1e3); }
         // Checkpoints of an interrupted run are no longer needed once the artifact exists.
         let scratch = self.store.scratch_dir(&s.name, &p.key);
         if scratch.exists() {

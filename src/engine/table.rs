@@ -75,6 +75,87 @@ pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], provenance: &[(St
     safetensors::tensor::serialize_to_file(views, &Some(meta), path).map_err(|e| anyhow!("cannot write {}: {e:?}", path.display()))
 }
 
+/// A safetensors file written region by region, from any number of threads,
+/// so a stage can stream a dataset-sized tensor to disk without holding it in
+/// memory. The bytes equal `write_safetensors` of the same tensors.
+pub struct TensorFileWriter {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    /// name -> (absolute file offset, byte length, bytes written so far)
+    regions: BTreeMap<String, (u64, u64, std::sync::atomic::AtomicU64)>,
+}
+
+/// Header-only stand-in for a tensor: safetensors lays out the header from
+/// the lengths alone, and the data is written later by region.
+struct Placeholder(safetensors::Dtype, Vec<usize>, usize);
+
+impl safetensors::tensor::View for &Placeholder {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.0
+    }
+    fn shape(&self) -> &[usize] {
+        &self.1
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&[])
+    }
+    fn data_len(&self) -> usize {
+        self.2
+    }
+}
+
+impl TensorFileWriter {
+    /// Create `path` with the header for `tensors` (name, dtype, shape).
+    pub fn create(path: &Path, tensors: &[(&str, safetensors::Dtype, Vec<usize>)], provenance: &[(String, String)]) -> Result<Self> {
+        let holders: Vec<(String, Placeholder)> = tensors
+            .iter()
+            .map(|(name, dtype, shape)| (name.to_string(), Placeholder(*dtype, shape.clone(), shape.iter().product::<usize>() * dtype.size())))
+            .collect();
+        let meta: BTreeMap<&str, &str> = provenance.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let meta = std::collections::HashMap::from([("liverseg".to_owned(), serde_json::to_string(&meta)?)]);
+        let head = safetensors::tensor::serialize(holders.iter().map(|(n, h)| (n.clone(), h)), &Some(meta)).map_err(|e| anyhow!("cannot lay out {}: {e:?}", path.display()))?;
+        // The header's own data_offsets say where each tensor goes.
+        let json: serde_json::Value = serde_json::from_slice(&head[8..]).context("safetensors header")?;
+        let start = head.len() as u64;
+        let mut regions = BTreeMap::new();
+        let mut end = start;
+        for (name, ..) in tensors {
+            let off = &json[*name]["data_offsets"];
+            let (a, b) = (off[0].as_u64().unwrap_or(0), off[1].as_u64().unwrap_or(0));
+            regions.insert(name.to_string(), (start + a, b - a, std::sync::atomic::AtomicU64::new(0)));
+            end = end.max(start + b);
+        }
+        let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&head, 0).and_then(|_| file.set_len(end)).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(TensorFileWriter { path: path.to_path_buf(), file, regions })
+    }
+
+    /// Write `bytes` at byte `offset` within tensor `name`.
+    pub fn write_at(&self, name: &str, offset: usize, bytes: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let (start, len, written) = self.regions.get(name).ok_or_else(|| anyhow!("{}: no tensor `{name}`", self.path.display()))?;
+        if offset as u64 + bytes.len() as u64 > *len {
+            return Err(anyhow!("{}: write past the end of tensor `{name}`", self.path.display()));
+        }
+        self.file.write_all_at(bytes, start + offset as u64).with_context(|| format!("cannot write {}", self.path.display()))?;
+        written.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Check that every tensor was written in full (regions never overlap in
+    /// our callers, so byte counts suffice).
+    pub fn finish(self) -> Result<()> {
+        for (name, (_, len, written)) in &self.regions {
+            let w = written.load(std::sync::atomic::Ordering::Relaxed);
+            if w != *len {
+                return Err(anyhow!("{}: tensor `{name}` got {w} of its {len} bytes", self.path.display()));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Tensors read back from a safetensors file, memory-mapped: normalise reads
 /// every case of ingest this way, and a copy into fresh memory cost as much
 /// as the resize. Store files are write-once (built aside, renamed into

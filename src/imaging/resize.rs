@@ -49,19 +49,32 @@ pub fn bilinear_to_u8(src: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> 
 /// Bilinear resize of `map(src)` (values in [0, 1]) straight to uint8.
 pub fn bilinear_map_to_u8<T: Copy>(src: &[T], map: impl Fn(T) -> f32, h: usize, w: usize, oh: usize, ow: usize) -> Vec<u8> {
     let mut out = vec![0u8; oh * ow];
+    bilinear_map_into_u8(src, map, h, w, &mut out, ow);
+    out
+}
+
+/// `bilinear_map_to_u8` into `out` (oh × ow, oh = out.len() / ow).
+pub fn bilinear_map_into_u8<T: Copy>(src: &[T], map: impl Fn(T) -> f32, h: usize, w: usize, out: &mut [u8], ow: usize) {
+    let oh = out.len() / ow;
     bilinear_rows(src, map, h, w, oh, ow, |y, row, xs| {
-        // The x taps are a gather, so this loop is scalar: keep it free of
-        // index arithmetic and bounds checks on the output.
+        // The x taps are a gather, so this loop stays scalar (vector gathers
+        // measured slower here); keep it free of output index arithmetic.
         for (o, &(x0, x1, wx)) in out[y * ow..(y + 1) * ow].iter_mut().zip(xs) {
             let (a, b) = (row[x0], row[x1]);
             *o = ((a + (b - a) * wx) * 255.0 + 0.5) as u8;
         }
     });
-    out
 }
 
 pub fn nearest(src: &[u8], h: usize, w: usize, oh: usize, ow: usize) -> Vec<u8> {
     let mut out = vec![0u8; oh * ow];
+    nearest_into(src, h, w, &mut out, ow);
+    out
+}
+
+/// `nearest` into `out` (oh × ow, oh = out.len() / ow).
+pub fn nearest_into(src: &[u8], h: usize, w: usize, out: &mut [u8], ow: usize) {
+    let oh = out.len() / ow;
     let xs: Vec<usize> = (0..ow).map(|x| (((x as f32 + 0.5) * w as f32 / ow as f32) as usize).min(w - 1)).collect();
     for y in 0..oh {
         let sy = (((y as f32 + 0.5) * h as f32 / oh as f32) as usize).min(h - 1);
@@ -70,7 +83,6 @@ pub fn nearest(src: &[u8], h: usize, w: usize, oh: usize, ow: usize) -> Vec<u8> 
             *o = row[sx];
         }
     }
-    out
 }
 
 #[cfg(test)]
