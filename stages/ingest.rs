@@ -243,30 +243,41 @@ fn float_hu(v: Volume) -> Volume<i16> {
     v.with_data(v.data.iter().map(|&x| (x + 0.5).floor() as i16).collect())
 }
 
+/// A grid-ordered array as [slice, row, col] (no copy when z is the axial axis).
+fn axial_order<T: Copy, V: Copy>(grid: &Volume<T>, data: Vec<V>) -> Vec<V> {
+    if grid.axial_axis() == 2 {
+        return data;
+    }
+    (0..grid.num_slices()).flat_map(|k| grid.slice_of(&data, k)).collect()
+}
+
+fn i16_le_bytes(v: &[i16]) -> Vec<u8> {
+    let mut bytes = vec![0u8; v.len() * 2];
+    for (b, x) in bytes.chunks_exact_mut(2).zip(v) {
+        b.copy_from_slice(&x.to_le_bytes());
+    }
+    bytes
+}
+
+/// HU of a volume as ingest's tensor bytes (little-endian i16, [slice, row, col]).
+fn hu_tensor<T: Copy>(grid: &Volume<T>, hu: Volume<i16>) -> Vec<u8> {
+    i16_le_bytes(&axial_order(grid, hu.data))
+}
+
 struct CaseOut {
     rows: Vec<SliceRow>,
     image: NamedTensor,
     mask: NamedTensor,
 }
 
-fn volume_case(case: &str, image: Volume<i16>, mask: Vec<u8>, source: (String, String, u64)) -> Result<CaseOut> {
-    let n = image.num_slices();
-    let ((rows, cols), (sr, sc)) = image.slice_shape();
-    let ax = image.axial_axis();
+/// A case from a volume: `image` is the HU tensor bytes ([slice, row, col],
+/// little-endian i16), `mask` the binary liver mask on the volume's grid.
+fn volume_case<T: Copy>(case: &str, grid: &Volume<T>, image: Vec<u8>, mask: Vec<u8>, source: (String, String, u64)) -> Result<CaseOut> {
+    let n = grid.num_slices();
+    let ((rows, cols), (sr, sc)) = grid.slice_shape();
     let plane = rows * cols;
-    let (orientation, slice_mm) = (image.orientation(), image.spacing[ax]);
-    // With z as the axial axis (the usual layout) the volume already is the
-    // [slice, row, col] tensor; other layouts are gathered slice by slice.
-    let (img_data, mask_data) = if ax == 2 {
-        (image.data, mask)
-    } else {
-        let (mut img, mut msk) = (Vec::with_capacity(n * plane), Vec::with_capacity(n * plane));
-        for k in 0..n {
-            img.extend(image.slice(k));
-            msk.extend(image.slice_of(&mask, k));
-        }
-        (img, msk)
-    };
+    let (orientation, slice_mm) = (grid.orientation(), grid.spacing[grid.axial_axis()]);
+    let mask = axial_order(grid, mask);
     let out_rows = (0..n)
         .map(|k| SliceRow {
             case_id: case.to_owned(),
@@ -276,13 +287,13 @@ fn volume_case(case: &str, image: Volume<i16>, mask: Vec<u8>, source: (String, S
             source_size: source.2,
             spacing: [sr, sc, slice_mm],
             unit: "HU",
-            liver_pixels: mask_data[k * plane..(k + 1) * plane].iter().map(|&v| v as u64).sum(),
+            liver_pixels: mask[k * plane..(k + 1) * plane].iter().map(|&v| v as u64).sum(),
             rows,
             cols,
             orientation: orientation.clone(),
         })
         .collect();
-    Ok(CaseOut { rows: out_rows, image: NamedTensor::i16("image", vec![n, rows, cols], &img_data), mask: NamedTensor::u8("mask", vec![n, rows, cols], mask_data) })
+    Ok(CaseOut { rows: out_rows, image: NamedTensor { name: "image".into(), dtype: safetensors::Dtype::I16, shape: vec![n, rows, cols], data: image }, mask: NamedTensor::u8("mask", vec![n, rows, cols], mask) })
 }
 
 impl Stage for Ingest {
@@ -332,7 +343,10 @@ impl Stage for Ingest {
             let (h, s) = hashes.get(r.as_str()).copied().unwrap_or(("", 0));
             (r, h.to_owned(), s)
         };
+        let t0 = std::time::Instant::now();
+        let tr = |what: &str| if std::env::var_os("TRACE").is_some() { eprintln!("TRACE   {what} {:.1} ms", t0.elapsed().as_secs_f64() * 1e3) };
         let (items, mut quarantine) = self.discover(p, &root)?;
+        tr("discover");
         if !skip {
             if let Some((file, reason)) = quarantine.first() {
                 bail!("{}: {reason}", root.join(file).display());
@@ -367,19 +381,29 @@ impl Stage for Ingest {
                     affine[1][1] = -ph.spacing[1];
                     let vol = Volume { dims: ph.dims, spacing: ph.spacing, affine, data: ph.hu };
                     let name = format!("synthetic/volume-{case}");
-                    let r = liver_mask_int(&ph.labels, &liver, max_label, &name).and_then(|m| volume_case(&format!("{case:03}"), vol, m, (name.clone(), String::new(), 0)));
+                    let r = liver_mask_int(&ph.labels, &liver, max_label, &name).and_then(|m| {
+                        let grid = vol.with_data(Vec::<()>::new());
+                        volume_case(&format!("{case:03}"), &grid, hu_tensor(&grid, vol), m, (name.clone(), String::new(), 0))
+                    });
                     (format!("{case:03}"), r.map_err(|e| (name, e)))
                 }
                 Item::Nifti { case, image, mask } => {
                     let r = (|| {
                         let mask = mask.as_ref().ok_or_else(|| (rel(&root, image), anyhow!("{}: missing mask (no segmentation file beside it)", image.display())))?;
-                        let img = native_hu(imaging::nifti::read_native(image).map_err(|e| (rel(&root, image), e))?.0);
-                        let m = imaging::nifti::read_native(mask).map_err(|e| (rel(&root, mask), e))?.0;
-                        if img.dims != m.dims() {
-                            return Err((rel(&root, mask), anyhow!("{}: image is {:?} voxels but mask is {:?}", mask.display(), img.dims, m.dims())));
+                        let raw = imaging::nifti::read_raw(image).map_err(|e| (rel(&root, image), e))?;
+                        let grid = raw.grid.clone();
+                        // The usual CT file already holds ingest's tensor bytes.
+                        let hu = match raw.into_i16_le_bytes() {
+                            Ok(bytes) if grid.axial_axis() == 2 => bytes,
+                            Ok(bytes) => hu_tensor(&grid, grid.with_data(bytes.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect())),
+                            Err(raw) => hu_tensor(&grid, native_hu(raw.into_native().map_err(|e| (rel(&root, image), e))?)),
+                        };
+                        let m = imaging::nifti::read_raw(mask).and_then(|m| m.into_native()).map_err(|e| (rel(&root, mask), e))?;
+                        if grid.dims != m.dims() {
+                            return Err((rel(&root, mask), anyhow!("{}: image is {:?} voxels but mask is {:?}", mask.display(), grid.dims, m.dims())));
                         }
                         let bin = native_liver_mask(&m, &liver, max_label, &mask.display().to_string()).map_err(|e| (rel(&root, mask), e))?;
-                        volume_case(case, img, bin, src(image)).map_err(|e| (rel(&root, image), e))
+                        volume_case(case, &grid, hu, bin, src(image)).map_err(|e| (rel(&root, image), e))
                     })();
                     (case.clone(), r)
                 }
@@ -393,7 +417,8 @@ impl Stage for Ingest {
                         let m = if name.ends_with(".nrrd") { imaging::nrrd::read(mask) } else { imaging::nifti::read(mask).map(|f| f.volume) }.map_err(|e| (rel(&root, mask), e))?;
                         let labels = imaging::dicom::resample_nearest(&m, &img).map_err(|e| (rel(&root, mask), e))?;
                         let bin = liver_mask(&labels, &liver, max_label, &mask.display().to_string()).map_err(|e| (rel(&root, mask), e))?;
-                        volume_case(case, float_hu(img), bin, (rel(&root, series), String::new(), 0)).map_err(|e| (rel(&root, series), e))
+                        let grid = img.with_data(Vec::<()>::new());
+                        volume_case(case, &grid, hu_tensor(&grid, float_hu(img)), bin, (rel(&root, series), String::new(), 0)).map_err(|e| (rel(&root, series), e))
                     })();
                     (case.clone(), r)
                 }
@@ -466,6 +491,7 @@ impl Stage for Ingest {
             })
             .collect();
         bar.finish_and_clear();
+        tr("process");
         let mut rows = Vec::new();
         for r in results {
             let (kept, bad) = r?;
@@ -477,6 +503,7 @@ impl Stage for Ingest {
         }
         quarantine.sort();
         write_tables(ctx, &rows, &quarantine)?;
+        tr("tables");
         let cases: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.case_id.as_str()).collect();
         let mut s = Summary::new();
         s.insert("cases".into(), cases.len().into());

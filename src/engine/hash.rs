@@ -11,15 +11,21 @@ use std::path::{Path, PathBuf};
 pub const KEY_HEX_LEN: usize = 20;
 
 pub fn hash_file(path: &Path) -> Result<String> {
+    let len = std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?.len();
+    hash_file_of_len(path, len)
+}
+
+/// `hash_file` when the caller has just stat'ed the file.
+fn hash_file_of_len(path: &Path, len: u64) -> Result<String> {
     // Large artifacts (tensors of a whole dataset): memory-mapped and hashed on all cores.
-    if std::fs::metadata(path).map(|m| m.len() > 8 << 20).unwrap_or(false) {
+    if len > 8 << 20 {
         let mut h = blake3::Hasher::new();
         h.update_mmap_rayon(path).with_context(|| format!("cannot read {}", path.display()))?;
         return Ok(h.finalize().to_hex().to_string());
     }
     let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 16];
+    let mut buf = vec![0u8; (len as usize + 1).min(1 << 16)];
     loop {
         let n = f.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
@@ -28,6 +34,33 @@ pub fn hash_file(path: &Path) -> Result<String> {
         h.update(&buf[..n]);
     }
     Ok(h.finalize().to_hex().to_string())
+}
+
+/// Hashes of files this process wrote, taken from the bytes as they were
+/// written, so committing an artifact need not read its outputs back. Entries
+/// are checked against size, mtime and inode, like the stat cache.
+static WRITTEN: std::sync::Mutex<BTreeMap<PathBuf, StatEntry>> = std::sync::Mutex::new(BTreeMap::new());
+
+/// Record that `path` now holds bytes whose blake3 is `hash` (call after closing it).
+pub fn note_written(path: &Path, hash: blake3::Hash) -> Result<()> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+    let (size, mtime_ns, inode) = stat_of(&meta);
+    let entry = StatEntry { size, mtime_ns, inode, blake3: hash.to_hex().to_string() };
+    WRITTEN.lock().unwrap_or_else(|e| e.into_inner()).insert(path.to_path_buf(), entry);
+    Ok(())
+}
+
+/// The hash noted when this process wrote `path`, if the file is unchanged
+/// since; otherwise the file is read and hashed.
+pub fn hash_written_file(path: &Path) -> Result<String> {
+    let known = WRITTEN.lock().unwrap_or_else(|e| e.into_inner()).remove(path);
+    if let Some(e) = known {
+        let meta = std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+        if stat_of(&meta) == (e.size, e.mtime_ns, e.inode) {
+            return Ok(e.blake3);
+        }
+    }
+    hash_file(path)
 }
 
 pub fn hash_bytes(bytes: &[u8]) -> String {
@@ -99,16 +132,20 @@ impl StatCache {
     /// re-hashed in parallel.
     pub fn hash_many(&mut self, paths: &[std::path::PathBuf], show_progress: bool) -> Result<Vec<(u64, String)>> {
         use rayon::prelude::*;
+        // Stat in parallel too: on a first run over many small files the
+        // system calls are most of the cost.
+        let stats: Vec<(u64, i128, u64)> = paths
+            .par_iter()
+            .map(|path| std::fs::metadata(path).map(|m| stat_of(&m)).with_context(|| format!("cannot stat {}", path.display())))
+            .collect::<Result<_>>()?;
         let mut out: Vec<Option<(u64, String)>> = Vec::with_capacity(paths.len());
         let mut misses = Vec::new();
-        for (i, path) in paths.iter().enumerate() {
-            let meta = std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
-            let (size, mtime_ns, inode) = stat_of(&meta);
+        for (i, (path, &(size, mtime_ns, inode))) in paths.iter().zip(&stats).enumerate() {
             match self.entries.get(path.to_string_lossy().as_ref()) {
                 Some(e) if e.size == size && e.mtime_ns == mtime_ns && e.inode == inode => out.push(Some((size, e.blake3.clone()))),
                 _ => {
                     out.push(None);
-                    misses.push((i, size, mtime_ns, inode));
+                    misses.push(i);
                 }
             }
         }
@@ -116,15 +153,16 @@ impl StatCache {
             let bar = crate::progress::bar(misses.len() as u64, "hashing", show_progress && misses.len() > 200);
             let hashed: Vec<Result<String>> = misses
                 .par_iter()
-                .map(|(i, ..)| {
-                    let h = hash_file(&paths[*i]);
+                .map(|&i| {
+                    let h = hash_file_of_len(&paths[i], stats[i].0);
                     bar.inc(1);
                     h
                 })
                 .collect();
             bar.finish_and_clear();
-            for ((i, size, mtime_ns, inode), h) in misses.into_iter().zip(hashed) {
+            for (i, h) in misses.into_iter().zip(hashed) {
                 let blake3 = h?;
+                let (size, mtime_ns, inode) = stats[i];
                 self.entries.insert(paths[i].to_string_lossy().into_owned(), StatEntry { size, mtime_ns, inode, blake3: blake3.clone() });
                 out[i] = Some((size, blake3));
             }

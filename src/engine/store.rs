@@ -2,7 +2,7 @@
 //! a manifest. Artifacts are built in `artifacts/.tmp/` and renamed into place
 //! only when complete, so a killed run never leaves one that looks complete.
 
-use super::hash::hash_file;
+use super::hash::{hash_file, hash_written_file};
 use super::stage::{RawFile, Summary};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -147,7 +147,7 @@ impl Store {
     /// Hash the outputs, write the manifest, and rename the build into place,
     /// replacing an existing artifact of the same key (for `stage --force`).
     pub fn commit(&self, build: &Path, mut manifest: Manifest, _lock: &StoreLock) -> Result<Artifact> {
-        manifest.outputs = hash_tree(build)?;
+        manifest.outputs = hash_tree(build, hash_written_file)?;
         let text = serde_json::to_string_pretty(&manifest)?;
         fs::write(build.join(MANIFEST), text).with_context(|| format!("cannot write manifest in {}", build.display()))?;
         let dest = self.artifact_dir(&manifest.stage, &manifest.key);
@@ -178,8 +178,10 @@ pub fn read_manifest(path: &Path) -> Result<Manifest> {
     serde_json::from_slice(&bytes).with_context(|| format!("{}: not a liverseg manifest", path.display()))
 }
 
-/// blake3 and size of every file under `dir` except the manifest, by relative path.
-pub fn hash_tree(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
+/// blake3 and size of every file under `dir` except the manifest, by
+/// relative path. `hash` is `hash_file`, or `hash_written_file` when
+/// committing what this process just wrote.
+pub fn hash_tree(dir: &Path, hash: fn(&Path) -> Result<String>) -> Result<BTreeMap<String, FileEntry>> {
     use rayon::prelude::*;
     let mut files = Vec::new();
     for entry in walkdir::WalkDir::new(dir).sort_by_file_name() {
@@ -196,14 +198,14 @@ pub fn hash_tree(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
         .par_iter()
         .map(|(rel, path)| {
             let size = std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?.len();
-            Ok((rel.clone(), FileEntry { size, blake3: hash_file(path)? }))
+            Ok((rel.clone(), FileEntry { size, blake3: hash(path)? }))
         })
         .collect()
 }
 
 /// Differences between an artifact's files and its manifest.
 pub fn verify(a: &Artifact) -> Result<Vec<String>> {
-    let actual = hash_tree(&a.dir)?;
+    let actual = hash_tree(&a.dir, hash_file)?;
     let mut problems = Vec::new();
     for (name, want) in &a.manifest.outputs {
         match actual.get(name) {

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub fn write_parquet(path: &Path, df: &mut DataFrame, provenance: &[(String, String)]) -> Result<()> {
+    let _t = Tm(std::time::Instant::now(), path.to_path_buf(), minflt());
     // Buffered: the writer issues one small write per page header and value run.
     let file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?);
     ParquetWriter::new(file)
@@ -49,14 +50,6 @@ impl NamedTensor {
     pub fn u8(name: &str, shape: Vec<usize>, data: Vec<u8>) -> Self {
         NamedTensor { name: name.into(), dtype: safetensors::Dtype::U8, shape, data }
     }
-    pub fn i16(name: &str, shape: Vec<usize>, data: &[i16]) -> Self {
-        // A plain loop over fixed-size chunks (not flat_map) compiles to a vector copy.
-        let mut bytes = vec![0u8; data.len() * 2];
-        for (b, v) in bytes.chunks_exact_mut(2).zip(data) {
-            b.copy_from_slice(&v.to_le_bytes());
-        }
-        NamedTensor { name: name.into(), dtype: safetensors::Dtype::I16, shape, data: bytes }
-    }
     pub fn f32(name: &str, shape: Vec<usize>, data: &[f32]) -> Self {
         NamedTensor { name: name.into(), dtype: safetensors::Dtype::F32, shape, data: data.iter().flat_map(|v| v.to_le_bytes()).collect() }
     }
@@ -64,15 +57,49 @@ impl NamedTensor {
 
 /// Write tensors with one metadata entry (`liverseg`: sorted JSON), since
 /// safetensors serialises a metadata map in hash order and several entries
-/// would make the bytes differ from run to run.
+/// would make the bytes differ from run to run. The file's blake3 is taken
+/// from the bytes on their way out (see `hash::note_written`).
 pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], provenance: &[(String, String)]) -> Result<()> {
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+    use std::io::Write;
+    let specs: Vec<(&str, safetensors::Dtype, Vec<usize>)> = tensors.iter().map(|t| (t.name.as_str(), t.dtype, t.shape.clone())).collect();
+    for (t, (_, dtype, shape)) in tensors.iter().zip(&specs) {
+        if t.data.len() != shape.iter().product::<usize>() * dtype.size() {
+            return Err(anyhow!("tensor {}: {} bytes for shape {shape:?} of {dtype:?}", t.name, t.data.len()));
+        }
+    }
+    let (head, regions) = safetensors_layout(path, &specs, provenance)?;
+    let mut order: Vec<(u64, &NamedTensor)> = tensors.iter().map(|t| (regions[t.name.as_str()].0, t)).collect();
+    order.sort_by_key(|o| o.0);
+    let mut hasher = blake3::Hasher::new();
+    let mut file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    for part in std::iter::once(&head[..]).chain(order.iter().map(|(_, t)| &t.data[..])) {
+        hasher.update(part);
+        file.write_all(part).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    drop(file);
+    super::hash::note_written(path, hasher.finalize())
+}
+
+/// The header of a safetensors file (length prefix included) and where each
+/// tensor's bytes go: name -> (file offset, length). safetensors itself lays
+/// the header out, from the lengths alone.
+fn safetensors_layout(path: &Path, tensors: &[(&str, safetensors::Dtype, Vec<usize>)], provenance: &[(String, String)]) -> Result<(Vec<u8>, BTreeMap<String, (u64, u64)>)> {
+    let holders: Vec<(String, Placeholder)> = tensors
         .iter()
-        .map(|t| Ok((t.name.clone(), safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).map_err(|e| anyhow!("tensor {}: {e:?}", t.name))?)))
-        .collect::<Result<_>>()?;
+        .map(|(name, dtype, shape)| (name.to_string(), Placeholder(*dtype, shape.clone(), shape.iter().product::<usize>() * dtype.size())))
+        .collect();
     let meta: BTreeMap<&str, &str> = provenance.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let meta = std::collections::HashMap::from([("liverseg".to_owned(), serde_json::to_string(&meta)?)]);
-    safetensors::tensor::serialize_to_file(views, &Some(meta), path).map_err(|e| anyhow!("cannot write {}: {e:?}", path.display()))
+    let head = safetensors::tensor::serialize(holders.iter().map(|(n, h)| (n.clone(), h)), &Some(meta)).map_err(|e| anyhow!("cannot lay out {}: {e:?}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_slice(&head[8..]).context("safetensors header")?;
+    let start = head.len() as u64;
+    let mut regions = BTreeMap::new();
+    for (name, ..) in tensors {
+        let off = &json[*name]["data_offsets"];
+        let (a, b) = (off[0].as_u64().unwrap_or(0), off[1].as_u64().unwrap_or(0));
+        regions.insert(name.to_string(), (start + a, b - a));
+    }
+    Ok((head, regions))
 }
 
 /// A safetensors file written region by region, from any number of threads,
@@ -107,24 +134,9 @@ impl safetensors::tensor::View for &Placeholder {
 impl TensorFileWriter {
     /// Create `path` with the header for `tensors` (name, dtype, shape).
     pub fn create(path: &Path, tensors: &[(&str, safetensors::Dtype, Vec<usize>)], provenance: &[(String, String)]) -> Result<Self> {
-        let holders: Vec<(String, Placeholder)> = tensors
-            .iter()
-            .map(|(name, dtype, shape)| (name.to_string(), Placeholder(*dtype, shape.clone(), shape.iter().product::<usize>() * dtype.size())))
-            .collect();
-        let meta: BTreeMap<&str, &str> = provenance.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let meta = std::collections::HashMap::from([("liverseg".to_owned(), serde_json::to_string(&meta)?)]);
-        let head = safetensors::tensor::serialize(holders.iter().map(|(n, h)| (n.clone(), h)), &Some(meta)).map_err(|e| anyhow!("cannot lay out {}: {e:?}", path.display()))?;
-        // The header's own data_offsets say where each tensor goes.
-        let json: serde_json::Value = serde_json::from_slice(&head[8..]).context("safetensors header")?;
-        let start = head.len() as u64;
-        let mut regions = BTreeMap::new();
-        let mut end = start;
-        for (name, ..) in tensors {
-            let off = &json[*name]["data_offsets"];
-            let (a, b) = (off[0].as_u64().unwrap_or(0), off[1].as_u64().unwrap_or(0));
-            regions.insert(name.to_string(), (start + a, b - a, std::sync::atomic::AtomicU64::new(0)));
-            end = end.max(start + b);
-        }
+        let (head, layout) = safetensors_layout(path, tensors, provenance)?;
+        let end = layout.values().map(|(a, n)| a + n).max().unwrap_or(head.len() as u64);
+        let regions = layout.into_iter().map(|(name, (a, n))| (name, (a, n, std::sync::atomic::AtomicU64::new(0)))).collect();
         let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
         use std::os::unix::fs::FileExt;
         file.write_all_at(&head, 0).and_then(|_| file.set_len(end)).with_context(|| format!("cannot write {}", path.display()))?;
@@ -208,3 +220,7 @@ impl TensorFile {
         Ok(self.get(name)?.2)
     }
 }
+
+struct Tm(std::time::Instant, std::path::PathBuf, i64);
+fn minflt() -> i64 { let mut u: libc::rusage = unsafe { std::mem::zeroed() }; unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) }; u.ru_minflt }
+impl Drop for Tm { fn drop(&mut self) { if std::env::var_os("TRACE").is_some() { eprintln!("TRACE     parquet {} {:.2} ms {} faults", self.1.display(), self.0.elapsed().as_secs_f64()*1e3, minflt() - self.2); } } }

@@ -18,7 +18,10 @@ pub struct NiftiFile {
 fn read_all(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
+        // The gzip trailer holds the inflated size (mod 2^32): reserve it so
+        // the buffer is not regrown and copied several times over.
+        let hint = raw.len().checked_sub(4).map(|i| u32::from_le_bytes([raw[i], raw[i + 1], raw[i + 2], raw[i + 3]]) as usize).unwrap_or(0);
+        let mut out = Vec::with_capacity(hint.clamp(raw.len(), 1 << 31) + 1);
         flate2::read::MultiGzDecoder::new(&raw[..]).read_to_end(&mut out).with_context(|| format!("{}: truncated or corrupt gzip stream", path.display()))?;
         Ok(out)
     } else {
@@ -66,14 +69,73 @@ impl NativeVolume {
 }
 
 pub fn read(path: &Path) -> Result<NiftiFile> {
-    let (volume, header, datatype) = read_native(path)?;
-    Ok(NiftiFile { volume: volume.into_f32(), header, datatype })
+    let raw = read_raw(path)?;
+    let (header, datatype) = (raw.header.clone(), raw.datatype);
+    Ok(NiftiFile { volume: raw.into_native()?.into_f32(), header, datatype })
 }
 
-/// The volume in its native voxel type, the raw 348-byte header and the datatype code.
-pub fn read_native(path: &Path) -> Result<(NativeVolume, Vec<u8>, i16)> {
+/// A NIfTI file as stored: the grid, the raw header, and the voxel bytes
+/// (header and extensions removed) with what it takes to read them.
+pub struct RawNifti {
+    pub grid: Volume<()>,
+    pub header: Vec<u8>,
+    pub datatype: i16,
+    little_endian: bool,
+    slope: f32,
+    inter: f32,
+    voxels: Vec<u8>,
+    path: std::path::PathBuf,
+}
+
+impl RawNifti {
+    /// The voxel bytes when they already are little-endian i16 HU (the
+    /// common CT layout), which is exactly ingest's tensor format.
+    pub fn into_i16_le_bytes(self) -> std::result::Result<Vec<u8>, Self> {
+        if self.datatype == 4 && self.little_endian && self.slope == 1.0 && self.inter == 0.0 {
+            Ok(self.voxels)
+        } else {
+            Err(self)
+        }
+    }
+
+    /// The voxels in their own type where that is exact, else as f32.
+    pub fn into_native(self) -> Result<NativeVolume> {
+        let (d, e, grid) = (&self.voxels, Endian(self.little_endian), &self.grid);
+        if self.slope == 1.0 && self.inter == 0.0 {
+            match self.datatype {
+                2 => return Ok(NativeVolume::U8(grid.with_data(self.voxels))),
+                4 => {
+                    // One branch per volume, not per voxel, so the copy vectorises.
+                    let data = if e.0 { d.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect() } else { d.chunks_exact(2).map(|c| i16::from_be_bytes([c[0], c[1]])).collect() };
+                    return Ok(NativeVolume::I16(grid.with_data(data)));
+                }
+                _ => {}
+            }
+        }
+        let raw: Vec<f32> = match self.datatype {
+            2 => d.iter().map(|&v| v as f32).collect(),
+            256 => d.iter().map(|&v| v as i8 as f32).collect(),
+            4 => d.chunks_exact(2).map(|c| e.i16(c, 0) as f32).collect(),
+            512 => d.chunks_exact(2).map(|c| if e.0 { u16::from_le_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], c[1]]) } as f32).collect(),
+            8 => d.chunks_exact(4).map(|c| { let a = [c[0], c[1], c[2], c[3]]; (if e.0 { i32::from_le_bytes(a) } else { i32::from_be_bytes(a) }) as f32 }).collect(),
+            768 => d.chunks_exact(4).map(|c| { let a = [c[0], c[1], c[2], c[3]]; (if e.0 { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }) as f32 }).collect(),
+            16 => d.chunks_exact(4).map(|c| e.f32(c, 0)).collect(),
+            64 => d.chunks_exact(8).map(|c| { let a: [u8; 8] = c.try_into().expect("8 bytes"); (if e.0 { f64::from_le_bytes(a) } else { f64::from_be_bytes(a) }) as f32 }).collect(),
+            other => bail!("{}: unsupported NIfTI datatype code {other}", self.path.display()),
+        };
+        let (slope, inter) = (self.slope, self.inter);
+        let data: Vec<f32> = if slope != 1.0 || inter != 0.0 { raw.iter().map(|v| v * slope + inter).collect() } else { raw };
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            bail!("{}: voxel {i} is NaN or infinite", self.path.display());
+        }
+        Ok(NativeVolume::F32(grid.with_data(data)))
+    }
+}
+
+/// Read and check the header, and keep the voxel bytes as stored.
+pub fn read_raw(path: &Path) -> Result<RawNifti> {
     let p = path.display();
-    let bytes = read_all(path)?;
+    let mut bytes = read_all(path)?;
     if bytes.len() < HEADER_LEN {
         bail!("{p}: truncated: {} bytes, a NIfTI-1 header alone is 348", bytes.len());
     }
@@ -121,33 +183,12 @@ pub fn read_native(path: &Path) -> Result<(NativeVolume, Vec<u8>, i16)> {
     if bytes.len() < need {
         bail!("{p}: truncated: {} bytes, header says {need} ({}×{}×{} voxels of {bpv} bytes at offset {vox_offset})", bytes.len(), dims[0], dims[1], dims[2]);
     }
-    let d = &bytes[vox_offset..need];
     let affine = header_affine(&bytes, &e, spacing);
-    let grid = Volume::<()> { dims, spacing, affine, data: Vec::new() };
     let header = bytes[..HEADER_LEN].to_vec();
-    if slope == 1.0 && inter == 0.0 {
-        match datatype {
-            2 => return Ok((NativeVolume::U8(grid.with_data(d.to_vec())), header, datatype)),
-            4 => return Ok((NativeVolume::I16(grid.with_data(d.chunks_exact(2).map(|c| e.i16(c, 0)).collect())), header, datatype)),
-            _ => {}
-        }
-    }
-    let raw: Vec<f32> = match datatype {
-        2 => d.iter().map(|&v| v as f32).collect(),
-        256 => d.iter().map(|&v| v as i8 as f32).collect(),
-        4 => d.chunks_exact(2).map(|c| e.i16(c, 0) as f32).collect(),
-        512 => d.chunks_exact(2).map(|c| if e.0 { u16::from_le_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], c[1]]) } as f32).collect(),
-        8 => d.chunks_exact(4).map(|c| { let a = [c[0], c[1], c[2], c[3]]; (if e.0 { i32::from_le_bytes(a) } else { i32::from_be_bytes(a) }) as f32 }).collect(),
-        768 => d.chunks_exact(4).map(|c| { let a = [c[0], c[1], c[2], c[3]]; (if e.0 { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }) as f32 }).collect(),
-        16 => d.chunks_exact(4).map(|c| e.f32(c, 0)).collect(),
-        64 => d.chunks_exact(8).map(|c| { let a: [u8; 8] = c.try_into().expect("8 bytes"); (if e.0 { f64::from_le_bytes(a) } else { f64::from_be_bytes(a) }) as f32 }).collect(),
-        _ => unreachable!(),
-    };
-    let data: Vec<f32> = if slope != 1.0 || inter != 0.0 { raw.iter().map(|v| v * slope + inter).collect() } else { raw };
-    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-        bail!("{p}: voxel {i} is NaN or infinite");
-    }
-    Ok((NativeVolume::F32(grid.with_data(data)), header, datatype))
+    // Drop the header in place: no second volume-sized buffer.
+    bytes.copy_within(vox_offset..need, 0);
+    bytes.truncate(need - vox_offset);
+    Ok(RawNifti { grid: Volume { dims, spacing, affine, data: Vec::new() }, header, datatype, little_endian: e.0, slope, inter, voxels: bytes, path: path.to_path_buf() })
 }
 
 /// sform if set, else qform, else spacing only (NIfTI method 1).
