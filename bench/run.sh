@@ -47,8 +47,12 @@ fi
 
 if [ "$what" = all ] || [ "$what" = data ]; then
   echo "## data: ingest + normalise to 224x224, slices/s (same run, same load)"
+  # Each side runs REPS times, interleaved, from an empty store for liverseg;
+  # the medians are compared (one run is too noisy on a shared machine).
+  REPS=${DATA_REPS:-5}
   D=$OUT/data; rm -rf "$D"; mkdir -p "$D"
   "$BIN" synth "$D/nifti" --cases 20 --size 256 --slices 40 --seed 3 >/dev/null
+  median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
   for src in msd nifti; do
     if [ $src = msd ]; then root=$SHARED/msd-liver-2d; kind=slices2d; else root=$D/nifti; kind=nifti; fi
     cat > "$D/pipeline.yaml" <<YAML
@@ -57,13 +61,19 @@ stages:
   ingest: {}
   normalise: {deps: [ingest], params: {size: 224}}
 YAML
-    rm -rf "$D/artifacts"
-    s=$(date +%s%N); kb=$(cd "$D" && peak_kb "$BIN" run -q normalise); e=$(date +%s%N)
+    rs=(); ps=(); kbs=(); pmbs=()
+    for i in $(seq 1 "$REPS"); do
+      rm -rf "$D/artifacts"
+      s=$(date +%s%N); kb=$(cd "$D" && peak_kb "$BIN" run -q normalise); e=$(date +%s%N)
+      rs+=("$(echo "scale=4; ($e - $s)/1000000000" | bc)"); kbs+=("$kb")
+      read -r pn psecs prate pmb < <("$PY" bench/py_ingest.py $kind "$root" 224)
+      ps+=("$psecs"); pmbs+=("$pmb")
+    done
     n=$(cd "$D" && "$BIN" lineage normalise.slices_kept | head -1 | awk '{print $3}')
-    rs=$(echo "scale=3; ($e - $s)/1000000000" | bc)
-    read -r pn psecs prate pmb < <("$PY" bench/py_ingest.py $kind "$root" 224)
-    rrate=$(echo "scale=1; $n/$rs" | bc)
-    echo "$src: liverseg $n slices in ${rs}s = $rrate slices/s, peak $((kb/1024)) MiB | python $pn slices in ${psecs}s = $prate slices/s, peak ${pmb} MiB | ratio $(echo "scale=2; $rrate/$prate" | bc)x"
+    rmed=$(printf '%s\n' "${rs[@]}" | median); pmed=$(printf '%s\n' "${ps[@]}" | median)
+    kb=$(printf '%s\n' "${kbs[@]}" | sort -n | tail -1); pmb=$(printf '%s\n' "${pmbs[@]}" | sort -n | tail -1)
+    rrate=$(echo "scale=1; $n/$rmed" | bc); prate=$(echo "scale=1; $pn/$pmed" | bc)
+    echo "$src: liverseg $n slices in ${rmed}s = $rrate slices/s, peak $((kb/1024)) MiB | python $pn slices in ${pmed}s = $prate slices/s, peak ${pmb} MiB | ratio $(echo "scale=2; $rrate/$prate" | bc)x (medians of $REPS; liverseg runs: ${rs[*]}; python: ${ps[*]})"
   done
 fi
 

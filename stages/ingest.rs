@@ -424,42 +424,48 @@ impl Stage for Ingest {
                 }
                 Item::Slices { case, pairs } => {
                     let mut rows = Vec::new();
-                    let (mut img_data, mut mask_data) = (Vec::new(), Vec::new());
+                    // Slices are decoded straight into the case's tensors.
+                    let (mut img_data, mut mask_data, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
                     let mut shape: Option<(usize, usize)> = None;
                     let mut bad = Vec::new();
                     for (slice, image, mask) in pairs {
+                        let (img_start, mask_start) = (img_data.len(), mask_data.len());
                         let r: std::result::Result<_, (String, anyhow::Error)> = (|| {
                             let mask = mask.as_ref().ok_or_else(|| (rel(&root, image), anyhow!("{}: missing mask (expected one of the same name in data.mask_dir)", image.display())))?;
-                            let pair = imaging::slices2d::read_pair(image, mask, rule).map_err(|e| (rel(&root, image), e))?;
+                            let (h, w) = imaging::slices2d::read_pair_into(image, mask, rule, &mut img_data, &mut mask_data, &mut scratch).map_err(|e| (rel(&root, image), e))?;
                             if let Some(s) = shape {
-                                if s != (pair.rows, pair.cols) {
-                                    return Err((rel(&root, image), anyhow!("{}: {}×{} pixels, other slices of patient {case} are {}×{}", image.display(), pair.rows, pair.cols, s.0, s.1)));
+                                if s != (h, w) {
+                                    return Err((rel(&root, image), anyhow!("{}: {h}×{w} pixels, other slices of patient {case} are {}×{}", image.display(), s.0, s.1)));
                                 }
                             }
-                            Ok(pair)
+                            Ok((h, w))
                         })();
                         match r {
-                            Ok(pair) => {
-                                shape = Some((pair.rows, pair.cols));
-                                let (file, h, s) = src(image);
+                            Ok((h, w)) => {
+                                shape = Some((h, w));
+                                let (file, hash, size) = src(image);
                                 rows.push(SliceRow {
                                     case_id: case.clone(),
                                     slice_index: slice.parse().unwrap_or(-1),
                                     source_file: file,
-                                    source_blake3: h,
-                                    source_size: s,
+                                    source_blake3: hash,
+                                    source_size: size,
                                     spacing: [f64::NAN, f64::NAN, f64::NAN],
                                     unit: "8bit",
-                                    liver_pixels: pair.mask.iter().map(|&v| v as u64).sum(),
-                                    rows: pair.rows,
-                                    cols: pair.cols,
+                                    liver_pixels: mask_data[mask_start..].iter().map(|&v| v as u64).sum(),
+                                    rows: h,
+                                    cols: w,
                                     orientation: String::new(),
                                 });
-                                img_data.extend(pair.image);
-                                mask_data.extend(pair.mask);
                             }
-                            Err((f, e)) if skip => bad.push((f, format!("{e:#}"))),
-                            Err((_, e)) => return Err(e),
+                            Err((f, e)) => {
+                                img_data.truncate(img_start);
+                                mask_data.truncate(mask_start);
+                                if !skip {
+                                    return Err(e);
+                                }
+                                bad.push((f, format!("{e:#}")));
+                            }
                         }
                     }
                     if rows.is_empty() {

@@ -23,22 +23,38 @@ pub struct Pair {
 /// (the Y channel), skipping colour conversion: most exports are RGB JPEGs
 /// of grey images, and that conversion would dominate ingest.
 pub fn grey(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
+    let mut pixels = Vec::new();
+    let (rows, cols) = grey_into(path, &mut pixels)?;
+    Ok((pixels, rows, cols))
+}
+
+/// `grey`, appending the pixels to `out` (a JPEG is decoded in place there).
+pub fn grey_into(path: &Path, out: &mut Vec<u8>) -> Result<(usize, usize)> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     if bytes.starts_with(&[0xFF, 0xD8]) {
         use zune_core::{bytestream::ZCursor, colorspace::ColorSpace, options::DecoderOptions};
+        let bad = |e| anyhow::anyhow!("{}: not a decodable PNG/JPEG image (truncated or corrupt?): {e:?}", path.display());
         let opts = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::Luma);
         let mut dec = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(&bytes[..]), opts);
-        let pixels = dec.decode().map_err(|e| anyhow::anyhow!("{}: not a decodable PNG/JPEG image (truncated or corrupt?): {e:?}", path.display()))?;
+        dec.decode_headers().map_err(bad)?;
         let info = dec.info().ok_or_else(|| anyhow::anyhow!("{}: JPEG without a frame header", path.display()))?;
         let (rows, cols) = (info.height as usize, info.width as usize);
-        if pixels.len() != rows * cols {
-            bail!("{}: decoded {} bytes for {rows}×{cols} luma pixels", path.display(), pixels.len());
+        let len = dec.output_buffer_size().unwrap_or(0);
+        if len != rows * cols {
+            bail!("{}: decoder wants {len} bytes for {rows}×{cols} luma pixels", path.display());
         }
-        return Ok((pixels, rows, cols));
+        let start = out.len();
+        out.resize(start + len, 0);
+        if let Err(e) = dec.decode_into(&mut out[start..]) {
+            out.truncate(start);
+            return Err(bad(e));
+        }
+        return Ok((rows, cols));
     }
     let img = open_any(path, bytes)?.to_luma8();
     let (w, h) = img.dimensions();
-    Ok((img.into_raw(), h as usize, w as usize))
+    out.extend_from_slice(img.as_raw());
+    Ok((h as usize, w as usize))
 }
 
 fn open_any(path: &Path, bytes: Vec<u8>) -> Result<image::DynamicImage> {
@@ -51,21 +67,38 @@ fn open_any(path: &Path, bytes: Vec<u8>) -> Result<image::DynamicImage> {
 
 
 pub fn read_pair(image_path: &Path, mask_path: &Path, rule: MaskRule) -> Result<Pair> {
-    let (image, h, w) = grey(image_path)?;
-    let (mask, mh, mw) = match rule {
+    let (mut image, mut mask) = (Vec::new(), Vec::new());
+    let (rows, cols) = read_pair_into(image_path, mask_path, rule, &mut image, &mut mask, &mut Vec::new())?;
+    Ok(Pair { rows, cols, image, mask })
+}
+
+/// `read_pair`, appending the image to `image` and the binary mask to `mask`
+/// (`scratch` holds the mask's grey values); on error neither is extended.
+pub fn read_pair_into(image_path: &Path, mask_path: &Path, rule: MaskRule, image: &mut Vec<u8>, mask: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Result<(usize, usize)> {
+    let start = image.len();
+    let (h, w) = grey_into(image_path, image)?;
+    let (mh, mw) = match rule {
         MaskRule::Threshold(t) => {
-            let (m, mh, mw) = grey(mask_path)?;
-            (m.into_iter().map(|v| u8::from(v > t)).collect::<Vec<u8>>(), mh, mw)
+            scratch.clear();
+            let shape = grey_into(mask_path, scratch).inspect_err(|_| image.truncate(start))?;
+            if shape == (h, w) {
+                mask.extend(scratch.iter().map(|&v| u8::from(v > t)));
+            }
+            shape
         }
         MaskRule::Colour(c, tol) => {
-            let bytes = std::fs::read(mask_path).with_context(|| format!("{}: cannot read", mask_path.display()))?;
-            let rgb = open_any(mask_path, bytes)?.to_rgb8();
+            let read = std::fs::read(mask_path).with_context(|| format!("{}: cannot read", mask_path.display())).and_then(|bytes| open_any(mask_path, bytes));
+            let rgb = read.inspect_err(|_| image.truncate(start))?.to_rgb8();
             let (mw, mh) = rgb.dimensions();
-            (rgb.pixels().map(|p| u8::from((0..3).all(|i| p.0[i].abs_diff(c[i]) <= tol))).collect(), mh as usize, mw as usize)
+            if (mh as usize, mw as usize) == (h, w) {
+                mask.extend(rgb.pixels().map(|p| u8::from((0..3).all(|i| p.0[i].abs_diff(c[i]) <= tol))));
+            }
+            (mh as usize, mw as usize)
         }
     };
     if (mh, mw) != (h, w) {
+        image.truncate(start);
         bail!("{}: mask is {mw}×{mh} but its image {} is {w}×{h}", mask_path.display(), image_path.display());
     }
-    Ok(Pair { rows: h, cols: w, image, mask })
+    Ok((h, w))
 }
