@@ -112,9 +112,11 @@ fn dicom_pairs(params: &Params) -> Result<Vec<(String, String)>> {
 }
 
 impl Ingest {
-    /// Discover the input items under root; problems that concern one file are
-    /// returned as (file, reason) for quarantine.
-    fn discover(&self, params: &Params, root: &Path) -> Result<(Vec<Item>, Vec<(String, String)>)> {
+    /// Discover the input items among `files` (the raw inputs the engine
+    /// listed and hashed, so the folders are not walked twice); problems that
+    /// concern one file are returned as (file, reason) for quarantine.
+    fn discover(&self, params: &Params, root: &Path, files: &[PathBuf]) -> Result<(Vec<Item>, Vec<(String, String)>)> {
+        let present: std::collections::HashSet<&Path> = files.iter().map(PathBuf::as_path).collect();
         let source = params.str("data.source")?;
         let mut bad = Vec::new();
         if source == "synthetic" {
@@ -130,7 +132,6 @@ impl Ingest {
         let mut items = Vec::new();
         match source {
             "nifti" => {
-                let files = list_files(root)?;
                 let by_name: BTreeMap<String, PathBuf> = files.iter().map(|p| (rel(root, p), p.clone())).collect();
                 for (name, path) in &by_name {
                     let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
@@ -139,7 +140,7 @@ impl Ingest {
                     }
                     let stem = nifti_stem(&file);
                     let parent = path.parent().unwrap_or(root);
-                    let find_mask = |dir: &Path, stem: &str| ["nii.gz", "nii"].iter().map(|ext| dir.join(format!("{stem}.{ext}"))).find(|p| p.is_file());
+                    let find_mask = |dir: &Path, stem: &str| ["nii.gz", "nii"].iter().map(|ext| dir.join(format!("{stem}.{ext}"))).find(|p| present.contains(p.as_path()));
                     if let Some(n) = stem.strip_prefix("volume-") {
                         let mask = find_mask(parent, &format!("segmentation-{n}"));
                         items.push(Item::Nifti { case: n.to_owned(), image: path.clone(), mask });
@@ -168,16 +169,16 @@ impl Ingest {
                     bail!("{}: image folder not found (data.image_dir)", images.display());
                 }
                 let mut by_case: BTreeMap<String, Vec<(String, PathBuf, Option<PathBuf>)>> = BTreeMap::new();
-                for img in list_files(&images)? {
+                for img in files.iter().filter(|f| f.starts_with(&images)) {
                     let name = img.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
                     let stem = Path::new(&name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
                     let Some(c) = re.captures(&stem) else {
-                        bad.push((rel(root, &img), format!("file name does not match data.case_regex `{}`", re.as_str())));
+                        bad.push((rel(root, img), format!("file name does not match data.case_regex `{}`", re.as_str())));
                         continue;
                     };
                     let mask = masks.join(&name);
-                    let mask = mask.is_file().then_some(mask);
-                    by_case.entry(c[1].to_owned()).or_default().push((c[2].to_owned(), img, mask));
+                    let mask = present.contains(mask.as_path()).then_some(mask);
+                    by_case.entry(c[1].to_owned()).or_default().push((c[2].to_owned(), img.clone(), mask));
                 }
                 for (case, pairs) in by_case {
                     items.push(Item::Slices { case, pairs });
@@ -314,7 +315,11 @@ impl Stage for Ingest {
                 f
             }
             "slices2d" => {
-                let mut f = list_files(&root.join(params.str("data.image_dir")?))?;
+                let images = root.join(params.str("data.image_dir")?);
+                if !images.is_dir() {
+                    bail!("{}: image folder not found (data.image_dir)", images.display());
+                }
+                let mut f = list_files(&images)?;
                 let masks = root.join(params.str("data.mask_dir")?);
                 if masks.is_dir() {
                     f.extend(list_files(&masks)?);
@@ -345,7 +350,8 @@ impl Stage for Ingest {
         };
         let t0 = std::time::Instant::now();
         let tr = |what: &str| if std::env::var_os("TRACE").is_some() { eprintln!("TRACE   {what} {:.1} ms", t0.elapsed().as_secs_f64() * 1e3) };
-        let (items, mut quarantine) = self.discover(p, &root)?;
+        let files: Vec<PathBuf> = ctx.raw_files.iter().map(|r| root.join(&r.path)).collect();
+        let (items, mut quarantine) = self.discover(p, &root, &files)?;
         tr("discover");
         if !skip {
             if let Some((file, reason)) = quarantine.first() {

@@ -25,13 +25,18 @@ fn hash_file_of_len(path: &Path, len: u64) -> Result<String> {
     }
     let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; (len as usize + 1).min(1 << 16)];
-    loop {
-        let n = f.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut buf = vec![0u8; (len as usize).clamp(1, 1 << 16)];
+    // The `len` bytes the caller stat'ed (the stat cache records that size);
+    // stopping there saves the end-of-file read on every small file.
+    let mut left = len;
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = f.read(&mut buf[..want]).with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
-            break;
+            anyhow::bail!("{}: shorter than its size; did it change while being read?", path.display());
         }
         h.update(&buf[..n]);
+        left -= n as u64;
     }
     Ok(h.finalize().to_hex().to_string())
 }

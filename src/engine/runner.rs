@@ -45,9 +45,12 @@ impl<'r> Engine<'r> {
         let mut planned: BTreeMap<String, Planned> = BTreeMap::new();
         for s in stages {
             let imp = self.stage_impl(&s.uses)?;
+            let t = Instant::now();
             let inputs = imp.raw_inputs(&s.params, &self.pipeline.root)?;
+            let t1 = t.elapsed().as_secs_f64()*1e3;
             let paths: Vec<std::path::PathBuf> = inputs.iter().map(|(_, p)| p.clone()).collect();
             let hashes = cache.hash_many(&paths, self.show_progress)?;
+            if std::env::var_os("TRACE").is_some() && !paths.is_empty() { eprintln!("TRACE  plan {} list {t1:.1} ms hash {:.1} ms", s.name, t.elapsed().as_secs_f64()*1e3); }
             let raw_files: Vec<RawFile> = inputs.into_iter().zip(hashes).map(|((rel, _), (size, blake3))| RawFile { path: rel, size, blake3 }).collect();
             let upstream: BTreeMap<String, String> = s
                 .deps
@@ -65,7 +68,9 @@ impl<'r> Engine<'r> {
             planned.insert(s.name.clone(), Planned { key, upstream, raw_files });
         }
         // Hashing is the slow part of a no-op; keep what we learnt even if the run fails later.
+        let t = Instant::now();
         cache.save()?;
+        if std::env::var_os("TRACE").is_some() { eprintln!("TRACE  plan save {:.1} ms", t.elapsed().as_secs_f64()*1e3); }
         Ok(planned)
     }
 
