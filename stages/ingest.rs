@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::engine::params::{param, ParamType::*, ParamSpec, Params};
 use crate::engine::stage::{Stage, StageContext, StageInfo, Summary};
 use crate::engine::table::{write_parquet, write_safetensors, NamedTensor};
-use crate::imaging::{self, slices2d::MaskRule, Volume};
+use crate::imaging::{self, liver_count, slices2d::MaskRule, Volume};
 use polars::prelude::{Column, DataFrame};
 use rayon::prelude::*;
 use regex::Regex;
@@ -224,10 +224,28 @@ fn liver_mask_int<L: Copy + Into<i64>>(labels: &[L], liver: &[f64], max_label: i
 fn native_liver_mask(labels: &imaging::nifti::NativeVolume, liver: &[f64], max_label: i64, what: &str) -> Result<Vec<u8>> {
     use imaging::nifti::NativeVolume::*;
     match labels {
-        U8(v) => liver_mask_int(&v.data, liver, max_label, what),
+        U8(v) => liver_mask_u8(&v.data, liver, max_label, what),
         I16(v) => liver_mask_int(&v.data, liver, max_label, what),
         F32(v) => liver_mask(&v.data, liver, max_label, what),
     }
+}
+
+/// `liver_mask_int` for u8 labels whose liver labels form one run lo..=hi
+/// (LiTS 1..=2, TotalSegmentator 5..=5): two comparisons per voxel, which
+/// vectorise, instead of a table lookup, which does not.
+fn liver_mask_u8(labels: &[u8], liver: &[f64], max_label: i64, what: &str) -> Result<Vec<u8>> {
+    let lo = liver.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = liver.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let run = lo >= 0.0 && hi <= 255.0 && lo.fract() == 0.0 && hi.fract() == 0.0 && (lo as i64..=hi as i64).all(|l| liver.contains(&(l as f64)));
+    if !run || max_label < 0 {
+        return liver_mask_int(labels, liver, max_label, what);
+    }
+    let (lo, span) = (lo as u8, (hi - lo) as u8);
+    let top = max_label.min(255) as u8;
+    if let Some(&l) = labels.iter().find(|&&l| l > top) {
+        bail!("{what}: label {l} is outside the label map (0..={max_label}); set data.max_label if it is valid");
+    }
+    Ok(labels.iter().map(|&l| u8::from(l.wrapping_sub(lo) <= span)).collect())
 }
 
 /// HU as i16: CT values are integers in every format; `as` saturates out-of-range values.
@@ -288,7 +306,7 @@ fn volume_case<T: Copy>(case: &str, grid: &Volume<T>, image: Vec<u8>, mask: Vec<
             source_size: source.2,
             spacing: [sr, sc, slice_mm],
             unit: "HU",
-            liver_pixels: mask[k * plane..(k + 1) * plane].iter().map(|&v| v as u64).sum(),
+            liver_pixels: liver_count(&mask[k * plane..(k + 1) * plane]),
             rows,
             cols,
             orientation: orientation.clone(),
@@ -387,7 +405,7 @@ impl Stage for Ingest {
                     affine[1][1] = -ph.spacing[1];
                     let vol = Volume { dims: ph.dims, spacing: ph.spacing, affine, data: ph.hu };
                     let name = format!("synthetic/volume-{case}");
-                    let r = liver_mask_int(&ph.labels, &liver, max_label, &name).and_then(|m| {
+                    let r = liver_mask_u8(&ph.labels, &liver, max_label, &name).and_then(|m| {
                         let grid = vol.with_data(Vec::<()>::new());
                         volume_case(&format!("{case:03}"), &grid, hu_tensor(&grid, vol), m, (name.clone(), String::new(), 0))
                     });
@@ -458,7 +476,7 @@ impl Stage for Ingest {
                                     source_size: size,
                                     spacing: [f64::NAN, f64::NAN, f64::NAN],
                                     unit: "8bit",
-                                    liver_pixels: mask_data[mask_start..].iter().map(|&v| v as u64).sum(),
+                                    liver_pixels: liver_count(&mask_data[mask_start..]),
                                     rows: h,
                                     cols: w,
                                     orientation: String::new(),

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use crate::engine::params::{param, ParamType::*, ParamSpec};
 use crate::engine::stage::{Stage, StageContext, StageInfo, Summary};
 use crate::engine::table::{read_parquet, write_parquet, TensorFile, TensorFileWriter};
-use crate::imaging::resize;
+use crate::imaging::{liver_count, resize};
 use crate::rng::Rng;
 use polars::prelude::{Column, DataFrame, IdxSize};
 use rayon::prelude::*;
@@ -151,7 +151,7 @@ impl Stage for Normalise {
                     Ok((0..view.n)
                         .map(|k| {
                             resize::nearest_into(view.mask(k), view.h, view.w, &mut mask, size);
-                            mask.iter().map(|&v| v as u64).sum()
+                            liver_count(&mask)
                         })
                         .collect())
                 })
@@ -205,7 +205,7 @@ impl Stage for Normalise {
                         Raw::U8(v) => scaled_resize_into(&v[range], f32::from, hu, minmax, (lo, hi), (view.h, view.w), image),
                     }
                     resize::nearest_into(view.mask(k), view.h, view.w, mask, size);
-                    livers.push(mask.iter().map(|&v| v as u64).sum());
+                    livers.push(liver_count(mask));
                 }
                 out.write_at("images", start * plane, &images)?;
                 out.write_at("masks", start * plane, &masks)?;

@@ -119,6 +119,12 @@ impl<T: Copy> Volume<T> {
     }
 }
 
+/// Liver pixels of a binary (0/1) mask. Counting non-zero bytes vectorises,
+/// where summing them into a u64 does not.
+pub fn liver_count(mask: &[u8]) -> u64 {
+    mask.iter().filter(|&&v| v != 0).count() as u64
+}
+
 /// 4×4 identity with the given spacing on the diagonal.
 pub fn scaled_identity(spacing: [f64; 3]) -> [[f64; 4]; 4] {
     let mut a = [[0.0; 4]; 4];
