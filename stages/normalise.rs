@@ -118,7 +118,9 @@ impl Stage for Normalise {
         let seed = p.u64("seed")?;
 
         let t0 = std::time::Instant::now();
-        let tr = |what: &str| if std::env::var_os("TRACE").is_some() { eprintln!("TRACE   {what} {:.1} ms", t0.elapsed().as_secs_f64() * 1e3) };
+        let cpu = || { let mut u: libc::rusage = unsafe { std::mem::zeroed() }; unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) }; (u.ru_utime.tv_sec as f64 + u.ru_stime.tv_sec as f64) * 1e3 + (u.ru_utime.tv_usec + u.ru_stime.tv_usec) as f64 / 1e3 };
+        let c0 = cpu();
+        let tr = |what: &str| if std::env::var_os("TRACE").is_some() { eprintln!("TRACE   {what} {:.1} ms (cpu {:.1} ms)", t0.elapsed().as_secs_f64() * 1e3, cpu() - c0) };
         let ingest = ctx.upstream("ingest")?;
         let table = read_parquet(&ingest.file("slices.parquet"))?;
         let cases = table.column("case_id")?.str()?.clone();

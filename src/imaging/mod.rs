@@ -119,10 +119,11 @@ impl<T: Copy> Volume<T> {
     }
 }
 
-/// Liver pixels of a binary (0/1) mask. Counting non-zero bytes vectorises,
-/// where summing them into a u64 does not.
+/// Liver (non-zero) pixels of a mask. Counted in u16 over blocks too short
+/// to overflow it, which vectorises 8 or 16 bytes at a time; a u64 count
+/// went 2 bytes at a time and cost 8% of normalise.
 pub fn liver_count(mask: &[u8]) -> u64 {
-    mask.iter().filter(|&&v| v != 0).count() as u64
+    mask.chunks(1 << 15).map(|block| u64::from(block.iter().map(|&v| u16::from(v != 0)).sum::<u16>())).sum()
 }
 
 /// 4×4 identity with the given spacing on the diagonal.
