@@ -468,6 +468,11 @@ impl Stage for Ingest {
                         })();
                         match r {
                             Ok((h, w)) => {
+                                if shape.is_none() {
+                                    // Room for the whole case, so the tensors are not regrown and copied.
+                                    img_data.reserve(pairs.len() * h * w);
+                                    mask_data.reserve(pairs.len() * h * w);
+                                }
                                 shape = Some((h, w));
                                 let (file, hash, size) = src(image);
                                 rows.push(SliceRow {
