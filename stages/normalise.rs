@@ -191,12 +191,16 @@ impl Stage for Normalise {
             .par_iter()
             .zip(&keep)
             .zip(&starts)
-            .map(|(((case, rows), ks), &start)| {
+            // Each worker reuses its two buffers from case to case (every
+            // byte is overwritten, so they are zeroed only when they grow).
+            .map_init(|| (Vec::new(), Vec::new()), |(images, masks), (((case, rows), ks), &start)| {
                 let path = case_path(case);
                 let tf = TensorFile::open(&path)?;
                 let view = CaseView::new(&tf, &path, rows.len())?;
                 let hu = units.get(rows[0]) == Some("HU");
-                let (mut images, mut masks) = (vec![0u8; ks.len() * plane], vec![0u8; ks.len() * plane]);
+                for buf in [&mut *images, &mut *masks] {
+                    buf.resize(ks.len() * plane, 0);
+                }
                 let mut livers = Vec::with_capacity(ks.len());
                 for ((&k, image), mask) in ks.iter().zip(images.chunks_exact_mut(plane)).zip(masks.chunks_exact_mut(plane)) {
                     // Intensities are mapped to [0, 1] row by row inside the
@@ -209,8 +213,8 @@ impl Stage for Normalise {
                     resize::nearest_into(view.mask(k), view.h, view.w, mask, size);
                     livers.push(liver_count(mask));
                 }
-                out.write_at("images", start * plane, &images)?;
-                out.write_at("masks", start * plane, &masks)?;
+                out.write_at("images", start * plane, images)?;
+                out.write_at("masks", start * plane, masks)?;
                 bar.inc(1);
                 Ok(livers)
             })
