@@ -4,19 +4,21 @@
 //!
 //! inputs: raw files under data.root (none for `synthetic`)
 //! outputs: slices.parquet, quarantine.parquet, cases/<case>.safetensors
+//! (`image` [slice, row, col] as i16 HU or u8, and `mask_bits`, the binary
+//! liver mask packed 8 pixels per byte as numpy.packbits(mask, axis=-1))
 
 use anyhow::{anyhow, bail, Context, Result};
 use crate::engine::params::{param, ParamType::*, ParamSpec, Params};
 use crate::engine::stage::{Stage, StageContext, StageInfo, Summary};
 use crate::engine::table::{write_parquet, write_safetensors, NamedTensor};
-use crate::imaging::{self, liver_count, slices2d::MaskRule, Volume};
+use crate::imaging::{self, liver_count, pack_mask_rows, slices2d::MaskRule, Volume};
 use polars::prelude::{Column, DataFrame};
 use rayon::prelude::*;
 use regex::Regex;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2; // 2: masks stored as bits
 const PARAMS: &[ParamSpec] = &[
     param("data.source", Choice(&["synthetic", "nifti", "dicom", "slices2d"]), "synthetic", "where slices come from"),
     param("data.root", Str, "data", "dataset folder, relative to pipeline.yaml"),
@@ -283,6 +285,11 @@ fn hu_tensor<T: Copy>(grid: &Volume<T>, hu: Volume<i16>) -> Vec<u8> {
     i16_le_bytes(&axial_order(grid, hu.data))
 }
 
+/// The case's binary mask as its `mask_bits` tensor.
+fn mask_bits(mask: &[u8], n: usize, rows: usize, cols: usize) -> NamedTensor {
+    NamedTensor::u8("mask_bits", vec![n, rows, cols.div_ceil(8)], pack_mask_rows(mask, cols))
+}
+
 struct CaseOut {
     rows: Vec<SliceRow>,
     image: NamedTensor,
@@ -312,7 +319,7 @@ fn volume_case<T: Copy>(case: &str, grid: &Volume<T>, image: Vec<u8>, mask: Vec<
             orientation: orientation.clone(),
         })
         .collect();
-    Ok(CaseOut { rows: out_rows, image: NamedTensor { name: "image".into(), dtype: safetensors::Dtype::I16, shape: vec![n, rows, cols], data: image }, mask: NamedTensor::u8("mask", vec![n, rows, cols], mask) })
+    Ok(CaseOut { rows: out_rows, image: NamedTensor { name: "image".into(), dtype: safetensors::Dtype::I16, shape: vec![n, rows, cols], data: image }, mask: mask_bits(&mask, n, rows, cols) })
 }
 
 impl Stage for Ingest {
@@ -504,7 +511,7 @@ impl Stage for Ingest {
                     }
                     let (h, w) = shape.expect("at least one slice");
                     let n = rows.len();
-                    let out = CaseOut { rows, image: NamedTensor::u8("image", vec![n, h, w], img_data), mask: NamedTensor::u8("mask", vec![n, h, w], mask_data) };
+                    let out = CaseOut { rows, image: NamedTensor::u8("image", vec![n, h, w], img_data), mask: mask_bits(&mask_data, n, h, w) };
                     write_safetensors(&cases_dir.join(format!("{case}.safetensors")), &[out.image, out.mask], &provenance)?;
                     return Ok((out.rows, bad));
                 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use crate::engine::params::{param, ParamType::*, ParamSpec};
 use crate::engine::stage::{Stage, StageContext, StageInfo, Summary};
 use crate::engine::table::{read_parquet, write_parquet, TensorFile, TensorFileWriter};
-use crate::imaging::{liver_count, resize};
+use crate::imaging::{liver_count, resize, unpack_mask_row};
 use crate::rng::Rng;
 use polars::prelude::{Column, DataFrame, IdxSize};
 use rayon::prelude::*;
@@ -74,25 +74,39 @@ struct CaseView<'a> {
     h: usize,
     w: usize,
     image: Raw<'a>,
-    masks: &'a [u8],
+    /// The liver mask, 8 pixels per byte (see ingest).
+    mask_bits: &'a [u8],
 }
 
 impl<'a> CaseView<'a> {
     fn new(tf: &'a TensorFile, path: &std::path::Path, listed: usize) -> Result<Self> {
-        let (shape, masks) = tf.u8_ref("mask").with_context(|| path.display().to_string())?;
-        let (n, h, w) = (shape[0], shape[1], shape[2]);
+        let what = || path.display().to_string();
+        let (image, shape) = match tf.get("image").with_context(what)? {
+            (shape, bytes, safetensors::Dtype::I16) => (Raw::I16(bytes.as_chunks::<2>().0), shape),
+            _ => {
+                let (shape, bytes) = tf.u8_ref("image").with_context(what)?;
+                (Raw::U8(bytes), shape)
+            }
+        };
+        let (mask_shape, mask_bits) = tf.u8_ref("mask_bits").with_context(what)?;
+        let [n, h, w] = shape[..] else { bail!("{}: image tensor has shape {shape:?}, expected [slices, rows, cols]", path.display()) };
+        if mask_shape != [n, h, w.div_ceil(8)] {
+            bail!("{}: mask_bits has shape {mask_shape:?}, but {n}×{h}×{w} image pixels need [{n}, {h}, {}]", path.display(), w.div_ceil(8));
+        }
         if n != listed {
             bail!("{}: {n} slices but slices.parquet lists {listed}", path.display());
         }
-        let image = match tf.get("image").with_context(|| path.display().to_string())? {
-            (_, bytes, safetensors::Dtype::I16) => Raw::I16(bytes.as_chunks::<2>().0),
-            _ => Raw::U8(tf.u8_ref("image").with_context(|| path.display().to_string())?.1),
-        };
-        Ok(CaseView { n, h, w, image, masks })
+        Ok(CaseView { n, h, w, image, mask_bits })
     }
 
-    fn mask(&self, k: usize) -> &[u8] {
-        &self.masks[k * self.h * self.w..(k + 1) * self.h * self.w]
+    /// Slice `k`'s mask as 0/1 bytes, into `out`.
+    fn mask_into(&self, k: usize, out: &mut Vec<u8>) {
+        let row_bytes = self.w.div_ceil(8);
+        out.resize(self.h * self.w, 0);
+        let bits = &self.mask_bits[k * self.h * row_bytes..(k + 1) * self.h * row_bytes];
+        for (row, row_bits) in out.chunks_exact_mut(self.w).zip(bits.chunks_exact(row_bytes)) {
+            unpack_mask_row(row_bits, row);
+        }
     }
 }
 
@@ -149,10 +163,11 @@ impl Stage for Normalise {
                     let path = case_path(case);
                     let tf = TensorFile::open(&path)?;
                     let view = CaseView::new(&tf, &path, rows.len())?;
-                    let mut mask = vec![0u8; plane];
+                    let (mut full, mut mask) = (Vec::new(), vec![0u8; plane]);
                     Ok((0..view.n)
                         .map(|k| {
-                            resize::nearest_into(view.mask(k), view.h, view.w, &mut mask, size);
+                            view.mask_into(k, &mut full);
+                            resize::nearest_into(&full, view.h, view.w, &mut mask, size);
                             liver_count(&mask)
                         })
                         .collect())
@@ -193,7 +208,7 @@ impl Stage for Normalise {
             .zip(&starts)
             // Each worker reuses its two buffers from case to case (every
             // byte is overwritten, so they are zeroed only when they grow).
-            .map_init(|| (Vec::new(), Vec::new()), |(images, masks), (((case, rows), ks), &start)| {
+            .map_init(|| (Vec::new(), Vec::new(), Vec::new()), |(images, masks, full_mask), (((case, rows), ks), &start)| {
                 let path = case_path(case);
                 let tf = TensorFile::open(&path)?;
                 let view = CaseView::new(&tf, &path, rows.len())?;
@@ -210,7 +225,8 @@ impl Stage for Normalise {
                         Raw::I16(v) => scaled_resize_into(&v[range], |b| f32::from(i16::from_le_bytes(b)), hu, minmax, (lo, hi), (view.h, view.w), image),
                         Raw::U8(v) => scaled_resize_into(&v[range], f32::from, hu, minmax, (lo, hi), (view.h, view.w), image),
                     }
-                    resize::nearest_into(view.mask(k), view.h, view.w, mask, size);
+                    view.mask_into(k, full_mask);
+                    resize::nearest_into(full_mask, view.h, view.w, mask, size);
                     livers.push(liver_count(mask));
                 }
                 out.write_at("images", start * plane, images)?;

@@ -126,6 +126,52 @@ pub fn liver_count(mask: &[u8]) -> u64 {
     mask.chunks(1 << 15).map(|block| u64::from(block.iter().map(|&v| u16::from(v != 0)).sum::<u16>())).sum()
 }
 
+/// A binary (0/1) mask [.., rows, cols] as bits, the layout of numpy's
+/// `packbits(mask, axis=-1)`: each row padded to whole bytes, first pixel in
+/// the most significant bit. An eighth of the bytes to write, hash and read
+/// back (`np.unpackbits(bits, axis=-1, count=cols)` restores it).
+pub fn pack_mask_rows(mask: &[u8], cols: usize) -> Vec<u8> {
+    debug_assert!(mask.iter().all(|&v| v <= 1));
+    let row_bytes = cols.div_ceil(8);
+    let mut out = Vec::with_capacity(mask.len() / cols.max(1) * row_bytes);
+    for row in mask.chunks_exact(cols.max(1)) {
+        let (whole, tail) = row.as_chunks::<8>();
+        // Eight 0/1 bytes to one byte with a multiply: byte i of the product's
+        // top byte is pixel i's bit, pixel 0 highest (no carries reach it).
+        out.extend(whole.iter().map(|eight| (u64::from_le_bytes(*eight).wrapping_mul(0x8040_2010_0804_0201) >> 56) as u8));
+        if !tail.is_empty() {
+            out.push(tail.iter().fold(0u8, |byte, &v| (byte << 1) | v) << (8 - tail.len()));
+        }
+    }
+    out
+}
+
+/// Each byte value's 8 pixels as 0/1 bytes (little-endian u64: pixel 0 first).
+const UNPACKED: [u64; 256] = {
+    let mut table = [0u64; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let mut pixel = 0;
+        while pixel < 8 {
+            table[byte] |= (((byte >> (7 - pixel)) & 1) as u64) << (8 * pixel);
+            pixel += 1;
+        }
+        byte += 1;
+    }
+    table
+};
+
+/// One row of `pack_mask_rows` back to 0/1 bytes (`out.len()` = cols).
+pub fn unpack_mask_row(bits: &[u8], out: &mut [u8]) {
+    let (whole, tail) = out.as_chunks_mut::<8>();
+    for (eight, &byte) in whole.iter_mut().zip(bits) {
+        *eight = UNPACKED[byte as usize].to_le_bytes();
+    }
+    if let Some(&last) = bits.get(whole.len()) {
+        tail.copy_from_slice(&UNPACKED[last as usize].to_le_bytes()[..tail.len()]);
+    }
+}
+
 /// 4×4 identity with the given spacing on the diagonal.
 pub fn scaled_identity(spacing: [f64; 3]) -> [[f64; 4]; 4] {
     let mut a = [[0.0; 4]; 4];
@@ -134,4 +180,29 @@ pub fn scaled_identity(spacing: [f64; 3]) -> [[f64; 4]; 4] {
     }
     a[3][3] = 1.0;
     a
+}
+
+#[cfg(test)]
+mod bit_masks {
+    #[test]
+    fn packed_rows_round_trip_in_numpy_layout() {
+        // 2 rows of 10 pixels: numpy.packbits gives 2 bytes per row.
+        let mask: Vec<u8> = vec![1, 0, 0, 0, 0, 0, 0, 1, 1, 1, /**/ 0, 1, 0, 0, 0, 0, 0, 0, 0, 1];
+        let bits = super::pack_mask_rows(&mask, 10);
+        assert_eq!(bits, vec![0b1000_0001, 0b1100_0000, 0b0100_0000, 0b0100_0000]);
+        let mut back = vec![9u8; 10];
+        for (r, row) in bits.chunks(2).enumerate() {
+            super::unpack_mask_row(row, &mut back);
+            assert_eq!(back, &mask[r * 10..(r + 1) * 10]);
+        }
+        // Every byte value, and rows of whole bytes.
+        let mask: Vec<u8> = (0..256 * 8).map(|i| ((i / 8) >> (7 - i % 8) & 1) as u8).collect();
+        let bits = super::pack_mask_rows(&mask, 64);
+        assert_eq!(bits, (0..=255u8).collect::<Vec<_>>());
+        let mut back = vec![9u8; 64];
+        for (r, row) in bits.chunks(8).enumerate() {
+            super::unpack_mask_row(row, &mut back);
+            assert_eq!(back, &mask[r * 64..(r + 1) * 64]);
+        }
+    }
 }
