@@ -423,7 +423,7 @@ impl Stage for Ingest {
                 Item::Nifti { case, image, mask } => {
                     let r = (|| {
                         let mask = mask.as_ref().ok_or_else(|| (rel(&root, image), anyhow!("{}: missing mask (no segmentation file beside it)", image.display())))?;
-                        let raw = imaging::nifti::read_raw(image).map_err(|e| (rel(&root, image), e))?;
+                        let raw = ctx.read_raw(image).and_then(|b| imaging::nifti::read_raw_from(image, b)).map_err(|e| (rel(&root, image), e))?;
                         let grid = raw.grid.clone();
                         // The usual CT file already holds ingest's tensor bytes.
                         let hu = match raw.into_i16_le_bytes() {
@@ -431,7 +431,7 @@ impl Stage for Ingest {
                             Ok(bytes) => hu_tensor(&grid, grid.with_data(bytes.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect())),
                             Err(raw) => hu_tensor(&grid, native_hu(raw.into_native().map_err(|e| (rel(&root, image), e))?)),
                         };
-                        let m = imaging::nifti::read_raw(mask).and_then(|m| m.into_native()).map_err(|e| (rel(&root, mask), e))?;
+                        let m = ctx.read_raw(mask).and_then(|b| imaging::nifti::read_raw_from(mask, b)).and_then(|m| m.into_native()).map_err(|e| (rel(&root, mask), e))?;
                         if grid.dims != m.dims() {
                             return Err((rel(&root, mask), anyhow!("{}: image is {:?} voxels but mask is {:?}", mask.display(), grid.dims, m.dims())));
                         }
@@ -465,7 +465,7 @@ impl Stage for Ingest {
                         let (img_start, mask_start) = (img_data.len(), mask_data.len());
                         let r: std::result::Result<_, (String, anyhow::Error)> = (|| {
                             let mask = mask.as_ref().ok_or_else(|| (rel(&root, image), anyhow!("{}: missing mask (expected one of the same name in data.mask_dir)", image.display())))?;
-                            let (h, w) = imaging::slices2d::read_pair_into(image, mask, rule, &mut img_data, &mut mask_data, &mut scratch).map_err(|e| (rel(&root, image), e))?;
+                            let (h, w) = imaging::slices2d::read_pair_into(image, mask, rule, &|p: &Path| ctx.read_raw(p), &mut img_data, &mut mask_data, &mut scratch).map_err(|e| (rel(&root, image), e))?;
                             if let Some(s) = shape {
                                 if s != (h, w) {
                                     return Err((rel(&root, image), anyhow!("{}: {h}×{w} pixels, other slices of patient {case} are {}×{}", image.display(), s.0, s.1)));

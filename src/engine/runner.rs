@@ -8,11 +8,16 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+/// Memory for raw input files kept between planning and running a stage.
+const RAW_BYTES_BUDGET: u64 = 256 << 20;
+
 pub struct Engine<'r> {
     pub pipeline: Pipeline,
     pub registry: &'r [Box<dyn Stage>],
     pub store: Store,
     pub show_progress: bool,
+    /// Raw inputs read while planning a run, for the stages that read them.
+    raw_bytes: super::hash::RawBytes,
 }
 
 /// A stage's key for the current pipeline, and the raw files it covers.
@@ -32,7 +37,7 @@ pub struct RunReport {
 impl<'r> Engine<'r> {
     pub fn new(pipeline: Pipeline, registry: &'r [Box<dyn Stage>]) -> Self {
         let store = Store::new(pipeline.root.join("artifacts"));
-        Engine { pipeline, registry, store, show_progress: true }
+        Engine { pipeline, registry, store, show_progress: true, raw_bytes: super::hash::RawBytes::new(RAW_BYTES_BUDGET) }
     }
 
     pub fn stage_impl(&self, name: &str) -> Result<&dyn Stage> {
@@ -41,6 +46,11 @@ impl<'r> Engine<'r> {
 
     /// Keys of `stages` (which must be closed under deps), in topological order.
     pub fn plan(&self, stages: &[&ResolvedStage]) -> Result<BTreeMap<String, Planned>> {
+        self.plan_keeping(stages, None)
+    }
+
+    /// `plan`, keeping the raw files it reads in `keep` (when about to run).
+    fn plan_keeping(&self, stages: &[&ResolvedStage], keep: Option<&super::hash::RawBytes>) -> Result<BTreeMap<String, Planned>> {
         let mut cache = StatCache::open(self.store.stat_cache_file());
         let mut planned: BTreeMap<String, Planned> = BTreeMap::new();
         for s in stages {
@@ -49,7 +59,7 @@ impl<'r> Engine<'r> {
             let inputs = imp.raw_inputs(&s.params, &self.pipeline.root)?;
             let t1 = t.elapsed().as_secs_f64()*1e3;
             let paths: Vec<std::path::PathBuf> = inputs.iter().map(|(_, p)| p.clone()).collect();
-            let hashes = cache.hash_many(&paths, self.show_progress)?;
+            let hashes = cache.hash_many(&paths, self.show_progress, keep)?;
             if std::env::var_os("TRACE").is_some() && !paths.is_empty() { eprintln!("TRACE  plan {} list {t1:.1} ms hash {:.1} ms", s.name, t.elapsed().as_secs_f64()*1e3); }
             let raw_files: Vec<RawFile> = inputs.into_iter().zip(hashes).map(|((rel, _), (size, blake3))| RawFile { path: rel, size, blake3 }).collect();
             let upstream: BTreeMap<String, String> = s
@@ -86,7 +96,7 @@ impl<'r> Engine<'r> {
             None => self.pipeline.stages.iter().collect(),
         };
         let tp = Instant::now();
-        let planned = self.plan(&stages)?;
+        let planned = self.plan_keeping(&stages, Some(&self.raw_bytes))?;
         if std::env::var_os("TRACE").is_some() { eprintln!("TRACE plan {:.1} ms", tp.elapsed().as_secs_f64()*1e3); }
         let mut report = RunReport::default();
         // Fast path: nothing to do needs no lock.
@@ -116,7 +126,7 @@ impl<'r> Engine<'r> {
     /// Rerun one stage from its cached upstream artifacts.
     pub fn run_one(&self, name: &str, force: bool) -> Result<RunReport> {
         let stages = self.pipeline.ancestors_and_self(name)?;
-        let planned = self.plan(&stages)?;
+        let planned = self.plan_keeping(&stages, Some(&self.raw_bytes))?;
         let s = *stages.last().expect("contains self");
         for d in &s.deps {
             let key = &planned[d].key;
@@ -154,6 +164,7 @@ impl<'r> Engine<'r> {
             scratch_dir: self.store.scratch_dir(&s.name, &p.key),
             upstream,
             raw_files: &p.raw_files,
+            raw_bytes: Some(&self.raw_bytes),
             project_root: &self.pipeline.root,
             show_progress: self.show_progress,
         };

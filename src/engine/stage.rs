@@ -55,6 +55,8 @@ pub struct StageContext<'a> {
     pub scratch_dir: PathBuf,
     pub upstream: BTreeMap<String, Artifact>,
     pub raw_files: &'a [RawFile],
+    /// Raw files the engine already read to hash them (see `read_raw`).
+    pub raw_bytes: Option<&'a super::hash::RawBytes>,
     pub project_root: &'a Path,
     pub show_progress: bool,
 }
@@ -64,6 +66,16 @@ impl StageContext<'_> {
         self.upstream
             .get(name)
             .ok_or_else(|| anyhow::anyhow!("stage `{}` needs upstream `{name}`, which pipeline.yaml does not list in its deps", self.stage.name))
+    }
+
+    /// The bytes of a raw input file: those the engine hashed for the key, if
+    /// it kept them, else read now.
+    pub fn read_raw(&self, path: &Path) -> Result<Vec<u8>> {
+        if let Some(bytes) = self.raw_bytes.and_then(|k| k.take(path)) {
+            return Ok(bytes);
+        }
+        use anyhow::Context;
+        std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))
     }
 
     pub fn out(&self, file: &str) -> PathBuf {

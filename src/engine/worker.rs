@@ -125,6 +125,7 @@ impl WorkerJob {
             scratch_dir: self.req.scratch_dir.clone(),
             upstream: self.upstream.clone(),
             raw_files: &self.req.raw_files,
+            raw_bytes: None,
             project_root: &self.req.project_root,
             show_progress: self.req.show_progress,
         }

@@ -15,8 +15,8 @@ pub struct NiftiFile {
     pub datatype: i16,
 }
 
-fn read_all(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+/// The file's bytes, inflated if gzipped.
+fn inflated(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>> {
     if raw.starts_with(&[0x1f, 0x8b]) {
         // The gzip trailer holds the inflated size (mod 2^32): reserve it so
         // the buffer is not regrown and copied several times over.
@@ -134,8 +134,14 @@ impl RawNifti {
 
 /// Read and check the header, and keep the voxel bytes as stored.
 pub fn read_raw(path: &Path) -> Result<RawNifti> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    read_raw_from(path, bytes)
+}
+
+/// `read_raw` of the file's bytes (`path` names it in errors).
+pub fn read_raw_from(path: &Path, file: Vec<u8>) -> Result<RawNifti> {
     let p = path.display();
-    let mut bytes = read_all(path)?;
+    let mut bytes = inflated(path, file)?;
     if bytes.len() < HEADER_LEN {
         bail!("{p}: truncated: {} bytes, a NIfTI-1 header alone is 348", bytes.len());
     }

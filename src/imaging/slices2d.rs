@@ -23,14 +23,15 @@ pub struct Pair {
 /// (the Y channel), skipping colour conversion: most exports are RGB JPEGs
 /// of grey images, and that conversion would dominate ingest.
 pub fn grey(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let mut pixels = Vec::new();
-    let (rows, cols) = grey_into(path, &mut pixels)?;
+    let (rows, cols) = grey_from_bytes(path, bytes, &mut pixels)?;
     Ok((pixels, rows, cols))
 }
 
-/// `grey`, appending the pixels to `out` (a JPEG is decoded in place there).
-pub fn grey_into(path: &Path, out: &mut Vec<u8>) -> Result<(usize, usize)> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+/// `grey` of the bytes of the file at `path` (named in errors), appending the
+/// pixels to `out` (a JPEG is decoded in place there).
+pub fn grey_from_bytes(path: &Path, bytes: Vec<u8>, out: &mut Vec<u8>) -> Result<(usize, usize)> {
     if bytes.starts_with(&[0xFF, 0xD8]) {
         use zune_core::{bytestream::ZCursor, colorspace::ColorSpace, options::DecoderOptions};
         let bad = |e| anyhow::anyhow!("{}: not a decodable PNG/JPEG image (truncated or corrupt?): {e:?}", path.display());
@@ -68,27 +69,28 @@ fn open_any(path: &Path, bytes: Vec<u8>) -> Result<image::DynamicImage> {
 
 pub fn read_pair(image_path: &Path, mask_path: &Path, rule: MaskRule) -> Result<Pair> {
     let (mut image, mut mask) = (Vec::new(), Vec::new());
-    let (rows, cols) = read_pair_into(image_path, mask_path, rule, &mut image, &mut mask, &mut Vec::new())?;
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("{}: cannot read", p.display()));
+    let (rows, cols) = read_pair_into(image_path, mask_path, rule, &read, &mut image, &mut mask, &mut Vec::new())?;
     Ok(Pair { rows, cols, image, mask })
 }
 
 /// `read_pair`, appending the image to `image` and the binary mask to `mask`
 /// (`scratch` holds the mask's grey values); on error neither is extended.
-pub fn read_pair_into(image_path: &Path, mask_path: &Path, rule: MaskRule, image: &mut Vec<u8>, mask: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Result<(usize, usize)> {
+/// `read` gives a file's bytes.
+pub fn read_pair_into(image_path: &Path, mask_path: &Path, rule: MaskRule, read: &dyn Fn(&Path) -> Result<Vec<u8>>, image: &mut Vec<u8>, mask: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Result<(usize, usize)> {
     let start = image.len();
-    let (h, w) = grey_into(image_path, image)?;
+    let (h, w) = grey_from_bytes(image_path, read(image_path)?, image)?;
     let (mh, mw) = match rule {
         MaskRule::Threshold(t) => {
             scratch.clear();
-            let shape = grey_into(mask_path, scratch).inspect_err(|_| image.truncate(start))?;
+            let shape = read(mask_path).and_then(|bytes| grey_from_bytes(mask_path, bytes, scratch)).inspect_err(|_| image.truncate(start))?;
             if shape == (h, w) {
                 mask.extend(scratch.iter().map(|&v| u8::from(v > t)));
             }
             shape
         }
         MaskRule::Colour(c, tol) => {
-            let read = std::fs::read(mask_path).with_context(|| format!("{}: cannot read", mask_path.display())).and_then(|bytes| open_any(mask_path, bytes));
-            let rgb = read.inspect_err(|_| image.truncate(start))?.to_rgb8();
+            let rgb = read(mask_path).and_then(|bytes| open_any(mask_path, bytes)).inspect_err(|_| image.truncate(start))?.to_rgb8();
             let (mw, mh) = rgb.dimensions();
             if (mh as usize, mw as usize) == (h, w) {
                 mask.extend(rgb.pixels().map(|p| u8::from((0..3).all(|i| p.0[i].abs_diff(c[i]) <= tol))));
