@@ -250,6 +250,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn raw_files_read_for_hashing_are_kept_once_within_budget() {
+        let dir = std::env::temp_dir().join(format!("liverseg-rawbytes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b, big) = (dir.join("a"), dir.join("b"), dir.join("big"));
+        std::fs::write(&a, b"first file").unwrap();
+        std::fs::write(&b, b"second").unwrap();
+        std::fs::write(&big, vec![7u8; MAX_KEPT_FILE as usize + 1]).unwrap();
+        let mut cache = StatCache::open(dir.join("stat-cache.json"));
+        let keep = RawBytes::new(12); // room for `a` (10 bytes), not also `b` (6)
+        let hashes = cache.hash_many(&[a.clone(), b.clone(), big.clone()], false, Some(&keep)).unwrap();
+        assert_eq!(hashes[0], (10, hash_bytes(b"first file")));
+        assert_eq!(hashes[2].1, hash_file(&big).unwrap());
+        let kept: Vec<bool> = [&a, &b].iter().map(|p| keep.files.lock().unwrap().contains_key(*p)).collect();
+        assert_eq!(kept.iter().filter(|k| **k).count(), 1, "the budget holds one of the two small files");
+        assert!(keep.take(&big).is_none(), "files over MAX_KEPT_FILE are not kept");
+        let which = if kept[0] { &a } else { &b };
+        assert_eq!(keep.take(which).unwrap(), std::fs::read(which).unwrap());
+        assert!(keep.take(which).is_none(), "handed over once");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn key_depends_on_every_input() {
         let up = BTreeMap::from([("a".to_owned(), "k1".to_owned())]);
         let raw = vec![("f".to_owned(), "h".to_owned())];
