@@ -80,10 +80,14 @@ impl RawBytes {
 
 /// Read exactly `len` bytes of `path` and hash them.
 fn read_and_hash(path: &Path, len: u64) -> Result<(String, Vec<u8>)> {
-    let mut bytes = vec![0u8; len as usize];
+    // Read into unfilled capacity (no zeroing), `len` bytes at most.
+    let mut bytes = Vec::with_capacity(len as usize);
     std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .with_context(|| format!("cannot read {} ({len} bytes when stat'ed; did it change?)", path.display()))?;
+        .and_then(|f| f.take(len).read_to_end(&mut bytes))
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.len() as u64 != len {
+        anyhow::bail!("{}: {} bytes, {len} when stat'ed; did it change while being read?", path.display(), bytes.len());
+    }
     Ok((blake3::hash(&bytes).to_hex().to_string(), bytes))
 }
 
