@@ -373,13 +373,8 @@ impl Stage for Ingest {
             let (h, s) = hashes.get(r.as_str()).copied().unwrap_or(("", 0));
             (r, h.to_owned(), s)
         };
-        let t0 = std::time::Instant::now();
-        let cpu = || { let mut u: libc::rusage = unsafe { std::mem::zeroed() }; unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) }; (u.ru_utime.tv_sec as f64 + u.ru_stime.tv_sec as f64) * 1e3 + (u.ru_utime.tv_usec + u.ru_stime.tv_usec) as f64 / 1e3 };
-        let c0 = cpu();
-        let tr = |what: &str| if std::env::var_os("TRACE").is_some() { eprintln!("TRACE   {what} {:.1} ms (cpu {:.1} ms)", t0.elapsed().as_secs_f64() * 1e3, cpu() - c0) };
         let files: Vec<PathBuf> = ctx.raw_files.iter().map(|r| root.join(&r.path)).collect();
         let (items, mut quarantine) = self.discover(p, &root, &files)?;
-        tr("discover");
         if !skip {
             if let Some((file, reason)) = quarantine.first() {
                 bail!("{}: {reason}", root.join(file).display());
@@ -535,7 +530,6 @@ impl Stage for Ingest {
             })
             .collect();
         bar.finish_and_clear();
-        tr("process");
         let mut rows = Vec::new();
         for r in results {
             let (kept, bad) = r?;
@@ -547,7 +541,6 @@ impl Stage for Ingest {
         }
         quarantine.sort();
         write_tables(ctx, &rows, &quarantine)?;
-        tr("tables");
         let cases: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.case_id.as_str()).collect();
         let mut s = Summary::new();
         s.insert("cases".into(), cases.len().into());

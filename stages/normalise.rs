@@ -131,10 +131,6 @@ impl Stage for Normalise {
         let empty_fraction = p.f64("empty_fraction")?;
         let seed = p.u64("seed")?;
 
-        let t0 = std::time::Instant::now();
-        let cpu = || { let mut u: libc::rusage = unsafe { std::mem::zeroed() }; unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) }; (u.ru_utime.tv_sec as f64 + u.ru_stime.tv_sec as f64) * 1e3 + (u.ru_utime.tv_usec + u.ru_stime.tv_usec) as f64 / 1e3 };
-        let c0 = cpu();
-        let tr = |what: &str| if std::env::var_os("TRACE").is_some() { eprintln!("TRACE   {what} {:.1} ms (cpu {:.1} ms)", t0.elapsed().as_secs_f64() * 1e3, cpu() - c0) };
         let ingest = ctx.upstream("ingest")?;
         let table = read_parquet(&ingest.file("slices.parquet"))?;
         let cases = table.column("case_id")?.str()?.clone();
@@ -148,7 +144,6 @@ impl Stage for Normalise {
                 _ => groups.push((c, vec![i])),
             }
         }
-        tr("table");
         let case_path = |case: &str| ingest.file(&format!("cases/{case}.safetensors"));
         let plane = size * size;
 
@@ -194,7 +189,6 @@ impl Stage for Normalise {
         if n == 0 {
             bail!("normalise: the slice policy `{policy}` kept no slices");
         }
-        tr("chosen");
 
         // Each case is resized into its own buffers and written straight to
         // its place in the output file: memory stays at a few cases, however
@@ -237,7 +231,6 @@ impl Stage for Normalise {
             .collect::<Result<_>>()?;
         bar.finish_and_clear();
         out.finish()?;
-        tr("written");
         let kept: Vec<(usize, u64)> = groups.iter().zip(&keep).zip(&kept_livers).flat_map(|(((_, rows), ks), ls)| ks.iter().zip(ls).map(|(&k, &l)| (rows[k], l))).collect();
         let kept_empty = kept.iter().filter(|k| k.1 == 0).count() as u64;
         let dropped_empty = (total - n) as u64;
@@ -258,7 +251,6 @@ impl Stage for Normalise {
         ])
         .context("cannot build index table")?;
         write_parquet(&ctx.out("index.parquet"), &mut index, &ctx.provenance())?;
-        tr("parquet");
         let mut s = Summary::new();
         s.insert("slices_in".into(), total.into());
         s.insert("slices_kept".into(), n.into());

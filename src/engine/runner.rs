@@ -55,12 +55,9 @@ impl<'r> Engine<'r> {
         let mut planned: BTreeMap<String, Planned> = BTreeMap::new();
         for s in stages {
             let imp = self.stage_impl(&s.uses)?;
-            let t = Instant::now();
             let inputs = imp.raw_inputs(&s.params, &self.pipeline.root)?;
-            let t1 = t.elapsed().as_secs_f64()*1e3;
             let paths: Vec<std::path::PathBuf> = inputs.iter().map(|(_, p)| p.clone()).collect();
             let hashes = cache.hash_many(&paths, self.show_progress, keep)?;
-            if std::env::var_os("TRACE").is_some() && !paths.is_empty() { eprintln!("TRACE  plan {} list {t1:.1} ms hash {:.1} ms", s.name, t.elapsed().as_secs_f64()*1e3); }
             let raw_files: Vec<RawFile> = inputs.into_iter().zip(hashes).map(|((rel, _), (size, blake3))| RawFile { path: rel, size, blake3 }).collect();
             let upstream: BTreeMap<String, String> = s
                 .deps
@@ -78,9 +75,7 @@ impl<'r> Engine<'r> {
             planned.insert(s.name.clone(), Planned { key, upstream, raw_files });
         }
         // Hashing is the slow part of a no-op; keep what we learnt even if the run fails later.
-        let t = Instant::now();
         cache.save()?;
-        if std::env::var_os("TRACE").is_some() { eprintln!("TRACE  plan save {:.1} ms", t.elapsed().as_secs_f64()*1e3); }
         Ok(planned)
     }
 
@@ -95,9 +90,7 @@ impl<'r> Engine<'r> {
             Some(t) => self.pipeline.ancestors_and_self(t)?,
             None => self.pipeline.stages.iter().collect(),
         };
-        let tp = Instant::now();
         let planned = self.plan_keeping(&stages, Some(&self.raw_bytes))?;
-        if std::env::var_os("TRACE").is_some() { eprintln!("TRACE plan {:.1} ms", tp.elapsed().as_secs_f64()*1e3); }
         let mut report = RunReport::default();
         // Fast path: nothing to do needs no lock.
         if stages.iter().all(|s| self.store.artifact_dir(&s.name, &planned[&s.name].key).join(super::store::MANIFEST).is_file()) {
@@ -195,9 +188,7 @@ impl<'r> Engine<'r> {
             liverseg_version: env!("CARGO_PKG_VERSION").to_owned(),
             metrics,
         };
-        let tc = Instant::now();
         self.store.commit(&build, manifest, lock)?;
-        if std::env::var_os("TRACE").is_some() { eprintln!("TRACE {} run {:.1} ms commit {:.1} ms", s.name, secs*1e3, tc.elapsed().as_secs_f64()*1e3); }
         // Checkpoints of an interrupted run are no longer needed once the artifact exists.
         let scratch = self.store.scratch_dir(&s.name, &p.key);
         if scratch.exists() {

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub fn write_parquet(path: &Path, df: &mut DataFrame, provenance: &[(String, String)]) -> Result<()> {
-    let _t = Tm(std::time::Instant::now(), path.to_path_buf(), minflt());
     // Buffered: the writer issues one small write per page header and value run.
     let file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?);
     // One chunk per column makes one row group. Writing the batch directly
@@ -225,7 +224,3 @@ impl TensorFile {
         Ok(self.get(name)?.2)
     }
 }
-
-struct Tm(std::time::Instant, std::path::PathBuf, i64);
-fn minflt() -> i64 { let mut u: libc::rusage = unsafe { std::mem::zeroed() }; unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) }; u.ru_minflt }
-impl Drop for Tm { fn drop(&mut self) { if std::env::var_os("TRACE").is_some() { eprintln!("TRACE     parquet {} {:.2} ms {} faults", self.1.display(), self.0.elapsed().as_secs_f64()*1e3, minflt() - self.2); } } }
