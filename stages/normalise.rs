@@ -1,5 +1,5 @@
 //! normalise: window HU (or scale 8-bit) to [0, 1], resize to the profile's
-//! resolution, choose slices, and store everything as one uint8 tensor.
+//! resolution, choose slices, and stream them case by case into one file.
 //!
 //! inputs: ingest (slices.parquet, cases/*.safetensors)
 //! outputs: data.safetensors (images, masks: [N, S, S] uint8), index.parquet
@@ -200,8 +200,8 @@ impl Stage for Normalise {
             .par_iter()
             .zip(&keep)
             .zip(&starts)
-            // Each worker reuses its two buffers from case to case (every
-            // byte is overwritten, so they are zeroed only when they grow).
+            // Each worker reuses its buffers from case to case (every byte is
+            // overwritten, so they are zeroed only when they grow).
             .map_init(|| (Vec::new(), Vec::new(), Vec::new()), |(images, masks, full_mask), (((case, rows), ks), &start)| {
                 let path = case_path(case);
                 let tf = TensorFile::open(&path)?;
