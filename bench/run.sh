@@ -47,14 +47,15 @@ fi
 
 if [ "$what" = all ] || [ "$what" = data ]; then
   echo "## data: ingest + normalise to 224x224, slices/s (same run, same load)"
-  # REPS runs of each side, interleaved, liverseg from an empty store each
-  # time; medians are compared (single runs vary by 15% on a shared machine).
+  # After one untimed warm-up run of each side (caches, CPU clocks), REPS
+  # runs of each, interleaved, liverseg from an empty store each time; the
+  # medians are compared (single runs vary by 15% on a shared machine).
   # Both are timed around the launched process with $EPOCHREALTIME (no
   # subshell or pipe in the timed part). liverseg's time is its whole run:
   # start, source hashing, both stages, artifacts written and hashed. For
   # Python the script's own loop time (which leaves out interpreter start and
   # imports) is the reference; its whole-process time is shown beside it.
-  REPS=${DATA_REPS:-7}
+  REPS=${DATA_REPS:-9}; PYREF=$PWD/bench/py_ingest.py
   D=$OUT/data; rm -rf "$D"; mkdir -p "$D"
   "$BIN" synth "$D/nifti" --cases 20 --size 256 --slices 40 --seed 3 >/dev/null
   median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -68,11 +69,12 @@ stages:
 YAML
     rs=(); ps=(); pws=()
     pushd "$D" >/dev/null
+    rm -rf artifacts; "$BIN" run -q normalise; "$PY" "$PYREF" $kind "$root" 224 >/dev/null
     for i in $(seq 1 "$REPS"); do
       rm -rf artifacts
       t0=$EPOCHREALTIME; "$BIN" run -q normalise; t1=$EPOCHREALTIME
       rs+=("$(echo "$t1 - $t0" | bc)")
-      t0=$EPOCHREALTIME; out=$("$PY" "$OLDPWD/bench/py_ingest.py" $kind "$root" 224); t1=$EPOCHREALTIME
+      t0=$EPOCHREALTIME; out=$("$PY" "$PYREF" $kind "$root" 224); t1=$EPOCHREALTIME
       read -r pn psecs _ pmb <<< "$out"
       ps+=("$psecs"); pws+=("$(echo "$t1 - $t0" | bc)")
     done
