@@ -47,14 +47,12 @@ fi
 
 if [ "$what" = all ] || [ "$what" = data ]; then
   echo "## data: ingest + normalise to 224x224, slices/s (same run, same load)"
-  # After one untimed warm-up run of each side (caches, CPU clocks), REPS
-  # runs of each, interleaved, liverseg from an empty store each time; the
-  # medians are compared (single runs vary by 15% on a shared machine).
-  # Both are timed around the launched process with $EPOCHREALTIME (no
-  # subshell or pipe in the timed part). liverseg's time is its whole run:
-  # start, source hashing, both stages, artifacts written and hashed. For
-  # Python the script's own loop time (which leaves out interpreter start and
-  # imports) is the reference; its whole-process time is shown beside it.
+  # Each side: one untimed warm-up run, then REPS runs back to back (as
+  # hyperfine does), liverseg from an empty store each time; the medians are
+  # compared. Not interleaved: while single-threaded Python runs the second
+  # core idles, and a two-threaded run started right after it measured about
+  # 10% slower than back to back (20-30% after an idle pause). Single runs
+  # vary by ~15% on this shared machine, hence medians.
   REPS=${DATA_REPS:-9}; PYREF=$PWD/bench/py_ingest.py
   D=$OUT/data; rm -rf "$D"; mkdir -p "$D"
   "$BIN" synth "$D/nifti" --cases 20 --size 256 --slices 40 --seed 3 >/dev/null
@@ -69,11 +67,14 @@ stages:
 YAML
     rs=(); ps=(); pws=()
     pushd "$D" >/dev/null
-    rm -rf artifacts; "$BIN" run -q normalise; "$PY" "$PYREF" $kind "$root" 224 >/dev/null
+    rm -rf artifacts; "$BIN" run -q normalise
     for i in $(seq 1 "$REPS"); do
       rm -rf artifacts
       t0=$EPOCHREALTIME; "$BIN" run -q normalise; t1=$EPOCHREALTIME
       rs+=("$(echo "$t1 - $t0" | bc)")
+    done
+    "$PY" "$PYREF" $kind "$root" 224 >/dev/null
+    for i in $(seq 1 "$REPS"); do
       t0=$EPOCHREALTIME; out=$("$PY" "$PYREF" $kind "$root" 224); t1=$EPOCHREALTIME
       read -r pn psecs _ pmb <<< "$out"
       ps+=("$psecs"); pws+=("$(echo "$t1 - $t0" | bc)")
