@@ -210,44 +210,33 @@ fn liver_mask(labels: &[f32], liver: &[f64], max_label: i64, what: &str) -> Resu
     Ok(out)
 }
 
-/// `liver_mask` for integer labels (u8 or i16 files): one table lookup per
-/// voxel, with labels outside the map marked in the table itself.
-fn liver_mask_int<L: Copy + Into<i64>>(labels: &[L], liver: &[f64], max_label: i64, what: &str) -> Result<Vec<u8>> {
-    const OUTSIDE: u8 = 2;
-    let (lo, hi) = (i64::from(i16::MIN), i64::from(i16::MAX));
-    let table: Vec<u8> = (lo..=hi).map(|l| if l < 0 || l > max_label { OUTSIDE } else { u8::from(liver.contains(&(l as f64))) }).collect();
-    let out: Vec<u8> = labels.iter().map(|&l| table[(l.into() - lo) as usize]).collect();
-    if let Some(i) = out.iter().position(|&v| v == OUTSIDE) {
-        bail!("{what}: label {} is outside the label map (0..={max_label}); set data.max_label if it is valid", labels[i].into());
-    }
-    Ok(out)
-}
-
 fn native_liver_mask(labels: &imaging::nifti::NativeVolume, liver: &[f64], max_label: i64, what: &str) -> Result<Vec<u8>> {
     use imaging::nifti::NativeVolume::*;
     match labels {
         U8(v) => liver_mask_u8(&v.data, liver, max_label, what),
-        I16(v) => liver_mask_int(&v.data, liver, max_label, what),
+        // Rare for label files: the general path.
+        I16(v) => liver_mask(&v.data.iter().map(|&l| f32::from(l)).collect::<Vec<_>>(), liver, max_label, what),
         F32(v) => liver_mask(&v.data, liver, max_label, what),
     }
 }
 
-/// `liver_mask_int` for u8 labels whose liver labels form one run lo..=hi
-/// (LiTS 1..=2, TotalSegmentator 5..=5): two comparisons per voxel, which
-/// vectorise, instead of a table lookup, which does not.
+/// `liver_mask` for u8 labels (the usual label file). When the liver labels
+/// form one run lo..=hi (LiTS 1..=2, TotalSegmentator 5..=5) it is two
+/// comparisons per voxel, which vectorise; otherwise a 256-entry table.
 fn liver_mask_u8(labels: &[u8], liver: &[f64], max_label: i64, what: &str) -> Result<Vec<u8>> {
-    let lo = liver.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = liver.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let run = lo >= 0.0 && hi <= 255.0 && lo.fract() == 0.0 && hi.fract() == 0.0 && (lo as i64..=hi as i64).all(|l| liver.contains(&(l as f64)));
-    if !run || max_label < 0 {
-        return liver_mask_int(labels, liver, max_label, what);
-    }
-    let (lo, span) = (lo as u8, (hi - lo) as u8);
-    let top = max_label.min(255) as u8;
-    if let Some(&l) = labels.iter().find(|&&l| l > top) {
+    let top = max_label.clamp(-1, 255);
+    if let Some(&l) = labels.iter().find(|&&l| i64::from(l) > top) {
         bail!("{what}: label {l} is outside the label map (0..={max_label}); set data.max_label if it is valid");
     }
-    Ok(labels.iter().map(|&l| u8::from(l.wrapping_sub(lo) <= span)).collect())
+    let is_liver: Vec<bool> = (0..=255u8).map(|l| liver.contains(&f64::from(l))).collect();
+    let (lo, hi) = (is_liver.iter().position(|&b| b), is_liver.iter().rposition(|&b| b));
+    Ok(match (lo, hi) {
+        (Some(lo), Some(hi)) if is_liver[lo..=hi].iter().all(|&b| b) => {
+            let (lo, span) = (lo as u8, (hi - lo) as u8);
+            labels.iter().map(|&l| u8::from(l.wrapping_sub(lo) <= span)).collect()
+        }
+        _ => labels.iter().map(|&l| u8::from(is_liver[usize::from(l)])).collect(),
+    })
 }
 
 /// HU as i16: CT values are integers in every format; `as` saturates out-of-range values.
@@ -420,10 +409,10 @@ impl Stage for Ingest {
                         let mask = mask.as_ref().ok_or_else(|| (rel(&root, image), anyhow!("{}: missing mask (no segmentation file beside it)", image.display())))?;
                         let raw = ctx.read_raw(image).and_then(|b| imaging::nifti::read_raw_from(image, b)).map_err(|e| (rel(&root, image), e))?;
                         let grid = raw.grid.clone();
-                        // The usual CT file already holds ingest's tensor bytes.
-                        let hu = match raw.into_i16_le_bytes() {
-                            Ok(bytes) if grid.axial_axis() == 2 => bytes,
-                            Ok(bytes) => hu_tensor(&grid, grid.with_data(bytes.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect())),
+                        // The usual CT file (int16, z axial) already holds ingest's tensor bytes.
+                        let raw = if grid.axial_axis() == 2 { raw.into_i16_le_bytes() } else { Err(raw) };
+                        let hu = match raw {
+                            Ok(bytes) => bytes,
                             Err(raw) => hu_tensor(&grid, native_hu(raw.into_native().map_err(|e| (rel(&root, image), e))?)),
                         };
                         let m = ctx.read_raw(mask).and_then(|b| imaging::nifti::read_raw_from(mask, b)).and_then(|m| m.into_native()).map_err(|e| (rel(&root, mask), e))?;
@@ -576,4 +565,21 @@ fn write_tables(ctx: &StageContext, rows: &[SliceRow], quarantine: &[(String, St
         Column::new("reason".into(), quarantine.iter().map(|q| q.1.clone()).collect::<Vec<_>>()),
     ])?;
     write_parquet(&ctx.out("quarantine.parquet"), &mut q, &ctx.provenance())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn u8_liver_masks_agree_with_the_general_path() {
+        let labels: Vec<u8> = (0..=7u8).cycle().take(64).collect();
+        let as_f32: Vec<f32> = labels.iter().map(|&l| f32::from(l)).collect();
+        // A run (compared) and a set with a gap (table), then a label too large.
+        for liver in [vec![1.0, 2.0], vec![5.0], vec![1.0, 3.0], vec![]] {
+            let fast = super::liver_mask_u8(&labels, &liver, 7, "x").unwrap();
+            assert_eq!(fast, super::liver_mask(&as_f32, &liver, 7, "x").unwrap(), "liver labels {liver:?}");
+            assert_eq!(fast.iter().filter(|&&v| v == 1).count(), 8 * liver.len());
+        }
+        let err = super::liver_mask_u8(&labels, &[1.0], 6, "seg.nii").unwrap_err().to_string();
+        assert!(err.contains("seg.nii: label 7 is outside the label map"), "{err}");
+    }
 }

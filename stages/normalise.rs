@@ -83,10 +83,8 @@ impl<'a> CaseView<'a> {
         let what = || path.display().to_string();
         let (image, shape) = match tf.get("image").with_context(what)? {
             (shape, bytes, safetensors::Dtype::I16) => (Raw::I16(bytes.as_chunks::<2>().0), shape),
-            _ => {
-                let (shape, bytes) = tf.u8_ref("image").with_context(what)?;
-                (Raw::U8(bytes), shape)
-            }
+            (shape, bytes, safetensors::Dtype::U8) => (Raw::U8(bytes), shape),
+            (_, _, dtype) => bail!("{}: image tensor is {dtype:?}, expected I16 or U8", path.display()),
         };
         let (mask_shape, mask_bits) = tf.u8_ref("mask_bits").with_context(what)?;
         let [n, h, w] = shape[..] else { bail!("{}: image tensor has shape {shape:?}, expected [slices, rows, cols]", path.display()) };
