@@ -16,8 +16,14 @@ CARGO_FLAGS := --release --locked
 reproduce: build
 	$(BIN) run
 
+# Two cargo invocations, as for the build: the engine side (without libtorch)
+# and the libtorch side (the model crate and the worker).
+ENGINE_PKGS := -p liverseg -p liverseg-engine -p liverseg-imaging -p liverseg-rng -p liverseg-metrics -p liverseg-search -p liverseg-recipe -p liverseg-stages
+TORCH_PKGS := -p liverseg-model -p liverseg-torch
+
 test: build chromium
-	cargo test $(CARGO_FLAGS) --workspace -- --test-threads=1
+	cargo test $(CARGO_FLAGS) $(ENGINE_PKGS) -- --test-threads=1
+	cargo test $(CARGO_FLAGS) $(TORCH_PKGS) -- --test-threads=1
 
 # Render the current report in headless Chromium, check every image loads,
 # and write a screenshot to report.png.
@@ -30,8 +36,11 @@ chromium:
 	  (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null) || \
 	  echo "warning: could not install chromium; the report render check will be skipped"
 
+# The engine binary and the worker in separate invocations, so that the
+# worker's `torch` feature of liverseg-stages never reaches the engine binary.
 build: venv
-	cargo build $(CARGO_FLAGS) --workspace
+	cargo build $(CARGO_FLAGS) -p liverseg
+	cargo build $(CARGO_FLAGS) -p liverseg-torch
 
 # The torch wheel carries libtorch; pip pulls it from PyPI once.
 venv: $(VENV)/.torch-$(TORCH_VERSION)

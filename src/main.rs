@@ -1,33 +1,38 @@
-//! The `liverseg` command line.
+//! The `liverseg` command line: parse the arguments, then one small function
+//! per command (src/commands.rs). The engine binary never loads libtorch;
+//! commands that need a model hand over to the liverseg-torch worker.
 
-use anyhow::{bail, Context, Result};
+mod commands;
+
 use clap::{Args, Parser, Subcommand};
-use liverseg::engine::config::{self, Override};
-use liverseg::engine::runner::Engine;
-use liverseg::engine::{self as eng, stage::Stage};
+use liverseg_engine::config::Override;
 use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(name = "liverseg", version, about = "Content-hashed liver segmentation pipeline: data, training, evaluation, lineage")]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Options of every pipeline command, before or after the subcommand.
+    #[command(flatten)]
+    p: PipelineArgs,
 }
 
 #[derive(Args, Clone)]
-struct PipelineArgs {
+#[command(next_help_heading = "Pipeline options (before or after the command)")]
+pub struct PipelineArgs {
     /// The pipeline file.
     #[arg(long, default_value = "pipeline.yaml", global = true)]
-    pipeline: PathBuf,
+    pub pipeline: PathBuf,
     /// Named profile from pipeline.yaml (default: its default_profile).
     #[arg(long, global = true)]
-    profile: Option<String>,
+    pub profile: Option<String>,
     /// Override a parameter, as editing pipeline.yaml would: -P train.lr=3e-4
     #[arg(short = 'P', value_name = "KEY=VALUE", global = true)]
-    set: Vec<Override>,
+    pub set: Vec<Override>,
     /// No progress output.
     #[arg(long, short, global = true)]
-    quiet: bool,
+    pub quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -38,8 +43,6 @@ enum Command {
         /// Print {"ran": [...], "reused": [...]} on stdout.
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        p: PipelineArgs,
     },
     /// Rerun one stage from the cached upstream artifacts.
     Stage {
@@ -47,34 +50,24 @@ enum Command {
         /// Rerun even if an artifact for the current key exists.
         #[arg(long)]
         force: bool,
-        #[command(flatten)]
-        p: PipelineArgs,
     },
     /// Each stage's key and state (fresh, stale, missing), with the reason.
     Status {
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        p: PipelineArgs,
     },
     /// Trace an artifact file, a stage, or stage.metric back to the raw files.
     Lineage {
         what: String,
-        #[command(flatten)]
-        p: PipelineArgs,
     },
     /// Print the stage graph (text, or Graphviz with --dot).
     Dag {
         #[arg(long)]
         dot: bool,
-        #[command(flatten)]
-        p: PipelineArgs,
     },
     /// Print the folder of a stage's current artifact (for scripts).
     Path {
         stage: String,
-        #[command(flatten)]
-        p: PipelineArgs,
     },
     /// Run one worker request (a tune trial, or a libtorch stage) as its own
     /// process: the command a cluster scheduler runs for each trial.
@@ -83,16 +76,11 @@ enum Command {
         request: PathBuf,
     },
     /// Re-hash every artifact file against its manifest.
-    Verify {
-        #[command(flatten)]
-        p: PipelineArgs,
-    },
+    Verify,
     /// List (or with --apply remove) artifacts the current pipeline no longer reaches.
     Gc {
         #[arg(long)]
         apply: bool,
-        #[command(flatten)]
-        p: PipelineArgs,
     },
     /// List every stage's parameters: name, type, default and meaning.
     Params {
@@ -113,35 +101,10 @@ enum Command {
         output: PathBuf,
         #[arg(long, default_value = "auto")]
         device: String,
-        #[command(flatten)]
-        p: PipelineArgs,
     },
     /// Evaluate a trained model on external data (any layout ingest reads),
     /// with the model's own preprocessing and the same metrics; never retrains.
-    Evaluate {
-        /// A model artifact folder, or a stage name (train, baseline).
-        #[arg(long)]
-        model: String,
-        /// The dataset folder.
-        #[arg(long)]
-        data: PathBuf,
-        /// nifti | dicom | slices2d
-        #[arg(long, default_value = "nifti")]
-        source: String,
-        /// Mask labels that count as liver, e.g. 5 for TotalSegmentator.
-        #[arg(long, value_delimiter = ',', default_value = "1,2")]
-        liver_labels: Vec<f64>,
-        #[arg(long, default_value_t = 2)]
-        max_label: i64,
-        /// slices2d: regex with patient and slice groups.
-        #[arg(long)]
-        case_regex: Option<String>,
-        /// Workspace for the evaluation's own pipeline and artifacts.
-        #[arg(long, default_value = "external-eval")]
-        out: PathBuf,
-        #[command(flatten)]
-        p: PipelineArgs,
-    },
+    Evaluate(commands::ExternalEval),
     /// Model tools.
     Model {
         #[command(subcommand)]
@@ -162,19 +125,19 @@ enum Command {
 }
 
 #[derive(Args)]
-struct ModelArgs {
+pub struct ModelArgs {
     /// deeplabv3plus, or resnet (the plain baseline)
     #[arg(long, default_value = "deeplabv3plus")]
-    arch: String,
+    pub arch: String,
     #[arg(long, default_value = "resnet34")]
-    encoder: String,
+    pub encoder: String,
     #[arg(long, default_value_t = 1)]
-    in_channels: i64,
+    pub in_channels: i64,
     #[arg(long, default_value_t = 2)]
-    classes: i64,
+    pub classes: i64,
     /// Input side (summary only).
     #[arg(long, default_value_t = 224)]
-    size: i64,
+    pub size: i64,
 }
 
 #[derive(Subcommand)]
@@ -185,22 +148,36 @@ enum ModelCmd {
     Names(ModelArgs),
 }
 
-fn engine<'r>(p: &PipelineArgs, registry: &'r [Box<dyn Stage>]) -> Result<Engine<'r>> {
-    if !p.pipeline.is_file() {
-        bail!("{}: pipeline file not found (run from the project folder, or pass --pipeline FILE)", p.pipeline.display());
-    }
-    let pipeline = config::load(&p.pipeline, registry, p.profile.as_deref(), &p.set)?;
-    let mut e = Engine::new(pipeline, registry);
-    e.show_progress = !p.quiet;
-    Ok(e)
-}
-
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
-    if let Err(e) = real_main(cli) {
+    if let Err(e) = dispatch(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    use commands as c;
+    let p = &cli.p;
+    match cli.command {
+        Command::Run { target, json } => c::run(p, target.as_deref(), json),
+        Command::Stage { name, force } => c::stage(p, &name, force),
+        Command::Status { json } => c::status(p, json),
+        Command::Lineage { what } => c::lineage(p, &what),
+        Command::Dag { dot } => c::dag(p, dot),
+        Command::Path { stage } => c::path(p, &stage),
+        Command::Trial { request } => c::trial(&request),
+        Command::Verify => c::verify(p),
+        Command::Gc { apply } => c::gc(p, apply),
+        Command::Params { markdown } => c::params(markdown),
+        Command::Predict { model, input, output, device } => c::predict(p, &model, &input, &output, &device),
+        Command::Evaluate(e) => c::evaluate_external(p, e),
+        Command::Model { cmd } => match cmd {
+            ModelCmd::Summary(m) => c::model("summary", &m),
+            ModelCmd::Names(m) => c::model("names", &m),
+        },
+        Command::Synth { out, cases, seed, size, slices } => c::synth(&out, cases, seed, size, slices),
     }
 }
 
@@ -217,178 +194,4 @@ fn keep_freed_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
-}
-
-fn real_main(cli: Cli) -> Result<()> {
-    let registry = liverseg::stages::registry();
-    match cli.command {
-        Command::Run { target, json, p } => {
-            let e = engine(&p, &registry)?;
-            let report = e.run(target.as_deref())?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            }
-        }
-        Command::Stage { name, force, p } => {
-            let e = engine(&p, &registry)?;
-            e.run_one(&name, force)?;
-        }
-        Command::Status { json, p } => {
-            let e = engine(&p, &registry)?;
-            let st = eng::status::status(&e)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&st)?);
-            } else {
-                let width = st.iter().map(|s| s.stage.len()).max().unwrap_or(0);
-                for s in st {
-                    println!("{:<width$} {:<7} {}  {}", s.stage, s.state, s.key, s.reasons.join("; "));
-                }
-            }
-        }
-        Command::Lineage { what, p } => {
-            let e = engine(&p, &registry)?;
-            print!("{}", eng::lineage::lineage(&e, &what)?);
-        }
-        Command::Dag { dot, p } => {
-            let e = engine(&p, &registry)?;
-            print!("{}", eng::render_dag(&e.pipeline, dot));
-        }
-        Command::Path { stage, p } => {
-            let e = engine(&p, &registry)?;
-            println!("{}", e.current_artifact(&stage)?.dir.display());
-        }
-        Command::Trial { request } => {
-            let status = eng::worker::worker_command()?
-                .arg("stage")
-                .arg(&request)
-                .status()
-                .context("cannot start liverseg-torch")?;
-            if !status.success() {
-                anyhow::bail!("trial {} failed ({status})", request.display());
-            }
-        }
-        Command::Verify { p } => {
-            let e = engine(&p, &registry)?;
-            let mut bad = 0;
-            let all = e.store.list()?;
-            for a in &all {
-                for problem in eng::store::verify(a)? {
-                    println!("MISMATCH {problem}");
-                    bad += 1;
-                }
-            }
-            if bad > 0 {
-                bail!("{bad} mismatch(es) in {} artifacts", all.len());
-            }
-            println!("ok: {} artifacts verified", all.len());
-        }
-        Command::Gc { apply, p } => {
-            let e = engine(&p, &registry)?;
-            let dead = eng::unreachable(&e)?;
-            let lock = if apply { Some(e.store.lock()?) } else { None };
-            for a in &dead {
-                println!("{} {}/{}", if apply { "removed" } else { "unreachable" }, a.stage, a.key);
-                if let Some(l) = &lock {
-                    e.store.remove(a, l)?;
-                }
-            }
-            if dead.is_empty() {
-                println!("nothing to collect");
-            } else if !apply {
-                println!("{} artifact(s); rerun with --apply to remove them", dead.len());
-            }
-        }
-        Command::Params { markdown } => {
-            for s in &registry {
-                let info = s.info();
-                if markdown {
-                    println!("\n**{}** (v{}; reads {}): {}\n", info.name, info.version, if info.inputs.is_empty() { "raw files".to_owned() } else { info.inputs.join(", ") }, info.about);
-                    println!("| key | type | default | meaning |\n|---|---|---|---|");
-                }
-                for p in info.params {
-                    let key = if p.name.starts_with(config::DATA_PREFIX) { p.name.to_owned() } else { format!("{}.{}", info.name, p.name) };
-                    let ty = match p.ty {
-                        eng::params::ParamType::Choice(c) => c.join(" \\| "),
-                        other => format!("{other:?}").to_lowercase(),
-                    };
-                    if markdown {
-                        println!("| `{key}` | {ty} | `{}` | {} |", p.default.trim_matches('\'').replace('|', "\\|"), p.help);
-                    } else {
-                        println!("{key:<28} {ty:<30} {:<22} {}", p.default, p.help);
-                    }
-                }
-            }
-        }
-        Command::Predict { model, input, output, device, p } => {
-            let dir = if std::path::Path::new(&model).exists() {
-                PathBuf::from(&model)
-            } else {
-                // A stage name: its artifact for the current pipeline.
-                engine(&p, &registry)?.current_artifact(&model)?.dir
-            };
-            let status = eng::worker::worker_command()?
-                .args(["predict", "--model"])
-                .arg(&dir)
-                .arg("--input")
-                .arg(&input)
-                .arg("--output")
-                .arg(&output)
-                .args(["--device", &device])
-                .status()
-                .context("cannot start liverseg-torch")?;
-            if !status.success() {
-                std::process::exit(status.code().unwrap_or(1));
-            }
-        }
-        Command::Evaluate { model, data, source, liver_labels, max_label, case_regex, out, p } => {
-            let dir = if std::path::Path::new(&model).exists() { PathBuf::from(&model) } else { engine(&p, &registry)?.current_artifact(&model)?.dir };
-            let dir = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
-            let card: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("model.json")).with_context(|| format!("{}: no model.json (not a trained model)", dir.display()))?)?;
-            let weights = eng::hash::hash_file(&dir.join("model.safetensors"))?;
-            let data = data.canonicalize().with_context(|| format!("cannot resolve {}", data.display()))?;
-            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-            // The evaluation is itself a cached pipeline: ingest and normalise with the
-            // model's preprocessing, then evaluate every slice.
-            let mut data_block = serde_json::json!({"source": source, "root": data, "liver_labels": liver_labels, "max_label": max_label});
-            if let Some(r) = case_regex {
-                data_block["case_regex"] = r.into();
-            }
-            let yaml = serde_json::json!({
-                "description": "external evaluation (written by liverseg evaluate)",
-                "data": data_block,
-                "stages": {
-                    "ingest": {},
-                    "normalise": {"deps": ["ingest"], "params": {"size": card["size"], "window": card["window"], "minmax_8bit": card["minmax_8bit"]}},
-                    "evaluate": {"deps": ["normalise"], "params": {"split": "all", "models": [dir], "models_blake3": [weights]}},
-                }
-            });
-            let file = out.join("pipeline.yaml");
-            std::fs::write(&file, serde_yaml::to_string(&yaml)?).with_context(|| format!("cannot write {}", file.display()))?;
-            let ext = PipelineArgs { pipeline: file, profile: None, set: p.set.clone(), quiet: p.quiet };
-            let e = engine(&ext, &registry)?;
-            e.run(Some("evaluate"))?;
-            let a = e.current_artifact("evaluate")?;
-            println!("{}", serde_json::to_string_pretty(&a.manifest.metrics)?);
-            println!("tables: {}", a.dir.display());
-        }
-        Command::Model { cmd } => {
-            // Model code lives in the libtorch worker; this binary never loads libtorch.
-            let (verb, m) = match cmd {
-                ModelCmd::Summary(m) => ("summary", m),
-                ModelCmd::Names(m) => ("names", m),
-            };
-            let status = eng::worker::worker_command()?
-                .args(["model", verb, "--arch", &m.arch, "--encoder", &m.encoder, "--in-channels", &m.in_channels.to_string(), "--classes", &m.classes.to_string(), "--size", &m.size.to_string()])
-                .status()
-                .context("cannot start liverseg-torch")?;
-            if !status.success() {
-                std::process::exit(status.code().unwrap_or(1));
-            }
-        }
-        Command::Synth { out, cases, seed, size, slices } => {
-            liverseg::imaging::synth::write_lits(&out, cases, seed, size, slices).with_context(|| format!("cannot write phantoms to {}", out.display()))?;
-            println!("wrote {cases} phantom cases to {}", out.display());
-        }
-    }
-    Ok(())
 }

@@ -5,33 +5,45 @@
 //!
 //! inputs: normalise (data.safetensors), split (assignment.parquet)
 //! outputs: augmented.safetensors (images, masks: [M, S, S] uint8), index.parquet
+//! read downstream through [`AugmentedSet`].
 
+use crate::normalise::NormalisedSet;
+use crate::split::{Part, SplitAssignment};
 use anyhow::{bail, Result};
-use crate::engine::params::{param, ParamType::*, ParamSpec};
-use crate::engine::stage::{Stage, StageContext, StageInfo, Summary};
-use crate::engine::table::{read_parquet, write_parquet, write_safetensors, NamedTensor, TensorFile};
-use crate::rng::Rng;
+use liverseg_engine::params::Params;
+use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary};
+use liverseg_engine::store::Artifact;
+use liverseg_engine::tables::{read_parquet, write_parquet};
+use liverseg_engine::tensors::{write_safetensors, NamedTensor, TensorFile};
+use liverseg_rng::Rng;
 use polars::prelude::{Column, DataFrame};
 use rayon::prelude::*;
 
 pub const VERSION: u32 = 1;
-const PARAMS: &[ParamSpec] = &[
-    param("copies", Int, "2", "augmented copies per training slice"),
-    param("rotation_deg", Float, "15", "rotation drawn from ±this many degrees"),
-    param("shift", Float, "0.1", "translation drawn from ±this fraction of the side"),
-    param("mirror", Bool, "true", "mirror left-right with probability 1/2"),
-    param("intensity_jitter", Float, "0.0", "contrast and brightness jitter (fraction), 0 = off"),
-    param("elastic_alpha", Float, "0.0", "elastic displacement in pixels, 0 = off"),
-    param("seed", Int, "1", "augmentation seed"),
-];
+
+liverseg_engine::params! {
+    pub struct AugmentParams {
+        copies: usize = int "2", "augmented copies per training slice";
+        rotation_deg: f64 = float "15", "rotation drawn from ±this many degrees";
+        shift: f64 = float "0.1", "translation drawn from ±this fraction of the side";
+        mirror: bool = bool "true", "mirror left-right with probability 1/2";
+        intensity_jitter: f64 = float "0.0", "contrast and brightness jitter (fraction), 0 = off";
+        elastic_alpha: f64 = float "0.0", "elastic displacement in pixels, 0 = off";
+        seed: u64 = int "1", "augmentation seed";
+    }
+}
 
 pub static INFO: StageInfo = StageInfo {
     name: "augment",
     version: VERSION,
-    inputs: &["normalise", "split"],
-    outputs: &["augmented.safetensors", "index.parquet"],
-    params: PARAMS,
     about: "augment the training split only",
+    inputs: &["normalise", "split"],
+    optional_inputs: &[],
+    collects: &[],
+    per_dataset: false,
+    outputs: &["augmented.safetensors", "index.parquet"],
+    params: AugmentParams::SPECS,
+    placement: Placement::InProcess,
 };
 
 pub struct Augment;
@@ -96,55 +108,26 @@ impl Stage for Augment {
         &INFO
     }
 
-    fn run(&self, ctx: &StageContext) -> Result<Summary> {
-        let p = ctx.params;
-        let copies = p.usize("copies")?;
-        let rot = p.f64("rotation_deg")?.to_radians() as f32;
-        let shift = p.f64("shift")? as f32;
-        let mirror = p.bool("mirror")?;
-        let jitter = p.f64("intensity_jitter")? as f32;
-        let alpha = p.f64("elastic_alpha")? as f32;
-        let seed = p.u64("seed")?;
-        if !(0.0..=0.5).contains(&shift) || rot < 0.0 || jitter < 0.0 || alpha < 0.0 {
-            bail!("augment: shift must be in [0, 0.5] and rotation_deg, intensity_jitter, elastic_alpha ≥ 0");
+    fn check(&self, params: &Params) -> Result<()> {
+        let p: AugmentParams = params.typed()?;
+        if !(0.0..=0.5).contains(&p.shift) || p.rotation_deg < 0.0 || p.intensity_jitter < 0.0 || p.elastic_alpha < 0.0 {
+            bail!("shift must be in [0, 0.5] and rotation_deg, intensity_jitter, elastic_alpha ≥ 0");
         }
-        let norm = ctx.upstream("normalise")?;
-        let split = ctx.upstream("split")?;
-        let assignment = read_parquet(&split.file("assignment.parquet"))?;
-        let train: Vec<usize> = assignment
-            .column("split")?
-            .str()?
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| *s == Some("train"))
-            .map(|(i, _)| i)
-            .collect();
-        let data = TensorFile::open(&norm.file("data.safetensors"))?;
-        let (shape, images) = data.u8("images")?;
-        let (_, masks) = data.u8("masks")?;
-        let size = shape[1];
-        let jobs: Vec<(usize, usize)> = train.iter().flat_map(|&i| (0..copies).map(move |k| (i, k))).collect();
+        Ok(())
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Summary> {
+        let p: AugmentParams = ctx.params.typed()?;
+        let set = NormalisedSet::open(ctx.upstream("normalise")?)?;
+        let assignment = SplitAssignment::read(ctx.upstream("split")?)?;
+        assignment.check_covers(&set)?;
+        let train = assignment.rows(Part::Train);
+        let (images, masks, size) = (set.images(), set.masks(), set.size);
+        let jobs: Vec<(usize, usize)> = train.iter().flat_map(|&i| (0..p.copies).map(move |k| (i, k))).collect();
         let out: Vec<(Vec<u8>, Vec<u8>)> = jobs
             .par_iter()
             .map(|&(i, k)| {
-                let mut r = Rng::derive(seed, (i * copies + k) as u64);
-                let t = Transform {
-                    angle: r.range(-1.0, 1.0) as f32 * rot,
-                    dx: r.range(-1.0, 1.0) as f32 * shift * size as f32,
-                    dy: r.range(-1.0, 1.0) as f32 * shift * size as f32,
-                    mirror: mirror && r.f64() < 0.5,
-                    gain: 1.0 + r.range(-1.0, 1.0) as f32 * jitter,
-                    bias: r.range(-1.0, 1.0) as f32 * jitter * 0.5,
-                    elastic: (alpha > 0.0).then(|| {
-                        let mut g = [[(0f32, 0f32); 4]; 4];
-                        for row in g.iter_mut() {
-                            for cell in row.iter_mut() {
-                                *cell = (r.normal() as f32 * alpha, r.normal() as f32 * alpha);
-                            }
-                        }
-                        g
-                    }),
-                };
+                let t = draw(&p, Rng::derive(p.seed, (i * p.copies + k) as u64), size);
                 let px = size * size;
                 apply(&t, &images[i * px..(i + 1) * px], &masks[i * px..(i + 1) * px], size)
             })
@@ -170,5 +153,62 @@ impl Stage for Augment {
         s.insert("train_slices".into(), train.len().into());
         s.insert("augmented_slices".into(), m.into());
         Ok(s)
+    }
+}
+
+/// One random transform, drawn in a fixed order from `r`.
+fn draw(p: &AugmentParams, mut r: Rng, size: usize) -> Transform {
+    let (rot, shift, jitter, alpha) = (p.rotation_deg.to_radians() as f32, p.shift as f32, p.intensity_jitter as f32, p.elastic_alpha as f32);
+    Transform {
+        angle: r.range(-1.0, 1.0) as f32 * rot,
+        dx: r.range(-1.0, 1.0) as f32 * shift * size as f32,
+        dy: r.range(-1.0, 1.0) as f32 * shift * size as f32,
+        mirror: p.mirror && r.f64() < 0.5,
+        gain: 1.0 + r.range(-1.0, 1.0) as f32 * jitter,
+        bias: r.range(-1.0, 1.0) as f32 * jitter * 0.5,
+        elastic: (alpha > 0.0).then(|| {
+            let mut g = [[(0f32, 0f32); 4]; 4];
+            for row in g.iter_mut() {
+                for cell in row.iter_mut() {
+                    *cell = (r.normal() as f32 * alpha, r.normal() as f32 * alpha);
+                }
+            }
+            g
+        }),
+    }
+}
+
+/// augment's output as downstream stages read it: the augmented copies and
+/// the normalise row each was made from.
+pub struct AugmentedSet {
+    data: TensorFile,
+    pub n: usize,
+    pub size: usize,
+    pub source_idx: Vec<usize>,
+}
+
+impl AugmentedSet {
+    pub fn open(a: &Artifact) -> Result<Self> {
+        let data = TensorFile::open(&a.file("augmented.safetensors"))?;
+        let (shape, _) = data.u8_ref("images")?;
+        let (mshape, _) = data.u8_ref("masks")?;
+        let [n, size, _] = shape[..] else { bail!("{}: images have shape {shape:?}, expected [n, size, size]", a.dir.display()) };
+        if mshape != shape {
+            bail!("{}: images {shape:?} and masks {mshape:?} differ", a.dir.display());
+        }
+        let index = read_parquet(&a.file("index.parquet"))?;
+        let source_idx: Vec<usize> = index.column("source_idx")?.u64()?.iter().map(|v| v.unwrap_or(0) as usize).collect();
+        if source_idx.len() != n {
+            bail!("{}: {n} copies but {} index rows", a.dir.display(), source_idx.len());
+        }
+        Ok(AugmentedSet { data, n, size, source_idx })
+    }
+
+    pub fn images(&self) -> &[u8] {
+        self.data.u8_ref("images").map(|(_, b)| b).unwrap_or(&[])
+    }
+
+    pub fn masks(&self) -> &[u8] {
+        self.data.u8_ref("masks").map(|(_, b)| b).unwrap_or(&[])
     }
 }

@@ -5,13 +5,17 @@
 //! inputs: raw files under data.root (none for `synthetic`)
 //! outputs: slices.parquet, quarantine.parquet, cases/<case>.safetensors
 //! (`image` [slice, row, col] as i16 HU or u8, and `mask_bits`, the binary
-//! liver mask packed 8 pixels per byte as numpy.packbits(mask, axis=-1))
+//! liver mask packed 8 pixels per byte as numpy.packbits(mask, axis=-1)),
+//! read downstream through [`IngestedCases`].
 
 use anyhow::{anyhow, bail, Context, Result};
-use crate::engine::params::{param, ParamType::*, ParamSpec, Params};
-use crate::engine::stage::{Stage, StageContext, StageInfo, Summary};
-use crate::engine::table::{write_parquet, write_safetensors, NamedTensor};
-use crate::imaging::{self, liver_count, pack_mask_rows, slices2d::MaskRule, Volume};
+use liverseg_engine::params::Params;
+use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary};
+use liverseg_engine::store::Artifact;
+use liverseg_engine::tables::{read_parquet, write_parquet};
+use liverseg_engine::tensors::{write_safetensors, NamedTensor, TensorFile};
+use liverseg_imaging::{self as imaging, liver_count, pack_mask_rows, slices2d::MaskRule, unpack_mask_row, Volume};
+use liverseg_recipe::choices;
 use polars::prelude::{Column, DataFrame};
 use rayon::prelude::*;
 use regex::Regex;
@@ -19,30 +23,84 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub const VERSION: u32 = 2; // 2: masks stored as bits
-const PARAMS: &[ParamSpec] = &[
-    param("data.source", Choice(&["synthetic", "nifti", "dicom", "slices2d"]), "synthetic", "where slices come from"),
-    param("data.root", Str, "data", "dataset folder, relative to pipeline.yaml"),
-    param("data.synthetic_cases", Int, "16", "phantom patients generated for `synthetic`"),
-    param("data.synthetic_size", Int, "128", "phantom in-plane size (pixels)"),
-    param("data.synthetic_slices", Int, "20", "phantom slices per patient"),
-    param("data.synthetic_seed", Int, "7", "phantom seed"),
-    param("data.liver_labels", FloatList, "[1, 2]", "mask labels that count as liver (LiTS: 1 liver, 2 tumour; TotalSegmentator: 5)"),
-    param("data.max_label", Int, "2", "labels above this are outside the label map and rejected"),
-    param("data.case_regex", Str, "'(?:flipped|mirrored)_(\\d+)_(\\d+)'", "2D pairs: regex on the file stem, group 1 = patient, group 2 = slice"),
-    param("data.image_dir", Str, "images", "2D pairs: image folder under root"),
-    param("data.mask_dir", Str, "masks", "2D pairs: mask folder under root"),
-    param("data.mask_rule", Str, "'threshold:127'", "2D pairs: `threshold:T` (liver if > T) or `rgb:R,G,B`"),
-    param("data.dicom_pairs", Any, "[]", "DICOM: list of {series: DIR, mask: FILE} relative to root"),
-    param("on_error", Choice(&["fail", "skip"]), "fail", "bad input file: stop (fail) or quarantine it and go on (skip)"),
-];
+
+choices!(
+    /// Where slices come from.
+    DataSource { Synthetic = "synthetic", Nifti = "nifti", Dicom = "dicom", Slices2d = "slices2d" }
+);
+
+choices!(
+    /// What a bad input file does to the run.
+    OnError { Fail = "fail", Skip = "skip" }
+);
+
+liverseg_engine::params! {
+    pub struct IngestParams {
+        source as "data.source": DataSource = choice "synthetic", "where slices come from";
+        root as "data.root": String = str "data", "dataset folder, relative to pipeline.yaml";
+        synthetic_cases as "data.synthetic_cases": u64 = int "16", "phantom patients generated for `synthetic`";
+        synthetic_size as "data.synthetic_size": usize = int "128", "phantom in-plane size (pixels)";
+        synthetic_slices as "data.synthetic_slices": usize = int "20", "phantom slices per patient";
+        synthetic_seed as "data.synthetic_seed": u64 = int "7", "phantom seed";
+        liver_labels as "data.liver_labels": Vec<f64> = floats "[1, 2]", "mask labels that count as liver (LiTS: 1 liver, 2 tumour; TotalSegmentator: 5)";
+        max_label as "data.max_label": i64 = int "2", "labels above this are outside the label map and rejected";
+        case_regex as "data.case_regex": String = str "'(?:flipped|mirrored)_(\\d+)_(\\d+)'", "2D pairs: regex on the file stem, group 1 = patient, group 2 = slice";
+        image_dir as "data.image_dir": String = str "images", "2D pairs: image folder under root";
+        mask_dir as "data.mask_dir": String = str "masks", "2D pairs: mask folder under root";
+        mask_rule as "data.mask_rule": String = str "'threshold:127'", "2D pairs: `threshold:T` (liver if > T) or `rgb:R,G,B`";
+        dicom_pairs as "data.dicom_pairs": Vec<DicomPair> = any "[]", "DICOM: list of {series: DIR, mask: FILE} relative to root";
+        on_error: OnError = choice "fail", "bad input file: stop (fail) or quarantine it and go on (skip)";
+    }
+}
+
+/// One DICOM series and its mask file, relative to data.root.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DicomPair {
+    pub series: String,
+    pub mask: String,
+}
+
+impl IngestParams {
+    fn root(&self, project_root: &Path) -> PathBuf {
+        project_root.join(&self.root)
+    }
+
+    fn mask_rule(&self) -> Result<MaskRule> {
+        let r = self.mask_rule.as_str();
+        Ok(match r {
+            r if r.starts_with("threshold:") => MaskRule::Threshold(r[10..].trim().parse().map_err(|_| anyhow!("data.mask_rule `{r}`: threshold must be 0..255"))?),
+            r if r.starts_with("rgb:") => {
+                let c: Vec<u8> = r[4..].split(',').map(|x| x.trim().parse()).collect::<std::result::Result<_, _>>().map_err(|_| anyhow!("data.mask_rule `{r}`: expected rgb:R,G,B"))?;
+                if c.len() != 3 {
+                    bail!("data.mask_rule `{r}`: expected rgb:R,G,B");
+                }
+                MaskRule::Colour([c[0], c[1], c[2]], 40)
+            }
+            r => bail!("data.mask_rule `{r}`: expected threshold:T or rgb:R,G,B"),
+        })
+    }
+
+    fn case_regex(&self) -> Result<Regex> {
+        let re = Regex::new(&self.case_regex).context("data.case_regex is not a valid regex")?;
+        if re.captures_len() < 3 {
+            bail!("data.case_regex needs two groups: patient and slice");
+        }
+        Ok(re)
+    }
+}
 
 pub static INFO: StageInfo = StageInfo {
     name: "ingest",
     version: VERSION,
-    inputs: &[],
-    outputs: &["slices.parquet", "quarantine.parquet", "cases/"],
-    params: PARAMS,
     about: "read CT slices and liver masks (NIfTI, DICOM, 2D pairs, or phantoms)",
+    inputs: &[],
+    optional_inputs: &[],
+    collects: &[],
+    per_dataset: true,
+    outputs: &["slices.parquet", "quarantine.parquet", "cases/"],
+    params: IngestParams::SPECS,
+    placement: Placement::InProcess,
 };
 
 pub struct Ingest;
@@ -70,10 +128,6 @@ struct SliceRow {
     orientation: String,
 }
 
-fn root_of(params: &Params, project_root: &Path) -> Result<PathBuf> {
-    Ok(project_root.join(params.str("data.root")?))
-}
-
 fn rel(root: &Path, p: &Path) -> String {
     p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned()
 }
@@ -97,102 +151,84 @@ fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn dicom_pairs(params: &Params) -> Result<Vec<(String, String)>> {
-    let v = params.get("data.dicom_pairs")?;
-    let arr = v.as_array().ok_or_else(|| anyhow!("data.dicom_pairs: expected a list of {{series, mask}}"))?;
-    arr.iter()
-        .enumerate()
-        .map(|(i, e)| {
-            let s = e.get("series").and_then(|s| s.as_str());
-            let m = e.get("mask").and_then(|s| s.as_str());
-            match (s, m) {
-                (Some(s), Some(m)) => Ok((s.to_owned(), m.to_owned())),
-                _ => bail!("data.dicom_pairs[{i}]: needs `series` and `mask`"),
-            }
-        })
-        .collect()
+/// Input items found among the raw files, and files quarantined on the way
+/// as (file, reason).
+type Discovered = (Vec<Item>, Vec<(String, String)>);
+
+/// Discover the input items among `files` (the raw inputs the engine listed
+/// and hashed, so the folders are not walked twice).
+fn discover(p: &IngestParams, root: &Path, files: &[PathBuf]) -> Result<Discovered> {
+    if p.source == DataSource::Synthetic {
+        if p.synthetic_cases == 0 {
+            bail!("data.synthetic_cases must be at least 1");
+        }
+        return Ok(((0..p.synthetic_cases).map(|case| Item::Synthetic { case }).collect(), Vec::new()));
+    }
+    if !root.is_dir() {
+        bail!("{}: data.root is not a folder", root.display());
+    }
+    let (items, bad) = match p.source {
+        DataSource::Nifti => discover_nifti(root, files),
+        DataSource::Dicom => (p.dicom_pairs.iter().map(|d| Item::Dicom { case: d.series.replace('/', "_"), series: root.join(&d.series), mask: root.join(&d.mask) }).collect(), Vec::new()),
+        DataSource::Slices2d => discover_slices(p, root, files)?,
+        DataSource::Synthetic => unreachable!("handled above"),
+    };
+    if items.is_empty() && bad.is_empty() {
+        bail!("{}: no input files found for data.source `{}`", root.display(), p.source);
+    }
+    Ok((items, bad))
 }
 
-impl Ingest {
-    /// Discover the input items among `files` (the raw inputs the engine
-    /// listed and hashed, so the folders are not walked twice); problems that
-    /// concern one file are returned as (file, reason) for quarantine.
-    fn discover(&self, params: &Params, root: &Path, files: &[PathBuf]) -> Result<(Vec<Item>, Vec<(String, String)>)> {
-        let present: std::collections::HashSet<&Path> = files.iter().map(PathBuf::as_path).collect();
-        let source = params.str("data.source")?;
-        let mut bad = Vec::new();
-        if source == "synthetic" {
-            let n = params.u64("data.synthetic_cases")?;
-            if n == 0 {
-                bail!("data.synthetic_cases must be at least 1");
-            }
-            return Ok(((0..n).map(|case| Item::Synthetic { case }).collect(), bad));
+/// LiTS (`volume-N` beside `segmentation-N`) and MSD (`imagesTr/X` with `labelsTr/X`) layouts.
+fn discover_nifti(root: &Path, files: &[PathBuf]) -> Discovered {
+    let present: std::collections::HashSet<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let by_name: BTreeMap<String, PathBuf> = files.iter().map(|p| (rel(root, p), p.clone())).collect();
+    let (mut items, mut bad) = (Vec::new(), Vec::new());
+    for (name, path) in &by_name {
+        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        if !is_nifti(&file) {
+            continue;
         }
-        if !root.is_dir() {
-            bail!("{}: data.root is not a folder", root.display());
+        let stem = nifti_stem(&file);
+        let parent = path.parent().unwrap_or(root);
+        let find_mask = |dir: &Path, stem: &str| ["nii.gz", "nii"].iter().map(|ext| dir.join(format!("{stem}.{ext}"))).find(|p| present.contains(p.as_path()));
+        if let Some(n) = stem.strip_prefix("volume-") {
+            let mask = find_mask(parent, &format!("segmentation-{n}"));
+            items.push(Item::Nifti { case: n.to_owned(), image: path.clone(), mask });
+        } else if parent.file_name().is_some_and(|d| d == "imagesTr") {
+            let labels = parent.parent().unwrap_or(root).join("labelsTr");
+            let mask = find_mask(&labels, stem);
+            items.push(Item::Nifti { case: stem.to_owned(), image: path.clone(), mask });
+        } else if !(stem.starts_with("segmentation-") || parent.file_name().is_some_and(|d| d == "labelsTr")) {
+            bad.push((name.clone(), "NIfTI file that is neither volume-N nor imagesTr/X (no way to pair it with a mask)".to_owned()));
         }
-        let mut items = Vec::new();
-        match source {
-            "nifti" => {
-                let by_name: BTreeMap<String, PathBuf> = files.iter().map(|p| (rel(root, p), p.clone())).collect();
-                for (name, path) in &by_name {
-                    let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-                    if !is_nifti(&file) {
-                        continue;
-                    }
-                    let stem = nifti_stem(&file);
-                    let parent = path.parent().unwrap_or(root);
-                    let find_mask = |dir: &Path, stem: &str| ["nii.gz", "nii"].iter().map(|ext| dir.join(format!("{stem}.{ext}"))).find(|p| present.contains(p.as_path()));
-                    if let Some(n) = stem.strip_prefix("volume-") {
-                        let mask = find_mask(parent, &format!("segmentation-{n}"));
-                        items.push(Item::Nifti { case: n.to_owned(), image: path.clone(), mask });
-                    } else if parent.file_name().is_some_and(|d| d == "imagesTr") {
-                        let labels = parent.parent().unwrap_or(root).join("labelsTr");
-                        let mask = find_mask(&labels, stem);
-                        items.push(Item::Nifti { case: stem.to_owned(), image: path.clone(), mask });
-                    } else if !(stem.starts_with("segmentation-") || parent.file_name().is_some_and(|d| d == "labelsTr")) {
-                        bad.push((name.clone(), "NIfTI file that is neither volume-N nor imagesTr/X (no way to pair it with a mask)".to_owned()));
-                    }
-                }
-            }
-            "dicom" => {
-                for (series, mask) in dicom_pairs(params)? {
-                    items.push(Item::Dicom { case: series.replace('/', "_"), series: root.join(&series), mask: root.join(&mask) });
-                }
-            }
-            "slices2d" => {
-                let re = Regex::new(params.str("data.case_regex")?).context("data.case_regex is not a valid regex")?;
-                if re.captures_len() < 3 {
-                    bail!("data.case_regex needs two groups: patient and slice");
-                }
-                let images = root.join(params.str("data.image_dir")?);
-                let masks = root.join(params.str("data.mask_dir")?);
-                if !images.is_dir() {
-                    bail!("{}: image folder not found (data.image_dir)", images.display());
-                }
-                let mut by_case: BTreeMap<String, Vec<(String, PathBuf, Option<PathBuf>)>> = BTreeMap::new();
-                for img in files.iter().filter(|f| f.starts_with(&images)) {
-                    let name = img.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-                    let stem = Path::new(&name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                    let Some(c) = re.captures(&stem) else {
-                        bad.push((rel(root, img), format!("file name does not match data.case_regex `{}`", re.as_str())));
-                        continue;
-                    };
-                    let mask = masks.join(&name);
-                    let mask = present.contains(mask.as_path()).then_some(mask);
-                    by_case.entry(c[1].to_owned()).or_default().push((c[2].to_owned(), img.clone(), mask));
-                }
-                for (case, pairs) in by_case {
-                    items.push(Item::Slices { case, pairs });
-                }
-            }
-            other => bail!("unknown data.source `{other}`"),
-        }
-        if items.is_empty() && bad.is_empty() {
-            bail!("{}: no input files found for data.source `{source}`", root.display());
-        }
-        Ok((items, bad))
     }
+    (items, bad)
+}
+
+/// 2D image/mask pairs of the same name, grouped into patients by data.case_regex.
+fn discover_slices(p: &IngestParams, root: &Path, files: &[PathBuf]) -> Result<Discovered> {
+    let present: std::collections::HashSet<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let re = p.case_regex()?;
+    let images = root.join(&p.image_dir);
+    let masks = root.join(&p.mask_dir);
+    if !images.is_dir() {
+        bail!("{}: image folder not found (data.image_dir)", images.display());
+    }
+    let mut bad = Vec::new();
+    let mut by_case: BTreeMap<String, Vec<(String, PathBuf, Option<PathBuf>)>> = BTreeMap::new();
+    for img in files.iter().filter(|f| f.starts_with(&images)) {
+        let name = img.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = Path::new(&name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let Some(c) = re.captures(&stem) else {
+            bad.push((rel(root, img), format!("file name does not match data.case_regex `{}`", re.as_str())));
+            continue;
+        };
+        let mask = masks.join(&name);
+        let mask = present.contains(mask.as_path()).then_some(mask);
+        by_case.entry(c[1].to_owned()).or_default().push((c[2].to_owned(), img.clone(), mask));
+    }
+    Ok((by_case.into_iter().map(|(case, pairs)| Item::Slices { case, pairs }).collect(), bad))
 }
 
 /// Map a label volume to a binary liver mask, rejecting labels outside the map.
@@ -316,204 +352,69 @@ impl Stage for Ingest {
         &INFO
     }
 
+    fn check(&self, params: &Params) -> Result<()> {
+        let p: IngestParams = params.typed()?;
+        p.mask_rule()?;
+        if p.source == DataSource::Slices2d {
+            p.case_regex()?;
+        }
+        Ok(())
+    }
+
     fn raw_inputs(&self, params: &Params, project_root: &Path) -> Result<Vec<(String, PathBuf)>> {
-        let root = root_of(params, project_root)?;
-        let files = match params.str("data.source")? {
-            "synthetic" => return Ok(Vec::new()),
-            "dicom" => {
+        let p: IngestParams = params.typed()?;
+        let root = p.root(project_root);
+        let files = match p.source {
+            DataSource::Synthetic => return Ok(Vec::new()),
+            DataSource::Dicom => {
                 let mut f = Vec::new();
-                for (series, mask) in dicom_pairs(params)? {
-                    f.extend(list_files(&root.join(&series))?);
-                    f.push(root.join(mask));
+                for d in &p.dicom_pairs {
+                    f.extend(list_files(&root.join(&d.series))?);
+                    f.push(root.join(&d.mask));
                 }
                 f
             }
-            "slices2d" => {
-                let images = root.join(params.str("data.image_dir")?);
+            DataSource::Slices2d => {
+                let images = root.join(&p.image_dir);
                 if !images.is_dir() {
                     bail!("{}: image folder not found (data.image_dir)", images.display());
                 }
                 let mut f = list_files(&images)?;
-                let masks = root.join(params.str("data.mask_dir")?);
+                let masks = root.join(&p.mask_dir);
                 if masks.is_dir() {
                     f.extend(list_files(&masks)?);
                 }
                 f
             }
-            _ => {
+            DataSource::Nifti => {
                 if !root.is_dir() {
                     bail!("{}: data.root is not a folder", root.display());
                 }
                 list_files(&root)?
             }
         };
-        Ok(files.into_iter().map(|p| (rel(&root, &p), p)).collect())
+        Ok(files.into_iter().map(|f| (rel(&root, &f), f)).collect())
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Summary> {
-        let p = ctx.params;
-        let root = root_of(p, ctx.project_root)?;
-        let skip = p.str("on_error")? == "skip";
-        let liver = p.f64_list("data.liver_labels")?;
-        let max_label = p.i64("data.max_label")?;
-        let hashes: BTreeMap<&str, (&str, u64)> = ctx.raw_files.iter().map(|r| (r.path.as_str(), (r.blake3.as_str(), r.size))).collect();
-        let src = |path: &Path| -> (String, String, u64) {
-            let r = rel(&root, path);
-            let (h, s) = hashes.get(r.as_str()).copied().unwrap_or(("", 0));
-            (r, h.to_owned(), s)
-        };
+        let p: IngestParams = ctx.params.typed()?;
+        let root = p.root(ctx.project_root);
         let files: Vec<PathBuf> = ctx.raw_files.iter().map(|r| root.join(&r.path)).collect();
-        let (items, mut quarantine) = self.discover(p, &root, &files)?;
-        if !skip {
+        let (items, mut quarantine) = discover(&p, &root, &files)?;
+        if p.on_error == OnError::Fail {
             if let Some((file, reason)) = quarantine.first() {
                 bail!("{}: {reason}", root.join(file).display());
             }
         }
-        let rule = match p.str("data.mask_rule")? {
-            r if r.starts_with("threshold:") => MaskRule::Threshold(r[10..].trim().parse().map_err(|_| anyhow!("data.mask_rule `{r}`: threshold must be 0..255"))?),
-            r if r.starts_with("rgb:") => {
-                let c: Vec<u8> = r[4..].split(',').map(|x| x.trim().parse()).collect::<std::result::Result<_, _>>().map_err(|_| anyhow!("data.mask_rule `{r}`: expected rgb:R,G,B"))?;
-                if c.len() != 3 {
-                    bail!("data.mask_rule `{r}`: expected rgb:R,G,B");
-                }
-                MaskRule::Colour([c[0], c[1], c[2]], 40)
-            }
-            r => bail!("data.mask_rule `{r}`: expected threshold:T or rgb:R,G,B"),
-        };
-        let (size, slices, seed) = (p.usize("data.synthetic_size")?, p.usize("data.synthetic_slices")?, p.u64("data.synthetic_seed")?);
-        let cases_dir = ctx.out("cases");
-        std::fs::create_dir_all(&cases_dir)?;
-        let provenance = ctx.provenance();
-
+        let reader = Reader::new(ctx, &p, root.clone())?;
+        std::fs::create_dir_all(ctx.out("cases"))?;
         // Cases are independent: read, convert and write each in parallel, one
         // volume per worker at a time, so memory stays bounded by the worker count.
-        // Each item yields its kept slice rows and the files it quarantined.
-        type Outcome = (Vec<SliceRow>, Vec<(String, String)>);
-        let process = |item: &Item| -> Result<Outcome> {
-            let (case, out): (String, std::result::Result<CaseOut, (String, anyhow::Error)>) = match item {
-                Item::Synthetic { case } => {
-                    let ph = imaging::synth::phantom(seed, *case, size, slices);
-                    let mut affine = imaging::scaled_identity(ph.spacing);
-                    affine[0][0] = -ph.spacing[0];
-                    affine[1][1] = -ph.spacing[1];
-                    let vol = Volume { dims: ph.dims, spacing: ph.spacing, affine, data: ph.hu };
-                    let name = format!("synthetic/volume-{case}");
-                    let r = liver_mask_u8(&ph.labels, &liver, max_label, &name).and_then(|m| {
-                        let grid = vol.with_data(Vec::<()>::new());
-                        volume_case(&format!("{case:03}"), &grid, hu_tensor(&grid, vol), m, (name.clone(), String::new(), 0))
-                    });
-                    (format!("{case:03}"), r.map_err(|e| (name, e)))
-                }
-                Item::Nifti { case, image, mask } => {
-                    let r = (|| {
-                        let mask = mask.as_ref().ok_or_else(|| (rel(&root, image), anyhow!("{}: missing mask (no segmentation file beside it)", image.display())))?;
-                        let raw = ctx.read_raw(image).and_then(|b| imaging::nifti::read_raw_from(image, b)).map_err(|e| (rel(&root, image), e))?;
-                        let grid = raw.grid.clone();
-                        // The usual CT file (int16, z axial) already holds ingest's tensor bytes.
-                        let raw = if grid.axial_axis() == 2 { raw.into_i16_le_bytes() } else { Err(raw) };
-                        let hu = match raw {
-                            Ok(bytes) => bytes,
-                            Err(raw) => hu_tensor(&grid, native_hu(raw.into_native().map_err(|e| (rel(&root, image), e))?)),
-                        };
-                        let m = ctx.read_raw(mask).and_then(|b| imaging::nifti::read_raw_from(mask, b)).and_then(|m| m.into_native()).map_err(|e| (rel(&root, mask), e))?;
-                        if grid.dims != m.dims() {
-                            return Err((rel(&root, mask), anyhow!("{}: image is {:?} voxels but mask is {:?}", mask.display(), grid.dims, m.dims())));
-                        }
-                        let bin = native_liver_mask(&m, &liver, max_label, &mask.display().to_string()).map_err(|e| (rel(&root, mask), e))?;
-                        volume_case(case, &grid, hu, bin, src(image)).map_err(|e| (rel(&root, image), e))
-                    })();
-                    (case.clone(), r)
-                }
-                Item::Dicom { case, series, mask } => {
-                    let r = (|| {
-                        let img = imaging::dicom::read_series(series).map_err(|e| (rel(&root, series), e))?;
-                        if !mask.is_file() {
-                            return Err((rel(&root, mask), anyhow!("{}: missing mask for DICOM series {}", mask.display(), series.display())));
-                        }
-                        let name = mask.to_string_lossy();
-                        let m = if name.ends_with(".nrrd") { imaging::nrrd::read(mask) } else { imaging::nifti::read(mask).map(|f| f.volume) }.map_err(|e| (rel(&root, mask), e))?;
-                        let labels = imaging::dicom::resample_nearest(&m, &img).map_err(|e| (rel(&root, mask), e))?;
-                        let bin = liver_mask(&labels, &liver, max_label, &mask.display().to_string()).map_err(|e| (rel(&root, mask), e))?;
-                        let grid = img.with_data(Vec::<()>::new());
-                        volume_case(case, &grid, hu_tensor(&grid, float_hu(img)), bin, (rel(&root, series), String::new(), 0)).map_err(|e| (rel(&root, series), e))
-                    })();
-                    (case.clone(), r)
-                }
-                Item::Slices { case, pairs } => {
-                    let mut rows = Vec::new();
-                    // Slices are decoded straight into the case's tensors.
-                    let (mut img_data, mut mask_data, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
-                    let mut shape: Option<(usize, usize)> = None;
-                    let mut bad = Vec::new();
-                    for (slice, image, mask) in pairs {
-                        let (img_start, mask_start) = (img_data.len(), mask_data.len());
-                        let r: std::result::Result<_, (String, anyhow::Error)> = (|| {
-                            let mask = mask.as_ref().ok_or_else(|| (rel(&root, image), anyhow!("{}: missing mask (expected one of the same name in data.mask_dir)", image.display())))?;
-                            let (h, w) = imaging::slices2d::read_pair_into(image, mask, rule, &|p: &Path| ctx.read_raw(p), &mut img_data, &mut mask_data, &mut scratch).map_err(|e| (rel(&root, image), e))?;
-                            if let Some(s) = shape {
-                                if s != (h, w) {
-                                    return Err((rel(&root, image), anyhow!("{}: {h}×{w} pixels, other slices of patient {case} are {}×{}", image.display(), s.0, s.1)));
-                                }
-                            }
-                            Ok((h, w))
-                        })();
-                        match r {
-                            Ok((h, w)) => {
-                                if shape.is_none() {
-                                    // Room for the whole case, so the tensors are not regrown and copied.
-                                    img_data.reserve(pairs.len() * h * w);
-                                    mask_data.reserve(pairs.len() * h * w);
-                                }
-                                shape = Some((h, w));
-                                let (file, hash, size) = src(image);
-                                rows.push(SliceRow {
-                                    case_id: case.clone(),
-                                    slice_index: slice.parse().unwrap_or(-1),
-                                    source_file: file,
-                                    source_blake3: hash,
-                                    source_size: size,
-                                    spacing: [f64::NAN, f64::NAN, f64::NAN],
-                                    unit: "8bit",
-                                    liver_pixels: liver_count(&mask_data[mask_start..]),
-                                    rows: h,
-                                    cols: w,
-                                    orientation: String::new(),
-                                });
-                            }
-                            Err((f, e)) => {
-                                img_data.truncate(img_start);
-                                mask_data.truncate(mask_start);
-                                if !skip {
-                                    return Err(e);
-                                }
-                                bad.push((f, format!("{e:#}")));
-                            }
-                        }
-                    }
-                    if rows.is_empty() {
-                        return Ok((Vec::new(), bad));
-                    }
-                    let (h, w) = shape.expect("at least one slice");
-                    let n = rows.len();
-                    let out = CaseOut { rows, image: NamedTensor::u8("image", vec![n, h, w], img_data), mask: mask_bits(&mask_data, n, h, w) };
-                    write_safetensors(&cases_dir.join(format!("{case}.safetensors")), &[out.image, out.mask], &provenance)?;
-                    return Ok((out.rows, bad));
-                }
-            };
-            match out {
-                Ok(c) => {
-                    write_safetensors(&cases_dir.join(format!("{case}.safetensors")), &[c.image, c.mask], &provenance)?;
-                    Ok((c.rows, Vec::new()))
-                }
-                Err((file, e)) if skip => Ok((Vec::new(), vec![(file, format!("{e:#}"))])),
-                Err((_, e)) => Err(e),
-            }
-        };
-        let bar = crate::progress::bar(items.len() as u64, "ingest", ctx.show_progress);
+        let bar = liverseg_engine::progress::bar(items.len() as u64, "ingest", ctx.show_progress);
         let results: Vec<Result<Outcome>> = items
             .par_iter()
             .map(|it| {
-                let r = process(it);
+                let r = reader.item(it);
                 bar.inc(1);
                 r
             })
@@ -530,16 +431,189 @@ impl Stage for Ingest {
         }
         quarantine.sort();
         write_tables(ctx, &rows, &quarantine)?;
-        let cases: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.case_id.as_str()).collect();
-        let mut s = Summary::new();
-        s.insert("cases".into(), cases.len().into());
-        s.insert("slices".into(), rows.len().into());
-        s.insert("liver_pixels".into(), rows.iter().map(|r| r.liver_pixels).sum::<u64>().into());
-        s.insert("quarantined".into(), quarantine.len().into());
-        if !quarantine.is_empty() && ctx.show_progress {
-            eprintln!("ingest: quarantined {} file(s); see quarantine.parquet", quarantine.len());
+        Ok(summary(ctx, &rows, &quarantine))
+    }
+}
+
+fn summary(ctx: &StageContext, rows: &[SliceRow], quarantine: &[(String, String)]) -> Summary {
+    let cases: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.case_id.as_str()).collect();
+    let mut s = Summary::new();
+    s.insert("cases".into(), cases.len().into());
+    s.insert("slices".into(), rows.len().into());
+    s.insert("liver_pixels".into(), rows.iter().map(|r| r.liver_pixels).sum::<u64>().into());
+    s.insert("quarantined".into(), quarantine.len().into());
+    if !quarantine.is_empty() && ctx.show_progress {
+        eprintln!("ingest: quarantined {} file(s); see quarantine.parquet", quarantine.len());
+    }
+    s
+}
+
+/// An item's kept slice rows, and the files it quarantined.
+type Outcome = (Vec<SliceRow>, Vec<(String, String)>);
+
+/// A failure that concerns one input file: (file relative to root, error).
+type FileError = (String, anyhow::Error);
+
+/// Reads items into case files: what every item needs to know.
+struct Reader<'a> {
+    ctx: &'a StageContext<'a>,
+    p: &'a IngestParams,
+    root: PathBuf,
+    rule: MaskRule,
+    hashes: BTreeMap<&'a str, (&'a str, u64)>,
+    provenance: Vec<(String, String)>,
+}
+
+impl<'a> Reader<'a> {
+    fn new(ctx: &'a StageContext<'a>, p: &'a IngestParams, root: PathBuf) -> Result<Self> {
+        let hashes = ctx.raw_files.iter().map(|r| (r.path.as_str(), (r.blake3.as_str(), r.size))).collect();
+        Ok(Reader { ctx, p, root, rule: p.mask_rule()?, hashes, provenance: ctx.provenance() })
+    }
+
+    fn rel(&self, path: &Path) -> String {
+        rel(&self.root, path)
+    }
+
+    /// (path relative to root, blake3, size) of a raw file.
+    fn source(&self, path: &Path) -> (String, String, u64) {
+        let r = self.rel(path);
+        let (h, s) = self.hashes.get(r.as_str()).copied().unwrap_or(("", 0));
+        (r, h.to_owned(), s)
+    }
+
+    fn skip(&self) -> bool {
+        self.p.on_error == OnError::Skip
+    }
+
+    fn item(&self, item: &Item) -> Result<Outcome> {
+        let (case, out) = match item {
+            Item::Synthetic { case } => (format!("{case:03}"), self.synthetic(*case)),
+            Item::Nifti { case, image, mask } => (case.clone(), self.nifti(case, image, mask.as_deref())),
+            Item::Dicom { case, series, mask } => (case.clone(), self.dicom(case, series, mask)),
+            Item::Slices { case, pairs } => return self.slices(case, pairs),
+        };
+        match out {
+            Ok(c) => {
+                self.write_case(&case, c.image, c.mask)?;
+                Ok((c.rows, Vec::new()))
+            }
+            Err((file, e)) if self.skip() => Ok((Vec::new(), vec![(file, format!("{e:#}"))])),
+            Err((_, e)) => Err(e),
         }
-        Ok(s)
+    }
+
+    fn write_case(&self, case: &str, image: NamedTensor, mask: NamedTensor) -> Result<()> {
+        write_safetensors(&self.ctx.out(&format!("cases/{case}.safetensors")), &[image, mask], &self.provenance)
+    }
+
+    fn synthetic(&self, case: u64) -> std::result::Result<CaseOut, FileError> {
+        let ph = imaging::synth::phantom(self.p.synthetic_seed, case, self.p.synthetic_size, self.p.synthetic_slices);
+        let mut affine = imaging::scaled_identity(ph.spacing);
+        affine[0][0] = -ph.spacing[0];
+        affine[1][1] = -ph.spacing[1];
+        let vol = Volume { dims: ph.dims, spacing: ph.spacing, affine, data: ph.hu };
+        let name = format!("synthetic/volume-{case}");
+        let r = liver_mask_u8(&ph.labels, &self.p.liver_labels, self.p.max_label, &name).and_then(|m| {
+            let grid = vol.with_data(Vec::<()>::new());
+            volume_case(&format!("{case:03}"), &grid, hu_tensor(&grid, vol), m, (name.clone(), String::new(), 0))
+        });
+        r.map_err(|e| (name, e))
+    }
+
+    fn nifti(&self, case: &str, image: &Path, mask: Option<&Path>) -> std::result::Result<CaseOut, FileError> {
+        let (p, ctx) = (self.p, self.ctx);
+        let mask = mask.ok_or_else(|| (self.rel(image), anyhow!("{}: missing mask (no segmentation file beside it)", image.display())))?;
+        let raw = ctx.read_raw(image).and_then(|b| imaging::nifti::read_raw_from(image, b)).map_err(|e| (self.rel(image), e))?;
+        let grid = raw.grid.clone();
+        // The usual CT file (int16, z axial) already holds ingest's tensor bytes.
+        let raw = if grid.axial_axis() == 2 { raw.into_i16_le_bytes() } else { Err(raw) };
+        let hu = match raw {
+            Ok(bytes) => bytes,
+            Err(raw) => hu_tensor(&grid, native_hu(raw.into_native().map_err(|e| (self.rel(image), e))?)),
+        };
+        let m = ctx.read_raw(mask).and_then(|b| imaging::nifti::read_raw_from(mask, b)).and_then(|m| m.into_native()).map_err(|e| (self.rel(mask), e))?;
+        if grid.dims != m.dims() {
+            return Err((self.rel(mask), anyhow!("{}: image is {:?} voxels but mask is {:?}", mask.display(), grid.dims, m.dims())));
+        }
+        let bin = native_liver_mask(&m, &p.liver_labels, p.max_label, &mask.display().to_string()).map_err(|e| (self.rel(mask), e))?;
+        volume_case(case, &grid, hu, bin, self.source(image)).map_err(|e| (self.rel(image), e))
+    }
+
+    fn dicom(&self, case: &str, series: &Path, mask: &Path) -> std::result::Result<CaseOut, FileError> {
+        let p = self.p;
+        let img = imaging::dicom::read_series(series).map_err(|e| (self.rel(series), e))?;
+        if !mask.is_file() {
+            return Err((self.rel(mask), anyhow!("{}: missing mask for DICOM series {}", mask.display(), series.display())));
+        }
+        let name = mask.to_string_lossy();
+        let m = if name.ends_with(".nrrd") { imaging::nrrd::read(mask) } else { imaging::nifti::read(mask).map(|f| f.volume) }.map_err(|e| (self.rel(mask), e))?;
+        let labels = imaging::dicom::resample_nearest(&m, &img).map_err(|e| (self.rel(mask), e))?;
+        let bin = liver_mask(&labels, &p.liver_labels, p.max_label, &mask.display().to_string()).map_err(|e| (self.rel(mask), e))?;
+        let grid = img.with_data(Vec::<()>::new());
+        volume_case(case, &grid, hu_tensor(&grid, float_hu(img)), bin, (self.rel(series), String::new(), 0)).map_err(|e| (self.rel(series), e))
+    }
+
+    /// One patient's 2D pairs, decoded straight into the case's tensors; a
+    /// bad pair fails the run, or with `skip` is quarantined alone.
+    fn slices(&self, case: &str, pairs: &[(String, PathBuf, Option<PathBuf>)]) -> Result<Outcome> {
+        let mut rows = Vec::new();
+        let (mut img_data, mut mask_data, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+        let mut shape: Option<(usize, usize)> = None;
+        let mut bad = Vec::new();
+        for (slice, image, mask) in pairs {
+            let (img_start, mask_start) = (img_data.len(), mask_data.len());
+            let r: std::result::Result<_, FileError> = (|| {
+                let mask = mask.as_ref().ok_or_else(|| (self.rel(image), anyhow!("{}: missing mask (expected one of the same name in data.mask_dir)", image.display())))?;
+                let (h, w) = imaging::slices2d::read_pair_into(image, mask, self.rule, &|p: &Path| self.ctx.read_raw(p), &mut img_data, &mut mask_data, &mut scratch).map_err(|e| (self.rel(image), e))?;
+                if let Some(s) = shape {
+                    if s != (h, w) {
+                        return Err((self.rel(image), anyhow!("{}: {h}×{w} pixels, other slices of patient {case} are {}×{}", image.display(), s.0, s.1)));
+                    }
+                }
+                Ok((h, w))
+            })();
+            match r {
+                Ok((h, w)) => {
+                    if shape.is_none() {
+                        // Room for the whole case, so the tensors are not regrown and copied.
+                        img_data.reserve(pairs.len() * h * w);
+                        mask_data.reserve(pairs.len() * h * w);
+                    }
+                    shape = Some((h, w));
+                    rows.push(slice_row(case, slice, self.source(image), liver_count(&mask_data[mask_start..]), h, w));
+                }
+                Err((f, e)) => {
+                    img_data.truncate(img_start);
+                    mask_data.truncate(mask_start);
+                    if !self.skip() {
+                        return Err(e);
+                    }
+                    bad.push((f, format!("{e:#}")));
+                }
+            }
+        }
+        if let Some((h, w)) = shape {
+            let n = rows.len();
+            self.write_case(case, NamedTensor::u8("image", vec![n, h, w], img_data), mask_bits(&mask_data, n, h, w))?;
+        }
+        Ok((rows, bad))
+    }
+}
+
+/// The slice table row of one 2D pair (8-bit, no spacing).
+fn slice_row(case: &str, slice: &str, (file, hash, size): (String, String, u64), liver_pixels: u64, rows: usize, cols: usize) -> SliceRow {
+    SliceRow {
+        case_id: case.to_owned(),
+        slice_index: slice.parse().unwrap_or(-1),
+        source_file: file,
+        source_blake3: hash,
+        source_size: size,
+        spacing: [f64::NAN, f64::NAN, f64::NAN],
+        unit: "8bit",
+        liver_pixels,
+        rows,
+        cols,
+        orientation: String::new(),
     }
 }
 
@@ -565,6 +639,100 @@ fn write_tables(ctx: &StageContext, rows: &[SliceRow], quarantine: &[(String, St
         Column::new("reason".into(), quarantine.iter().map(|q| q.1.clone()).collect::<Vec<_>>()),
     ])?;
     write_parquet(&ctx.out("quarantine.parquet"), &mut q, &ctx.provenance())
+}
+
+/// ingest's output as downstream stages read it: the slice table, grouped
+/// into cases, and each case's tensor file on demand.
+pub struct IngestedCases {
+    pub table: DataFrame,
+    /// (case id, slice table rows), in table order; a case's rows are
+    /// contiguous and in tensor order.
+    pub groups: Vec<(String, Vec<usize>)>,
+    units: Vec<Option<String>>,
+    dir: PathBuf,
+}
+
+impl IngestedCases {
+    pub fn open(a: &Artifact) -> Result<Self> {
+        let table = read_parquet(&a.file("slices.parquet"))?;
+        let cases = table.column("case_id")?.str()?.clone();
+        let units = table.column("unit")?.str()?.iter().map(|u| u.map(str::to_owned)).collect();
+        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        for i in 0..table.height() {
+            let c = cases.get(i).unwrap_or_default().to_owned();
+            match groups.last_mut() {
+                Some((last, rows)) if *last == c => rows.push(i),
+                _ => groups.push((c, vec![i])),
+            }
+        }
+        Ok(IngestedCases { table, groups, units, dir: a.dir.clone() })
+    }
+
+    /// The intensity unit of case `g` (`HU` or `8bit`).
+    pub fn unit(&self, g: usize) -> Option<&str> {
+        self.units.get(self.groups[g].1[0]).and_then(|u| u.as_deref())
+    }
+
+    pub fn case_path(&self, g: usize) -> PathBuf {
+        self.dir.join(format!("cases/{}.safetensors", self.groups[g].0))
+    }
+
+    /// Case `g`'s tensor file, mapped.
+    pub fn open_case(&self, g: usize) -> Result<TensorFile> {
+        TensorFile::open(&self.case_path(g))
+    }
+
+    /// Case `g` borrowed from its mapped file, checked against the table.
+    pub fn view<'t>(&self, tf: &'t TensorFile, g: usize) -> Result<CaseView<'t>> {
+        CaseView::new(tf, &self.case_path(g), self.groups[g].1.len())
+    }
+}
+
+/// A case's source pixels, borrowed from ingest's file: HU as little-endian
+/// i16, or 8-bit.
+pub enum CaseImage<'a> {
+    I16(&'a [[u8; 2]]),
+    U8(&'a [u8]),
+}
+
+/// One case of ingest, borrowed from its mapped file.
+pub struct CaseView<'a> {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub image: CaseImage<'a>,
+    /// The liver mask, 8 pixels per byte.
+    mask_bits: &'a [u8],
+}
+
+impl<'a> CaseView<'a> {
+    fn new(tf: &'a TensorFile, path: &Path, listed: usize) -> Result<Self> {
+        let what = || path.display().to_string();
+        let (image, shape) = match tf.get("image").with_context(what)? {
+            (shape, bytes, safetensors::Dtype::I16) => (CaseImage::I16(bytes.as_chunks::<2>().0), shape),
+            (shape, bytes, safetensors::Dtype::U8) => (CaseImage::U8(bytes), shape),
+            (_, _, dtype) => bail!("{}: image tensor is {dtype:?}, expected I16 or U8", path.display()),
+        };
+        let (mask_shape, mask_bits) = tf.u8_ref("mask_bits").with_context(what)?;
+        let [n, h, w] = shape[..] else { bail!("{}: image tensor has shape {shape:?}, expected [slices, rows, cols]", path.display()) };
+        if mask_shape != [n, h, w.div_ceil(8)] {
+            bail!("{}: mask_bits has shape {mask_shape:?}, but {n}×{h}×{w} image pixels need [{n}, {h}, {}]", path.display(), w.div_ceil(8));
+        }
+        if n != listed {
+            bail!("{}: {n} slices but slices.parquet lists {listed}", path.display());
+        }
+        Ok(CaseView { n, h, w, image, mask_bits })
+    }
+
+    /// Slice `k`'s mask as 0/1 bytes, into `out`.
+    pub fn mask_into(&self, k: usize, out: &mut Vec<u8>) {
+        let row_bytes = self.w.div_ceil(8);
+        out.resize(self.h * self.w, 0);
+        let bits = &self.mask_bits[k * self.h * row_bytes..(k + 1) * self.h * row_bytes];
+        for (row, row_bits) in out.chunks_exact_mut(self.w).zip(bits.chunks_exact(row_bytes)) {
+            unpack_mask_row(row_bits, row);
+        }
+    }
 }
 
 #[cfg(test)]

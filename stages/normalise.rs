@@ -3,42 +3,212 @@
 //!
 //! inputs: ingest (slices.parquet, cases/*.safetensors)
 //! outputs: data.safetensors (images, masks: [N, S, S] uint8), index.parquet
+//! read downstream through [`NormalisedSet`].
 
+use crate::ingest::{CaseImage, IngestedCases};
 use anyhow::{bail, Context, Result};
-use crate::engine::params::{param, ParamType::*, ParamSpec};
-use crate::engine::stage::{Stage, StageContext, StageInfo, Summary};
-use crate::engine::table::{read_parquet, write_parquet, TensorFile, TensorFileWriter};
-use crate::imaging::{liver_count, resize, unpack_mask_row};
-use crate::rng::Rng;
+use liverseg_engine::params::Params;
+use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary};
+use liverseg_engine::store::Artifact;
+use liverseg_engine::tables::{read_parquet, write_parquet};
+use liverseg_engine::tensors::{TensorFile, TensorFileWriter};
+use liverseg_imaging::{liver_count, resize};
+use liverseg_recipe::choices;
+use liverseg_rng::Rng;
 use polars::prelude::{Column, DataFrame, IdxSize};
 use rayon::prelude::*;
 
 pub const VERSION: u32 = 1;
-const PARAMS: &[ParamSpec] = &[
-    param("size", Int, "128", "output side in pixels (a multiple of 16 for the models)"),
-    param("window", FloatList, "[-100, 400]", "HU window mapped to [0, 1]"),
-    param("minmax_8bit", Bool, "false", "8-bit input: stretch each image to its own min..max"),
-    param("slices", Choice(&["all", "liver", "liver_plus_empty"]), "all", "which slices to keep"),
-    param("empty_fraction", Float, "0.1", "liver_plus_empty: kept fraction of liver-free slices"),
-    param("seed", Int, "0", "seed for choosing liver-free slices"),
-];
+
+choices!(
+    /// Which slices normalise keeps.
+    SlicePolicy { All = "all", Liver = "liver", LiverPlusEmpty = "liver_plus_empty" }
+);
+
+liverseg_engine::params! {
+    pub struct NormaliseParams {
+        size: usize = int "128", "output side in pixels (a multiple of 16 for the models)";
+        window: Vec<f64> = floats "[-100, 400]", "HU window mapped to [0, 1]";
+        minmax_8bit: bool = bool "false", "8-bit input: stretch each image to its own min..max";
+        slices: SlicePolicy = choice "all", "which slices to keep";
+        empty_fraction: f64 = float "0.1", "liver_plus_empty: kept fraction of liver-free slices";
+        seed: u64 = int "0", "seed for choosing liver-free slices";
+    }
+}
+
+impl NormaliseParams {
+    /// The HU window as (low, high), checked.
+    pub fn window(&self) -> Result<(f32, f32)> {
+        match self.window[..] {
+            [lo, hi] if lo < hi => Ok((lo as f32, hi as f32)),
+            _ => bail!("normalise.window must be [low, high] with low < high, got {:?}", self.window),
+        }
+    }
+}
 
 pub static INFO: StageInfo = StageInfo {
     name: "normalise",
     version: VERSION,
-    inputs: &["ingest"],
-    outputs: &["data.safetensors", "index.parquet"],
-    params: PARAMS,
     about: "window, resize and select slices",
+    inputs: &["ingest"],
+    optional_inputs: &[],
+    collects: &[],
+    per_dataset: true,
+    outputs: &["data.safetensors", "index.parquet"],
+    params: NormaliseParams::SPECS,
+    placement: Placement::InProcess,
 };
 
 pub struct Normalise;
 
-/// A case's source pixels, borrowed from ingest's file: HU as little-endian
-/// i16, or 8-bit.
-enum Raw<'a> {
-    I16(&'a [[u8; 2]]),
-    U8(&'a [u8]),
+impl Stage for Normalise {
+    fn info(&self) -> &'static StageInfo {
+        &INFO
+    }
+
+    fn check(&self, params: &Params) -> Result<()> {
+        let p: NormaliseParams = params.typed()?;
+        if p.size == 0 || p.size % 16 != 0 {
+            bail!("size must be a positive multiple of 16 (DeepLabV3+ has output stride 16), got {}", p.size);
+        }
+        p.window()?;
+        if !(0.0..=1.0).contains(&p.empty_fraction) {
+            bail!("empty_fraction must be in [0, 1], got {}", p.empty_fraction);
+        }
+        Ok(())
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Summary> {
+        let p: NormaliseParams = ctx.params.typed()?;
+        let cases = IngestedCases::open(ctx.upstream("ingest")?)?;
+        let keep = choose_slices(&cases, &p)?;
+        let n: usize = keep.iter().map(Vec::len).sum();
+        if n == 0 {
+            bail!("normalise: the slice policy `{}` kept no slices", p.slices);
+        }
+        let livers = write_images(ctx, &cases, &keep, &p)?;
+        let kept: Vec<(usize, u64)> = cases.groups.iter().zip(&keep).zip(&livers).flat_map(|(((_, rows), ks), ls)| ks.iter().zip(ls).map(|(&k, &l)| (rows[k], l))).collect();
+        write_index(ctx, &cases, &kept)?;
+        let total = cases.table.height();
+        let mut s = Summary::new();
+        s.insert("slices_in".into(), total.into());
+        s.insert("slices_kept".into(), n.into());
+        s.insert("empty_slices_kept".into(), (kept.iter().filter(|k| k.1 == 0).count() as u64).into());
+        s.insert("empty_slices_dropped".into(), ((total - n) as u64).into());
+        s.insert("size".into(), p.size.into());
+        Ok(s)
+    }
+}
+
+/// The slices each case keeps, by position in the case. A policy other than
+/// `all` depends on the resized masks' liver pixels, so it counts them first
+/// (masks are cheap).
+fn choose_slices(cases: &IngestedCases, p: &NormaliseParams) -> Result<Vec<Vec<usize>>> {
+    let size = p.size;
+    let livers: Option<Vec<Vec<u64>>> = match p.slices {
+        SlicePolicy::All => None,
+        _ => Some(
+            (0..cases.groups.len())
+                .into_par_iter()
+                .map(|g| {
+                    let tf = cases.open_case(g)?;
+                    let view = cases.view(&tf, g)?;
+                    let (mut full, mut mask) = (Vec::new(), vec![0u8; size * size]);
+                    Ok((0..view.n)
+                        .map(|k| {
+                            view.mask_into(k, &mut full);
+                            resize::nearest_into(&full, view.h, view.w, &mut mask, size);
+                            liver_count(&mask)
+                        })
+                        .collect())
+                })
+                .collect::<Result<_>>()?,
+        ),
+    };
+    let mut rng = Rng::new(p.seed);
+    Ok(cases
+        .groups
+        .iter()
+        .enumerate()
+        .map(|(g, (_, rows))| {
+            (0..rows.len())
+                .filter(|&k| match (&livers, p.slices) {
+                    (None, _) => true,
+                    (Some(l), SlicePolicy::Liver) => l[g][k] > 0,
+                    (Some(l), _) => l[g][k] > 0 || rng.f64() < p.empty_fraction,
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// Resize each case into its own buffers and write it straight to its place
+/// in data.safetensors: memory stays at a few cases, however large the
+/// dataset. Returns the kept slices' liver pixels at the new size.
+fn write_images(ctx: &StageContext, cases: &IngestedCases, keep: &[Vec<usize>], p: &NormaliseParams) -> Result<Vec<Vec<u64>>> {
+    let (size, plane) = (p.size, p.size * p.size);
+    let n: usize = keep.iter().map(Vec::len).sum();
+    let (lo, hi) = p.window()?;
+    let tensors = [("images", safetensors::Dtype::U8, vec![n, size, size]), ("masks", safetensors::Dtype::U8, vec![n, size, size])];
+    let out = TensorFileWriter::create(&ctx.out("data.safetensors"), &tensors, &ctx.provenance())?;
+    let starts: Vec<usize> = keep.iter().scan(0, |acc, k| { let s = *acc; *acc += k.len(); Some(s) }).collect();
+    let bar = liverseg_engine::progress::bar(cases.groups.len() as u64, "normalise", ctx.show_progress);
+    let livers = (0..cases.groups.len())
+        .into_par_iter()
+        // Each worker reuses its buffers from case to case (every byte is
+        // overwritten, so they are zeroed only when they grow).
+        .map_init(|| (Vec::new(), Vec::new(), Vec::new()), |(images, masks, full_mask), g| {
+            let ks = &keep[g];
+            let tf = cases.open_case(g)?;
+            let view = cases.view(&tf, g)?;
+            let hu = cases.unit(g) == Some("HU");
+            for buf in [&mut *images, &mut *masks] {
+                buf.resize(ks.len() * plane, 0);
+            }
+            let mut livers = Vec::with_capacity(ks.len());
+            for ((&k, image), mask) in ks.iter().zip(images.chunks_exact_mut(plane)).zip(masks.chunks_exact_mut(plane)) {
+                // Intensities are mapped to [0, 1] row by row inside the
+                // resize (no converted copy of the volume).
+                let range = k * view.h * view.w..(k + 1) * view.h * view.w;
+                match &view.image {
+                    CaseImage::I16(v) => scaled_resize_into(&v[range], |b| f32::from(i16::from_le_bytes(b)), hu, p.minmax_8bit, (lo, hi), (view.h, view.w), image),
+                    CaseImage::U8(v) => scaled_resize_into(&v[range], f32::from, hu, p.minmax_8bit, (lo, hi), (view.h, view.w), image),
+                }
+                view.mask_into(k, full_mask);
+                resize::nearest_into(full_mask, view.h, view.w, mask, size);
+                livers.push(liver_count(mask));
+            }
+            out.write_at("images", starts[g] * plane, images)?;
+            out.write_at("masks", starts[g] * plane, masks)?;
+            bar.inc(1);
+            Ok(livers)
+        })
+        .collect::<Result<_>>()?;
+    bar.finish_and_clear();
+    out.finish()?;
+    Ok(livers)
+}
+
+/// index.parquet: one row per kept slice, with ingest's columns for it.
+fn write_index(ctx: &StageContext, cases: &IngestedCases, kept: &[(usize, u64)]) -> Result<()> {
+    let table = &cases.table;
+    let take = |name: &str| -> Result<Column> {
+        let idx: Vec<IdxSize> = kept.iter().map(|k| k.0 as IdxSize).collect();
+        Ok(table.column(name)?.take_slice(&idx)?)
+    };
+    let mut index = DataFrame::new_infer_height(vec![
+        Column::new("idx".into(), (0..kept.len() as u64).collect::<Vec<_>>()),
+        take("case_id")?,
+        take("slice_index")?,
+        take("source_file")?,
+        take("spacing_row_mm")?,
+        take("spacing_col_mm")?,
+        take("unit")?,
+        Column::new("src_rows".into(), kept.iter().map(|k| table.column("rows").ok().and_then(|c| c.u64().ok()?.get(k.0)).unwrap_or(0)).collect::<Vec<_>>()),
+        Column::new("liver_pixels".into(), kept.iter().map(|k| k.1).collect::<Vec<_>>()),
+    ])
+    .context("cannot build index table")?;
+    write_parquet(&ctx.out("index.parquet"), &mut index, &ctx.provenance())
 }
 
 /// One slice to [0, 1] (HU window, its own min..max, or /255) and resized to
@@ -68,193 +238,74 @@ fn scaled_resize_into<T: Copy>(src: &[T], value: impl Fn(T) -> f32 + Copy, hu: b
     resize::bilinear_map_into_u8(src, |v| ((value(v) - off) / span).clamp(0.0, 1.0), h, w, out, size);
 }
 
-/// One case of ingest, borrowed from its mapped file.
-struct CaseView<'a> {
-    n: usize,
-    h: usize,
-    w: usize,
-    image: Raw<'a>,
-    /// The liver mask, 8 pixels per byte (see ingest).
-    mask_bits: &'a [u8],
+
+/// normalise's output as downstream stages read it: the slices (borrowed
+/// from the mapped file), their index rows, and the params that made them.
+pub struct NormalisedSet {
+    data: TensorFile,
+    pub n: usize,
+    pub size: usize,
+    pub case_id: Vec<String>,
+    pub slice_index: Vec<i64>,
+    pub liver_pixels: Vec<u64>,
+    /// Row spacing of the source slice (NaN when unknown) and its rows.
+    pub spacing_row_mm: Vec<f64>,
+    pub src_rows: Vec<u64>,
+    pub params: NormaliseParams,
+    pub stage: String,
+    pub key: String,
 }
 
-impl<'a> CaseView<'a> {
-    fn new(tf: &'a TensorFile, path: &std::path::Path, listed: usize) -> Result<Self> {
-        let what = || path.display().to_string();
-        let (image, shape) = match tf.get("image").with_context(what)? {
-            (shape, bytes, safetensors::Dtype::I16) => (Raw::I16(bytes.as_chunks::<2>().0), shape),
-            (shape, bytes, safetensors::Dtype::U8) => (Raw::U8(bytes), shape),
-            (_, _, dtype) => bail!("{}: image tensor is {dtype:?}, expected I16 or U8", path.display()),
+impl NormalisedSet {
+    pub fn open(a: &Artifact) -> Result<Self> {
+        let data = TensorFile::open(&a.file("data.safetensors"))?;
+        let (shape, _) = data.u8_ref("images").with_context(|| a.file("data.safetensors").display().to_string())?;
+        let (mshape, _) = data.u8_ref("masks").with_context(|| a.file("data.safetensors").display().to_string())?;
+        let [n, size, side] = shape[..] else { bail!("{}: images have shape {shape:?}, expected [n, size, size]", a.dir.display()) };
+        if side != size || mshape != shape {
+            bail!("{}: images {shape:?} and masks {mshape:?} are not [n, size, size] alike", a.dir.display());
+        }
+        let index = read_parquet(&a.file("index.parquet"))?;
+        let strs = |c: &str| -> Result<Vec<String>> { Ok(index.column(c)?.str()?.iter().map(|v| v.unwrap_or_default().to_owned()).collect()) };
+        let u64s = |c: &str| -> Result<Vec<u64>> { Ok(index.column(c)?.u64()?.iter().map(|v| v.unwrap_or(0)).collect()) };
+        let set = NormalisedSet {
+            n,
+            size,
+            case_id: strs("case_id")?,
+            slice_index: index.column("slice_index")?.i64()?.iter().map(|v| v.unwrap_or(-1)).collect(),
+            liver_pixels: u64s("liver_pixels")?,
+            spacing_row_mm: index.column("spacing_row_mm")?.f64()?.iter().map(|v| v.unwrap_or(f64::NAN)).collect(),
+            src_rows: u64s("src_rows")?,
+            params: liverseg_engine::params::Params(serde_json::from_value(a.manifest.params.clone())?).typed()?,
+            stage: a.stage.clone(),
+            key: a.key.clone(),
+            data,
         };
-        let (mask_shape, mask_bits) = tf.u8_ref("mask_bits").with_context(what)?;
-        let [n, h, w] = shape[..] else { bail!("{}: image tensor has shape {shape:?}, expected [slices, rows, cols]", path.display()) };
-        if mask_shape != [n, h, w.div_ceil(8)] {
-            bail!("{}: mask_bits has shape {mask_shape:?}, but {n}×{h}×{w} image pixels need [{n}, {h}, {}]", path.display(), w.div_ceil(8));
+        if set.case_id.len() != n {
+            bail!("{}: {n} images but {} index rows", a.dir.display(), set.case_id.len());
         }
-        if n != listed {
-            bail!("{}: {n} slices but slices.parquet lists {listed}", path.display());
-        }
-        Ok(CaseView { n, h, w, image, mask_bits })
+        Ok(set)
     }
 
-    /// Slice `k`'s mask as 0/1 bytes, into `out`.
-    fn mask_into(&self, k: usize, out: &mut Vec<u8>) {
-        let row_bytes = self.w.div_ceil(8);
-        out.resize(self.h * self.w, 0);
-        let bits = &self.mask_bits[k * self.h * row_bytes..(k + 1) * self.h * row_bytes];
-        for (row, row_bits) in out.chunks_exact_mut(self.w).zip(bits.chunks_exact(row_bytes)) {
-            unpack_mask_row(row_bits, row);
-        }
-    }
-}
-
-impl Stage for Normalise {
-    fn info(&self) -> &'static StageInfo {
-        &INFO
+    /// Every image, [n, size, size].
+    pub fn images(&self) -> &[u8] {
+        self.data.u8_ref("images").map(|(_, b)| b).unwrap_or(&[])
     }
 
-    fn run(&self, ctx: &StageContext) -> Result<Summary> {
-        let p = ctx.params;
-        let size = p.usize("size")?;
-        if size == 0 || size % 16 != 0 {
-            bail!("normalise.size must be a positive multiple of 16 (DeepLabV3+ has output stride 16), got {size}");
-        }
-        let window = p.f64_list("window")?;
-        if window.len() != 2 || window[0] >= window[1] {
-            bail!("normalise.window must be [low, high] with low < high, got {window:?}");
-        }
-        let (lo, hi) = (window[0] as f32, window[1] as f32);
-        let minmax = p.bool("minmax_8bit")?;
-        let policy = p.str("slices")?;
-        let empty_fraction = p.f64("empty_fraction")?;
-        let seed = p.u64("seed")?;
+    /// Every mask (0/1), [n, size, size].
+    pub fn masks(&self) -> &[u8] {
+        self.data.u8_ref("masks").map(|(_, b)| b).unwrap_or(&[])
+    }
 
-        let ingest = ctx.upstream("ingest")?;
-        let table = read_parquet(&ingest.file("slices.parquet"))?;
-        let cases = table.column("case_id")?.str()?.clone();
-        let units = table.column("unit")?.str()?.clone();
-        // Rows of one case are contiguous and in tensor order.
-        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
-        for i in 0..table.height() {
-            let c = cases.get(i).unwrap_or_default().to_owned();
-            match groups.last_mut() {
-                Some((last, rows)) if *last == c => rows.push(i),
-                _ => groups.push((c, vec![i])),
-            }
+    /// The images and masks of `rows`, in that order, copied out.
+    pub fn select(&self, rows: &[usize]) -> (Vec<u8>, Vec<u8>) {
+        let px = self.size * self.size;
+        let (images, masks) = (self.images(), self.masks());
+        let mut out = (Vec::with_capacity(rows.len() * px), Vec::with_capacity(rows.len() * px));
+        for &i in rows {
+            out.0.extend_from_slice(&images[i * px..(i + 1) * px]);
+            out.1.extend_from_slice(&masks[i * px..(i + 1) * px]);
         }
-        let case_path = |case: &str| ingest.file(&format!("cases/{case}.safetensors"));
-        let plane = size * size;
-
-        // Which slices to keep depends on the resized masks' liver pixels, so
-        // a policy other than `all` counts them first (masks are cheap).
-        let livers: Option<Vec<Vec<u64>>> = if policy == "all" {
-            None
-        } else {
-            let counted = groups
-                .par_iter()
-                .map(|(case, rows)| {
-                    let path = case_path(case);
-                    let tf = TensorFile::open(&path)?;
-                    let view = CaseView::new(&tf, &path, rows.len())?;
-                    let (mut full, mut mask) = (Vec::new(), vec![0u8; plane]);
-                    Ok((0..view.n)
-                        .map(|k| {
-                            view.mask_into(k, &mut full);
-                            resize::nearest_into(&full, view.h, view.w, &mut mask, size);
-                            liver_count(&mask)
-                        })
-                        .collect())
-                })
-                .collect::<Result<_>>()?;
-            Some(counted)
-        };
-        let mut rng = Rng::new(seed);
-        let keep: Vec<Vec<usize>> = groups
-            .iter()
-            .enumerate()
-            .map(|(g, (_, rows))| {
-                (0..rows.len())
-                    .filter(|&k| match &livers {
-                        None => true,
-                        Some(l) if policy == "liver" => l[g][k] > 0,
-                        Some(l) => l[g][k] > 0 || rng.f64() < empty_fraction,
-                    })
-                    .collect()
-            })
-            .collect();
-        let total = table.height();
-        let n: usize = keep.iter().map(Vec::len).sum();
-        if n == 0 {
-            bail!("normalise: the slice policy `{policy}` kept no slices");
-        }
-
-        // Each case is resized into its own buffers and written straight to
-        // its place in the output file: memory stays at a few cases, however
-        // large the dataset.
-        let out = TensorFileWriter::create(&ctx.out("data.safetensors"), &[("images", safetensors::Dtype::U8, vec![n, size, size]), ("masks", safetensors::Dtype::U8, vec![n, size, size])], &ctx.provenance())?;
-        let starts: Vec<usize> = keep.iter().scan(0, |acc, k| { let s = *acc; *acc += k.len(); Some(s) }).collect();
-        let bar = crate::progress::bar(groups.len() as u64, "normalise", ctx.show_progress);
-        let kept_livers: Vec<Vec<u64>> = groups
-            .par_iter()
-            .zip(&keep)
-            .zip(&starts)
-            // Each worker reuses its buffers from case to case (every byte is
-            // overwritten, so they are zeroed only when they grow).
-            .map_init(|| (Vec::new(), Vec::new(), Vec::new()), |(images, masks, full_mask), (((case, rows), ks), &start)| {
-                let path = case_path(case);
-                let tf = TensorFile::open(&path)?;
-                let view = CaseView::new(&tf, &path, rows.len())?;
-                let hu = units.get(rows[0]) == Some("HU");
-                for buf in [&mut *images, &mut *masks] {
-                    buf.resize(ks.len() * plane, 0);
-                }
-                let mut livers = Vec::with_capacity(ks.len());
-                for ((&k, image), mask) in ks.iter().zip(images.chunks_exact_mut(plane)).zip(masks.chunks_exact_mut(plane)) {
-                    // Intensities are mapped to [0, 1] row by row inside the
-                    // resize (no converted copy of the volume).
-                    let range = k * view.h * view.w..(k + 1) * view.h * view.w;
-                    match &view.image {
-                        Raw::I16(v) => scaled_resize_into(&v[range], |b| f32::from(i16::from_le_bytes(b)), hu, minmax, (lo, hi), (view.h, view.w), image),
-                        Raw::U8(v) => scaled_resize_into(&v[range], f32::from, hu, minmax, (lo, hi), (view.h, view.w), image),
-                    }
-                    view.mask_into(k, full_mask);
-                    resize::nearest_into(full_mask, view.h, view.w, mask, size);
-                    livers.push(liver_count(mask));
-                }
-                out.write_at("images", start * plane, images)?;
-                out.write_at("masks", start * plane, masks)?;
-                bar.inc(1);
-                Ok(livers)
-            })
-            .collect::<Result<_>>()?;
-        bar.finish_and_clear();
-        out.finish()?;
-        let kept: Vec<(usize, u64)> = groups.iter().zip(&keep).zip(&kept_livers).flat_map(|(((_, rows), ks), ls)| ks.iter().zip(ls).map(|(&k, &l)| (rows[k], l))).collect();
-        let kept_empty = kept.iter().filter(|k| k.1 == 0).count() as u64;
-        let dropped_empty = (total - n) as u64;
-        let take = |name: &str| -> Result<Column> {
-            let idx: Vec<IdxSize> = kept.iter().map(|k| k.0 as IdxSize).collect();
-            Ok(table.column(name)?.take_slice(&idx)?)
-        };
-        let mut index = DataFrame::new_infer_height(vec![
-            Column::new("idx".into(), (0..n as u64).collect::<Vec<_>>()),
-            take("case_id")?,
-            take("slice_index")?,
-            take("source_file")?,
-            take("spacing_row_mm")?,
-            take("spacing_col_mm")?,
-            take("unit")?,
-            Column::new("src_rows".into(), kept.iter().map(|k| table.column("rows").ok().and_then(|c| c.u64().ok()?.get(k.0)).unwrap_or(0)).collect::<Vec<_>>()),
-            Column::new("liver_pixels".into(), kept.iter().map(|k| k.1).collect::<Vec<_>>()),
-        ])
-        .context("cannot build index table")?;
-        write_parquet(&ctx.out("index.parquet"), &mut index, &ctx.provenance())?;
-        let mut s = Summary::new();
-        s.insert("slices_in".into(), total.into());
-        s.insert("slices_kept".into(), n.into());
-        s.insert("empty_slices_kept".into(), kept_empty.into());
-        s.insert("empty_slices_dropped".into(), dropped_empty.into());
-        s.insert("size".into(), size.into());
-        Ok(s)
+        out
     }
 }

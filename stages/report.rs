@@ -7,24 +7,33 @@
 //! sections: Table 1, learning curves, examples with Grad-CAM, external
 //! validation, hyperparameter search, data, lineage
 
-use crate::engine::params::{param, ParamType::*, ParamSpec};
-use crate::engine::stage::{Stage, StageContext, StageInfo, Summary};
-use crate::engine::store::Artifact;
-use crate::engine::table::{read_parquet, TensorFile};
 use anyhow::{bail, Context, Result};
+use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary};
+use liverseg_engine::store::Artifact;
+use liverseg_engine::tables::read_parquet;
+use liverseg_engine::tensors::TensorFile;
 use polars::prelude::DataFrame;
 use std::fmt::Write;
 
 pub const VERSION: u32 = 3;
-const PARAMS: &[ParamSpec] = &[param("title", Str, "'liverseg report'", "report title")];
+
+liverseg_engine::params! {
+    pub struct ReportParams {
+        title: String = str "'liverseg report'", "report title";
+    }
+}
 
 pub static INFO: StageInfo = StageInfo {
     name: "report",
     version: VERSION,
-    inputs: &["ingest", "normalise", "split", "evaluate"],
-    outputs: &["report.html", "report.md", "figures/"],
-    params: PARAMS,
     about: "HTML and Markdown report with Table 1, curves, examples, data and lineage",
+    inputs: &["ingest", "normalise", "split", "evaluate"],
+    optional_inputs: &["train", "baseline", "tune"],
+    collects: &[],
+    per_dataset: false,
+    outputs: &["report.html", "report.md", "figures/"],
+    params: ReportParams::SPECS,
+    placement: Placement::InProcess,
 };
 
 pub struct Report;
@@ -187,7 +196,8 @@ impl Stage for Report {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Summary> {
-        let title = ctx.params.str("title")?;
+        let p: ReportParams = ctx.params.typed()?;
+        let title = p.title.as_str();
         let ingest = ctx.upstream("ingest")?;
         let norm = ctx.upstream("normalise")?;
         let split = ctx.upstream("split")?;
@@ -420,20 +430,7 @@ impl Stage for Report {
         let _ = writeln!(md, "## Lineage\n");
         // Every artifact behind the report, walked through the manifests down to
         // the source stages (external datasets included), oldest first.
-        let store = crate::engine::store::Store::new(ctx.project_root.join("artifacts"));
-        let mut all: Vec<Artifact> = ctx.upstream.values().cloned().collect();
-        let mut k = 0;
-        while k < all.len() {
-            let ups: Vec<(String, String)> = all[k].manifest.upstream.iter().map(|(s, key)| (s.clone(), key.clone())).collect();
-            for (stage, key) in ups {
-                if !all.iter().any(|a| a.stage == stage && a.key == key) {
-                    let a = store.get(&stage, &key)?.with_context(|| format!("lineage: {stage}@{key} is not in the store"))?;
-                    all.push(a);
-                }
-            }
-            k += 1;
-        }
-        all.sort_by(|a, b| a.manifest.started_unix.total_cmp(&b.manifest.started_unix).then(a.stage.cmp(&b.stage)));
+        let all = ctx.lineage()?;
         for a in &all {
             let line = format!("{} (params {})", chain(a), serde_json::to_string(&a.manifest.params)?);
             let _ = write!(html, "<li><code>{}</code></li>", esc(&line));

@@ -1,55 +1,67 @@
 //! tune: random search and Bayesian optimisation (TPE) over learning rate,
 //! batch size, optimizer, weight decay and loss. Each trial is a short
-//! training run in its own worker process (`liverseg-torch stage`), cached
-//! under its own content key in `artifacts/.trials/`, so rerunning a study
-//! reuses finished trials, raising the budget runs only the new ones, and a
-//! killed study resumes. Trials read only the train and validation splits.
+//! training run in its own worker process (`liverseg-torch stage`), stored
+//! as a sub-artifact under its own content key (`artifacts/tune+trial/`), so
+//! rerunning a study reuses finished trials, raising the budget runs only the
+//! new ones, and a killed study resumes. Trials read only the train and
+//! validation splits.
 //!
 //! inputs: normalise, split, augment
-//! outputs: trials.parquet, best.json
+//! outputs: trials.parquet, best.json, read downstream through [`TuneBest`].
 
-use crate::engine::hash::stage_key;
-use crate::engine::params::{param, ParamType::*, ParamSpec, Params};
-use crate::engine::stage::{Stage, StageContext, StageInfo, Summary};
-use crate::engine::table::{read_parquet, write_parquet};
-use crate::engine::worker::{run_request, WorkerRequest};
-use crate::tune::{sampler, Point, Space};
+use crate::train::TrainParams;
 use anyhow::{bail, Context, Result};
+use liverseg_engine::hash::{stage_key, KeyInputs};
+use liverseg_engine::params::Params;
+use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary};
+use liverseg_engine::store::Artifact;
+use liverseg_engine::tables::{read_parquet, write_parquet};
+use liverseg_engine::worker::WorkerRequest;
+use liverseg_recipe::{choices, Encoder, Objective};
+use liverseg_search::{sampler, Point, Sampler, Space};
 use polars::prelude::{Column, DataFrame};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
 pub const VERSION: u32 = 1;
 const TRIAL_VERSION: u32 = 1;
-const PARAMS: &[ParamSpec] = &[
-    param("strategies", StrList, "[random, bayes]", "search strategies, each run with the same budget"),
-    param("budget", Int, "4", "trials per strategy"),
-    param("seed", Int, "0", "search seed"),
-    param("startup", Int, "3", "bayes: random trials before the model takes over"),
-    param(
-        "space",
-        Any,
-        "{lr: {log_uniform: [1.0e-4, 1.0e-2]}, batch_size: {choice: [8, 16]}, optimizer: {choice: [adam, adamw, sgd, rmsprop]}, weight_decay: {log_uniform: [1.0e-6, 1.0e-3]}, loss: {choice: [ce, dice, ce_dice]}}",
-        "search space: name -> {log_uniform|uniform: [low, high]} or {choice: [...]}",
-    ),
-    param("objective", Choice(&["val_dice", "val_loss"]), "val_dice", "maximise validation Dice, or minimise validation loss (only comparable when every trial uses the same loss)"),
-    param("trial_epochs", Int, "2", "epochs per trial (the cheap trial setting)"),
-    param("trial_max_slices", Int, "64", "training slices per trial (0 = all)"),
-    param("trial_encoder", Choice(&["resnet18", "resnet34", "resnet50"]), "resnet34", "encoder trained in trials"),
-    param("prune", Choice(&["median", "none"]), "median", "stop a trial worse than the median of earlier trials at prune_epoch"),
-    param("prune_epoch", Int, "1", "epoch at which pruning compares"),
-    param("parallel", Int, "1", "trials run at once (each a worker process)"),
-    param("threads", Int, "0", "CPU threads per trial (0 = all cores / parallel)"),
-];
+
+choices!(
+    /// Whether and how trials are stopped early.
+    Prune { Median = "median", None = "none" }
+);
+
+liverseg_engine::params! {
+    pub struct TuneParams {
+        strategies: Vec<String> = strs "[random, bayes]", "search strategies, each run with the same budget";
+        budget: usize = int "4", "trials per strategy";
+        seed: u64 = int "0", "search seed";
+        startup: usize = int "3", "bayes: random trials before the model takes over";
+        space: Value = any "{lr: {log_uniform: [1.0e-4, 1.0e-2]}, batch_size: {choice: [8, 16]}, optimizer: {choice: [adam, adamw, sgd, rmsprop]}, weight_decay: {log_uniform: [1.0e-6, 1.0e-3]}, loss: {choice: [ce, dice, ce_dice]}}",
+            "search space: name -> {log_uniform|uniform: [low, high]} or {choice: [...]}";
+        objective: Objective = choice "val_dice", "maximise validation Dice, or minimise validation loss (only comparable when every trial uses the same loss)";
+        trial_epochs: i64 = int "2", "epochs per trial (the cheap trial setting)";
+        trial_max_slices: i64 = int "64", "training slices per trial (0 = all)";
+        trial_encoder: Encoder = choice "resnet34", "encoder trained in trials";
+        prune: Prune = choice "median", "stop a trial worse than the median of earlier trials at prune_epoch";
+        prune_epoch: i64 = int "1", "epoch at which pruning compares";
+        parallel: usize = int "1", "trials run at once (each a worker process)";
+        threads: i64 = int "0", "CPU threads per trial (0 = all cores / parallel)";
+    }
+}
 
 pub static INFO: StageInfo = StageInfo {
     name: "tune",
     version: VERSION,
-    inputs: &["normalise", "split", "augment"],
-    outputs: &["trials.parquet", "best.json"],
-    params: PARAMS,
     about: "random search and Bayesian optimisation of training hyperparameters",
+    inputs: &["normalise", "split", "augment"],
+    optional_inputs: &[],
+    collects: &[],
+    per_dataset: false,
+    outputs: &["trials.parquet", "best.json"],
+    params: TuneParams::SPECS,
+    placement: Placement::InProcess,
 };
 
 pub struct Tune;
@@ -65,8 +77,9 @@ pub struct TrialResult {
     pub seconds: f64,
 }
 
+/// tune's output as train reads it (best.json).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Best {
+pub struct TuneBest {
     pub objective: String,
     /// Value as reported: validation loss, or validation Dice (higher is better).
     pub value: f64,
@@ -76,30 +89,218 @@ pub struct Best {
     pub per_strategy: BTreeMap<String, (f64, Point)>,
 }
 
-/// The train-stage params of one trial.
-fn trial_params(base: &Params, point: &Point, threads: i64, prune: Option<(i64, f64)>, objective: &str) -> Params {
-    let mut p = Params::default();
-    for spec in super::train::TRAIN.params {
-        let v: serde_yaml::Value = serde_yaml::from_str(spec.default).expect("valid default");
-        p.0.insert(spec.name.to_owned(), crate::engine::params::coerce(spec.ty, &v).expect("valid default"));
+impl TuneBest {
+    pub fn read(a: &Artifact) -> Result<Self> {
+        let path = a.file("best.json");
+        let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{}: not a tune result", path.display()))
     }
-    p.0.insert("encoder".into(), base.0["trial_encoder"].clone());
-    p.0.insert("epochs".into(), base.0["trial_epochs"].clone());
-    p.0.insert("max_train_slices".into(), base.0["trial_max_slices"].clone());
-    p.0.insert("seed".into(), base.0["seed"].clone());
-    p.0.insert("threads".into(), threads.into());
-    p.0.insert("device".into(), "auto".into());
-    p.0.insert("save_model".into(), false.into());
-    p.0.insert("prune_metric".into(), objective.into());
-    if let Some((epoch, threshold)) = prune {
-        p.0.insert("prune_epoch".into(), epoch.into());
-        p.0.insert("prune_threshold".into(), serde_json::json!(threshold));
+}
+
+impl TuneParams {
+    fn space(&self) -> Result<Space> {
+        let space = Space::parse(&self.space)?;
+        for name in space.0.keys() {
+            if !TrainParams::SPECS.iter().any(|s| s.name == name) {
+                bail!("tune.space.{name}: the train stage has no parameter `{name}`");
+            }
+        }
+        Ok(space)
     }
-    for (k, v) in point {
-        // Choices come back as YAML values; integers stay integers.
-        p.0.insert(k.clone(), v.clone());
+
+    /// CPU threads per trial.
+    fn trial_threads(&self) -> i64 {
+        match self.threads {
+            0 => (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / self.parallel.max(1)).max(1) as i64,
+            t => t,
+        }
     }
-    p
+}
+
+impl Stage for Tune {
+    fn info(&self) -> &'static StageInfo {
+        &INFO
+    }
+
+    fn check(&self, params: &Params) -> Result<()> {
+        let p: TuneParams = params.typed()?;
+        let space = p.space()?;
+        if p.strategies.is_empty() {
+            bail!("tune.strategies: empty");
+        }
+        for s in &p.strategies {
+            sampler(s, space.clone(), p.seed, p.startup)?;
+        }
+        Ok(())
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Summary> {
+        let p: TuneParams = ctx.params.typed()?;
+        let study = Study { ctx, p: &p, space: p.space()?, upstream: ctx.upstream.iter().map(|(k, a)| (k.clone(), a.key.clone())).collect() };
+        let mut rows: Vec<(String, usize, TrialResult)> = Vec::new();
+        let (mut ran, mut reused) = (0usize, 0usize);
+        for strategy in &p.strategies {
+            let (trials, r, u) = study.search(strategy)?;
+            rows.extend(trials.into_iter().enumerate().map(|(i, t)| (strategy.clone(), i, t)));
+            ran += r;
+            reused += u;
+        }
+        let best = best_of(&rows, &p)?;
+        std::fs::write(ctx.out("best.json"), serde_json::to_vec_pretty(&best)?)?;
+        write_trials(ctx, &rows, &study.space, p.objective)?;
+        let mut summary = Summary::new();
+        summary.insert("best_value".into(), json!(best.value));
+        summary.insert("best_strategy".into(), best.strategy.clone().into());
+        summary.insert("trials".into(), rows.len().into());
+        summary.insert("trials_run".into(), ran.into());
+        summary.insert("trials_reused".into(), reused.into());
+        summary.insert("trials_pruned".into(), rows.iter().filter(|r| r.2.pruned).count().into());
+        for (st, (v, _)) in &best.per_strategy {
+            summary.insert(format!("{st}.best_value"), json!(v));
+        }
+        Ok(summary)
+    }
+}
+
+/// One study: the search of each strategy over the space, trials cached.
+struct Study<'a> {
+    ctx: &'a StageContext<'a>,
+    p: &'a TuneParams,
+    space: Space,
+    upstream: BTreeMap<String, String>,
+}
+
+impl Study<'_> {
+    /// Run one strategy's budget; returns its trials in order, and how many
+    /// ran and were reused.
+    fn search(&self, strategy: &str) -> Result<(Vec<TrialResult>, usize, usize)> {
+        let p = self.p;
+        let mut s: Box<dyn Sampler> = sampler(strategy, self.space.clone(), p.seed, p.startup)?;
+        let mut done: Vec<TrialResult> = Vec::new();
+        let (mut ran, mut reused) = (0, 0);
+        while done.len() < p.budget {
+            let batch: Vec<Point> = (0..p.parallel.max(1).min(p.budget - done.len())).map(|_| s.ask()).collect();
+            let prune = self.prune_threshold(&done);
+            for (t, pt) in self.run_batch(&batch, prune)?.into_iter().zip(batch) {
+                let (t, cached) = t;
+                if cached { reused += 1 } else { ran += 1 }
+                if self.ctx.show_progress {
+                    eprintln!(
+                        "tune {strategy} trial {}: {} {:.4}{}{}  {}",
+                        done.len(),
+                        p.objective,
+                        p.objective.reported(t.best),
+                        if t.pruned { " (pruned)" } else { "" },
+                        if cached { " (cached)" } else { "" },
+                        serde_json::to_string(&pt)?
+                    );
+                }
+                s.tell(pt, t.best);
+                done.push(t);
+            }
+        }
+        Ok((done, ran, reused))
+    }
+
+    /// The median pruning threshold from trials finished before this batch.
+    fn prune_threshold(&self, done: &[TrialResult]) -> Option<(i64, f64)> {
+        let epoch = self.p.prune_epoch;
+        if self.p.prune != Prune::Median || epoch <= 0 {
+            return None;
+        }
+        let mut at_k: Vec<f64> = done.iter().filter_map(|t| t.curve.get(epoch as usize - 1).copied()).collect();
+        median(&mut at_k).map(|m| (epoch, m))
+    }
+
+    /// The train-stage params of one trial.
+    fn trial_params(&self, point: &Point, prune: Option<(i64, f64)>) -> Result<Params> {
+        let p = self.p;
+        let mut tp = liverseg_engine::config::defaults("train", TrainParams::SPECS.iter())?;
+        tp.0.insert("encoder".into(), json!(p.trial_encoder));
+        tp.0.insert("epochs".into(), p.trial_epochs.into());
+        tp.0.insert("max_train_slices".into(), p.trial_max_slices.into());
+        tp.0.insert("seed".into(), p.seed.into());
+        tp.0.insert("threads".into(), p.trial_threads().into());
+        tp.0.insert("device".into(), "auto".into());
+        tp.0.insert("save_model".into(), false.into());
+        tp.0.insert("prune_metric".into(), json!(p.objective));
+        if let Some((epoch, threshold)) = prune {
+            tp.0.insert("prune_epoch".into(), epoch.into());
+            tp.0.insert("prune_threshold".into(), json!(threshold));
+        }
+        for (k, v) in point {
+            // Choices come back as YAML values; integers stay integers.
+            tp.0.insert(k.clone(), v.clone());
+        }
+        Ok(tp)
+    }
+
+    /// Run the trials of one batch (cached ones are reused); returns (result, cached) each.
+    fn run_batch(&self, batch: &[Point], prune: Option<(i64, f64)>) -> Result<Vec<(TrialResult, bool)>> {
+        let ctx = self.ctx;
+        let trials = ctx.sub_artifacts("trial")?;
+        let mut out: Vec<Option<(TrialResult, bool)>> = Vec::new();
+        let mut todo = Vec::new();
+        for pt in batch {
+            let params = self.trial_params(pt, prune)?;
+            let key = stage_key(&KeyInputs { stage: "trial", version: TRIAL_VERSION, params_json: &params.canonical_json(), upstream: &self.upstream, raw_files: &[] });
+            match trials.get(&key)? {
+                Some(a) => out.push(Some((read_result(&a)?, true))),
+                None => {
+                    out.push(None);
+                    todo.push((out.len() - 1, key, params, pt.clone()));
+                }
+            }
+        }
+        let mut reqs = Vec::new();
+        for (_, key, params, _) in &todo {
+            let build = trials.begin(key)?;
+            reqs.push(WorkerRequest {
+                stage: "train".into(),
+                key: key.clone(),
+                params: params.0.clone(),
+                summary_path: build.with_extension("summary.json"),
+                out_dir: build,
+                scratch_dir: trials.scratch_dir(key),
+                upstream: ctx.upstream.iter().map(|(k, a)| (k.clone(), a.dir.clone())).collect(),
+                raw_files: Vec::new(),
+                project_root: ctx.project_root.to_path_buf(),
+                store_root: ctx.store.root.clone(),
+                show_progress: false,
+            });
+        }
+        let started = liverseg_engine::store::now_unix();
+        let results = ctx.executor.run_batch(&reqs, self.p.parallel);
+        for ((slot, key, params, point), (req, summary)) in todo.into_iter().zip(reqs.iter().zip(results)) {
+            let summary = summary.with_context(|| format!("trial {key} failed"))?;
+            let result = trial_result(&req.out_dir, &key, point, &summary, self.p.objective)?;
+            std::fs::write(req.out_dir.join("result.json"), serde_json::to_vec_pretty(&result)?)?;
+            trials.commit(&req.out_dir, &key, TRIAL_VERSION, &params, self.upstream.clone(), summary, started)?;
+            out[slot] = Some((result, false));
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+}
+
+/// A finished trial's result, from the metrics its training wrote.
+fn trial_result(dir: &std::path::Path, key: &str, point: Point, summary: &Summary, objective: Objective) -> Result<TrialResult> {
+    let metrics = read_parquet(&dir.join("metrics.parquet"))?;
+    let col = |c: &str| -> Result<Vec<f64>> { Ok(metrics.column(c)?.f64()?.iter().map(|v| v.unwrap_or(f64::NAN)).collect()) };
+    let (dice, loss) = (col("val_dice")?, col("val_loss")?);
+    let curve: Vec<f64> = dice.iter().zip(&loss).map(|(&d, &l)| objective.to_minimise(d, l)).collect();
+    Ok(TrialResult {
+        key: key.into(),
+        point,
+        best: curve.iter().copied().fold(f64::INFINITY, f64::min),
+        curve,
+        pruned: summary.get("pruned").and_then(Value::as_bool).unwrap_or(false),
+        seconds: col("seconds")?.iter().sum(),
+    })
+}
+
+fn read_result(a: &Artifact) -> Result<TrialResult> {
+    let path = a.file("result.json");
+    serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?).with_context(|| format!("{}: not a trial result", path.display()))
 }
 
 fn median(v: &mut [f64]) -> Option<f64> {
@@ -111,176 +312,35 @@ fn median(v: &mut [f64]) -> Option<f64> {
     Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
 }
 
-impl Stage for Tune {
-    fn info(&self) -> &'static StageInfo {
-        &INFO
+/// The best trial overall and per strategy (lower is better internally).
+fn best_of(rows: &[(String, usize, TrialResult)], p: &TuneParams) -> Result<TuneBest> {
+    let pick = |f: &dyn Fn(&(String, usize, TrialResult)) -> bool| rows.iter().filter(|r| f(r)).min_by(|a, b| a.2.best.total_cmp(&b.2.best).then(a.1.cmp(&b.1)));
+    let best = pick(&|_| true).context("no trials ran")?;
+    let mut per_strategy = BTreeMap::new();
+    for st in &p.strategies {
+        if let Some(b) = pick(&|r| &r.0 == st) {
+            per_strategy.insert(st.clone(), (p.objective.reported(b.2.best), b.2.point.clone()));
+        }
     }
-
-    fn run(&self, ctx: &StageContext) -> Result<Summary> {
-        let p = ctx.params;
-        let space = Space::parse(p.get("space")?)?;
-        for name in space.0.keys() {
-            if !super::train::TRAIN.params.iter().any(|s| s.name == name) {
-                bail!("tune.space.{name}: the train stage has no parameter `{name}`");
-            }
-        }
-        let strategies = p.str_list("strategies")?;
-        if strategies.is_empty() {
-            bail!("tune.strategies: empty");
-        }
-        let budget = p.usize("budget")?;
-        let objective = p.str("objective")?.to_owned();
-        let parallel = p.usize("parallel")?.max(1);
-        let threads = match p.i64("threads")? {
-            0 => (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / parallel).max(1) as i64,
-            t => t,
-        };
-        let prune_epoch = p.i64("prune_epoch")?;
-        let pruning = p.str("prune")? == "median";
-        let upstream_keys: BTreeMap<String, String> = ctx.upstream.iter().map(|(k, a)| (k.clone(), a.key.clone())).collect();
-        let trials_dir = ctx.project_root.join("artifacts").join(".trials");
-        std::fs::create_dir_all(&trials_dir)?;
-
-        let mut rows: Vec<(String, usize, TrialResult)> = Vec::new();
-        let (mut ran, mut reused) = (0usize, 0usize);
-        for strategy in &strategies {
-            let mut s = sampler(strategy, space.clone(), p.u64("seed")?, p.usize("startup")?)?;
-            let mut done: Vec<TrialResult> = Vec::new();
-            let mut number = 0;
-            while number < budget {
-                let batch: Vec<Point> = (0..parallel.min(budget - number)).map(|_| s.ask()).collect();
-                // The pruning threshold depends only on trials finished before this batch.
-                let prune = if pruning && prune_epoch > 0 {
-                    let mut at_k: Vec<f64> = done.iter().filter_map(|t| t.curve.get(prune_epoch as usize - 1).copied()).collect();
-                    median(&mut at_k).map(|m| (prune_epoch, m))
-                } else {
-                    None
-                };
-                let jobs: Vec<(Params, String)> = batch
-                    .iter()
-                    .map(|pt| {
-                        let tp = trial_params(p, pt, threads, prune, &objective);
-                        let key = stage_key(&crate::engine::hash::KeyInputs { stage: "trial", version: TRIAL_VERSION, params_json: &tp.canonical_json(), upstream: &upstream_keys, raw_files: &[] });
-                        (tp, key)
-                    })
-                    .collect();
-                let results: Vec<Result<(TrialResult, bool)>> = std::thread::scope(|scope| {
-                    let handles: Vec<_> = jobs
-                        .iter()
-                        .zip(&batch)
-                        .map(|((tp, key), pt)| scope.spawn(|| run_trial(ctx, &trials_dir, tp, key, pt, &objective)))
-                        .collect();
-                    handles.into_iter().map(|h| h.join().unwrap_or_else(|_| bail!("trial thread panicked"))).collect()
-                });
-                for (r, pt) in results.into_iter().zip(batch) {
-                    let (t, cached) = r?;
-                    if cached { reused += 1 } else { ran += 1 }
-                    if ctx.show_progress {
-                        eprintln!(
-                            "tune {strategy} trial {number}: {objective} {:.4}{}{}  {}",
-                            if objective == "val_dice" { -t.best } else { t.best },
-                            if t.pruned { " (pruned)" } else { "" },
-                            if cached { " (cached)" } else { "" },
-                            serde_json::to_string(&pt)?
-                        );
-                    }
-                    s.tell(pt, t.best);
-                    done.push(t.clone());
-                    rows.push((strategy.clone(), number, t));
-                    number += 1;
-                }
-            }
-        }
-
-        // The best trial overall and per strategy (objective: lower is better internally).
-        let sign = if objective == "val_dice" { -1.0 } else { 1.0 };
-        let pick = |f: &dyn Fn(&(String, usize, TrialResult)) -> bool| rows.iter().filter(|r| f(r)).min_by(|a, b| a.2.best.total_cmp(&b.2.best).then(a.1.cmp(&b.1)));
-        let best = pick(&|_| true).context("no trials ran")?;
-        let mut per_strategy = BTreeMap::new();
-        for st in &strategies {
-            if let Some(b) = pick(&|r| &r.0 == st) {
-                per_strategy.insert(st.clone(), (sign * b.2.best, b.2.point.clone()));
-            }
-        }
-        let best_out = Best { objective: objective.clone(), value: sign * best.2.best, strategy: best.0.clone(), trial: best.1, params: best.2.point.clone(), per_strategy };
-        std::fs::write(ctx.out("best.json"), serde_json::to_vec_pretty(&best_out)?)?;
-
-        let mut cols = vec![
-            Column::new("strategy".into(), rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>()),
-            Column::new("trial".into(), rows.iter().map(|r| r.1 as u64).collect::<Vec<_>>()),
-        ];
-        for name in space.0.keys() {
-            cols.push(Column::new(format!("param_{name}").into(), rows.iter().map(|r| r.2.point.get(name).map(|v| v.to_string()).unwrap_or_default()).collect::<Vec<_>>()));
-        }
-        cols.extend([
-            Column::new("objective".into(), rows.iter().map(|r| sign * r.2.best).collect::<Vec<_>>()),
-            Column::new("objective_per_epoch".into(), rows.iter().map(|r| serde_json::to_string(&r.2.curve.iter().map(|v| sign * v).collect::<Vec<_>>()).unwrap_or_default()).collect::<Vec<_>>()),
-            Column::new("epochs_run".into(), rows.iter().map(|r| r.2.curve.len() as u64).collect::<Vec<_>>()),
-            Column::new("pruned".into(), rows.iter().map(|r| r.2.pruned).collect::<Vec<_>>()),
-            Column::new("seconds".into(), rows.iter().map(|r| r.2.seconds).collect::<Vec<_>>()),
-            Column::new("trial_key".into(), rows.iter().map(|r| r.2.key.clone()).collect::<Vec<_>>()),
-        ]);
-        let mut df = DataFrame::new_infer_height(cols)?;
-        write_parquet(&ctx.out("trials.parquet"), &mut df, &ctx.provenance())?;
-        let mut summary = Summary::new();
-        summary.insert("best_value".into(), serde_json::json!(best_out.value));
-        summary.insert("best_strategy".into(), best_out.strategy.clone().into());
-        summary.insert("trials".into(), rows.len().into());
-        summary.insert("trials_run".into(), ran.into());
-        summary.insert("trials_reused".into(), reused.into());
-        summary.insert("trials_pruned".into(), rows.iter().filter(|r| r.2.pruned).count().into());
-        for (st, (v, _)) in &best_out.per_strategy {
-            summary.insert(format!("{st}.best_value"), serde_json::json!(v));
-        }
-        Ok(summary)
-    }
+    Ok(TuneBest { objective: p.objective.name().to_owned(), value: p.objective.reported(best.2.best), strategy: best.0.clone(), trial: best.1, params: best.2.point.clone(), per_strategy })
 }
 
-/// Run one trial in a worker, or reuse its cached result. Returns (result, cached).
-fn run_trial(ctx: &StageContext, trials_dir: &std::path::Path, params: &Params, key: &str, point: &Point, objective: &str) -> Result<(TrialResult, bool)> {
-    let done = trials_dir.join(key);
-    if let Ok(bytes) = std::fs::read(done.join("result.json")) {
-        if let Ok(r) = serde_json::from_slice::<TrialResult>(&bytes) {
-            return Ok((r, true));
-        }
+fn write_trials(ctx: &StageContext, rows: &[(String, usize, TrialResult)], space: &Space, objective: Objective) -> Result<()> {
+    let mut cols = vec![
+        Column::new("strategy".into(), rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>()),
+        Column::new("trial".into(), rows.iter().map(|r| r.1 as u64).collect::<Vec<_>>()),
+    ];
+    for name in space.0.keys() {
+        cols.push(Column::new(format!("param_{name}").into(), rows.iter().map(|r| r.2.point.get(name).map(|v| v.to_string()).unwrap_or_default()).collect::<Vec<_>>()));
     }
-    let build = trials_dir.join(format!(".tmp-{key}"));
-    let _ = std::fs::remove_dir_all(&build);
-    std::fs::create_dir_all(&build)?;
-    let req = WorkerRequest {
-        stage: "train".into(),
-        key: key.into(),
-        params: params.0.clone(),
-        out_dir: build.clone(),
-        scratch_dir: trials_dir.join(format!("{key}.scratch")),
-        upstream: ctx.upstream.iter().map(|(k, a)| (k.clone(), a.dir.clone())).collect(),
-        raw_files: Vec::new(),
-        project_root: ctx.project_root.to_path_buf(),
-        show_progress: false,
-        summary_path: build.with_extension("summary.json"),
-    };
-    let summary = run_request(&req).with_context(|| format!("trial {key} failed"))?;
-    let metrics = read_parquet(&build.join("metrics.parquet"))?;
-    let col = if objective == "val_dice" { "val_dice" } else { "val_loss" };
-    let curve: Vec<f64> = metrics.column(col)?.f64()?.iter().map(|v| v.unwrap_or(f64::NAN)).map(|v| if objective == "val_dice" { -v } else { v }).collect();
-    let seconds: f64 = metrics.column("seconds")?.f64()?.iter().map(|v| v.unwrap_or(0.0)).sum();
-    let result = TrialResult {
-        key: key.into(),
-        point: point.clone(),
-        best: curve.iter().copied().fold(f64::INFINITY, f64::min),
-        curve,
-        pruned: summary.get("pruned").and_then(Value::as_bool).unwrap_or(false),
-        seconds,
-    };
-    std::fs::write(build.join("result.json"), serde_json::to_vec_pretty(&result)?)?;
-    let _ = std::fs::remove_dir_all(&done);
-    std::fs::rename(&build, &done).with_context(|| format!("cannot store trial {key}"))?;
-    let _ = std::fs::remove_dir_all(trials_dir.join(format!("{key}.scratch")));
-    Ok((result, false))
-}
-
-/// Best params found by an upstream tune artifact, to override train's.
-pub fn best_params(dir: &std::path::Path) -> Result<Point> {
-    let best: Best = serde_json::from_slice(&std::fs::read(dir.join("best.json")).with_context(|| format!("{}: no best.json", dir.display()))?)?;
-    Ok(best.params)
+    cols.extend([
+        Column::new("objective".into(), rows.iter().map(|r| objective.reported(r.2.best)).collect::<Vec<_>>()),
+        Column::new("objective_per_epoch".into(), rows.iter().map(|r| serde_json::to_string(&r.2.curve.iter().map(|v| objective.reported(*v)).collect::<Vec<_>>()).unwrap_or_default()).collect::<Vec<_>>()),
+        Column::new("epochs_run".into(), rows.iter().map(|r| r.2.curve.len() as u64).collect::<Vec<_>>()),
+        Column::new("pruned".into(), rows.iter().map(|r| r.2.pruned).collect::<Vec<_>>()),
+        Column::new("seconds".into(), rows.iter().map(|r| r.2.seconds).collect::<Vec<_>>()),
+        Column::new("trial_key".into(), rows.iter().map(|r| r.2.key.clone()).collect::<Vec<_>>()),
+    ]);
+    let mut df = DataFrame::new_infer_height(cols)?;
+    write_parquet(&ctx.out("trials.parquet"), &mut df, &ctx.provenance())
 }

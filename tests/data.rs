@@ -4,8 +4,8 @@
 
 mod common;
 use common::*;
-use liverseg::engine::table::read_parquet;
-use liverseg::imaging::{dicom, nifti, nrrd, slices2d};
+use liverseg_engine::tables::read_parquet;
+use liverseg_imaging::{dicom, nifti, nrrd, slices2d};
 
 #[test]
 fn nifti_reader_on_totalsegmentator() {
@@ -129,8 +129,8 @@ fn same_seed_gives_byte_identical_artifacts() {
     ok(&b, &["run", "-q"]);
     for stage in ["ingest", "normalise", "split", "augment"] {
         let (da, db) = (artifacts_of(&a, stage).pop().unwrap(), artifacts_of(&b, stage).pop().unwrap());
-        let ma = liverseg::engine::store::read_manifest(&da.join("manifest.json")).unwrap();
-        let mb = liverseg::engine::store::read_manifest(&db.join("manifest.json")).unwrap();
+        let ma = liverseg_engine::store::read_manifest(&da.join("manifest.json")).unwrap();
+        let mb = liverseg_engine::store::read_manifest(&db.join("manifest.json")).unwrap();
         assert_eq!(ma.key, mb.key);
         assert_eq!(ma.outputs, mb.outputs, "{stage} outputs differ");
     }
@@ -143,7 +143,7 @@ fn same_seed_gives_byte_identical_artifacts() {
 
 #[test]
 fn phantoms_are_plausible_and_not_trivial() {
-    let p = liverseg::imaging::synth::phantom(7, 0, 64, 12);
+    let p = liverseg_imaging::synth::phantom(7, 0, 64, 12);
     let liver: Vec<f32> = p.hu.iter().zip(&p.labels).filter(|(_, &l)| l > 0).map(|(&h, _)| h as f32).collect();
     let mean = liver.iter().sum::<f32>() / liver.len() as f32;
     assert!((30.0..90.0).contains(&mean), "liver mean HU {mean}");
@@ -213,7 +213,7 @@ fn bad_inputs_fail_clearly_or_are_quarantined() {
         let a = artifacts_of(&dir, "ingest").pop().unwrap();
         let q = read_parquet(&a.join("quarantine.parquet")).unwrap();
         assert_eq!(q.height(), 1, "{what}: quarantine has {} rows", q.height());
-        let m = liverseg::engine::store::read_manifest(&a.join("manifest.json")).unwrap();
+        let m = liverseg_engine::store::read_manifest(&a.join("manifest.json")).unwrap();
         assert_eq!(m.metrics["quarantined"], 1);
         assert_eq!(m.metrics["cases"], 3);
     }

@@ -45,11 +45,11 @@ stages:
     );
     ok(&dir, &["synth", "raw", "--cases", "2", "--size", "32", "--slices", "4"]);
     // An uncompressed copy, so one byte of voxel data can change without breaking the file.
-    let nii = liverseg::imaging::nifti::read(&dir.join("raw/volume-1.nii.gz")).unwrap();
+    let nii = liverseg_imaging::nifti::read(&dir.join("raw/volume-1.nii.gz")).unwrap();
     let hu: Vec<i16> = nii.volume.data.iter().map(|&v| v as i16).collect();
     std::fs::remove_file(dir.join("raw/volume-1.nii.gz")).unwrap();
     let path = dir.join("raw/volume-1.nii");
-    liverseg::imaging::nifti::write_u8_or_i16(&path, nii.volume.dims, &nii.volume.affine, liverseg::imaging::nifti::VoxelData::I16(&hu), None).unwrap();
+    liverseg_imaging::nifti::write_u8_or_i16(&path, nii.volume.dims, &nii.volume.affine, liverseg_imaging::nifti::VoxelData::I16(&hu), None).unwrap();
     let (ran, _) = run_json(&dir, &[]);
     assert_eq!(ran, ["ingest", "normalise"]);
 
@@ -85,7 +85,7 @@ fn verify_names_a_tampered_file_and_lineage_reaches_the_source() {
     let by_path = ok(&dir, &["lineage", norm.join("index.parquet").to_str().unwrap()]);
     assert!(by_path.starts_with("normalise @"), "{by_path}");
     // The table itself carries its provenance.
-    let meta = liverseg::engine::table::parquet_metadata(&norm.join("index.parquet")).unwrap();
+    let meta = liverseg_engine::tables::parquet_metadata(&norm.join("index.parquet")).unwrap();
     assert_eq!(meta["liverseg.stage"], "normalise");
     assert!(meta["liverseg.upstream"].contains("ingest"));
 
@@ -170,9 +170,9 @@ fn external_datasets_become_stage_instances() {
     ok(&dir, &["run", "normalise.site_b", "-q", "-P", "normalise.size=64"]);
     let own = artifacts_of(&dir, "normalise.site_b");
     assert_eq!(own.len(), 1);
-    let m = liverseg::engine::store::read_manifest(&own[0].join("manifest.json")).unwrap();
+    let m = liverseg_engine::store::read_manifest(&own[0].join("manifest.json")).unwrap();
     assert_eq!(m.params["size"], 64, "the pipeline's normalise params, profile and -P included");
-    let ingest = liverseg::engine::store::read_manifest(&artifacts_of(&dir, "ingest.site_b")[0].join("manifest.json")).unwrap();
+    let ingest = liverseg_engine::store::read_manifest(&artifacts_of(&dir, "ingest.site_b")[0].join("manifest.json")).unwrap();
     assert_eq!(ingest.params["data.synthetic_seed"], 9);
     assert_eq!(ingest.metrics["cases"], 3);
     // The main dataset was not touched.
@@ -191,7 +191,7 @@ fn bad_pipeline_files_get_one_clear_error() {
         ("stages:\n  ingest: {}\n  normalise: {}\n", "deps must list it", &[]),
         ("stages: [oops\n", "not valid YAML", &[]),
         // `external:` datasets: each error names the entry and key.
-        ("external: {b: {source: nifti}}\nstages:\n  ingest: {}\n", "external: needs stages ingest, normalise and evaluate", &[]),
+        ("external: {b: {source: nifti}}\nstages:\n  ingest: {}\n", "external: no stage in the pipeline reads the extra datasets", &[]),
         (EXT_STAGES_MISSING_SOURCE, "external.site_b: needs `source`", &[]),
         (EXT_STAGES_BAD_KEY, "external.site_b.colour: not a dataset key", &[]),
         (EXT_STAGES_BAD_TYPE, "external.site_b.synthetic_cases: expected an integer", &[]),

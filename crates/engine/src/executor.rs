@@ -1,0 +1,80 @@
+//! Executors: where worker requests run. A stage placed in the worker, and
+//! each trial of a search, is a request file that `liverseg-torch stage
+//! REQUEST.json` runs; an executor decides where that command runs and waits
+//! for its summary. `Local` starts it as a child process; a cluster executor
+//! submits it as a job. The artifact is committed by the engine either way,
+//! so where a request ran never changes what the store holds.
+
+use super::stage::Summary;
+use super::worker::WorkerRequest;
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::PathBuf;
+
+pub trait Executor: Send + Sync {
+    /// Run one request to completion and return the summary it wrote.
+    fn run(&self, req: &WorkerRequest) -> Result<Summary>;
+
+    /// Run independent requests (the trials of one search batch), at most
+    /// `parallel` at a time; results in request order.
+    fn run_batch(&self, reqs: &[WorkerRequest], parallel: usize) -> Vec<Result<Summary>> {
+        let mut out: Vec<Result<Summary>> = Vec::with_capacity(reqs.len());
+        for chunk in reqs.chunks(parallel.max(1)) {
+            let results: Vec<Result<Summary>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = chunk.iter().map(|r| scope.spawn(move || self.run(r))).collect();
+                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("worker thread panicked")))).collect()
+            });
+            out.extend(results);
+        }
+        out
+    }
+}
+
+/// Worker processes on this machine, children of the engine.
+pub struct Local;
+
+impl Executor for Local {
+    fn run(&self, req: &WorkerRequest) -> Result<Summary> {
+        let req_path = req.write()?;
+        let status = worker_command()?.arg("stage").arg(&req_path).status().context("cannot start the liverseg-torch worker")?;
+        std::fs::remove_file(&req_path).ok();
+        if !status.success() {
+            bail!("worker for stage `{}` failed ({status})", req.stage);
+        }
+        req.take_summary()
+    }
+}
+
+/// The worker binary next to the running one.
+pub fn worker_binary() -> Result<PathBuf> {
+    let me = std::env::current_exe().context("cannot locate the running executable")?;
+    let dir = me.parent().ok_or_else(|| anyhow!("executable has no folder"))?;
+    let bin = dir.join("liverseg-torch");
+    if !bin.is_file() {
+        bail!("{}: worker binary not found; build it with `make build`", bin.display());
+    }
+    Ok(bin)
+}
+
+/// A command for the worker binary that dies with the process that starts
+/// it. PDEATHSIG is set between fork and exec, and the parent is checked
+/// afterwards: set in the worker's own `main` it would come too late when the
+/// engine is killed while the worker is still loading libtorch, and that
+/// orphan would race a rerun of the same trial over its checkpoint.
+pub fn worker_command() -> Result<std::process::Command> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(worker_binary()?);
+    let parent = std::process::id();
+    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}

@@ -1,0 +1,242 @@
+//! Runs the DAG: computes stage keys, reuses complete artifacts, runs the rest.
+
+use super::executor::{Executor, Local};
+use super::hash::{stage_key, KeyInputs, StatCache};
+use super::pipeline::{Pipeline, ResolvedStage};
+use super::stage::{Placement, RawFile, Stage, StageContext, StageInfo};
+use super::store::{now_unix, utc_string, Artifact, Manifest, Store};
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Memory for raw input files kept between planning and running a stage.
+const RAW_BYTES_BUDGET: u64 = 256 << 20;
+
+pub struct Engine<'r> {
+    pub pipeline: Pipeline,
+    pub registry: &'r [Box<dyn Stage>],
+    pub store: Store,
+    pub show_progress: bool,
+    /// Where worker-placed stages and trials run.
+    pub executor: Box<dyn Executor>,
+    /// Raw inputs read while planning a run, for the stages that read them.
+    raw_bytes: super::hash::RawBytes,
+}
+
+/// A stage's key for the current pipeline, and the raw files it covers.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub key: String,
+    pub upstream: BTreeMap<String, String>,
+    pub raw_files: Vec<RawFile>,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct RunReport {
+    pub ran: Vec<String>,
+    pub reused: Vec<String>,
+}
+
+impl<'r> Engine<'r> {
+    pub fn new(pipeline: Pipeline, registry: &'r [Box<dyn Stage>]) -> Self {
+        let store = Store::new(pipeline.root.join("artifacts"));
+        Engine { pipeline, registry, store, show_progress: true, executor: Box::new(Local), raw_bytes: super::hash::RawBytes::new(RAW_BYTES_BUDGET) }
+    }
+
+    pub fn stage_impl(&self, name: &str) -> Result<&dyn Stage> {
+        super::config::find(self.registry, name)
+    }
+
+    /// Keys of `stages` (which must be closed under deps), in topological order.
+    pub fn plan(&self, stages: &[&ResolvedStage]) -> Result<BTreeMap<String, Planned>> {
+        self.plan_keeping(stages, None)
+    }
+
+    /// `plan`, keeping the raw files it reads in `keep` (when about to run).
+    fn plan_keeping(&self, stages: &[&ResolvedStage], keep: Option<&super::hash::RawBytes>) -> Result<BTreeMap<String, Planned>> {
+        let mut cache = StatCache::open(self.store.stat_cache_file());
+        let mut planned: BTreeMap<String, Planned> = BTreeMap::new();
+        for s in stages {
+            let imp = self.stage_impl(&s.uses)?;
+            let inputs = imp.raw_inputs(&s.params, &self.pipeline.root)?;
+            let paths: Vec<std::path::PathBuf> = inputs.iter().map(|(_, p)| p.clone()).collect();
+            let hashes = cache.hash_many(&paths, self.show_progress, keep)?;
+            let raw_files: Vec<RawFile> = inputs.into_iter().zip(hashes).map(|((rel, _), (size, blake3))| RawFile { path: rel, size, blake3 }).collect();
+            let upstream: BTreeMap<String, String> = s
+                .deps
+                .iter()
+                .map(|d| planned.get(d).map(|p| (d.clone(), p.key.clone())).ok_or_else(|| anyhow!("internal: {d} planned after {}", s.name)))
+                .collect::<Result<_>>()?;
+            let raw_pairs: Vec<(String, String)> = raw_files.iter().map(|r| (r.path.clone(), r.blake3.clone())).collect();
+            let key = stage_key(&KeyInputs {
+                stage: &s.name,
+                version: imp.info().version,
+                params_json: &s.params.canonical_json(),
+                upstream: &upstream,
+                raw_files: &raw_pairs,
+            });
+            planned.insert(s.name.clone(), Planned { key, upstream, raw_files });
+        }
+        // Hashing is the slow part of a no-op; keep what we learnt even if the run fails later.
+        cache.save()?;
+        Ok(planned)
+    }
+
+    pub fn plan_all(&self) -> Result<BTreeMap<String, Planned>> {
+        let all: Vec<&ResolvedStage> = self.pipeline.stages.iter().collect();
+        self.plan(&all)
+    }
+
+    /// Run `target` (or every stage) and whatever it needs that is not in the store.
+    pub fn run(&self, target: Option<&str>) -> Result<RunReport> {
+        let stages: Vec<&ResolvedStage> = match target {
+            Some(t) => self.pipeline.ancestors_and_self(t)?,
+            None => self.pipeline.stages.iter().collect(),
+        };
+        let planned = self.plan_keeping(&stages, Some(&self.raw_bytes))?;
+        let mut report = RunReport::default();
+        // Fast path: nothing to do needs no lock.
+        if stages.iter().all(|s| self.store.artifact_dir(&s.name, &planned[&s.name].key).join(super::store::MANIFEST).is_file()) {
+            for s in &stages {
+                self.say(&format!("reused  {:<10} {}", s.name, planned[&s.name].key));
+                report.reused.push(s.name.clone());
+            }
+            return Ok(report);
+        }
+        let lock = self.store.lock()?;
+        for s in &stages {
+            let p = &planned[&s.name];
+            // Another process may have built it while we waited for the lock.
+            if self.store.get(&s.name, &p.key)?.is_some() {
+                self.say(&format!("reused  {:<10} {}", s.name, p.key));
+                report.reused.push(s.name.clone());
+                continue;
+            }
+            let secs = self.execute(s, p, &lock)?;
+            self.say(&format!("ran     {:<10} {}  ({secs:.1} s)", s.name, p.key));
+            report.ran.push(s.name.clone());
+        }
+        Ok(report)
+    }
+
+    /// Rerun one stage from its cached upstream artifacts.
+    pub fn run_one(&self, name: &str, force: bool) -> Result<RunReport> {
+        let stages = self.pipeline.ancestors_and_self(name)?;
+        let planned = self.plan_keeping(&stages, Some(&self.raw_bytes))?;
+        let s = *stages.last().expect("contains self");
+        for d in &s.deps {
+            let key = &planned[d].key;
+            if self.store.get(d, key)?.is_none() {
+                bail!("upstream artifact {d}@{key} is missing; make it with `liverseg run {d}` (or `liverseg run {name}` to build everything {name} needs)");
+            }
+        }
+        let p = &planned[name];
+        let mut report = RunReport::default();
+        let lock = self.store.lock()?;
+        if !force && self.store.get(name, &p.key)?.is_some() {
+            self.say(&format!("reused  {:<10} {}  (use --force to rerun)", name, p.key));
+            report.reused.push(name.to_owned());
+            return Ok(report);
+        }
+        let secs = self.execute(s, p, &lock)?;
+        self.say(&format!("ran     {:<10} {}  ({secs:.1} s)", name, p.key));
+        report.ran.push(name.to_owned());
+        Ok(report)
+    }
+
+    fn execute(&self, s: &ResolvedStage, p: &Planned, lock: &super::store::StoreLock) -> Result<f64> {
+        let imp = self.stage_impl(&s.uses)?;
+        let mut upstream = BTreeMap::new();
+        for (d, key) in &p.upstream {
+            let a = self.store.get(d, key)?.ok_or_else(|| anyhow!("upstream artifact {d}@{key} vanished from the store"))?;
+            upstream.insert(s.upstream_name(d).to_owned(), a);
+        }
+        let build = self.store.begin(&s.name, &p.key, lock)?;
+        let ctx = StageContext {
+            stage: imp.info(),
+            key: &p.key,
+            params: &s.params,
+            out_dir: &build,
+            scratch_dir: self.store.scratch_dir(&s.name, &p.key),
+            upstream,
+            raw_files: &p.raw_files,
+            raw_bytes: Some(&self.raw_bytes),
+            project_root: &self.pipeline.root,
+            show_progress: self.show_progress,
+            store: &self.store,
+            lock: Some(lock),
+            executor: self.executor.as_ref(),
+            children: Default::default(),
+        };
+        self.say(&format!("running {:<10} {}", s.name, p.key));
+        let started = now_unix();
+        let t0 = Instant::now();
+        let result = match imp.info().placement {
+            Placement::InProcess => imp.run(&ctx),
+            Placement::Worker => super::worker::run_in_worker(&ctx),
+        };
+        let result = result.and_then(|m| check_outputs(imp.info(), &build).map(|_| m));
+        let secs = t0.elapsed().as_secs_f64();
+        let metrics = match result {
+            Ok(m) => m,
+            Err(e) => {
+                std::fs::remove_dir_all(&build).ok();
+                return Err(e).with_context(|| format!("stage `{}` failed; nothing was written to the store", s.name));
+            }
+        };
+        let manifest = Manifest {
+            stage: s.name.clone(),
+            key: p.key.clone(),
+            version: imp.info().version,
+            params: serde_json::to_value(&s.params.0)?,
+            upstream: p.upstream.clone(),
+            outputs: BTreeMap::new(),
+            raw_inputs: p.raw_files.clone(),
+            started_unix: started,
+            finished_unix: now_unix(),
+            started_utc: utc_string(started),
+            duration_s: secs,
+            liverseg_version: env!("CARGO_PKG_VERSION").to_owned(),
+            metrics,
+            children: ctx.children.into_inner().unwrap_or_else(|e| e.into_inner()),
+        };
+        self.store.commit(&build, manifest, lock)?;
+        // Checkpoints of an interrupted run are no longer needed once the artifact exists.
+        let scratch = self.store.scratch_dir(&s.name, &p.key);
+        if scratch.exists() {
+            std::fs::remove_dir_all(&scratch).ok();
+        }
+        Ok(secs)
+    }
+
+    fn say(&self, line: &str) {
+        if self.show_progress {
+            eprintln!("{line}");
+        }
+    }
+
+    /// The current artifact of a stage, or an error saying how to make it.
+    pub fn current_artifact(&self, name: &str) -> Result<Artifact> {
+        let stages = self.pipeline.ancestors_and_self(name)?;
+        let planned = self.plan(&stages)?;
+        let key = &planned[name].key;
+        self.store.get(name, key)?.ok_or_else(|| anyhow!("no artifact of `{name}` for the current pipeline (key {key}); make it with `liverseg run {name}`"))
+    }
+}
+
+/// Every output the stage declares is in its build (`?`: only when written).
+fn check_outputs(info: &StageInfo, build: &std::path::Path) -> Result<()> {
+    for out in info.outputs {
+        if out.ends_with('?') {
+            continue;
+        }
+        let present = match out.strip_suffix('/') {
+            Some(dir) => build.join(dir).is_dir(),
+            None => build.join(out).is_file(),
+        };
+        if !present {
+            bail!("stage `{}` declares output `{out}` but did not write it", info.name);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! The worker protocol. A stage placed in the worker runs as `liverseg-torch
+//! stage REQUEST.json`: the request names the stage, its key, params, build
+//! folder and upstream artifacts; the worker writes the stage's summary
+//! beside the build folder. The same file is what a cluster job runs.
+
+use super::executor::{Executor, Local};
+use super::params::Params;
+use super::stage::{RawFile, StageContext, StageInfo, Summary};
+use super::store::{read_manifest, Artifact, Store, MANIFEST};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Serialize, Deserialize, Clone)]
+pub struct WorkerRequest {
+    pub stage: String,
+    pub key: String,
+    pub params: BTreeMap<String, serde_json::Value>,
+    pub out_dir: PathBuf,
+    pub scratch_dir: PathBuf,
+    pub upstream: BTreeMap<String, PathBuf>,
+    pub raw_files: Vec<RawFile>,
+    pub project_root: PathBuf,
+    /// The artifact store the upstream artifacts live in.
+    pub store_root: PathBuf,
+    pub show_progress: bool,
+    /// Where the worker writes the stage's summary metrics (JSON).
+    pub summary_path: PathBuf,
+}
+
+impl WorkerRequest {
+    /// The request for `ctx`'s stage, building into `ctx.out_dir`.
+    pub fn for_stage(ctx: &StageContext) -> Self {
+        WorkerRequest {
+            stage: ctx.stage.name.to_owned(),
+            key: ctx.key.to_owned(),
+            params: ctx.params.0.clone(),
+            out_dir: ctx.out_dir.to_path_buf(),
+            scratch_dir: ctx.scratch_dir.clone(),
+            upstream: ctx.upstream.iter().map(|(k, a)| (k.clone(), a.dir.clone())).collect(),
+            raw_files: ctx.raw_files.to_vec(),
+            project_root: ctx.project_root.to_path_buf(),
+            store_root: ctx.store.root.clone(),
+            show_progress: ctx.show_progress,
+            summary_path: ctx.out_dir.with_extension("summary.json"),
+        }
+    }
+
+    /// Write the request beside its build folder; returns the file.
+    pub fn write(&self) -> Result<PathBuf> {
+        let path = self.out_dir.with_extension("request.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(self)?).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// The summary the worker wrote (and remove it).
+    pub fn take_summary(&self) -> Result<Summary> {
+        let bytes = std::fs::read(&self.summary_path).with_context(|| format!("worker wrote no summary at {}", self.summary_path.display()))?;
+        std::fs::remove_file(&self.summary_path).ok();
+        serde_json::from_slice(&bytes).context("worker summary is not JSON")
+    }
+}
+
+/// Run `ctx`'s stage in a worker through the pipeline's executor.
+pub fn run_in_worker(ctx: &StageContext) -> Result<Summary> {
+    ctx.executor.run(&WorkerRequest::for_stage(ctx))
+}
+
+/// Worker side: rebuild the context from a request.
+pub struct WorkerJob {
+    pub req: WorkerRequest,
+    pub params: Params,
+    pub upstream: BTreeMap<String, Artifact>,
+    store: Store,
+}
+
+impl WorkerJob {
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let req: WorkerRequest = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a worker request", path.display()))?;
+        let mut upstream = BTreeMap::new();
+        for (name, dir) in &req.upstream {
+            let manifest = read_manifest(&dir.join(MANIFEST))?;
+            upstream.insert(name.clone(), Artifact { stage: manifest.stage.clone(), key: manifest.key.clone(), dir: dir.clone(), manifest });
+        }
+        Ok(WorkerJob { params: Params(req.params.clone()), upstream, store: Store::new(req.store_root.clone()), req })
+    }
+
+    pub fn context<'a>(&'a self, stage: &'static StageInfo) -> StageContext<'a> {
+        static LOCAL: Local = Local;
+        StageContext {
+            stage,
+            key: &self.req.key,
+            params: &self.params,
+            out_dir: &self.req.out_dir,
+            scratch_dir: self.req.scratch_dir.clone(),
+            upstream: self.upstream.clone(),
+            raw_files: &self.req.raw_files,
+            raw_bytes: None,
+            project_root: &self.req.project_root,
+            show_progress: self.req.show_progress,
+            store: &self.store,
+            lock: None,
+            executor: &LOCAL as &dyn Executor,
+            children: Default::default(),
+        }
+    }
+
+    pub fn finish(&self, summary: &Summary) -> Result<()> {
+        std::fs::write(&self.req.summary_path, serde_json::to_vec(summary)?).with_context(|| format!("cannot write {}", self.req.summary_path.display()))
+    }
+}

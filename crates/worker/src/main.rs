@@ -1,0 +1,103 @@
+//! The libtorch worker: runs the stages and commands that need a model, so the
+//! `liverseg` engine binary itself never loads libtorch.
+
+mod predict;
+
+use anyhow::{anyhow, bail, Context, Result};
+use liverseg_engine::worker::WorkerJob;
+use liverseg_model::{ModelSpec, SegmentationModel};
+use liverseg_recipe::{Arch, Device, Encoder};
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+const USAGE: &str = "usage: liverseg-torch stage REQUEST.json
+       liverseg-torch predict --model DIR --input FILE_OR_DIR --output OUT [--device D]
+       liverseg-torch model summary|names [--arch A] [--encoder E] [--in-channels N] [--classes N] [--size S]
+       liverseg-torch bench-train [--size S] [--batch B] [--steps N]";
+
+fn main() {
+    // Die with the engine: a killed `liverseg run` must not leave training behind.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    if let Err(e) = real_main(&args) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The value after `--name`, if given.
+fn flag(args: &[OsString], name: &str) -> Option<OsString> {
+    args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone())
+}
+
+/// The value after `--name` as UTF-8 text, or `default`.
+fn text(args: &[OsString], name: &str, default: &str) -> Result<String> {
+    match flag(args, name) {
+        Some(v) => v.into_string().map_err(|v| anyhow!("{name} {}: not UTF-8", v.to_string_lossy())),
+        None => Ok(default.to_owned()),
+    }
+}
+
+fn parsed<T: std::str::FromStr>(args: &[OsString], name: &str, default: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    let v = text(args, name, default)?;
+    v.parse().map_err(|e| anyhow!("{name} {v}: {e}"))
+}
+
+fn real_main(args: &[OsString]) -> Result<()> {
+    let command = args.first().and_then(|a| a.to_str());
+    match command {
+        Some("stage") => stage(args.get(1).ok_or_else(|| anyhow!("{USAGE}"))?),
+        Some("predict") => {
+            let path = |n: &str| flag(args, n).map(PathBuf::from).ok_or_else(|| anyhow!("predict needs {n}"));
+            let device = liverseg_model::device_for(parsed::<Device>(args, "--device", "auto")?)?;
+            for f in predict::predict(&path("--model")?, &path("--input")?, &path("--output")?, device)? {
+                println!("wrote {}", f.display());
+            }
+            Ok(())
+        }
+        Some("bench-train") => {
+            // Training and inference images/s of DeepLabV3+ResNet34 with Adam on
+            // random data: the counterpart of bench/py_train_speed.py.
+            let (train, infer) = liverseg_model::fit::speed(parsed(args, "--size", "224")?, parsed(args, "--batch", "8")?, parsed(args, "--steps", "5")?)?;
+            println!("{train:.2} {infer:.2}");
+            Ok(())
+        }
+        Some("model") => model(args),
+        _ => bail!("{USAGE}"),
+    }
+}
+
+/// Run one stage request: the stage named in it, from the registry.
+fn stage(request: &OsString) -> Result<()> {
+    let job = WorkerJob::load(&PathBuf::from(request))?;
+    let registry = liverseg_stages::registry();
+    let stage = registry.iter().find(|s| s.info().name == job.req.stage).with_context(|| format!("the worker has no stage `{}`", job.req.stage))?;
+    let summary = stage.run(&job.context(stage.info()))?;
+    job.finish(&summary)
+}
+
+fn model(args: &[OsString]) -> Result<()> {
+    let spec = ModelSpec {
+        arch: parsed::<Arch>(args, "--arch", "deeplabv3plus")?,
+        encoder: parsed::<Encoder>(args, "--encoder", "resnet34")?,
+        in_channels: parsed(args, "--in-channels", "1")?,
+        classes: parsed(args, "--classes", "2")?,
+    };
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("summary") => print!("{}", liverseg_model::summary::summary(&spec, parsed(args, "--size", "224")?)?),
+        Some("names") => {
+            let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+            SegmentationModel::new(&vs.root(), &spec)?;
+            for (name, shape) in liverseg_model::weights::state_dict_names(&vs) {
+                println!("{name}\t{shape:?}");
+            }
+        }
+        _ => bail!("{USAGE}"),
+    }
+    Ok(())
+}

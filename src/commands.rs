@@ -1,0 +1,252 @@
+//! One function per command. Each loads what it needs (the pipeline, the
+//! store), calls the engine or the worker, and prints.
+
+use crate::{ModelArgs, PipelineArgs};
+use anyhow::{bail, Context, Result};
+use liverseg_engine::config::{self, DATA_PREFIX};
+use liverseg_engine::executor::worker_command;
+use liverseg_engine::runner::Engine;
+use liverseg_engine::stage::Stage;
+use liverseg_engine::{gc as collect, lineage as trace, status as state, store};
+use liverseg_stages::train::ModelCard;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+fn registry() -> &'static [Box<dyn Stage>] {
+    static REGISTRY: OnceLock<Vec<Box<dyn Stage>>> = OnceLock::new();
+    REGISTRY.get_or_init(liverseg_stages::registry)
+}
+
+fn engine(p: &PipelineArgs) -> Result<Engine<'static>> {
+    if !p.pipeline.is_file() {
+        bail!("{}: pipeline file not found (run from the project folder, or pass --pipeline FILE)", p.pipeline.display());
+    }
+    let pipeline = config::load(&p.pipeline, registry(), p.profile.as_deref(), &p.set)?;
+    let mut e = Engine::new(pipeline, registry());
+    e.show_progress = !p.quiet;
+    Ok(e)
+}
+
+pub fn run(p: &PipelineArgs, target: Option<&str>, json: bool) -> Result<()> {
+    let report = engine(p)?.run(target)?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+pub fn stage(p: &PipelineArgs, name: &str, force: bool) -> Result<()> {
+    engine(p)?.run_one(name, force).map(|_| ())
+}
+
+pub fn status(p: &PipelineArgs, json: bool) -> Result<()> {
+    let st = state::status(&engine(p)?)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    let width = st.iter().map(|s| s.stage.len()).max().unwrap_or(0);
+    for s in st {
+        println!("{:<width$} {:<7} {}  {}", s.stage, s.state, s.key, s.reasons.join("; "));
+    }
+    Ok(())
+}
+
+pub fn lineage(p: &PipelineArgs, what: &str) -> Result<()> {
+    print!("{}", trace::lineage(&engine(p)?, what)?);
+    Ok(())
+}
+
+pub fn dag(p: &PipelineArgs, dot: bool) -> Result<()> {
+    print!("{}", engine(p)?.pipeline.render(dot));
+    Ok(())
+}
+
+pub fn path(p: &PipelineArgs, stage: &str) -> Result<()> {
+    println!("{}", engine(p)?.current_artifact(stage)?.dir.display());
+    Ok(())
+}
+
+pub fn trial(request: &Path) -> Result<()> {
+    let status = worker_command()?.arg("stage").arg(request).status().context("cannot start liverseg-torch")?;
+    if !status.success() {
+        bail!("trial {} failed ({status})", request.display());
+    }
+    Ok(())
+}
+
+pub fn verify(p: &PipelineArgs) -> Result<()> {
+    let e = engine(p)?;
+    let all = e.store.list()?;
+    let mut bad = 0;
+    for a in &all {
+        for problem in store::verify(a)? {
+            println!("MISMATCH {problem}");
+            bad += 1;
+        }
+    }
+    if bad > 0 {
+        bail!("{bad} mismatch(es) in {} artifacts", all.len());
+    }
+    println!("ok: {} artifacts verified", all.len());
+    Ok(())
+}
+
+pub fn gc(p: &PipelineArgs, apply: bool) -> Result<()> {
+    let e = engine(p)?;
+    let dead = collect::unreachable(&e)?;
+    let lock = if apply { Some(e.store.lock()?) } else { None };
+    for a in &dead {
+        println!("{} {}/{}", if apply { "removed" } else { "unreachable" }, a.stage, a.key);
+        if let Some(l) = &lock {
+            e.store.remove(a, l)?;
+        }
+    }
+    if dead.is_empty() {
+        println!("nothing to collect");
+    } else if !apply {
+        println!("{} artifact(s); rerun with --apply to remove them", dead.len());
+    }
+    Ok(())
+}
+
+pub fn params(markdown: bool) -> Result<()> {
+    for s in registry() {
+        let info = s.info();
+        if markdown {
+            let reads = if info.inputs.is_empty() { "raw files".to_owned() } else { info.inputs.join(", ") };
+            println!("\n**{}** (v{}; reads {reads}): {}\n", info.name, info.version, info.about);
+            println!("| key | type | default | meaning |\n|---|---|---|---|");
+        }
+        for p in info.params {
+            let key = if p.name.starts_with(DATA_PREFIX) { p.name.to_owned() } else { format!("{}.{}", info.name, p.name) };
+            let kind = p.kind.describe();
+            if markdown {
+                println!("| `{key}` | {} | `{}` | {} |", kind.replace('|', "\\|"), p.default.trim_matches('\'').replace('|', "\\|"), p.help);
+            } else {
+                println!("{key:<28} {kind:<30} {:<22} {}", p.default, p.help);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A model argument: a folder or file, or a stage whose current artifact holds one.
+fn model_dir(p: &PipelineArgs, model: &str) -> Result<PathBuf> {
+    if Path::new(model).exists() {
+        return Ok(PathBuf::from(model));
+    }
+    Ok(engine(p)?.current_artifact(model)?.dir)
+}
+
+pub fn predict(p: &PipelineArgs, model: &str, input: &Path, output: &Path, device: &str) -> Result<()> {
+    let dir = model_dir(p, model)?;
+    let status = worker_command()?
+        .args(["predict", "--model"])
+        .arg(&dir)
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .args(["--device", device])
+        .status()
+        .context("cannot start liverseg-torch")?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
+}
+
+pub fn model(verb: &str, m: &ModelArgs) -> Result<()> {
+    // Model code lives in the libtorch worker; this binary never loads libtorch.
+    let status = worker_command()?
+        .args(["model", verb, "--arch", &m.arch, "--encoder", &m.encoder, "--in-channels", &m.in_channels.to_string(), "--classes", &m.classes.to_string(), "--size", &m.size.to_string()])
+        .status()
+        .context("cannot start liverseg-torch")?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
+}
+
+pub fn synth(out: &Path, cases: usize, seed: u64, size: usize, slices: usize) -> Result<()> {
+    liverseg_imaging::synth::write_lits(out, cases, seed, size, slices).with_context(|| format!("cannot write phantoms to {}", out.display()))?;
+    println!("wrote {cases} phantom cases to {}", out.display());
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct ExternalEval {
+    /// A model artifact folder, or a stage name (train, baseline).
+    #[arg(long)]
+    model: String,
+    /// The dataset folder.
+    #[arg(long)]
+    data: PathBuf,
+    /// nifti | dicom | slices2d
+    #[arg(long, default_value = "nifti")]
+    source: String,
+    /// Mask labels that count as liver, e.g. 5 for TotalSegmentator.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    liver_labels: Vec<f64>,
+    #[arg(long, default_value_t = 2)]
+    max_label: i64,
+    /// slices2d: regex with patient and slice groups.
+    #[arg(long)]
+    case_regex: Option<String>,
+    /// Workspace for the evaluation's own pipeline and artifacts.
+    #[arg(long, default_value = "external-eval")]
+    out: PathBuf,
+}
+
+/// A pipeline file, as `evaluate --model --data` writes one.
+#[derive(Serialize)]
+struct PipelineFile {
+    description: &'static str,
+    data: BTreeMap<&'static str, Value>,
+    stages: BTreeMap<&'static str, StageDecl>,
+}
+
+#[derive(Serialize)]
+struct StageDecl {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    deps: Vec<&'static str>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    params: BTreeMap<&'static str, Value>,
+}
+
+/// The evaluation is itself a cached pipeline in `--out`: ingest and
+/// normalise with the model's preprocessing, then evaluate every slice.
+pub fn evaluate_external(p: &PipelineArgs, e: ExternalEval) -> Result<()> {
+    let dir = model_dir(p, &e.model)?;
+    let dir = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let card = ModelCard::read(&dir)?;
+    let weights = liverseg_engine::hash::hash_file(&dir.join("model.safetensors"))?;
+    let data = e.data.canonicalize().with_context(|| format!("cannot resolve {}", e.data.display()))?;
+    std::fs::create_dir_all(&e.out).with_context(|| format!("cannot create {}", e.out.display()))?;
+    let mut data_keys = BTreeMap::from([("source", e.source.into()), ("root", data.to_string_lossy().into()), ("liver_labels", serde_json::json!(e.liver_labels)), ("max_label", e.max_label.into())]);
+    if let Some(r) = e.case_regex {
+        data_keys.insert("case_regex", r.into());
+    }
+    let file = PipelineFile {
+        description: "external evaluation (written by liverseg evaluate)",
+        data: data_keys,
+        stages: BTreeMap::from([
+            ("ingest", StageDecl { deps: vec![], params: BTreeMap::new() }),
+            ("normalise", StageDecl { deps: vec!["ingest"], params: BTreeMap::from([("size", card.size.into()), ("window", serde_json::json!(card.window)), ("minmax_8bit", card.minmax_8bit.into())]) }),
+            ("evaluate", StageDecl { deps: vec!["normalise"], params: BTreeMap::from([("split", "all".into()), ("models", serde_json::json!([dir])), ("models_blake3", serde_json::json!([weights]))]) }),
+        ]),
+    };
+    let path = e.out.join("pipeline.yaml");
+    std::fs::write(&path, serde_yaml::to_string(&file)?).with_context(|| format!("cannot write {}", path.display()))?;
+    let ext = PipelineArgs { pipeline: path, profile: None, set: p.set.clone(), quiet: p.quiet };
+    let eng = engine(&ext)?;
+    eng.run(Some("evaluate"))?;
+    let a = eng.current_artifact("evaluate")?;
+    println!("{}", serde_json::to_string_pretty(&a.manifest.metrics)?);
+    println!("tables: {}", a.dir.display());
+    Ok(())
+}
