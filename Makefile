@@ -11,7 +11,7 @@ export LIBTORCH_USE_PYTORCH := 1
 BIN := target/release/liverseg
 CARGO_FLAGS := --release --locked
 
-.PHONY: reproduce test bench build venv clean-artifacts report-check chromium
+.PHONY: reproduce test bench build venv clean-artifacts report-check chromium docs
 
 reproduce: build
 	$(BIN) run
@@ -55,3 +55,9 @@ bench: build
 
 clean-artifacts:
 	rm -rf artifacts/*/ artifacts/.tmp artifacts/.scratch
+
+# The README's diagrams: the stage DAG of pipeline.yaml and the crates (needs Graphviz's dot).
+docs: build
+	$(BIN) dag --dot > docs/dag.dot
+	dot -Tsvg docs/dag.dot -o docs/dag.svg
+	dot -Tsvg docs/crates.dot -o docs/crates.svg

@@ -61,7 +61,8 @@ pub fn lineage(p: &PipelineArgs, what: &str) -> Result<()> {
 }
 
 pub fn dag(p: &PipelineArgs, dot: bool) -> Result<()> {
-    print!("{}", engine(p)?.pipeline.render(dot));
+    let outputs = |stage: &str| config::find(registry(), stage).map(|s| s.info().outputs.iter().map(|o| o.to_string()).collect()).unwrap_or_default();
+    print!("{}", engine(p)?.pipeline.render(dot, outputs));
     Ok(())
 }
 
@@ -237,7 +238,7 @@ pub fn evaluate_external(p: &PipelineArgs, e: ExternalEval) -> Result<()> {
         stages: BTreeMap::from([
             ("ingest", StageDecl { deps: vec![], params: BTreeMap::new() }),
             ("normalise", StageDecl { deps: vec!["ingest"], params: BTreeMap::from([("size", card.size.into()), ("window", serde_json::json!(card.window)), ("minmax_8bit", card.minmax_8bit.into())]) }),
-            ("evaluate", StageDecl { deps: vec!["normalise"], params: BTreeMap::from([("split", "all".into()), ("models", serde_json::json!([dir])), ("models_blake3", serde_json::json!([weights]))]) }),
+            ("evaluate", StageDecl { deps: vec!["ingest", "normalise"], params: BTreeMap::from([("split", "all".into()), ("models", serde_json::json!([dir])), ("models_blake3", serde_json::json!([weights]))]) }),
         ]),
     };
     let path = e.out.join("pipeline.yaml");

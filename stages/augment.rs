@@ -41,6 +41,7 @@ pub static INFO: StageInfo = StageInfo {
     optional_inputs: &[],
     collects: &[],
     per_dataset: false,
+    dataset_requires: &[],
     outputs: &["augmented.safetensors", "index.parquet"],
     params: AugmentParams::SPECS,
     placement: Placement::InProcess,

@@ -1,41 +1,56 @@
-//! evaluate: every trained model on the test split, with per-slice and
-//! per-case (per-patient) tables, as nnU-Net reports them. Runs in the
+//! evaluate: every trained model on the test split, scored per case on the
+//! case's own grid, as nnU-Net and MONAI report it. Runs in the
 //! `liverseg-torch` worker.
 //!
-//! Rules: Dice and IoU are 1 when prediction and truth are both empty; HD95
-//! pools each case's 2D surface distances (mm where the spacing is known,
-//! otherwise pixels) and is undefined (null) when exactly one is empty; the
-//! 95% CI of per-case Dice is a percentile bootstrap over cases.
+//! Each case is read from ingest at its original resolution, preprocessed as
+//! normalise would (the models' own window, scaling and size), segmented, and
+//! the liver probabilities are resampled back to the original grid
+//! (bilinear) and thresholded at 0.5. Every slice of a case is scored,
+//! whatever slices normalise kept for training.
 //!
-//! Extra datasets (`external:` in pipeline.yaml) arrive as upstream dataset
-//! instances `normalise.NAME`, preprocessed with the pipeline's normalise
-//! params; every slice of each is evaluated with the same metrics, and a
-//! model whose training window differs from the data's is refused.
+//! Rules (see liverseg-metrics): Dice, IoU, precision and recall are NaN when
+//! their denominator is zero (means skip them and the tables count them);
+//! HD95 is MONAI's, in mm where the spacing is known, on the whole 3D case
+//! for volumes and pooled over the case's slices for 2D slice datasets, and
+//! the grid's diagonal where exactly one of prediction and truth is empty;
+//! the 95% CI of per-case Dice is a percentile bootstrap over cases, shown
+//! from 10 cases. The loss column is the cross-entropy on the models' grid.
 //!
-//! inputs: normalise, split (optional), every upstream with a trained model,
-//!         normalise.NAME (extra datasets)
-//! outputs: table1.parquet, per_case.parquet, per_slice.parquet, predictions/<model>.safetensors,
-//!   examples.parquet + gradcam/<model>.safetensors (best/median/worst case, liver Grad-CAM),
-//!   external/NAME/{table1,per_case,per_slice}.parquet
+//! Extra datasets (`external:`) arrive as upstream dataset instances
+//! `ingest.NAME` and `normalise.NAME`; every case of each is scored alike,
+//! and a model whose preprocessing or intensity unit differs from the data's
+//! is refused.
+//!
+//! inputs: ingest, normalise, split (optional), every upstream with a trained model,
+//!         ingest.NAME + normalise.NAME (extra datasets)
+//! outputs: table1.parquet, per_case.parquet, per_slice.parquet,
+//!   predictions/<model>/<case>.safetensors (masks on the original grid, as bits),
+//!   examples.parquet + examples/<model>.safetensors (best/median/worst case: image,
+//!   truth, prediction and liver Grad-CAM on the model's grid),
+//!   external/NAME/{table1,per_case,per_slice}.parquet and predictions
 
 use anyhow::Result;
 use liverseg_engine::params::Params;
 use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary};
 use liverseg_recipe::{choices, Device};
 
-pub const VERSION: u32 = 2;
+/// 3: scored on the original grid, per 3D case; NaN for empty masks; HD95 never null.
+pub const VERSION: u32 = 3;
+
+/// Fewer cases than this get no confidence interval.
+pub const MIN_CASES_FOR_CI: usize = 10;
 
 choices!(
-    /// Which slices evaluate measures.
+    /// Which cases evaluate scores.
     EvalSplit { Test = "test", Val = "val", All = "all" }
 );
 
 liverseg_engine::params! {
     pub struct EvaluateParams {
-        split: EvalSplit = choice "test", "which split to evaluate (test for reporting; all = every slice, for external data without a split upstream)";
+        split: EvalSplit = choice "test", "which split to evaluate (test for reporting; all = every case, for external data without a split upstream)";
         models: Vec<String> = strs "[]", "extra trained models to evaluate (artifact folders), besides upstream train/baseline";
         models_blake3: Vec<String> = strs "[]", "content hashes of `models` (their model.safetensors), so the key changes with the weights";
-        bootstrap: usize = int "2000", "bootstrap resamples for the per-case Dice CI";
+        bootstrap: usize = int "2000", "bootstrap resamples for the per-case Dice CI (at least 100)";
         seed: u64 = int "0", "bootstrap seed";
         batch_size: usize = int "16", "inference batch size";
         device: Device = choice "auto", "auto = CUDA when available";
@@ -45,12 +60,13 @@ liverseg_engine::params! {
 pub static INFO: StageInfo = StageInfo {
     name: "evaluate",
     version: VERSION,
-    about: "test-split metrics per slice, per case and per model",
-    inputs: &["normalise"],
+    about: "per-case metrics on the original grid, per slice and per model",
+    inputs: &["ingest", "normalise"],
     optional_inputs: &["split", "train", "baseline"],
-    collects: &["normalise"],
+    collects: &["ingest", "normalise"],
     per_dataset: false,
-    outputs: &["table1.parquet", "per_case.parquet", "per_slice.parquet", "predictions/", "examples.parquet", "gradcam/", "external/?"],
+    dataset_requires: &[],
+    outputs: &["table1.parquet", "per_case.parquet", "per_slice.parquet", "predictions/", "examples.parquet", "examples/", "external/?"],
     params: EvaluateParams::SPECS,
     placement: Placement::Worker,
 };
@@ -65,7 +81,13 @@ impl Stage for Evaluate {
     fn check(&self, params: &Params) -> Result<()> {
         let p: EvaluateParams = params.typed()?;
         if p.batch_size == 0 {
-            anyhow::bail!("batch_size must be ≥ 1");
+            anyhow::bail!("batch_size must be at least 1");
+        }
+        if p.bootstrap < 100 {
+            anyhow::bail!("bootstrap must be at least 100 resamples (got {}); a percentile CI from fewer is noise", p.bootstrap);
+        }
+        if p.models.len() != p.models_blake3.len() {
+            anyhow::bail!("models and models_blake3 must list the same number of entries");
         }
         Ok(())
     }
@@ -80,291 +102,383 @@ impl Stage for Evaluate {
 
 #[cfg(feature = "torch")]
 pub mod measure {
-    //! Predict the held-out split with every upstream model and measure it
-    //! per slice, per case and overall.
+    //! Segment every case with every model and score it on its own grid.
 
-    use super::{EvalSplit, EvaluateParams};
-    use crate::normalise::NormalisedSet;
+    use super::{EvalSplit, EvaluateParams, MIN_CASES_FOR_CI};
+    use crate::ingest::IngestedCases;
+    use crate::normalise::{model_input, model_mask, NormaliseParams, NormalisedSet};
     use crate::split::{Part, SplitAssignment};
     use crate::train::ModelCard;
-    use anyhow::{anyhow, bail, Result};
+    use anyhow::{anyhow, bail, Context, Result};
     use liverseg_engine::stage::{StageContext, Summary};
+    use liverseg_engine::store::{read_manifest, Manifest, MANIFEST};
     use liverseg_engine::tables::write_parquet;
     use liverseg_engine::tensors::{write_safetensors, NamedTensor};
-    use liverseg_metrics::{bootstrap_ci, percentile, surface_distances, Confusion};
+    use liverseg_imaging::pack_mask_rows;
+    use liverseg_metrics::{bootstrap_ci, nan_mean, score_case as score_case_metrics, CaseGeometry, Confusion, Hd95, Hd95Rule};
     use liverseg_model::{device_for, fit, weights, ModelSpec, SegmentationModel};
     use polars::prelude::{Column, DataFrame};
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::path::{Path, PathBuf};
     use tch::nn;
 
-    pub struct ModelResult {
-        pub name: String,
-        pub card: ModelCard,
-        pub loss: f64,
-        pub overall: Confusion,
-        pub per_slice: Vec<Confusion>,
-        pub predictions: Vec<u8>,
-    }
-
-    /// A trained model, loaded once: its card and network.
+    /// A trained model, loaded once: its card, network and the manifest of
+    /// the artifact it came from (how it was trained), where there is one.
     pub struct Loaded {
         pub name: String,
         pub card: ModelCard,
         pub net: SegmentationModel,
+        pub manifest: Option<Manifest>,
         /// Owns the weights `net` uses.
         _vs: nn::VarStore,
     }
 
-    /// Load the trained model in `dir` (model.json and model.safetensors).
+    /// Load the trained model in `dir` (model.safetensors and its card).
     pub fn load_model(name: &str, dir: &Path, device: tch::Device) -> Result<Loaded> {
         let card = ModelCard::read(dir)?;
         let mut vs = nn::VarStore::new(device);
         let net = SegmentationModel::new(&vs.root(), &ModelSpec::from(&card.spec))?;
         weights::load(&mut vs, &dir.join("model.safetensors"), true)?;
-        Ok(Loaded { name: name.to_owned(), card, net, _vs: vs })
+        let manifest = read_manifest(&dir.join(MANIFEST)).ok();
+        Ok(Loaded { name: name.to_owned(), card, net, manifest, _vs: vs })
     }
 
     impl Loaded {
         /// Predict `images` ([n, size, size] u8) at the model's size; returns
-        /// the masks and the mean cross-entropy against `masks`.
-        pub fn predict(&self, images: &[u8], masks: Option<&[u8]>, n: usize, size: usize, batch: usize, device: tch::Device) -> Result<(Vec<u8>, f64)> {
+        /// the masks on the model's grid.
+        pub fn predict(&self, images: &[u8], n: usize, size: usize, batch: usize, device: tch::Device) -> Result<Vec<u8>> {
             if self.card.size as usize != size {
                 bail!("model {} was trained at {}×{}, data is {size}×{size}", self.name, self.card.size, self.card.size);
             }
-            fit::predict_u8(&self.net, images, masks, n, size, batch, device)
+            Ok(fit::predict_u8(&self.net, images, None, n, size, batch, device)?.0)
         }
+
+        /// The model's preprocessing must be the data's, and so must its unit.
+        fn check_fits(&self, data: &NormaliseParams, unit: &str, label: &str) -> Result<()> {
+            let c = &self.card;
+            if data.window != c.window || data.minmax_8bit != c.minmax_8bit || data.size as i64 != c.size {
+                bail!("{label}: model {} was trained on {}² slices with window {:?} (min-max {}), but these are normalised to {}² with window {:?} (min-max {})", self.name, c.size, c.window, c.minmax_8bit, data.size, data.window, data.minmax_8bit);
+            }
+            if unit != c.unit {
+                bail!("{label}: model {} was trained on {} input, these cases are {unit}", self.name, c.unit);
+            }
+            Ok(())
+        }
+    }
+
+    /// One dataset to score: its ingested cases, the preprocessing, which
+    /// cases, and where its tables go.
+    struct Dataset {
+        label: String,
+        cases: IngestedCases,
+        params: NormaliseParams,
+        selected: Vec<usize>,
+        out: PathBuf,
+        prefix: String,
+        /// `mm` when every selected case has its spacing, else `px`.
+        unit: &'static str,
+        provenance: Vec<(String, String)>,
+    }
+
+    impl Dataset {
+        fn new(ctx: &StageContext, label: String, ingest: &liverseg_engine::store::Artifact, norm: &NormalisedSet, wanted: Option<BTreeSet<String>>, out: PathBuf, prefix: String) -> Result<Self> {
+            let cases = IngestedCases::open(ingest)?;
+            let selected: Vec<usize> = (0..cases.groups.len()).filter(|&g| wanted.as_ref().is_none_or(|w| w.contains(&cases.groups[g].0))).collect();
+            if selected.is_empty() {
+                bail!("{label}: no case to evaluate");
+            }
+            let unit = if selected.iter().all(|&g| cases.spacing(g).iter().all(|v| v.is_finite())) { "mm" } else { "px" };
+            Ok(Dataset { label, cases, params: norm.params.clone(), selected, out, prefix, unit, provenance: ctx.provenance() })
+        }
+
+        /// The cases' intensity unit (`HU`, `8bit` or `mixed`).
+        fn intensity_unit(&self) -> &str {
+            let units: BTreeSet<&str> = self.selected.iter().filter_map(|&g| self.cases.unit(g)).collect();
+            match units.len() {
+                1 => units.into_iter().next().unwrap_or("none"),
+                _ => "mixed",
+            }
+        }
+    }
+
+    /// A case as the models see it and as it is scored.
+    struct CaseInput {
+        id: String,
+        n: usize,
+        h: usize,
+        w: usize,
+        /// [n, S, S] model inputs and masks (what normalise would write).
+        images: Vec<u8>,
+        grid_masks: Vec<u8>,
+        /// [n, h, w] truth on the original grid.
+        masks: Vec<u8>,
+        /// (slice, row, col) spacing in mm, or 1 px each.
+        spacing: [f64; 3],
+        /// A contiguous volume (HU, spacing known): scored in 3D.
+        volume: bool,
+        slice_index: Vec<i64>,
+    }
+
+    fn case_input(ds: &Dataset, g: usize) -> Result<CaseInput> {
+        let (cases, p) = (&ds.cases, &ds.params);
+        let tf = cases.open_case(g)?;
+        let view = cases.view(&tf, g)?;
+        let (size, plane) = (p.size, p.size * p.size);
+        let hu = cases.unit(g) == Some("HU");
+        let window = p.window()?;
+        let (mut images, mut grid_masks, mut masks) = (vec![0u8; view.n * plane], vec![0u8; view.n * plane], Vec::with_capacity(view.n * view.h * view.w));
+        let mut full = Vec::new();
+        for k in 0..view.n {
+            model_input(&view, k, hu, p.minmax_8bit, window, &mut images[k * plane..(k + 1) * plane]);
+            model_mask(&view, k, &mut full, &mut grid_masks[k * plane..(k + 1) * plane]);
+            masks.extend_from_slice(&full);
+        }
+        debug_assert_eq!(size * size, plane);
+        let [sr, sc, ss] = cases.spacing(g);
+        let known = ds.unit == "mm";
+        let spacing = if known { [if ss.is_finite() { ss } else { 1.0 }, sr, sc] } else { [1.0; 3] };
+        Ok(CaseInput { id: cases.groups[g].0.clone(), n: view.n, h: view.h, w: view.w, images, grid_masks, masks, spacing, volume: known && hu && ss.is_finite(), slice_index: cases.slice_indices(g) })
+    }
+
+    /// One model's scores on one case.
+    struct CaseScore {
+        case: String,
+        slice_index: Vec<i64>,
+        per_slice: Vec<Confusion>,
+        confusion: Confusion,
+        hd95: Hd95,
+        /// Liver volume predicted and true: ml when the spacing is known, else pixels.
+        volume_pred: f64,
+        volume_true: f64,
+        loss_sum: f64,
+    }
+
+    fn score_case(model: &Loaded, input: &CaseInput, ds: &Dataset, batch: usize, device: tch::Device) -> Result<(CaseScore, Vec<u8>)> {
+        let size = ds.params.size;
+        let seg = fit::segment(&model.net, &input.images, &input.grid_masks, input.n, size, (input.h, input.w), batch, device)?;
+        let geometry = if input.volume { CaseGeometry::Volume(input.spacing) } else { CaseGeometry::Slices((input.spacing[1], input.spacing[2])) };
+        let voxel = if ds.unit == "mm" { input.spacing.iter().product::<f64>() / 1000.0 } else { 1.0 };
+        let m = score_case_metrics(&seg.full, &input.masks, [input.n, input.h, input.w], geometry, voxel);
+        let score = CaseScore { case: input.id.clone(), slice_index: input.slice_index.clone(), per_slice: m.per_slice, confusion: m.confusion, hd95: m.hd95, volume_pred: m.volume_pred, volume_true: m.volume_true, loss_sum: seg.loss_sum };
+        write_prediction(ds, &model.name, input, &seg.full)?;
+        Ok((score, seg.grid))
+    }
+
+    /// The case's mask on its original grid, as bits (ingest's layout).
+    fn write_prediction(ds: &Dataset, model: &str, input: &CaseInput, full: &[u8]) -> Result<()> {
+        let dir = ds.out.join("predictions").join(model);
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let bits = NamedTensor::u8("mask_bits", vec![input.n, input.h, input.w.div_ceil(8)], pack_mask_rows(full, input.w));
+        write_safetensors(&dir.join(format!("{}.safetensors", input.id)), &[bits], &ds.provenance)
+    }
+
+    /// Everything Table 1 says of one model on one dataset.
+    struct ModelScores {
+        cases: Vec<CaseScore>,
+    }
+
+    impl ModelScores {
+        fn overall(&self) -> Confusion {
+            let mut c = Confusion::default();
+            self.cases.iter().for_each(|s| c.add(&s.confusion));
+            c
+        }
+
+        fn slices(&self) -> usize {
+            self.cases.iter().map(|c| c.per_slice.len()).sum()
+        }
+
+        fn row(&self, model: &Loaded, p: &EvaluateParams) -> BTreeMap<&'static str, serde_json::Value> {
+            let o = self.overall();
+            let case_dice: Vec<f64> = self.cases.iter().map(|c| c.confusion.dice()).filter(|d| d.is_finite()).collect();
+            let slice_dice: Vec<f64> = self.cases.iter().flat_map(|c| c.per_slice.iter().map(Confusion::dice)).collect();
+            let hd: Vec<f64> = self.cases.iter().map(|c| c.hd95.value).collect();
+            let (lo, hi) = if case_dice.len() >= MIN_CASES_FOR_CI { bootstrap_ci(&case_dice, p.bootstrap, p.seed) } else { (f64::NAN, f64::NAN) };
+            let trained = model.manifest.as_ref().map(|m| &m.metrics);
+            let got = |k: &str| trained.and_then(|m| m.get(k)).cloned().unwrap_or(serde_json::Value::Null);
+            let mut row: BTreeMap<&'static str, serde_json::Value> = BTreeMap::new();
+            row.insert("model", model.name.clone().into());
+            row.insert("arch", model.card.spec.arch.name().into());
+            row.insert("cases", self.cases.len().into());
+            row.insert("slices", self.slices().into());
+            row.insert("miou", jf(o.miou()));
+            row.insert("pixel_accuracy", jf(o.pixel_accuracy()));
+            row.insert("loss", jf(self.cases.iter().map(|c| c.loss_sum).sum::<f64>() / self.slices().max(1) as f64));
+            row.insert("liver_iou", jf(o.liver_iou()));
+            row.insert("dice_global", jf(o.dice()));
+            row.insert("dice_per_slice", jf(nan_mean(&slice_dice)));
+            row.insert("slices_both_empty", slice_dice.iter().filter(|d| d.is_nan()).count().into());
+            row.insert("dice_per_case", jf(nan_mean(&case_dice)));
+            row.insert("dice_per_case_ci_low", jf(lo));
+            row.insert("dice_per_case_ci_high", jf(hi));
+            row.insert("precision", jf(o.precision()));
+            row.insert("recall", jf(o.recall()));
+            row.insert("hd95_mean", jf(nan_mean(&hd)));
+            row.insert("hd95_one_empty_cases", self.cases.iter().filter(|c| c.hd95.rule == Hd95Rule::OneEmpty).count().into());
+            row.insert("parameters", model.card.parameters.into());
+            row.insert("train_loss", got("train_loss"));
+            row.insert("epochs_run", got("epochs_run"));
+            row.insert("stop_reason", got("stop_reason"));
+            row.insert("params_used", used_params(model).into());
+            row
+        }
+    }
+
+    /// The training params that matter for a comparison, as they ran.
+    fn used_params(model: &Loaded) -> String {
+        let Some(m) = &model.manifest else { return String::new() };
+        let p = m.effective_params.as_ref().unwrap_or(&m.params);
+        let pick: serde_json::Map<String, serde_json::Value> = ["lr", "batch_size", "optimizer", "weight_decay", "loss", "epochs"].iter().filter_map(|k| p.get(*k).map(|v| (k.to_string(), v.clone()))).collect();
+        serde_json::Value::Object(pick).to_string()
     }
 
     fn jf(v: f64) -> serde_json::Value {
         serde_json::Number::from_f64(v).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null)
     }
 
-    /// Slices to evaluate, with what per-case and HD95 need.
-    struct EvalSet {
-        images: Vec<u8>,
-        masks: Vec<u8>,
-        /// Case id and normalise row of each slice.
-        cases: Vec<String>,
-        rows: Vec<usize>,
-        /// mm per pixel at this resolution, where the source spacing is known.
-        mm: Vec<Option<f64>>,
-        size: usize,
-        /// The normalise params the slices went through (window, ...).
-        window: Vec<f64>,
-        minmax_8bit: bool,
-    }
-
-    impl EvalSet {
-        fn len(&self) -> usize {
-            self.rows.len()
+    /// Every model on every selected case of `ds`: tables, predictions and summary.
+    fn evaluate_dataset(ctx: &StageContext, ds: &Dataset, models: &[Loaded], p: &EvaluateParams, device: tch::Device, summary: &mut Summary) -> Result<Vec<ModelScores>> {
+        let unit = ds.intensity_unit();
+        for m in models {
+            m.check_fits(&ds.params, unit, &ds.label)?;
         }
-
-        /// The slices of `norm` in split `which` (`all`: every slice).
-        fn new(norm: &NormalisedSet, split: Option<&SplitAssignment>, which: EvalSplit) -> Result<EvalSet> {
-            let rows: Vec<usize> = match (which, split) {
-                (EvalSplit::All, _) => (0..norm.n).collect(),
-                (EvalSplit::Test, Some(s)) => s.rows(Part::Test),
-                (EvalSplit::Val, Some(s)) => s.rows(Part::Val),
-                (_, None) => Vec::new(),
-            };
-            if rows.is_empty() {
-                bail!("{}@{}: the {which} split is empty", norm.stage, norm.key);
+        let mut scores: Vec<ModelScores> = models.iter().map(|_| ModelScores { cases: Vec::new() }).collect();
+        let bar = liverseg_engine::progress::bar(ds.selected.len() as u64, &format!("evaluate {}", ds.label), ctx.show_progress);
+        for &g in &ds.selected {
+            let input = case_input(ds, g)?;
+            for (m, s) in models.iter().zip(scores.iter_mut()) {
+                s.cases.push(score_case(m, &input, ds, p.batch_size, device)?.0);
             }
-            let size = norm.size;
-            let (images, masks) = norm.select(&rows);
-            let mm = rows.iter().map(|&i| (norm.spacing_row_mm[i].is_finite() && norm.src_rows[i] > 0).then(|| norm.spacing_row_mm[i] * norm.src_rows[i] as f64 / size as f64)).collect();
-            Ok(EvalSet { images, masks, cases: rows.iter().map(|&i| norm.case_id[i].clone()).collect(), mm, rows, size, window: norm.params.window.clone(), minmax_8bit: norm.params.minmax_8bit })
+            bar.inc(1);
         }
-    }
-
-    /// One model's measurements on one set.
-    struct Measured {
-        row: BTreeMap<&'static str, serde_json::Value>,
-        /// (case, confusion, HD95, slices), cases sorted.
-        per_case: Vec<(String, Confusion, Option<f64>, u64)>,
-    }
-
-    fn per_case(set: &EvalSet, r: &ModelResult) -> Vec<(String, Confusion, Option<f64>, u64)> {
-        let (size, px) = (set.size, set.size * set.size);
-        let mut by_case: BTreeMap<&str, (Confusion, Vec<f64>, bool, u64)> = BTreeMap::new();
-        for k in 0..set.len() {
-            let e = by_case.entry(set.cases[k].as_str()).or_insert((Confusion::default(), Vec::new(), true, 0));
-            e.0.add(&r.per_slice[k]);
-            e.3 += 1;
-            let sp = set.mm[k].unwrap_or(1.0);
-            match surface_distances(&r.predictions[k * px..(k + 1) * px], &set.masks[k * px..(k + 1) * px], size, size, (sp, sp)) {
-                Some(d) => e.1.extend(d),
-                None => e.2 = false,
-            }
-        }
-        by_case
-            .into_iter()
-            .map(|(c, (conf, dists, defined, slices))| (c.to_owned(), conf, defined.then(|| if dists.is_empty() { 0.0 } else { percentile(&dists, 95.0) }), slices))
-            .collect()
-    }
-
-    fn measure(set: &EvalSet, r: &ModelResult, bootstrap: usize, seed: u64) -> Measured {
-        let per_case = per_case(set, r);
-        let case_dice: Vec<f64> = per_case.iter().map(|c| c.1.dice()).collect();
-        let case_hd: Vec<f64> = per_case.iter().filter_map(|c| c.2).collect();
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-        let (lo, hi) = bootstrap_ci(&case_dice, bootstrap, seed);
-        let slice_dice: Vec<f64> = r.per_slice.iter().map(Confusion::dice).collect();
-        let o = &r.overall;
-        let mut row: BTreeMap<&'static str, serde_json::Value> = BTreeMap::new();
-        row.insert("model", r.name.clone().into());
-        row.insert("arch", r.card.spec.arch.name().into());
-        row.insert("miou", jf(o.miou()));
-        row.insert("pixel_accuracy", jf(o.pixel_accuracy()));
-        row.insert("loss", jf(r.loss));
-        row.insert("liver_iou", jf(o.liver_iou()));
-        row.insert("dice_global", jf(o.dice()));
-        row.insert("dice_per_slice", jf(mean(&slice_dice)));
-        row.insert("dice_per_case", jf(mean(&case_dice)));
-        row.insert("dice_per_case_ci_low", jf(lo));
-        row.insert("dice_per_case_ci_high", jf(hi));
-        row.insert("precision", jf(o.precision()));
-        row.insert("recall", jf(o.recall()));
-        row.insert("hd95_mean", jf(if case_hd.is_empty() { f64::NAN } else { mean(&case_hd) }));
-        row.insert("parameters", r.card.parameters.into());
-        Measured { row, per_case }
-    }
-
-    /// Predict `set` with `model` after checking that the slices went through
-    /// the model's own preprocessing.
-    fn predict_set(set: &EvalSet, model: &Loaded, label: &str, p: &EvaluateParams, device: tch::Device) -> Result<ModelResult> {
-        let (name, card) = (&model.name, &model.card);
-        if set.window != card.window || set.minmax_8bit != card.minmax_8bit {
-            bail!("{label}: model {name} was trained with window {:?} (min-max {}), but these slices were normalised with window {:?} (min-max {})", card.window, card.minmax_8bit, set.window, set.minmax_8bit);
-        }
-        let px = set.size * set.size;
-        let (pred, loss) = model.predict(&set.images, Some(&set.masks), set.len(), set.size, p.batch_size, device)?;
-        let per_slice: Vec<Confusion> = (0..set.len()).map(|k| Confusion::from_masks(&pred[k * px..(k + 1) * px], &set.masks[k * px..(k + 1) * px])).collect();
-        let mut overall = Confusion::default();
-        per_slice.iter().for_each(|c| overall.add(c));
-        Ok(ModelResult { name: name.clone(), card: card.clone(), loss, overall, per_slice, predictions: pred })
-    }
-
-    fn say(set: &EvalSet, label: &str, name: &str, m: &Measured, unit: &str) {
-        let g = |k: &str| m.row[k].as_f64().unwrap_or(f64::NAN);
-        eprintln!(
-            "{label} {name}: Dice per case {:.4} [{:.4}, {:.4}], global {:.4}, mIoU {:.4}, liver IoU {:.4}, PA {:.4}, HD95 {:.2} {unit} ({} cases, {} slices)",
-            g("dice_per_case"), g("dice_per_case_ci_low"), g("dice_per_case_ci_high"), g("dice_global"), g("miou"), g("liver_iou"), g("pixel_accuracy"), g("hd95_mean"), m.per_case.len(), set.len()
-        );
-    }
-
-    /// Every model on `set`: table1, per_case and per_slice Parquet and the
-    /// predictions under `out` (the artifact folder, or external/NAME in it).
-    fn evaluate_models(ctx: &StageContext, set: &EvalSet, models: &[Loaded], out: &Path, label: &str, summary_prefix: &str, summary: &mut Summary) -> Result<Vec<(ModelResult, Measured)>> {
-        let p: EvaluateParams = ctx.params.typed()?;
-        let device = device_for(p.device)?;
-        let unit = if set.mm.iter().all(Option::is_some) { "mm" } else { "px" };
-        let mut done = Vec::new();
-        for model in models {
-            let r = predict_set(set, model, label, &p, device)?;
-            let m = measure(set, &r, p.bootstrap, p.seed);
-            for (k, v) in &m.row {
-                if *k != "model" && *k != "arch" {
-                    summary.insert(format!("{summary_prefix}{}.{k}", model.name), v.clone());
+        bar.finish_and_clear();
+        let rows: Vec<BTreeMap<&str, serde_json::Value>> = models.iter().zip(&scores).map(|(m, s)| s.row(m, p)).collect();
+        for row in &rows {
+            let name = row["model"].as_str().unwrap_or_default();
+            for (k, v) in row {
+                if !matches!(*k, "model" | "arch" | "params_used") {
+                    summary.insert(format!("{}{name}.{k}", ds.prefix), v.clone());
                 }
             }
             if ctx.show_progress {
-                say(set, label, &model.name, &m, unit);
+                say(ds, row);
             }
-            done.push((r, m));
         }
-        write_tables(ctx, set, &done, out, unit)?;
-        summary.insert(format!("{summary_prefix}cases"), done.first().map(|d| d.1.per_case.len()).unwrap_or(0).into());
-        summary.insert(format!("{summary_prefix}slices"), set.len().into());
-        summary.insert(format!("{summary_prefix}hd95_unit"), unit.into());
-        Ok(done)
+        write_table1(ctx, &ds.out, &rows)?;
+        write_per_case(ctx, ds, models, &scores)?;
+        write_per_slice(ctx, &ds.out, models, &scores)?;
+        summary.insert(format!("{}cases", ds.prefix), ds.selected.len().into());
+        summary.insert(format!("{}slices", ds.prefix), scores.first().map(ModelScores::slices).unwrap_or(0).into());
+        summary.insert(format!("{}hd95_unit", ds.prefix), ds.unit.into());
+        Ok(scores)
     }
 
-    fn write_tables(ctx: &StageContext, set: &EvalSet, done: &[(ModelResult, Measured)], out: &Path, unit: &str) -> Result<()> {
-        std::fs::create_dir_all(out.join("predictions"))?;
-        for (r, _) in done {
-            write_safetensors(&out.join(format!("predictions/{}.safetensors", r.name)), &[NamedTensor::u8("predictions", vec![set.len(), set.size, set.size], r.predictions.clone())], &ctx.provenance())?;
-        }
-        write_table1(ctx, done, out)?;
-        let pc: Vec<(&str, &(String, Confusion, Option<f64>, u64))> = done.iter().flat_map(|(r, m)| m.per_case.iter().map(move |c| (r.name.as_str(), c))).collect();
-        let mut per_case = DataFrame::new_infer_height(vec![
-            Column::new("model".into(), pc.iter().map(|r| r.0.to_owned()).collect::<Vec<_>>()),
-            Column::new("case_id".into(), pc.iter().map(|r| r.1 .0.clone()).collect::<Vec<_>>()),
-            Column::new("slices".into(), pc.iter().map(|r| r.1 .3).collect::<Vec<_>>()),
-            Column::new("dice".into(), pc.iter().map(|r| r.1 .1.dice()).collect::<Vec<_>>()),
-            Column::new("liver_iou".into(), pc.iter().map(|r| r.1 .1.liver_iou()).collect::<Vec<_>>()),
-            Column::new("precision".into(), pc.iter().map(|r| r.1 .1.precision()).collect::<Vec<_>>()),
-            Column::new("recall".into(), pc.iter().map(|r| r.1 .1.recall()).collect::<Vec<_>>()),
-            Column::new(format!("hd95_{unit}").into(), pc.iter().map(|r| r.1 .2).collect::<Vec<Option<f64>>>()),
-        ])?;
-        write_parquet(&out.join("per_case.parquet"), &mut per_case, &ctx.provenance())?;
-        let ps: Vec<(&str, usize, &Confusion)> = done.iter().flat_map(|(r, _)| r.per_slice.iter().enumerate().map(move |(k, c)| (r.name.as_str(), k, c))).collect();
-        let mut per_slice = DataFrame::new_infer_height(vec![
-            Column::new("model".into(), ps.iter().map(|r| r.0.to_owned()).collect::<Vec<_>>()),
-            Column::new("idx".into(), ps.iter().map(|r| set.rows[r.1] as u64).collect::<Vec<_>>()),
-            Column::new("case_id".into(), ps.iter().map(|r| set.cases[r.1].clone()).collect::<Vec<_>>()),
-            Column::new("dice".into(), ps.iter().map(|r| r.2.dice()).collect::<Vec<_>>()),
-            Column::new("liver_iou".into(), ps.iter().map(|r| r.2.liver_iou()).collect::<Vec<_>>()),
-            Column::new("tp".into(), ps.iter().map(|r| r.2.tp).collect::<Vec<_>>()),
-            Column::new("fp".into(), ps.iter().map(|r| r.2.fp).collect::<Vec<_>>()),
-            Column::new("fn".into(), ps.iter().map(|r| r.2.fn_).collect::<Vec<_>>()),
-        ])?;
-        write_parquet(&out.join("per_slice.parquet"), &mut per_slice, &ctx.provenance())
+    fn say(ds: &Dataset, row: &BTreeMap<&str, serde_json::Value>) {
+        let g = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
+        let ci = if g("dice_per_case_ci_low").is_finite() { format!(" [{:.4}, {:.4}]", g("dice_per_case_ci_low"), g("dice_per_case_ci_high")) } else { String::new() };
+        eprintln!(
+            "{} {}: Dice per case {:.4}{ci} (n = {}), global {:.4}, mIoU {:.4}, liver IoU {:.4}, PA {:.4}, HD95 {:.2} {}",
+            ds.label, row["model"].as_str().unwrap_or(""), g("dice_per_case"), row["cases"], g("dice_global"), g("miou"), g("liver_iou"), g("pixel_accuracy"), g("hd95_mean"), ds.unit
+        );
     }
 
-    fn write_table1(ctx: &StageContext, done: &[(ModelResult, Measured)], out: &Path) -> Result<()> {
-        let t1: Vec<&BTreeMap<&str, serde_json::Value>> = done.iter().map(|(_, m)| &m.row).collect();
-        let f = |k: &str| -> Column { Column::new(k.into(), t1.iter().map(|r| r[k].as_f64().unwrap_or(f64::NAN)).collect::<Vec<f64>>()) };
-        let s = |k: &str| -> Column { Column::new(k.into(), t1.iter().map(|r| r[k].as_str().unwrap_or("").to_owned()).collect::<Vec<_>>()) };
+    fn write_table1(ctx: &StageContext, out: &Path, rows: &[BTreeMap<&str, serde_json::Value>]) -> Result<()> {
+        let f = |k: &str| -> Column { Column::new(k.into(), rows.iter().map(|r| r[k].as_f64().unwrap_or(f64::NAN)).collect::<Vec<f64>>()) };
+        let s = |k: &str| -> Column { Column::new(k.into(), rows.iter().map(|r| r[k].as_str().map(str::to_owned)).collect::<Vec<Option<String>>>()) };
+        let i = |k: &str| -> Column { Column::new(k.into(), rows.iter().map(|r| r[k].as_i64()).collect::<Vec<Option<i64>>>()) };
         let mut table1 = DataFrame::new_infer_height(vec![
-            s("model"), s("arch"),
-            f("miou"), f("pixel_accuracy"), f("loss"), f("liver_iou"), f("dice_global"), f("dice_per_slice"), f("dice_per_case"),
-            f("dice_per_case_ci_low"), f("dice_per_case_ci_high"), f("precision"), f("recall"), f("hd95_mean"),
-            Column::new("parameters".into(), t1.iter().map(|r| r["parameters"].as_i64().unwrap_or(0)).collect::<Vec<_>>()),
+            s("model"), s("arch"), i("cases"), i("slices"),
+            f("miou"), f("pixel_accuracy"), f("loss"), f("liver_iou"), f("dice_global"), f("dice_per_slice"), i("slices_both_empty"), f("dice_per_case"),
+            f("dice_per_case_ci_low"), f("dice_per_case_ci_high"), f("precision"), f("recall"), f("hd95_mean"), i("hd95_one_empty_cases"),
+            i("parameters"), f("train_loss"), i("epochs_run"), s("stop_reason"), s("params_used"),
         ])?;
         write_parquet(&out.join("table1.parquet"), &mut table1, &ctx.provenance())
     }
 
-    /// The report's qualitative figure: for each model its best, median and worst
-    /// case by Dice, the slice with the most liver of each, and a liver Grad-CAM
-    /// map of that slice (examples.parquet, gradcam/<model>.safetensors).
-    fn examples(ctx: &StageContext, set: &EvalSet, models: &[Loaded], done: &[(ModelResult, Measured)], device: tch::Device) -> Result<()> {
-        let (size, px) = (set.size, set.size * set.size);
-        let mut rows: Vec<(String, &str, String, f64, usize, usize)> = Vec::new();
-        std::fs::create_dir_all(ctx.out("gradcam"))?;
-        for (model, (_, m)) in models.iter().zip(done) {
-            let mut images = Vec::new();
-            for (label, case, dice) in picks(m) {
-                let liver = |k: usize| set.masks[k * px..(k + 1) * px].iter().map(|&v| v as u64).sum::<u64>();
+    fn write_per_case(ctx: &StageContext, ds: &Dataset, models: &[Loaded], scores: &[ModelScores]) -> Result<()> {
+        let rows: Vec<(&str, &CaseScore)> = models.iter().zip(scores).flat_map(|(m, s)| s.cases.iter().map(move |c| (m.name.as_str(), c))).collect();
+        let vol = if ds.unit == "mm" { "ml" } else { "px" };
+        let rule = |h: &Hd95| match h.rule {
+            Hd95Rule::Measured => "measured",
+            Hd95Rule::OneEmpty => "one_empty",
+            Hd95Rule::BothEmpty => "both_empty",
+        };
+        let mut df = DataFrame::new_infer_height(vec![
+            Column::new("model".into(), rows.iter().map(|r| r.0.to_owned()).collect::<Vec<_>>()),
+            Column::new("case_id".into(), rows.iter().map(|r| r.1.case.clone()).collect::<Vec<_>>()),
+            Column::new("slices".into(), rows.iter().map(|r| r.1.per_slice.len() as u64).collect::<Vec<_>>()),
+            Column::new("dice".into(), rows.iter().map(|r| r.1.confusion.dice()).collect::<Vec<_>>()),
+            Column::new("liver_iou".into(), rows.iter().map(|r| r.1.confusion.liver_iou()).collect::<Vec<_>>()),
+            Column::new("precision".into(), rows.iter().map(|r| r.1.confusion.precision()).collect::<Vec<_>>()),
+            Column::new("recall".into(), rows.iter().map(|r| r.1.confusion.recall()).collect::<Vec<_>>()),
+            Column::new(format!("hd95_{}", ds.unit).into(), rows.iter().map(|r| r.1.hd95.value).collect::<Vec<_>>()),
+            Column::new("hd95_rule".into(), rows.iter().map(|r| rule(&r.1.hd95)).collect::<Vec<_>>()),
+            Column::new(format!("volume_pred_{vol}").into(), rows.iter().map(|r| r.1.volume_pred).collect::<Vec<_>>()),
+            Column::new(format!("volume_true_{vol}").into(), rows.iter().map(|r| r.1.volume_true).collect::<Vec<_>>()),
+            Column::new(format!("volume_diff_{vol}").into(), rows.iter().map(|r| r.1.volume_pred - r.1.volume_true).collect::<Vec<_>>()),
+        ])?;
+        write_parquet(&ds.out.join("per_case.parquet"), &mut df, &ctx.provenance())
+    }
+
+    fn write_per_slice(ctx: &StageContext, out: &Path, models: &[Loaded], scores: &[ModelScores]) -> Result<()> {
+        let rows: Vec<(&str, &CaseScore, usize)> = models.iter().zip(scores).flat_map(|(m, s)| s.cases.iter().flat_map(move |c| (0..c.per_slice.len()).map(move |k| (m.name.as_str(), c, k)))).collect();
+        let conf = |r: &(&str, &CaseScore, usize)| r.1.per_slice[r.2];
+        let mut df = DataFrame::new_infer_height(vec![
+            Column::new("model".into(), rows.iter().map(|r| r.0.to_owned()).collect::<Vec<_>>()),
+            Column::new("case_id".into(), rows.iter().map(|r| r.1.case.clone()).collect::<Vec<_>>()),
+            Column::new("slice_index".into(), rows.iter().map(|r| r.1.slice_index.get(r.2).copied().unwrap_or(-1)).collect::<Vec<_>>()),
+            Column::new("dice".into(), rows.iter().map(|r| conf(r).dice()).collect::<Vec<_>>()),
+            Column::new("liver_iou".into(), rows.iter().map(|r| conf(r).liver_iou()).collect::<Vec<_>>()),
+            Column::new("both_empty".into(), rows.iter().map(|r| conf(r).both_empty()).collect::<Vec<_>>()),
+            Column::new("tp".into(), rows.iter().map(|r| conf(r).tp).collect::<Vec<_>>()),
+            Column::new("fp".into(), rows.iter().map(|r| conf(r).fp).collect::<Vec<_>>()),
+            Column::new("fn".into(), rows.iter().map(|r| conf(r).fn_).collect::<Vec<_>>()),
+            Column::new("tn".into(), rows.iter().map(|r| conf(r).tn).collect::<Vec<_>>()),
+        ])?;
+        write_parquet(&out.join("per_slice.parquet"), &mut df, &ctx.provenance())
+    }
+
+    /// The report's qualitative figure: for each model its best, median and
+    /// worst case by Dice, the slice with the most liver of each, on the
+    /// model's grid: image, truth, prediction and a liver Grad-CAM map.
+    fn examples(ctx: &StageContext, ds: &Dataset, models: &[Loaded], scores: &[ModelScores], p: &EvaluateParams, device: tch::Device) -> Result<()> {
+        let size = ds.params.size;
+        let plane = size * size;
+        let mut rows: Vec<(String, &str, String, i64, f64)> = Vec::new();
+        std::fs::create_dir_all(ctx.out("examples"))?;
+        for (model, s) in models.iter().zip(scores) {
+            let mut t: [Vec<u8>; 4] = Default::default();
+            for (label, case, dice) in picks(s) {
+                let g = ds.selected.iter().copied().find(|&g| ds.cases.groups[g].0 == case).ok_or_else(|| anyhow!("case {case} vanished"))?;
+                let input = case_input(ds, g)?;
                 // Most liver; the first such slice on ties.
-                let k = (0..set.len()).filter(|&k| set.cases[k] == case).fold(None, |best: Option<usize>, k| match best {
-                    Some(b) if liver(b) >= liver(k) => Some(b),
-                    _ => Some(k),
-                });
-                let Some(k) = k else { continue };
-                images.extend_from_slice(&set.images[k * px..(k + 1) * px]);
-                rows.push((model.name.clone(), label, case.to_owned(), dice, set.rows[k], k));
+                let liver = |k: usize| input.grid_masks[k * plane..(k + 1) * plane].iter().map(|&v| v as u64).sum::<u64>();
+                let k = (0..input.n).fold(0, |best, k| if liver(k) > liver(best) { k } else { best });
+                let image = &input.images[k * plane..(k + 1) * plane];
+                t[0].extend_from_slice(image);
+                t[1].extend_from_slice(&input.grid_masks[k * plane..(k + 1) * plane]);
+                t[2].extend(model.predict(image, 1, size, p.batch_size, device)?);
+                t[3].extend(fit::grad_cam_u8(&model.net, image, 1, size, device)?);
+                rows.push((model.name.clone(), label, case.to_owned(), input.slice_index.get(k).copied().unwrap_or(-1), dice));
             }
-            let n = images.len() / px;
-            let cams = fit::grad_cam_u8(&model.net, &images, n, size, device)?;
-            write_safetensors(&ctx.out(&format!("gradcam/{}.safetensors", model.name)), &[NamedTensor::u8("gradcam", vec![n, size, size], cams)], &ctx.provenance())?;
+            let n = t[0].len() / plane;
+            let named: Vec<NamedTensor> = ["image", "truth", "prediction", "gradcam"].iter().zip(t).map(|(name, data)| NamedTensor::u8(name, vec![n, size, size], data)).collect();
+            write_safetensors(&ctx.out(&format!("examples/{}.safetensors", model.name)), &named, &ctx.provenance())?;
         }
         let mut df = DataFrame::new_infer_height(vec![
             Column::new("model".into(), rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>()),
             Column::new("label".into(), rows.iter().map(|r| r.1.to_owned()).collect::<Vec<_>>()),
             Column::new("case_id".into(), rows.iter().map(|r| r.2.clone()).collect::<Vec<_>>()),
-            Column::new("dice".into(), rows.iter().map(|r| r.3).collect::<Vec<_>>()),
-            Column::new("idx".into(), rows.iter().map(|r| r.4 as u64).collect::<Vec<_>>()),
-            Column::new("position".into(), rows.iter().map(|r| r.5 as u64).collect::<Vec<_>>()),
+            Column::new("slice_index".into(), rows.iter().map(|r| r.3).collect::<Vec<_>>()),
+            Column::new("dice".into(), rows.iter().map(|r| r.4).collect::<Vec<_>>()),
         ])?;
         write_parquet(&ctx.out("examples.parquet"), &mut df, &ctx.provenance())
     }
 
     /// The best, median and worst case by Dice: (label, case, Dice). With
     /// fewer than three cases, a case is shown once, under its first label.
-    fn picks(m: &Measured) -> Vec<(&'static str, &str, f64)> {
-        let mut ranked: Vec<(f64, &str)> = m.per_case.iter().map(|c| (c.1.dice(), c.0.as_str())).collect();
+    fn picks(s: &ModelScores) -> Vec<(&'static str, &str, f64)> {
+        let mut ranked: Vec<(f64, &str)> = s.cases.iter().map(|c| (c.confusion.dice(), c.case.as_str())).filter(|c| c.0.is_finite()).collect();
         ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
         let mut seen = Vec::new();
         let mut out = Vec::new();
@@ -389,32 +503,44 @@ pub mod measure {
         dirs
     }
 
+    /// The cases of split part `which` (None: every case).
+    fn wanted_cases(ctx: &StageContext, norm: &NormalisedSet, which: EvalSplit) -> Result<Option<BTreeSet<String>>> {
+        let part = match which {
+            EvalSplit::All => return Ok(None),
+            EvalSplit::Test => Part::Test,
+            EvalSplit::Val => Part::Val,
+        };
+        let split = SplitAssignment::read(ctx.upstream("split").context("evaluate.split names a split part, so evaluate needs the split stage upstream")?)?;
+        split.check_covers(norm)?;
+        Ok(Some(split.rows(part).into_iter().map(|i| split.case_id[i].clone()).collect()))
+    }
+
     pub fn evaluate(ctx: &StageContext) -> Result<Summary> {
         let p: EvaluateParams = ctx.params.typed()?;
-        // Each model is loaded once and serves every dataset and the Grad-CAM maps.
         let device = device_for(p.device)?;
+        // Each model is loaded once and serves every dataset and the examples.
         let models: Vec<Loaded> = model_dirs(ctx, &p).iter().map(|(name, dir)| load_model(name, dir, device)).collect::<Result<_>>()?;
         if models.is_empty() {
             bail!("evaluate: no upstream stage holds a trained model");
         }
         let mut summary = Summary::new();
         let norm = NormalisedSet::open(ctx.upstream("normalise")?)?;
-        let split = ctx.upstream.get("split").map(SplitAssignment::read).transpose()?;
-        if let Some(s) = &split {
-            s.check_covers(&norm)?;
-        }
-        let set = EvalSet::new(&norm, split.as_ref(), p.split)?;
-        let done = evaluate_models(ctx, &set, &models, ctx.out_dir, p.split.name(), "", &mut summary)?;
-        examples(ctx, &set, &models, &done, device)?;
+        let wanted = wanted_cases(ctx, &norm, p.split)?;
+        let ds = Dataset::new(ctx, p.split.name().to_owned(), ctx.upstream("ingest")?, &norm, wanted, ctx.out_dir.to_path_buf(), String::new())?;
+        let scores = evaluate_dataset(ctx, &ds, &models, &p, device, &mut summary)?;
+        examples(ctx, &ds, &models, &scores, &p, device)?;
         summary.insert("split".into(), p.split.name().into());
+        summary.insert("min_cases_for_ci".into(), MIN_CASES_FOR_CI.into());
 
-        // Extra datasets (pipeline.yaml `external:`): every slice, same models, same metrics.
+        // Extra datasets (pipeline.yaml `external:`): every case, same models, same metrics.
         let mut external = Vec::new();
+        let ingests: BTreeMap<&str, &liverseg_engine::store::Artifact> = ctx.instances_of("ingest").into_iter().collect();
         for (name, a) in ctx.instances_of("normalise") {
-            let set = EvalSet::new(&NormalisedSet::open(a)?, None, EvalSplit::All)?;
+            let ingest = ingests.get(name).with_context(|| format!("extra dataset {name}: evaluate needs ingest.{name} upstream too"))?;
             let out = ctx.out(&format!("external/{name}"));
             std::fs::create_dir_all(&out)?;
-            evaluate_models(ctx, &set, &models, &out, &format!("external {name}"), &format!("external.{name}."), &mut summary).map_err(|e| anyhow!("{e:#}"))?;
+            let ds = Dataset::new(ctx, format!("external {name}"), ingest, &NormalisedSet::open(a)?, None, out, format!("external.{name}."))?;
+            evaluate_dataset(ctx, &ds, &models, &p, device, &mut summary)?;
             external.push(name.to_owned());
         }
         summary.insert("external".into(), external.into());

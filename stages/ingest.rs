@@ -98,6 +98,7 @@ pub static INFO: StageInfo = StageInfo {
     optional_inputs: &[],
     collects: &[],
     per_dataset: true,
+    dataset_requires: &["source"],
     outputs: &["slices.parquet", "quarantine.parquet", "cases/"],
     params: IngestParams::SPECS,
     placement: Placement::InProcess,
@@ -671,6 +672,19 @@ impl IngestedCases {
     /// The intensity unit of case `g` (`HU` or `8bit`).
     pub fn unit(&self, g: usize) -> Option<&str> {
         self.units.get(self.groups[g].1[0]).and_then(|u| u.as_deref())
+    }
+
+    /// (row, col, slice) spacing in mm of case `g`; NaN where unknown.
+    pub fn spacing(&self, g: usize) -> [f64; 3] {
+        let row = self.groups[g].1[0];
+        let get = |c: &str| self.table.column(c).ok().and_then(|c| c.f64().ok()?.get(row)).unwrap_or(f64::NAN);
+        [get("spacing_row_mm"), get("spacing_col_mm"), get("spacing_slice_mm")]
+    }
+
+    /// The slice index (in its source volume or export) of each slice of case `g`.
+    pub fn slice_indices(&self, g: usize) -> Vec<i64> {
+        let col = self.table.column("slice_index").ok().and_then(|c| c.i64().ok().cloned());
+        self.groups[g].1.iter().map(|&r| col.as_ref().and_then(|c| c.get(r)).unwrap_or(-1)).collect()
     }
 
     pub fn case_path(&self, g: usize) -> PathBuf {

@@ -5,7 +5,7 @@
 //! outputs: data.safetensors (images, masks: [N, S, S] uint8), index.parquet
 //! read downstream through [`NormalisedSet`].
 
-use crate::ingest::{CaseImage, IngestedCases};
+use crate::ingest::{CaseImage, CaseView, IngestedCases};
 use anyhow::{bail, Context, Result};
 use liverseg_engine::params::Params;
 use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary};
@@ -54,6 +54,7 @@ pub static INFO: StageInfo = StageInfo {
     optional_inputs: &[],
     collects: &[],
     per_dataset: true,
+    dataset_requires: &[],
     outputs: &["data.safetensors", "index.parquet"],
     params: NormaliseParams::SPECS,
     placement: Placement::InProcess,
@@ -167,15 +168,8 @@ fn write_images(ctx: &StageContext, cases: &IngestedCases, keep: &[Vec<usize>], 
             }
             let mut livers = Vec::with_capacity(ks.len());
             for ((&k, image), mask) in ks.iter().zip(images.chunks_exact_mut(plane)).zip(masks.chunks_exact_mut(plane)) {
-                // Intensities are mapped to [0, 1] row by row inside the
-                // resize (no converted copy of the volume).
-                let range = k * view.h * view.w..(k + 1) * view.h * view.w;
-                match &view.image {
-                    CaseImage::I16(v) => scaled_resize_into(&v[range], |b| f32::from(i16::from_le_bytes(b)), hu, p.minmax_8bit, (lo, hi), (view.h, view.w), image),
-                    CaseImage::U8(v) => scaled_resize_into(&v[range], f32::from, hu, p.minmax_8bit, (lo, hi), (view.h, view.w), image),
-                }
-                view.mask_into(k, full_mask);
-                resize::nearest_into(full_mask, view.h, view.w, mask, size);
+                model_input(&view, k, hu, p.minmax_8bit, (lo, hi), image);
+                model_mask(&view, k, full_mask, mask);
                 livers.push(liver_count(mask));
             }
             out.write_at("images", starts[g] * plane, images)?;
@@ -187,6 +181,24 @@ fn write_images(ctx: &StageContext, cases: &IngestedCases, keep: &[Vec<usize>], 
     bar.finish_and_clear();
     out.finish()?;
     Ok(livers)
+}
+
+/// Slice `k` of an ingested case as the models see it: intensities mapped
+/// to [0, 1] (row by row inside the resize, no converted copy of the
+/// volume) and resized to the side of `out` (size²). What normalise writes,
+/// and what evaluation and prediction feed a model.
+pub fn model_input(view: &CaseView, k: usize, hu: bool, minmax: bool, window: (f32, f32), out: &mut [u8]) {
+    let range = k * view.h * view.w..(k + 1) * view.h * view.w;
+    match &view.image {
+        CaseImage::I16(v) => scaled_resize_into(&v[range], |b| f32::from(i16::from_le_bytes(b)), hu, minmax, window, (view.h, view.w), out),
+        CaseImage::U8(v) => scaled_resize_into(&v[range], f32::from, hu, minmax, window, (view.h, view.w), out),
+    }
+}
+
+/// Slice `k`'s liver mask, nearest-resized to the side of `out`; `full` is scratch.
+pub fn model_mask(view: &CaseView, k: usize, full: &mut Vec<u8>, out: &mut [u8]) {
+    view.mask_into(k, full);
+    resize::nearest_into(full, view.h, view.w, out, out.len().isqrt());
 }
 
 /// index.parquet: one row per kept slice, with ingest's columns for it.
@@ -251,6 +263,8 @@ pub struct NormalisedSet {
     /// Row spacing of the source slice (NaN when unknown) and its rows.
     pub spacing_row_mm: Vec<f64>,
     pub src_rows: Vec<u64>,
+    /// Intensity unit of each slice's source (`HU` or `8bit`).
+    pub units: Vec<String>,
     pub params: NormaliseParams,
     pub stage: String,
     pub key: String,
@@ -276,6 +290,7 @@ impl NormalisedSet {
             liver_pixels: u64s("liver_pixels")?,
             spacing_row_mm: index.column("spacing_row_mm")?.f64()?.iter().map(|v| v.unwrap_or(f64::NAN)).collect(),
             src_rows: u64s("src_rows")?,
+            units: strs("unit")?,
             params: liverseg_engine::params::Params(serde_json::from_value(a.manifest.params.clone())?).typed()?,
             stage: a.stage.clone(),
             key: a.key.clone(),
@@ -285,6 +300,15 @@ impl NormalisedSet {
             bail!("{}: {n} images but {} index rows", a.dir.display(), set.case_id.len());
         }
         Ok(set)
+    }
+
+    /// The slices' intensity unit: `HU`, `8bit`, or `mixed`.
+    pub fn unit(&self) -> &str {
+        match self.units.first() {
+            Some(u) if self.units.iter().all(|v| v == u) => u,
+            Some(_) => "mixed",
+            None => "none",
+        }
     }
 
     /// Every image, [n, size, size].

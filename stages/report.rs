@@ -7,6 +7,7 @@
 //! sections: Table 1, learning curves, examples with Grad-CAM, external
 //! validation, hyperparameter search, data, lineage
 
+use crate::tune::TuneBest;
 use anyhow::{bail, Context, Result};
 use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary};
 use liverseg_engine::store::Artifact;
@@ -15,7 +16,8 @@ use liverseg_engine::tensors::TensorFile;
 use polars::prelude::DataFrame;
 use std::fmt::Write;
 
-pub const VERSION: u32 = 3;
+/// 4: Table 1 with n, CI rule, HD95 rule, training columns; one search per tuned model.
+pub const VERSION: u32 = 4;
 
 liverseg_engine::params! {
     pub struct ReportParams {
@@ -29,8 +31,9 @@ pub static INFO: StageInfo = StageInfo {
     about: "HTML and Markdown report with Table 1, curves, examples, data and lineage",
     inputs: &["ingest", "normalise", "split", "evaluate"],
     optional_inputs: &["train", "baseline", "tune"],
-    collects: &[],
+    collects: &["tune"],
     per_dataset: false,
+    dataset_requires: &[],
     outputs: &["report.html", "report.md", "figures/"],
     params: ReportParams::SPECS,
     placement: Placement::InProcess,
@@ -44,6 +47,12 @@ fn f64s(df: &DataFrame, col: &str) -> Result<Vec<f64>> {
 
 fn strs(df: &DataFrame, col: &str) -> Result<Vec<String>> {
     Ok(df.column(col)?.str()?.iter().map(|v| v.unwrap_or_default().to_owned()).collect())
+}
+
+/// A column of any type as text (trial params are typed columns).
+fn cells(df: &DataFrame, col: &str) -> Result<Vec<String>> {
+    let c = df.column(col)?;
+    Ok((0..c.len()).map(|i| c.get(i).map(|v| v.to_string().trim_matches('"').to_owned()).unwrap_or_default()).collect())
 }
 
 fn esc(s: &str) -> String {
@@ -163,16 +172,6 @@ fn scatter_chart(title: &str, xs: &[String], ys: &[f64], pruned: &[bool]) -> Str
     s
 }
 
-/// One table row, in the HTML and in the Markdown twin.
-fn table_row(html: &mut String, md: &mut String, cells: &[String]) {
-    html.push_str("<tr>");
-    for c in cells {
-        let _ = write!(html, "<td>{}</td>", esc(c));
-    }
-    html.push_str("</tr>");
-    let _ = writeln!(md, "| {} |", cells.join(" | "));
-}
-
 fn base64(bytes: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::with_capacity(bytes.len() * 4 / 3 + 4);
@@ -190,6 +189,133 @@ fn key_line(a: &Artifact) -> String {
     format!("{}@{}", a.stage, a.key)
 }
 
+/// The report as it is written: every call adds to the HTML and to its
+/// Markdown twin, so the two cannot drift apart.
+struct Doc {
+    html: String,
+    md: String,
+    figures: std::path::PathBuf,
+}
+
+impl Doc {
+    fn new(title: &str, figures: std::path::PathBuf) -> Self {
+        let mut d = Doc { html: String::new(), md: String::new(), figures };
+        let _ = write!(d.html, "<!doctype html><html><head><meta charset='utf-8'><title>{0}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}th{{background:#eee}}td:first-child{{text-align:left}}code{{font-size:90%;overflow-wrap:anywhere}}figure{{display:inline-block;margin:4px}}</style></head><body><h1>{0}</h1>", esc(title));
+        let _ = writeln!(d.md, "# {title}\n");
+        d
+    }
+
+    fn heading(&mut self, level: usize, text: &str) {
+        let _ = write!(self.html, "<h{level}>{}</h{level}>", esc(text));
+        let _ = writeln!(self.md, "\n{} {text}\n", "#".repeat(level));
+    }
+
+    /// A paragraph; `code` spans are written as code in both.
+    fn para(&mut self, parts: &[Text]) {
+        self.html.push_str("<p>");
+        for part in parts {
+            match part {
+                Text::Plain(t) => self.html.push_str(&esc(t)),
+                Text::Code(t) => {
+                    let _ = write!(self.html, "<code>{}</code>", esc(t));
+                }
+            }
+        }
+        self.html.push_str("</p>");
+        let md: String = parts.iter().map(|p| match p {
+            Text::Plain(t) => t.clone(),
+            Text::Code(t) => format!("`{t}`"),
+        }).collect();
+        let _ = writeln!(self.md, "{md}\n");
+    }
+
+    fn table(&mut self, head: &[&str], rows: &[Vec<String>]) {
+        self.html.push_str("<table><tr>");
+        for h in head {
+            let _ = write!(self.html, "<th>{}</th>", esc(h));
+        }
+        self.html.push_str("</tr>");
+        let _ = writeln!(self.md, "| {} |\n|{}", head.join(" | "), "---|".repeat(head.len()));
+        for cells in rows {
+            self.html.push_str("<tr>");
+            for c in cells {
+                let _ = write!(self.html, "<td>{}</td>", esc(c));
+            }
+            self.html.push_str("</tr>");
+            let _ = writeln!(self.md, "| {} |", cells.join(" | "));
+        }
+        self.html.push_str("</table>");
+        self.md.push('\n');
+    }
+
+    /// A figure file under figures/, embedded in the HTML and linked from the Markdown.
+    fn figure(&mut self, file: &str, bytes: &[u8], mime: &str, alt: &str, caption: Option<&str>, width: Option<usize>) -> Result<()> {
+        std::fs::write(self.figures.join(file), bytes)?;
+        let width = width.map(|w| format!(" width='{w}'")).unwrap_or_default();
+        let _ = write!(self.html, "<figure><img alt='{}' src='data:{mime};base64,{}'{width}/>", esc(alt), base64(bytes));
+        match caption {
+            Some(c) => {
+                let _ = write!(self.html, "<figcaption>{}</figcaption></figure>", esc(c));
+                let _ = writeln!(self.md, "![{alt}](figures/{file})  \n{c}\n");
+            }
+            None => {
+                self.html.push_str("</figure>");
+                let _ = writeln!(self.md, "![{alt}](figures/{file})");
+            }
+        }
+        Ok(())
+    }
+
+    fn list(&mut self, items: &[Text]) {
+        self.html.push_str("<ul>");
+        for item in items {
+            match item {
+                Text::Code(t) => {
+                    let _ = write!(self.html, "<li><code>{}</code></li>", esc(t));
+                    let _ = writeln!(self.md, "- `{t}`");
+                }
+                Text::Plain(t) => {
+                    let _ = write!(self.html, "<li>{}</li>", esc(t));
+                    let _ = writeln!(self.md, "- {t}");
+                }
+            }
+        }
+        self.html.push_str("</ul>");
+    }
+
+    fn finish(mut self, out: &std::path::Path) -> Result<()> {
+        self.html.push_str("</body></html>");
+        std::fs::write(out.join("report.html"), self.html).context("cannot write report.html")?;
+        std::fs::write(out.join("report.md"), self.md).context("cannot write report.md")
+    }
+}
+
+enum Text {
+    Plain(String),
+    Code(String),
+}
+
+fn plain(s: impl Into<String>) -> Text {
+    Text::Plain(s.into())
+}
+
+fn code(s: impl Into<String>) -> Text {
+    Text::Code(s.into())
+}
+
+/// An artifact and the keys it was built from: `evaluate@k ← normalise@k2 ...`.
+fn chain(a: &Artifact) -> String {
+    let mut parts = vec![key_line(a)];
+    for (d, k) in &a.manifest.upstream {
+        parts.push(format!("{d}@{k}"));
+    }
+    parts.join(" ← ")
+}
+
+fn metric_str(a: &Artifact, key: &str, default: &str) -> String {
+    a.manifest.metrics.get(key).and_then(|v| v.as_str()).unwrap_or(default).to_owned()
+}
+
 impl Stage for Report {
     fn info(&self) -> &'static StageInfo {
         &INFO
@@ -197,265 +323,275 @@ impl Stage for Report {
 
     fn run(&self, ctx: &StageContext) -> Result<Summary> {
         let p: ReportParams = ctx.params.typed()?;
-        let title = p.title.as_str();
-        let ingest = ctx.upstream("ingest")?;
-        let norm = ctx.upstream("normalise")?;
-        let split = ctx.upstream("split")?;
         let eval = ctx.upstream("evaluate")?;
-        let figures = ctx.out("figures");
-        std::fs::create_dir_all(&figures)?;
-        let mut html = String::new();
-        let mut md = String::new();
-        let chain = |a: &Artifact| -> String {
-            let mut parts = vec![key_line(a)];
-            for (d, k) in &a.manifest.upstream {
-                parts.push(format!("{d}@{k}"));
-            }
-            parts.join(" ← ")
-        };
-        let _ = write!(html, "<!doctype html><html><head><meta charset='utf-8'><title>{0}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}th{{background:#eee}}td:first-child{{text-align:left}}code{{font-size:90%;overflow-wrap:anywhere}}figure{{display:inline-block;margin:4px}}</style></head><body><h1>{0}</h1>", esc(title));
-        let _ = writeln!(md, "# {title}\n");
-
-        // Table 1.
-        let t1 = read_parquet(&eval.file("table1.parquet"))?;
-        let models = strs(&t1, "model")?;
-        let cols = ["miou", "pixel_accuracy", "loss", "dice_per_case", "dice_per_case_ci_low", "dice_per_case_ci_high", "liver_iou", "dice_global", "hd95_mean"];
-        let vals: Vec<Vec<f64>> = cols.iter().map(|c| f64s(&t1, c)).collect::<Result<_>>()?;
-        let params: Vec<i64> = t1.column("parameters")?.i64()?.iter().map(|v| v.unwrap_or(0)).collect();
-        let unit = eval.manifest.metrics.get("hd95_unit").and_then(|v| v.as_str()).unwrap_or("px").to_owned();
-        let split_name = eval.manifest.metrics.get("split").and_then(|v| v.as_str()).unwrap_or("test").to_owned();
-        let head = ["model", "mIoU", "pixel acc.", "loss", "Dice per case [95% CI]", "liver IoU", "Dice global", &format!("HD95 ({unit})"), "train time (s)", "parameters"];
-        let _ = write!(html, "<h2>Table 1: {split_name} split</h2><p>As in the study: mIoU (background and liver), pixel accuracy and loss; beside them the per-patient Dice with its bootstrap CI, liver IoU, HD95, training time and parameter count. Source: <code>{}</code>.</p><table><tr>", chain(eval));
-        for hcol in head {
-            let _ = write!(html, "<th>{}</th>", esc(hcol));
-        }
-        html.push_str("</tr>");
-        let _ = writeln!(md, "## Table 1: {split_name} split\n\nSource: `{}`\n\n| {} |\n|{}", chain(eval), head.join(" | "), "---|".repeat(head.len()));
+        std::fs::create_dir_all(ctx.out("figures"))?;
+        let mut doc = Doc::new(&p.title, ctx.out("figures"));
         let mut summary = Summary::new();
-        for (i, m) in models.iter().enumerate() {
-            let train_secs = ctx.upstream.get(m).and_then(|a| a.manifest.metrics.get("train_seconds")).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
-            let cells = [
-                m.clone(),
-                format!("{:.4}", vals[0][i]),
-                format!("{:.4}", vals[1][i]),
-                format!("{:.4}", vals[2][i]),
-                format!("{:.4} [{:.4}, {:.4}]", vals[3][i], vals[4][i], vals[5][i]),
-                format!("{:.4}", vals[6][i]),
-                format!("{:.4}", vals[7][i]),
-                format!("{:.2}", vals[8][i]),
-                format!("{train_secs:.0}"),
-                params[i].to_string(),
-            ];
-            table_row(&mut html, &mut md, &cells);
-            summary.insert(format!("{m}.dice_per_case"), serde_json::json!(vals[3][i]));
-            summary.insert(format!("{m}.miou"), serde_json::json!(vals[0][i]));
-        }
-        html.push_str("</table>");
-
-        // Learning curves.
-        let _ = write!(html, "<h2>Learning curves</h2>");
-        let _ = writeln!(md, "\n## Learning curves\n");
-        for m in &models {
-            let Some(a) = ctx.upstream.get(m) else { continue };
-            let df = read_parquet(&a.file("metrics.parquet"))?;
-            let _ = write!(html, "<h3>{m} <small><code>{}</code></small></h3>", key_line(a));
-            let _ = writeln!(md, "### {m} (`{}`)\n", key_line(a));
-            for (name, tr, va) in [("loss", "train_loss", "val_loss"), ("pixel accuracy", "train_pa", "val_pa"), ("mIoU", "train_miou", "val_miou")] {
-                let svg = line_chart(&format!("{m}: {name}"), "epoch", &[("train", "#1f77b4", f64s(&df, tr)?), ("validation", "#d62728", f64s(&df, va)?)]);
-                let file = format!("{m}_{}.svg", tr.trim_start_matches("train_"));
-                std::fs::write(figures.join(&file), &svg)?;
-                let _ = write!(html, "<figure><img alt='{m} {name}' src='data:image/svg+xml;base64,{}'/></figure>", base64(svg.as_bytes()));
-                let _ = writeln!(md, "![{m} {name}](figures/{file})");
-            }
-        }
-
-        // Qualitative: evaluate's best, median and worst cases per model, with Grad-CAM.
-        let data = TensorFile::open(&norm.file("data.safetensors"))?;
-        let (shape, images) = data.u8("images")?;
-        let (_, masks) = data.u8("masks")?;
-        let size = shape[1];
-        let px = size * size;
-        let _ = write!(html, "<h2>Examples: best, median and worst {split_name} patients</h2><p>Left to right: image, ground truth (green), prediction (red), and the Grad-CAM map of the liver class at the encoder's last stage (blue low, red high; the study's Figure 5); the slice with the most liver of each patient. Source: <code>{}</code>.</p>", key_line(eval));
-        let _ = writeln!(md, "\n## Examples: best, median and worst {split_name} patients\n\nImage, ground truth (green), prediction (red), liver Grad-CAM (blue low, red high). Source: `{}`.\n", key_line(eval));
-        let ex = read_parquet(&eval.file("examples.parquet"))?;
-        let (ex_model, ex_label, ex_case, ex_dice) = (strs(&ex, "model")?, strs(&ex, "label")?, strs(&ex, "case_id")?, f64s(&ex, "dice")?);
-        let ex_idx: Vec<u64> = ex.column("idx")?.u64()?.iter().map(|v| v.unwrap_or(0)).collect();
-        let ex_pos: Vec<u64> = ex.column("position")?.u64()?.iter().map(|v| v.unwrap_or(0)).collect();
-        for m in &models {
-            let preds = TensorFile::open(&eval.file(&format!("predictions/{m}.safetensors")))?;
-            let (_, pred) = preds.u8("predictions")?;
-            let cams = TensorFile::open(&eval.file(&format!("gradcam/{m}.safetensors")))?;
-            let (_, cam) = cams.u8("gradcam")?;
-            for (j, i) in (0..ex_model.len()).filter(|&i| &ex_model[i] == m).enumerate() {
-                let (idx, k) = (ex_idx[i] as usize, ex_pos[i] as usize);
-                if (idx + 1) * px > images.len() || (k + 1) * px > pred.len() || (j + 1) * px > cam.len() {
-                    bail!("{}: examples.parquet points outside the stored tensors", eval.dir.display());
-                }
-                let png = overlay_png(&images[idx * px..(idx + 1) * px], &masks[idx * px..(idx + 1) * px], &pred[k * px..(k + 1) * px], Some(&cam[j * px..(j + 1) * px]), size)?;
-                let file = format!("{m}_{}.png", ex_label[i]);
-                std::fs::write(figures.join(&file), &png)?;
-                let cap = format!("{m}, {}: patient {}, Dice {:.3}", ex_label[i], ex_case[i], ex_dice[i]);
-                let _ = write!(html, "<figure><img alt='{}' src='data:image/png;base64,{}' width='{}'/><figcaption>{}</figcaption></figure>", esc(&cap), base64(&png), 4 * size.max(128), esc(&cap));
-                let _ = writeln!(md, "![{cap}](figures/{file})  \n{cap}\n");
-            }
-        }
-
-        // External validation.
-        let external: Vec<String> = eval.manifest.metrics.get("external").and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()).unwrap_or_default();
-        let _ = write!(html, "<h2>External validation</h2>");
-        let _ = writeln!(md, "## External validation\n");
-        if external.is_empty() {
-            let _ = write!(html, "<p>No <code>external:</code> datasets in pipeline.yaml; <code>liverseg evaluate --model M --data DIR</code> evaluates one on demand.</p>");
-            let _ = writeln!(md, "No `external:` datasets in pipeline.yaml; `liverseg evaluate --model M --data DIR` evaluates one on demand.\n");
-        }
-        for name in &external {
-            let t = read_parquet(&eval.file(&format!("external/{name}/table1.parquet")))?;
-            let ext_models = strs(&t, "model")?;
-            let cols: Vec<Vec<f64>> = ["dice_per_case", "dice_per_case_ci_low", "dice_per_case_ci_high", "dice_global", "liver_iou", "miou", "pixel_accuracy", "hd95_mean"].iter().map(|c| f64s(&t, c)).collect::<Result<_>>()?;
-            let cases = eval.manifest.metrics.get(&format!("external.{name}.cases")).cloned().unwrap_or_default();
-            let slices = eval.manifest.metrics.get(&format!("external.{name}.slices")).cloned().unwrap_or_default();
-            let eunit = eval.manifest.metrics.get(&format!("external.{name}.hd95_unit")).and_then(|v| v.as_str()).unwrap_or("px").to_owned();
-            let src = eval.manifest.upstream.get(&format!("normalise.{name}")).map(|k| format!("normalise.{name}@{k}")).unwrap_or_default();
-            let head = ["model", "Dice per case [95% CI]", "Dice global", "liver IoU", "mIoU", "pixel acc.", &format!("HD95 ({eunit})")];
-            let _ = write!(html, "<h3>{}</h3><p>{cases} cases, {slices} slices, every slice, the models' own preprocessing. Source: <code>{}</code>, data <code>{}</code>.</p><table><tr>", esc(name), key_line(eval), esc(&src));
-            for hcol in head {
-                let _ = write!(html, "<th>{}</th>", esc(hcol));
-            }
-            html.push_str("</tr>");
-            let _ = writeln!(md, "### {name}\n\n{cases} cases, {slices} slices. Source: `{}`, data `{src}`.\n\n| {} |\n|{}", key_line(eval), head.join(" | "), "---|".repeat(head.len()));
-            for (i, m) in ext_models.iter().enumerate() {
-                let cells = [m.clone(), format!("{:.4} [{:.4}, {:.4}]", cols[0][i], cols[1][i], cols[2][i]), format!("{:.4}", cols[3][i]), format!("{:.4}", cols[4][i]), format!("{:.4}", cols[5][i]), format!("{:.4}", cols[6][i]), format!("{:.2}", cols[7][i])];
-                table_row(&mut html, &mut md, &cells);
-                summary.insert(format!("external.{name}.{m}.dice_per_case"), serde_json::json!(cols[0][i]));
-            }
-            html.push_str("</table>");
-            let _ = writeln!(md);
-        }
-
-        // Hyperparameter search.
-        let _ = write!(html, "<h2>Hyperparameter search</h2>");
-        let _ = writeln!(md, "## Hyperparameter search\n");
-        match ctx.upstream.get("tune") {
-            None => {
-                let _ = write!(html, "<p>No tune stage is upstream of this report; the models use the parameters in their lineage.</p>");
-                let _ = writeln!(md, "No tune stage is upstream of this report; the models use the parameters in their lineage.\n");
-            }
-            Some(t) => {
-                let trials = read_parquet(&t.file("trials.parquet"))?;
-                let strategy = strs(&trials, "strategy")?;
-                let objective = f64s(&trials, "objective")?;
-                let pruned: Vec<bool> = trials.column("pruned")?.bool()?.iter().map(|v| v.unwrap_or(false)).collect();
-                let best: serde_json::Value = serde_json::from_slice(&std::fs::read(t.file("best.json"))?)?;
-                let obj_name = best["objective"].as_str().unwrap_or("objective").to_owned();
-                let higher = obj_name == "val_dice";
-                let mut series = Vec::new();
-                let mut strategies: Vec<String> = strategy.clone();
-                strategies.dedup();
-                let colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
-                for (i, st) in strategies.iter().enumerate() {
-                    let mut run = if higher { f64::MIN } else { f64::MAX };
-                    let curve: Vec<f64> = (0..strategy.len()).filter(|&k| &strategy[k] == st).map(|k| {
-                        run = if higher { run.max(objective[k]) } else { run.min(objective[k]) };
-                        run
-                    }).collect();
-                    series.push((st.as_str(), colours[i % colours.len()], curve));
-                }
-                let svg = line_chart(&format!("best {obj_name} so far"), "trial", &series);
-                std::fs::write(figures.join("tune_best_so_far.svg"), &svg)?;
-                let _ = write!(html, "<p>Source: <code>{}</code>. Best {obj_name} {:.4} by {} (trial {}), params <code>{}</code>; {} of {} trials pruned.</p>", chain(t), best["value"].as_f64().unwrap_or(f64::NAN), best["strategy"].as_str().unwrap_or(""), best["trial"], esc(&best["params"].to_string()), pruned.iter().filter(|p| **p).count(), pruned.len());
-                let _ = write!(html, "<figure><img alt='best so far' src='data:image/svg+xml;base64,{}'/></figure>", base64(svg.as_bytes()));
-                let _ = writeln!(md, "Source: `{}`. Best {obj_name} {:.4} by {} (trial {}), params `{}`.\n\n![best so far](figures/tune_best_so_far.svg)\n", chain(t), best["value"].as_f64().unwrap_or(f64::NAN), best["strategy"].as_str().unwrap_or(""), best["trial"], best["params"]);
-                // Each parameter against the objective: one scatter per parameter (grey = pruned), then every trial.
-                let params: Vec<String> = trials.get_column_names().iter().filter_map(|c| c.strip_prefix("param_").map(str::to_owned)).collect();
-                let trial_no: Vec<u64> = trials.column("trial")?.u64()?.iter().map(|v| v.unwrap_or(0)).collect();
-                for p in &params {
-                    let svg = scatter_chart(&format!("{obj_name} vs {p}"), &strs(&trials, &format!("param_{p}"))?, &objective, &pruned);
-                    let file = format!("tune_{p}.svg");
-                    std::fs::write(figures.join(&file), &svg)?;
-                    let _ = write!(html, "<figure><img alt='{obj_name} vs {}' src='data:image/svg+xml;base64,{}'/></figure>", esc(p), base64(svg.as_bytes()));
-                    let _ = writeln!(md, "![{obj_name} vs {p}](figures/{file})");
-                }
-                let _ = writeln!(md);
-                html.push_str("<table><tr><th>strategy</th><th>trial</th>");
-                for p in &params {
-                    let _ = write!(html, "<th>{}</th>", esc(p));
-                }
-                let _ = write!(html, "<th>{obj_name}</th><th>pruned</th></tr>");
-                let _ = writeln!(md, "| strategy | trial | {} | {obj_name} | pruned |\n|{}", params.join(" | "), "---|".repeat(params.len() + 4));
-                let cols: Vec<Vec<String>> = params.iter().map(|p| strs(&trials, &format!("param_{p}"))).collect::<Result<_>>()?;
-                for k in 0..strategy.len() {
-                    let _ = write!(html, "<tr><td>{}</td><td>{}</td>", esc(&strategy[k]), trial_no[k]);
-                    // Values as tried, to 4 significant digits; choices as written.
-                    let cells: Vec<String> = cols.iter().map(|c| match c[k].parse::<f64>() {
-                        Ok(v) if c[k].contains(['.', 'e']) => format!("{v:.3e}"),
-                        _ => c[k].trim_matches('"').to_owned(),
-                    }).collect();
-                    for c in &cells {
-                        let _ = write!(html, "<td>{}</td>", esc(c));
-                    }
-                    let _ = write!(html, "<td>{:.4}</td><td>{}</td></tr>", objective[k], pruned[k]);
-                    let _ = writeln!(md, "| {} | {} | {} | {:.4} | {} |", strategy[k], trial_no[k], cells.join(" | "), objective[k], pruned[k]);
-                }
-                html.push_str("</table>");
-            }
-        }
-
-        // Data.
-        let counts = read_parquet(&split.file("counts.parquet"))?;
-        let (cn, cc, cs) = (strs(&counts, "split")?, counts.column("cases")?.u64()?.clone(), counts.column("slices")?.u64()?.clone());
-        let _ = write!(html, "<h2>Data</h2><p>Patient-level split (<code>{}</code>); augmentation touched the train split only.</p><table><tr><th>split</th><th>patients</th><th>slices</th></tr>", chain(split));
-        let _ = writeln!(md, "## Data\n\nPatient-level split (`{}`); augmentation touched the train split only.\n\n| split | patients | slices |\n|---|---|---|", chain(split));
-        for i in 0..cn.len() {
-            let (a, b) = (cc.get(i).unwrap_or(0), cs.get(i).unwrap_or(0));
-            let _ = write!(html, "<tr><td>{}</td><td>{a}</td><td>{b}</td></tr>", cn[i]);
-            let _ = writeln!(md, "| {} | {a} | {b} |", cn[i]);
-        }
-        html.push_str("</table>");
-        let q = read_parquet(&ingest.file("quarantine.parquet"))?;
-        let dropped = norm.manifest.metrics.get("empty_slices_dropped").cloned().unwrap_or_default();
-        let _ = write!(html, "<p>Slices dropped by the slice policy: {dropped}. Quarantined input files: {}.</p>", q.height());
-        let _ = writeln!(md, "\nSlices dropped by the slice policy: {dropped}. Quarantined input files: {}.\n", q.height());
-        if q.height() > 0 {
-            let (qf, qr) = (strs(&q, "file")?, strs(&q, "reason")?);
-            html.push_str("<table><tr><th>file</th><th>reason</th></tr>");
-            for i in 0..q.height() {
-                let _ = write!(html, "<tr><td>{}</td><td>{}</td></tr>", esc(&qf[i]), esc(&qr[i]));
-                let _ = writeln!(md, "- `{}`: {}", qf[i], qr[i]);
-            }
-            html.push_str("</table>");
-        }
-
-        // Lineage.
-        let _ = write!(html, "<h2>Lineage</h2><p>Every number above comes from these artifacts (stage@key); <code>liverseg lineage STAGE</code> prints each one's params and file hashes.</p><ul>");
-        let _ = writeln!(md, "## Lineage\n");
-        // Every artifact behind the report, walked through the manifests down to
-        // the source stages (external datasets included), oldest first.
-        let all = ctx.lineage()?;
-        for a in &all {
-            let line = format!("{} (params {})", chain(a), serde_json::to_string(&a.manifest.params)?);
-            let _ = write!(html, "<li><code>{}</code></li>", esc(&line));
-            let _ = writeln!(md, "- `{line}`");
-        }
-        for a in all.iter().filter(|a| a.manifest.upstream.is_empty()) {
-            let mut h = blake3::Hasher::new();
-            for r in &a.manifest.raw_inputs {
-                h.update(r.path.as_bytes());
-                h.update(r.blake3.as_bytes());
-            }
-            let raw = if a.manifest.raw_inputs.is_empty() {
-                format!("raw data of {}: none; generated from its params (synthetic phantoms)", key_line(a))
-            } else {
-                format!("raw data of {}: {} files, combined blake3 {}", key_line(a), a.manifest.raw_inputs.len(), &h.finalize().to_hex()[..16])
-            };
-            let _ = write!(html, "<li>{}</li>", esc(&raw));
-            let _ = writeln!(md, "- {raw}");
-        }
-        html.push_str("</ul></body></html>");
+        let models = table1(&mut doc, ctx, eval, &mut summary)?;
         if models.is_empty() {
             bail!("report: the evaluate artifact lists no models");
         }
-        std::fs::write(ctx.out("report.html"), html).context("cannot write report.html")?;
-        std::fs::write(ctx.out("report.md"), md).context("cannot write report.md")?;
+        curves(&mut doc, ctx, &models)?;
+        examples(&mut doc, eval, &models)?;
+        external(&mut doc, eval, &mut summary)?;
+        search(&mut doc, ctx)?;
+        data(&mut doc, ctx)?;
+        lineage(&mut doc, ctx)?;
+        doc.finish(ctx.out_dir)?;
         Ok(summary)
     }
+}
+
+/// A table1.parquet as rows of cells by column name.
+struct Table1 {
+    df: DataFrame,
+}
+
+impl Table1 {
+    fn read(path: &std::path::Path) -> Result<Self> {
+        Ok(Table1 { df: read_parquet(path)? })
+    }
+    fn models(&self) -> Result<Vec<String>> {
+        strs(&self.df, "model")
+    }
+    fn f(&self, col: &str, i: usize) -> f64 {
+        self.df.column(col).ok().and_then(|c| c.f64().ok()?.get(i)).unwrap_or(f64::NAN)
+    }
+    fn i(&self, col: &str, i: usize) -> Option<i64> {
+        self.df.column(col).ok().and_then(|c| c.i64().ok()?.get(i))
+    }
+    fn s(&self, col: &str, i: usize) -> String {
+        self.df.column(col).ok().and_then(|c| c.str().ok()?.get(i).map(str::to_owned)).unwrap_or_default()
+    }
+    /// Per-case Dice with its CI, or with n alone below the CI's threshold.
+    fn dice_per_case(&self, i: usize) -> String {
+        let (m, lo, hi) = (self.f("dice_per_case", i), self.f("dice_per_case_ci_low", i), self.f("dice_per_case_ci_high", i));
+        if lo.is_finite() { format!("{m:.4} [{lo:.4}, {hi:.4}]") } else { format!("{m:.4} (no CI under {} cases)", crate::evaluate::MIN_CASES_FOR_CI) }
+    }
+    fn hd95(&self, i: usize) -> String {
+        let n = self.i("hd95_one_empty_cases", i).unwrap_or(0);
+        if n > 0 { format!("{:.2} ({n} one-empty)", self.f("hd95_mean", i)) } else { format!("{:.2}", self.f("hd95_mean", i)) }
+    }
+}
+
+/// Table 1: the study's metrics beside per-case Dice, HD95 and how each
+/// model was trained. Returns the models.
+fn table1(doc: &mut Doc, ctx: &StageContext, eval: &Artifact, summary: &mut Summary) -> Result<Vec<String>> {
+    let t = Table1::read(&eval.file("table1.parquet"))?;
+    let models = t.models()?;
+    let unit = metric_str(eval, "hd95_unit", "px");
+    let split_name = metric_str(eval, "split", "test");
+    let (loss, hd95) = (format!("{split_name} CE loss (model grid)"), format!("HD95 ({unit})"));
+    let head = ["model", "cases", "mIoU", "pixel acc.", loss.as_str(), "Dice per case [95% CI]", "Dice per slice", "liver IoU", "Dice global", hd95.as_str(), "train loss", "epochs (stop)", "params used", "train time (s)", "parameters"];
+    doc.heading(2, &format!("Table 1: {split_name} split"));
+    doc.para(&[plain(format!("As in the study: mIoU (background and liver), pixel accuracy and loss (cross-entropy on the model's input grid); beside them, scored on each case's original grid: Dice per case (with a bootstrap 95% CI from {} cases up), Dice per slice (slices empty in both prediction and truth are skipped and counted), liver IoU, global Dice and HD95 (MONAI's definition; a case where exactly one of prediction and truth is empty counts the grid's diagonal, and the count is shown), then each model's training: training loss at its best epoch, epochs run and why it stopped, and the params it ran with. Source: ", crate::evaluate::MIN_CASES_FOR_CI)), code(chain(eval)), plain(".")]);
+    let mut rows = Vec::new();
+    for (i, m) in models.iter().enumerate() {
+        let train_secs = ctx.upstream.get(m).and_then(|a| a.manifest.metrics.get("train_seconds")).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+        let skipped = t.i("slices_both_empty", i).unwrap_or(0);
+        rows.push(vec![
+            m.clone(),
+            t.i("cases", i).map(|n| n.to_string()).unwrap_or_default(),
+            format!("{:.4}", t.f("miou", i)),
+            format!("{:.4}", t.f("pixel_accuracy", i)),
+            format!("{:.4}", t.f("loss", i)),
+            t.dice_per_case(i),
+            if skipped > 0 { format!("{:.4} ({skipped} empty skipped)", t.f("dice_per_slice", i)) } else { format!("{:.4}", t.f("dice_per_slice", i)) },
+            format!("{:.4}", t.f("liver_iou", i)),
+            format!("{:.4}", t.f("dice_global", i)),
+            t.hd95(i),
+            format!("{:.4}", t.f("train_loss", i)),
+            format!("{} ({})", t.i("epochs_run", i).map(|e| e.to_string()).unwrap_or_default(), t.s("stop_reason", i).replace('_', " ")),
+            t.s("params_used", i),
+            format!("{train_secs:.0}"),
+            t.i("parameters", i).unwrap_or(0).to_string(),
+        ]);
+        summary.insert(format!("{m}.dice_per_case"), serde_json::json!(t.f("dice_per_case", i)));
+        summary.insert(format!("{m}.miou"), serde_json::json!(t.f("miou", i)));
+    }
+    doc.table(&head, &rows);
+    Ok(models)
+}
+
+/// Loss, pixel accuracy and mIoU per epoch of every trained model upstream.
+fn curves(doc: &mut Doc, ctx: &StageContext, models: &[String]) -> Result<()> {
+    doc.heading(2, "Learning curves");
+    for m in models {
+        let Some(a) = ctx.upstream.get(m) else { continue };
+        let df = read_parquet(&a.file("metrics.parquet"))?;
+        doc.heading(3, &format!("{m} ({})", key_line(a)));
+        for (name, tr, va) in [("loss", "train_loss", "val_loss"), ("pixel accuracy", "train_pa", "val_pa"), ("mIoU", "train_miou", "val_miou")] {
+            let svg = line_chart(&format!("{m}: {name}"), "epoch", &[("train", "#1f77b4", f64s(&df, tr)?), ("validation", "#d62728", f64s(&df, va)?)]);
+            let file = format!("{m}_{}.svg", tr.trim_start_matches("train_"));
+            doc.figure(&file, svg.as_bytes(), "image/svg+xml", &format!("{m} {name}"), None, None)?;
+        }
+    }
+    Ok(())
+}
+
+/// Evaluate's best, median and worst cases per model, with Grad-CAM.
+fn examples(doc: &mut Doc, eval: &Artifact, models: &[String]) -> Result<()> {
+    let split_name = metric_str(eval, "split", "test");
+    doc.heading(2, &format!("Examples: best, median and worst {split_name} patients"));
+    doc.para(&[plain("Left to right: image, ground truth (green), prediction (red), and the Grad-CAM map of the liver class at the encoder's last stage (blue low, red high; the study's Figure 5), on the model's input grid; the slice with the most liver of each patient, whose per-case Dice (original grid) is in the caption. Source: "), code(key_line(eval)), plain(".")]);
+    let ex = read_parquet(&eval.file("examples.parquet"))?;
+    let (ex_model, ex_label, ex_case, ex_dice) = (strs(&ex, "model")?, strs(&ex, "label")?, strs(&ex, "case_id")?, f64s(&ex, "dice")?);
+    let ex_slice: Vec<i64> = ex.column("slice_index")?.i64()?.iter().map(|v| v.unwrap_or(-1)).collect();
+    for m in models {
+        let tf = TensorFile::open(&eval.file(&format!("examples/{m}.safetensors")))?;
+        let get = |name: &str| tf.u8_ref(name).map(|(shape, data)| (shape, data));
+        let ((shape, image), (_, truth), (_, pred), (_, cam)) = (get("image")?, get("truth")?, get("prediction")?, get("gradcam")?);
+        let size = shape.get(1).copied().unwrap_or(0);
+        let px = size * size;
+        for (j, i) in (0..ex_model.len()).filter(|&i| &ex_model[i] == m).enumerate() {
+            if (j + 1) * px > image.len() || [truth.len(), pred.len(), cam.len()].iter().any(|&l| l != image.len()) {
+                bail!("{}: examples/{m}.safetensors does not hold the examples examples.parquet lists", eval.dir.display());
+            }
+            let r = j * px..(j + 1) * px;
+            let png = overlay_png(&image[r.clone()], &truth[r.clone()], &pred[r.clone()], Some(&cam[r]), size)?;
+            let cap = format!("{m}, {}: patient {} (slice {}), Dice per case {:.3}", ex_label[i], ex_case[i], ex_slice[i], ex_dice[i]);
+            doc.figure(&format!("{m}_{}.png", ex_label[i]), &png, "image/png", &cap, Some(&cap), Some(4 * size.max(128)))?;
+        }
+    }
+    Ok(())
+}
+
+/// Every model on every extra dataset.
+fn external(doc: &mut Doc, eval: &Artifact, summary: &mut Summary) -> Result<()> {
+    let external: Vec<String> = eval.manifest.metrics.get("external").and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()).unwrap_or_default();
+    doc.heading(2, "External validation");
+    if external.is_empty() {
+        doc.para(&[plain("No "), code("external:"), plain(" datasets in pipeline.yaml; "), code("liverseg evaluate --model M --data DIR"), plain(" evaluates one on demand.")]);
+    }
+    for name in &external {
+        let t = Table1::read(&eval.file(&format!("external/{name}/table1.parquet")))?;
+        let m = &eval.manifest.metrics;
+        let (cases, slices) = (m.get(&format!("external.{name}.cases")).cloned().unwrap_or_default(), m.get(&format!("external.{name}.slices")).cloned().unwrap_or_default());
+        let unit = metric_str(eval, &format!("external.{name}.hd95_unit"), "px");
+        let src: Vec<String> = ["ingest", "normalise"].iter().filter_map(|s| eval.manifest.upstream.get(&format!("{s}.{name}")).map(|k| format!("{s}.{name}@{k}"))).collect();
+        doc.heading(3, name);
+        doc.para(&[plain(format!("{cases} cases, {slices} slices, every case on its own grid, the models' own preprocessing. Source: ")), code(key_line(eval)), plain(", data "), code(src.join(", ")), plain(".")]);
+        let hd95 = format!("HD95 ({unit})");
+        let rows: Vec<Vec<String>> = t
+            .models()?
+            .iter()
+            .enumerate()
+            .map(|(i, model)| {
+                summary.insert(format!("external.{name}.{model}.dice_per_case"), serde_json::json!(t.f("dice_per_case", i)));
+                vec![model.clone(), t.dice_per_case(i), format!("{:.4}", t.f("dice_global", i)), format!("{:.4}", t.f("liver_iou", i)), format!("{:.4}", t.f("miou", i)), format!("{:.4}", t.f("pixel_accuracy", i)), t.hd95(i)]
+            })
+            .collect();
+        doc.table(&["model", "Dice per case [95% CI]", "Dice global", "liver IoU", "mIoU", "pixel acc.", &hd95], &rows);
+    }
+    Ok(())
+}
+
+/// The hyperparameter search: best so far per strategy, each parameter
+/// against the objective, and every trial.
+fn search(doc: &mut Doc, ctx: &StageContext) -> Result<()> {
+    doc.heading(2, "Hyperparameter search");
+    let mut tunes: Vec<(String, &Artifact)> = ctx.upstream.get("tune").map(|t| ("tune".to_owned(), t)).into_iter().collect();
+    tunes.extend(ctx.instances_of("tune").into_iter().map(|(n, a)| (format!("tune.{n}"), a)));
+    if tunes.is_empty() {
+        doc.para(&[plain("No tune stage is upstream of this report; the models use the parameters in their lineage.")]);
+    }
+    for (name, t) in tunes {
+        doc.heading(3, &name);
+        one_search(doc, t, &name)?;
+    }
+    Ok(())
+}
+
+fn one_search(doc: &mut Doc, t: &Artifact, name: &str) -> Result<()> {
+    let trials = read_parquet(&t.file("trials.parquet"))?;
+    let strategy = strs(&trials, "strategy")?;
+    let objective = f64s(&trials, "objective")?;
+    let pruned: Vec<bool> = trials.column("pruned")?.bool()?.iter().map(|v| v.unwrap_or(false)).collect();
+    let best = TuneBest::read(t)?;
+    let obj_name = best.objective.clone();
+    let higher = obj_name == "val_dice";
+    let mut strategies: Vec<String> = strategy.clone();
+    strategies.dedup();
+    let colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+    let series: Vec<(&str, &str, Vec<f64>)> = strategies
+        .iter()
+        .enumerate()
+        .map(|(i, st)| {
+            let mut run = if higher { f64::MIN } else { f64::MAX };
+            let curve = (0..strategy.len()).filter(|&k| &strategy[k] == st).map(|k| {
+                run = if higher { run.max(objective[k]) } else { run.min(objective[k]) };
+                run
+            });
+            (st.as_str(), colours[i % colours.len()], curve.collect())
+        })
+        .collect();
+    let params_json = serde_json::to_string(&best.params)?;
+    doc.para(&[plain("Source: "), code(chain(t)), plain(format!(". Best {obj_name} {:.4} by {} (trial {}), params ", best.value, best.strategy, best.trial)), code(params_json), plain(format!("; {} of {} trials pruned.", pruned.iter().filter(|p| **p).count(), pruned.len()))]);
+    let svg = line_chart(&format!("best {obj_name} so far"), "trial", &series);
+    doc.figure(&format!("{name}_best_so_far.svg"), svg.as_bytes(), "image/svg+xml", "best so far", None, None)?;
+    let params: Vec<String> = trials.get_column_names().iter().filter_map(|c| c.strip_prefix("param_").map(str::to_owned)).collect();
+    for p in &params {
+        let svg = scatter_chart(&format!("{obj_name} vs {p}"), &cells(&trials, &format!("param_{p}"))?, &objective, &pruned);
+        doc.figure(&format!("{name}_{p}.svg"), svg.as_bytes(), "image/svg+xml", &format!("{obj_name} vs {p}"), None, None)?;
+    }
+    let trial_no: Vec<u64> = trials.column("trial")?.u64()?.iter().map(|v| v.unwrap_or(0)).collect();
+    let cols: Vec<Vec<String>> = params.iter().map(|p| cells(&trials, &format!("param_{p}"))).collect::<Result<_>>()?;
+    let rows: Vec<Vec<String>> = (0..strategy.len())
+        .map(|k| {
+            let mut cells = vec![strategy[k].clone(), trial_no[k].to_string()];
+            // Values as tried, to 4 significant digits; choices as written.
+            cells.extend(cols.iter().map(|c| match c[k].parse::<f64>() {
+                Ok(v) if c[k].contains(['.', 'e']) => format!("{v:.3e}"),
+                _ => c[k].trim_matches('"').to_owned(),
+            }));
+            cells.extend([format!("{:.4}", objective[k]), pruned[k].to_string()]);
+            cells
+        })
+        .collect();
+    let mut head: Vec<&str> = vec!["strategy", "trial"];
+    head.extend(params.iter().map(String::as_str));
+    head.extend([obj_name.as_str(), "pruned"]);
+    doc.table(&head, &rows);
+    Ok(())
+}
+
+/// The split's counts, the slice policy's drops and the quarantine.
+fn data(doc: &mut Doc, ctx: &StageContext) -> Result<()> {
+    let (ingest, norm, split) = (ctx.upstream("ingest")?, ctx.upstream("normalise")?, ctx.upstream("split")?);
+    let counts = read_parquet(&split.file("counts.parquet"))?;
+    let (cn, cc, cs) = (strs(&counts, "split")?, counts.column("cases")?.u64()?.clone(), counts.column("slices")?.u64()?.clone());
+    doc.heading(2, "Data");
+    doc.para(&[plain("Patient-level split ("), code(chain(split)), plain("); augmentation touched the train split only.")]);
+    let rows: Vec<Vec<String>> = (0..cn.len()).map(|i| vec![cn[i].clone(), cc.get(i).unwrap_or(0).to_string(), cs.get(i).unwrap_or(0).to_string()]).collect();
+    doc.table(&["split", "patients", "slices"], &rows);
+    let q = read_parquet(&ingest.file("quarantine.parquet"))?;
+    let dropped = norm.manifest.metrics.get("empty_slices_dropped").cloned().unwrap_or_default();
+    doc.para(&[plain(format!("Slices dropped by the slice policy: {dropped}. Quarantined input files: {}.", q.height()))]);
+    if q.height() > 0 {
+        let (qf, qr) = (strs(&q, "file")?, strs(&q, "reason")?);
+        doc.table(&["file", "reason"], &(0..q.height()).map(|i| vec![qf[i].clone(), qr[i].clone()]).collect::<Vec<_>>());
+    }
+    Ok(())
+}
+
+/// Every artifact behind the report, down to each source's raw-data hash.
+fn lineage(doc: &mut Doc, ctx: &StageContext) -> Result<()> {
+    doc.heading(2, "Lineage");
+    doc.para(&[plain("Every number above comes from these artifacts (stage@key); "), code("liverseg lineage STAGE"), plain(" prints each one's params and file hashes.")]);
+    let all = ctx.lineage()?;
+    let mut items: Vec<Text> = all.iter().map(|a| serde_json::to_string(&a.manifest.params).map(|p| code(format!("{} (params {p})", chain(a))))).collect::<std::result::Result<_, _>>()?;
+    for a in all.iter().filter(|a| a.manifest.upstream.is_empty()) {
+        let mut h = blake3::Hasher::new();
+        for r in &a.manifest.raw_inputs {
+            h.update(r.path.as_bytes());
+            h.update(r.blake3.as_bytes());
+        }
+        items.push(plain(if a.manifest.raw_inputs.is_empty() {
+            format!("raw data of {}: none; generated from its params (synthetic phantoms)", key_line(a))
+        } else {
+            format!("raw data of {}: {} files, combined blake3 {}", key_line(a), a.manifest.raw_inputs.len(), &h.finalize().to_hex()[..16])
+        }));
+    }
+    doc.list(&items);
+    Ok(())
 }

@@ -41,6 +41,7 @@ pub static INFO: StageInfo = StageInfo {
     optional_inputs: &[],
     collects: &[],
     per_dataset: false,
+    dataset_requires: &[],
     outputs: &["assignment.parquet", "counts.parquet", "duplicates.parquet"],
     params: SplitParams::SPECS,
     placement: Placement::InProcess,

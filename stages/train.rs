@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::LazyLock;
 
-pub const VERSION: u32 = 1;
+/// 2: no wall-clock budget; trial subsets spread over patients; pruning by
+/// per-epoch medians of completed trials; weights carry their metadata.
+pub const VERSION: u32 = 2;
 
 liverseg_engine::params! {
     pub struct TrainParams {
@@ -24,7 +26,6 @@ liverseg_engine::params! {
         encoder: Encoder = choice "resnet34", "ResNet encoder";
         epochs: i64 = int "12", "maximum epochs";
         patience: i64 = int "5", "early stopping: epochs without a lower validation loss";
-        time_budget_min: f64 = float "0", "stop starting new epochs after this many minutes of training (0 = no limit)";
         batch_size: usize = int "16", "batch size";
         lr: f64 = float "1e-3", "learning rate";
         weight_decay: f64 = float "0", "weight decay (L2 for adam/sgd/rmsprop, decoupled for adamw)";
@@ -35,13 +36,13 @@ liverseg_engine::params! {
         schedule: Schedule = choice "constant", "learning-rate schedule";
         online_flip: bool = bool "false", "also mirror training batches at random (online augmentation)";
         use_augmented: bool = bool "true", "train on the augment stage's copies too";
-        max_train_slices: usize = int "0", "use at most this many training slices (0 = all), for cheap trials";
+        max_train_slices: usize = int "0", "use at most this many training slices (0 = all), spread evenly over the training patients, with their augmented copies; for cheap trials";
         init_weights: String = str "''", "safetensors file (smp names) to start from, e.g. exported ImageNet encoder weights";
         seed: i64 = int "0", "seed for initialisation, order and dropout";
         save_model: bool = bool "true", "write model.safetensors (tune trials skip it)";
-        prune_epoch: i64 = int "0", "median pruning: check at this epoch (0 = never); set by tune";
-        prune_threshold: f64 = float "0", "median pruning: stop if the objective at prune_epoch is worse than this";
-        prune_metric: Objective = choice "val_loss", "objective checked by pruning";
+        prune_medians: Vec<f64> = floats "[]", "median pruning (set by tune): the median objective of completed trials after each epoch; worse than it, a trial stops";
+        prune_warmup: i64 = int "0", "median pruning: epochs a trial runs before it can be pruned (Optuna's n_warmup_steps)";
+        prune_metric: Objective = choice "val_loss", "objective checked by pruning (val_dice is maximised)";
         threads: i64 = int "0", "CPU threads (0 = all cores)";
         device: Device = choice "auto", "auto = CUDA when available";
         bf16: bool = bool "false", "CUDA only: bf16 autocast";
@@ -68,6 +69,7 @@ pub static TRAIN: StageInfo = StageInfo {
     optional_inputs: &["tune"],
     collects: &[],
     per_dataset: false,
+    dataset_requires: &[],
     outputs: OUTPUTS,
     params: TrainParams::SPECS,
     placement: Placement::Worker,
@@ -110,6 +112,9 @@ impl Stage for Train {
 pub struct ModelCard {
     pub spec: ModelSpecCard,
     pub size: i64,
+    /// The intensity unit of the training data: `HU` (CT windowed with
+    /// `window`) or `8bit` (exported 0..255 images, scaled by /255 or min-max).
+    pub unit: String,
     pub window: Vec<f64>,
     pub minmax_8bit: bool,
     pub parameters: i64,
@@ -127,12 +132,51 @@ pub struct ModelSpecCard {
     pub classes: i64,
 }
 
+/// The metadata key of model.safetensors that holds the model card.
+pub const CARD_METADATA: &str = "liverseg.model_card";
+
 impl ModelCard {
-    /// model.json of a trained model folder.
+    /// model.json of a trained model folder, or else the card in the
+    /// metadata of its model.safetensors (the weights file alone).
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("model.json");
-        let bytes = std::fs::read(&path).with_context(|| format!("{}: no model.json (not a trained model)", dir.display()))?;
+        if !path.is_file() {
+            return Self::from_weights(&dir.join("model.safetensors"));
+        }
+        let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
         serde_json::from_slice(&bytes).with_context(|| format!("{}: not a model card", path.display()))
+    }
+
+    /// The card stored in a weights file's metadata.
+    pub fn from_weights(weights: &Path) -> Result<Self> {
+        if !weights.is_file() {
+            bail!("no model at {}", weights.parent().unwrap_or(weights).display());
+        }
+        let meta = liverseg_engine::tensors::metadata(weights)?;
+        let card = meta.get(CARD_METADATA).with_context(|| format!("{}: no model card in its metadata (not a liverseg model)", weights.display()))?;
+        serde_json::from_str(card).with_context(|| format!("{}: bad model card in its metadata", weights.display()))
+    }
+}
+
+/// Why training stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// No lower validation loss for `patience` epochs.
+    EarlyStop,
+    /// `epochs` were run.
+    MaxEpochs,
+    /// Worse than the median of completed trials (tune).
+    Pruned,
+}
+
+impl StopReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            StopReason::EarlyStop => "early_stop",
+            StopReason::MaxEpochs => "max_epochs",
+            StopReason::Pruned => "pruned",
+        }
     }
 }
 
@@ -141,7 +185,7 @@ mod training {
     //! The training loop: data, model, epochs with early stopping and
     //! checkpoints, and the artifact.
 
-    use super::{ModelCard, ModelSpecCard, TrainParams};
+    use super::{ModelCard, ModelSpecCard, StopReason, TrainParams, CARD_METADATA};
     use crate::augment::AugmentedSet;
     use crate::normalise::NormalisedSet;
     use crate::split::{Part, SplitAssignment};
@@ -149,6 +193,7 @@ mod training {
     use anyhow::{anyhow, bail, Context, Result};
     use liverseg_engine::stage::{StageContext, Summary};
     use liverseg_engine::tables::write_parquet;
+    use liverseg_engine::tensors::{write_with_metadata, NamedTensor};
     use liverseg_model::confusion::Confusion;
     use liverseg_model::fit::{self, EpochStats};
     use liverseg_model::loader::SliceSet;
@@ -220,7 +265,7 @@ mod training {
         run.resume()?;
         let started = Instant::now();
         let (train_set, val_set) = (Arc::new(data.train), Arc::new(data.val));
-        while run.should_continue()? {
+        while run.stop_reason().is_none() {
             run.epoch(&train_set, &val_set)?;
         }
         run.say_why_it_stopped();
@@ -235,7 +280,9 @@ mod training {
         if ctx.show_progress {
             eprintln!("{}: using tuned parameters from tune@{}", ctx.stage.name, t.key);
         }
-        merged.typed()
+        let typed = merged.typed()?;
+        ctx.record_effective_params(merged);
+        Ok(typed)
     }
 
     /// The slices training reads: the train split (at most max_train_slices)
@@ -253,19 +300,21 @@ mod training {
             let norm = NormalisedSet::open(ctx.upstream("normalise")?)?;
             let assignment = SplitAssignment::read(ctx.upstream("split")?)?;
             assignment.check_covers(&norm)?;
-            let mut train_rows = assignment.rows(Part::Train);
-            if p.max_train_slices > 0 {
-                train_rows.truncate(p.max_train_slices);
-            }
+            let train_rows = spread(assignment.rows(Part::Train), p.max_train_slices);
             let (mut ti, mut tm) = norm.select(&train_rows);
             let (vi, vm) = norm.select(&assignment.rows(Part::Val));
             let size = norm.size;
             if p.use_augmented {
+                // The augmented copies of the chosen slices, by their source row.
                 let aug = AugmentedSet::open(ctx.upstream("augment")?)?;
-                let keep = if p.max_train_slices == 0 { aug.n } else { aug.n.min(p.max_train_slices * 2) };
+                let chosen: std::collections::BTreeSet<usize> = train_rows.iter().copied().collect();
                 let px = size * size;
-                ti.extend_from_slice(&aug.images()[..keep * px]);
-                tm.extend_from_slice(&aug.masks()[..keep * px]);
+                for (j, src) in aug.source_idx.iter().enumerate() {
+                    if chosen.contains(src) {
+                        ti.extend_from_slice(&aug.images()[j * px..(j + 1) * px]);
+                        tm.extend_from_slice(&aug.masks()[j * px..(j + 1) * px]);
+                    }
+                }
             }
             let (train, val) = (SliceSet { images: ti, masks: tm, size }, SliceSet { images: vi, masks: vm, size });
             if train.len() < 2 || val.is_empty() {
@@ -273,6 +322,15 @@ mod training {
             }
             Ok(TrainingData { train, val, size, norm })
         }
+    }
+
+    /// At most `max` of `rows` (0 = all), evenly spaced, so that a subset of
+    /// the training slices (rows in case order) spans the training patients.
+    fn spread(rows: Vec<usize>, max: usize) -> Vec<usize> {
+        if max == 0 || rows.len() <= max {
+            return rows;
+        }
+        (0..max).map(|i| rows[i * rows.len() / max]).collect()
     }
 
     impl<'a> Run<'a> {
@@ -313,13 +371,16 @@ mod training {
                 }
             }
             // A resumed trial that had already been pruned stays pruned.
-            let pe = self.p.prune_epoch;
-            if pe > 0 {
-                if let Some(r) = self.progress.rows.get(pe as usize - 1) {
-                    self.pruned = self.objective(r) > self.p.prune_threshold;
-                }
-            }
+            self.pruned = self.progress.rows.iter().any(|r| self.prunes(r));
             Ok(())
+        }
+
+        /// Median pruning: after the warm-up, worse than the median of
+        /// completed trials at the same epoch.
+        fn prunes(&self, r: &EpochRow) -> bool {
+            let Some(&median) = self.p.prune_medians.get(r.epoch as usize - 1) else { return false };
+            let median = self.p.prune_metric.to_minimise(median, median);
+            r.epoch > self.p.prune_warmup && self.objective(r) > median
         }
 
         fn objective(&self, r: &EpochRow) -> f64 {
@@ -329,14 +390,18 @@ mod training {
             }
         }
 
-        fn spent(&self) -> f64 {
-            self.progress.rows.iter().map(|r| r.seconds).sum()
-        }
-
-        fn should_continue(&self) -> Result<bool> {
+        /// Why training stops now, or None to go on.
+        fn stop_reason(&self) -> Option<StopReason> {
             let (p, prog) = (&self.p, &self.progress);
-            let budget_s = p.time_budget_min * 60.0;
-            Ok(!self.pruned && prog.epochs_done < p.epochs && prog.bad_epochs < p.patience && (budget_s <= 0.0 || self.spent() < budget_s))
+            if self.pruned {
+                Some(StopReason::Pruned)
+            } else if prog.bad_epochs >= p.patience {
+                Some(StopReason::EarlyStop)
+            } else if prog.epochs_done >= p.epochs {
+                Some(StopReason::MaxEpochs)
+            } else {
+                None
+            }
         }
 
         /// One epoch: train, validate, keep the best weights, schedule the
@@ -366,15 +431,11 @@ mod training {
             self.plateau();
             self.progress.epochs_done = epoch;
             self.progress.step = self.opt.step;
-            let objective = self.objective(&row);
+            self.pruned = self.prunes(&row);
             self.progress.rows.push(row);
             write_checkpoint(&self.ctx.scratch_dir, &self.vs, &self.best, &self.opt, &self.progress)?;
-            // Median pruning (tune): worse than the earlier trials' median at this epoch.
-            if self.p.prune_epoch > 0 && epoch == self.p.prune_epoch && objective > self.p.prune_threshold {
-                self.pruned = true;
-                if self.ctx.show_progress {
-                    eprintln!("pruned at epoch {epoch}: {} worse than the median of earlier trials", self.p.prune_metric);
-                }
+            if self.pruned && self.ctx.show_progress {
+                eprintln!("pruned at epoch {epoch}: {} worse than the median of completed trials", self.p.prune_metric);
             }
             Ok(())
         }
@@ -429,15 +490,8 @@ mod training {
         }
 
         fn say_why_it_stopped(&self) {
-            let (p, prog) = (&self.p, &self.progress);
-            if !self.ctx.show_progress {
-                return;
-            }
-            let budget_s = p.time_budget_min * 60.0;
-            if prog.bad_epochs >= p.patience {
-                eprintln!("early stopping: no lower validation loss for {} epochs", p.patience);
-            } else if budget_s > 0.0 && self.spent() >= budget_s && prog.epochs_done < p.epochs {
-                eprintln!("time budget of {:.0} min reached after {} epochs", budget_s / 60.0, prog.epochs_done);
+            if self.ctx.show_progress && self.stop_reason() == Some(StopReason::EarlyStop) {
+                eprintln!("early stopping: no lower validation loss for {} epochs", self.p.patience);
             }
         }
 
@@ -446,15 +500,14 @@ mod training {
         fn finish(self, norm: &NormalisedSet, started: Instant) -> Result<Summary> {
             let ctx = self.ctx;
             fit::restore(&self.vs, &self.best, "")?;
-            if self.p.save_model {
-                weights::save(&self.vs, &ctx.out("model.safetensors"), self.opt.step)?;
-            }
+            let stop = self.stop_reason().unwrap_or(StopReason::MaxEpochs);
             let rows = &self.progress.rows;
-            write_metrics(ctx, rows)?;
+            write_metrics(ctx, rows, stop)?;
             let parameters = trainable_parameters(&self.vs);
             let card = ModelCard {
                 spec: ModelSpecCard { arch: self.p.arch, encoder: self.p.encoder, in_channels: 1, classes: 2 },
                 size: norm.size as i64,
+                unit: norm.unit().to_owned(),
                 window: norm.params.window.clone(),
                 minmax_8bit: norm.params.minmax_8bit,
                 parameters,
@@ -463,12 +516,17 @@ mod training {
                 train_stage_key: ctx.key.to_owned(),
             };
             std::fs::write(ctx.out("model.json"), serde_json::to_vec_pretty(&card)?)?;
+            if self.p.save_model {
+                self.save_weights(&card)?;
+            }
             let mut s = Summary::new();
             s.insert("parameters".into(), parameters.into());
             s.insert("epochs_run".into(), (rows.len() as i64).into());
+            s.insert("stop_reason".into(), stop.name().into());
             s.insert("best_epoch".into(), self.progress.best_epoch.into());
             s.insert("best_val_loss".into(), json_f(self.progress.best_loss));
             if let Some(r) = rows.iter().find(|r| r.epoch == self.progress.best_epoch) {
+                s.insert("train_loss".into(), json_f(r.train_loss));
                 s.insert("val_dice".into(), json_f(r.val_dice));
                 s.insert("val_miou".into(), json_f(r.val_miou));
                 s.insert("val_pa".into(), json_f(r.val_pa));
@@ -483,6 +541,31 @@ mod training {
                 s.insert(format!("used.{k}"), used[k].clone());
             }
             Ok(s)
+        }
+    }
+
+    impl Run<'_> {
+        /// model.safetensors with smp's names, and in its metadata the key,
+        /// the params that ran, the network and the preprocessing, so the
+        /// weights file alone says how to use it.
+        fn save_weights(&self, card: &ModelCard) -> Result<()> {
+            let ctx = self.ctx;
+            let tensors: Vec<NamedTensor> = weights::state_dict(&self.vs, self.opt.step)?
+                .into_iter()
+                .map(|t| NamedTensor::new(&t.name, if t.is_f32 { safetensors::Dtype::F32 } else { safetensors::Dtype::I64 }, t.shape, t.bytes))
+                .collect();
+            let mut meta: BTreeMap<String, String> = ctx.provenance().into_iter().collect();
+            let effective = ctx.effective().unwrap_or_else(|| ctx.params.clone());
+            meta.insert("liverseg.effective_params".into(), effective.canonical_json());
+            meta.insert(CARD_METADATA.into(), serde_json::to_string(card)?);
+            meta.insert("arch".into(), card.spec.arch.name().into());
+            meta.insert("encoder".into(), card.spec.encoder.name().into());
+            meta.insert("input_size".into(), card.size.to_string());
+            meta.insert("input_unit".into(), card.unit.clone());
+            meta.insert("window".into(), serde_json::to_string(&card.window)?);
+            meta.insert("minmax_8bit".into(), card.minmax_8bit.to_string());
+            meta.insert("scaling".into(), "HU window mapped to [0, 1] (8-bit: /255, or each image's min..max when minmax_8bit), bilinear resize to input_size²".into());
+            write_with_metadata(&ctx.out("model.safetensors"), &tensors, &meta)
         }
     }
 
@@ -506,7 +589,7 @@ mod training {
         }
     }
 
-    fn write_metrics(ctx: &StageContext, rows: &[EpochRow]) -> Result<()> {
+    fn write_metrics(ctx: &StageContext, rows: &[EpochRow], stop: StopReason) -> Result<()> {
         let col_f = |f: fn(&EpochRow) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
         let mut df = DataFrame::new_infer_height(vec![
             Column::new("epoch".into(), rows.iter().map(|r| r.epoch).collect::<Vec<_>>()),
@@ -523,6 +606,8 @@ mod training {
             Column::new("val_dice".into(), col_f(|r| r.val_dice)),
             Column::new("seconds".into(), col_f(|r| r.seconds)),
             Column::new("train_images_per_s".into(), col_f(|r| r.train_images_per_s)),
+            // Why training stopped, on the last epoch's row.
+            Column::new("stop_reason".into(), (0..rows.len()).map(|i| (i + 1 == rows.len()).then(|| stop.name())).collect::<Vec<_>>()),
         ])?;
         write_parquet(&ctx.out("metrics.parquet"), &mut df, &ctx.provenance())
     }

@@ -17,15 +17,17 @@ use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary}
 use liverseg_engine::store::Artifact;
 use liverseg_engine::tables::{read_parquet, write_parquet};
 use liverseg_engine::worker::WorkerRequest;
-use liverseg_recipe::{choices, Encoder, Objective};
+use liverseg_recipe::{choices, Arch, Encoder, Objective};
 use liverseg_search::{sampler, Point, Sampler, Space};
 use polars::prelude::{Column, DataFrame};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
-pub const VERSION: u32 = 1;
-const TRIAL_VERSION: u32 = 1;
+/// 2: pruning as Optuna's MedianPruner, typed trial columns, trial subsets across patients, arch.
+pub const VERSION: u32 = 2;
+/// 2: the train stage's version 2 (no time budget, spread subsets, per-epoch medians).
+const TRIAL_VERSION: u32 = 2;
 
 choices!(
     /// Whether and how trials are stopped early.
@@ -34,18 +36,20 @@ choices!(
 
 liverseg_engine::params! {
     pub struct TuneParams {
-        strategies: Vec<String> = strs "[random, bayes]", "search strategies, each run with the same budget";
-        budget: usize = int "4", "trials per strategy";
+        strategies: Vec<String> = strs "[random, bayes]", "search strategies, each run with the same budget: random, bayes (TPE), gp (Gaussian process, expected improvement)";
+        budget: usize = int "8", "trials per strategy";
         seed: u64 = int "0", "search seed";
-        startup: usize = int "3", "bayes: random trials before the model takes over";
+        startup: usize = int "3", "bayes, gp: random trials before the model takes over (must be below budget)";
+        arch: Arch = choice "deeplabv3plus", "architecture trained in trials (tune one per model: its best params feed that model)";
         space: Value = any "{lr: {log_uniform: [1.0e-4, 1.0e-2]}, batch_size: {choice: [8, 16]}, optimizer: {choice: [adam, adamw, sgd, rmsprop]}, weight_decay: {log_uniform: [1.0e-6, 1.0e-3]}, loss: {choice: [ce, dice, ce_dice]}}",
             "search space: name -> {log_uniform|uniform: [low, high]} or {choice: [...]}";
         objective: Objective = choice "val_dice", "maximise validation Dice, or minimise validation loss (only comparable when every trial uses the same loss)";
         trial_epochs: i64 = int "2", "epochs per trial (the cheap trial setting)";
         trial_max_slices: i64 = int "64", "training slices per trial (0 = all)";
         trial_encoder: Encoder = choice "resnet34", "encoder trained in trials";
-        prune: Prune = choice "median", "stop a trial worse than the median of earlier trials at prune_epoch";
-        prune_epoch: i64 = int "1", "epoch at which pruning compares";
+        prune: Prune = choice "median", "stop a trial worse than the median of completed trials at the same epoch (Optuna's MedianPruner)";
+        prune_startup: usize = int "2", "completed trials before pruning starts (n_startup_trials)";
+        prune_warmup: i64 = int "0", "epochs a trial runs before it can be pruned (n_warmup_steps)";
         parallel: usize = int "1", "trials run at once (each a worker process)";
         threads: i64 = int "0", "CPU threads per trial (0 = all cores / parallel)";
     }
@@ -59,6 +63,7 @@ pub static INFO: StageInfo = StageInfo {
     optional_inputs: &[],
     collects: &[],
     per_dataset: false,
+    dataset_requires: &[],
     outputs: &["trials.parquet", "best.json"],
     params: TuneParams::SPECS,
     placement: Placement::InProcess,
@@ -128,8 +133,17 @@ impl Stage for Tune {
         if p.strategies.is_empty() {
             bail!("tune.strategies: empty");
         }
+        if p.budget == 0 || p.parallel == 0 {
+            bail!("tune.budget and tune.parallel must be at least 1");
+        }
+        if p.trial_epochs < 1 {
+            bail!("tune.trial_epochs must be at least 1");
+        }
         for s in &p.strategies {
             sampler(s, space.clone(), p.seed, p.startup)?;
+            if s != "random" && p.budget <= p.startup {
+                bail!("tune.budget ({}) must exceed tune.startup ({}), or the `{s}` strategy never gets a trial of its own (every trial would be a random start-up trial)", p.budget, p.startup);
+            }
         }
         Ok(())
     }
@@ -180,7 +194,7 @@ impl Study<'_> {
         let (mut ran, mut reused) = (0, 0);
         while done.len() < p.budget {
             let batch: Vec<Point> = (0..p.parallel.max(1).min(p.budget - done.len())).map(|_| s.ask()).collect();
-            let prune = self.prune_threshold(&done);
+            let prune = self.prune_medians(&done);
             for (t, pt) in self.run_batch(&batch, prune)?.into_iter().zip(batch) {
                 let (t, cached) = t;
                 if cached { reused += 1 } else { ran += 1 }
@@ -202,20 +216,28 @@ impl Study<'_> {
         Ok((done, ran, reused))
     }
 
-    /// The median pruning threshold from trials finished before this batch.
-    fn prune_threshold(&self, done: &[TrialResult]) -> Option<(i64, f64)> {
-        let epoch = self.p.prune_epoch;
-        if self.p.prune != Prune::Median || epoch <= 0 {
-            return None;
+    /// Optuna's MedianPruner: the median objective of the trials completed
+    /// (not pruned) before this batch, after each epoch; none until
+    /// `prune_startup` trials have completed.
+    fn prune_medians(&self, done: &[TrialResult]) -> Vec<f64> {
+        let completed: Vec<&TrialResult> = done.iter().filter(|t| !t.pruned).collect();
+        if self.p.prune != Prune::Median || completed.len() < self.p.prune_startup.max(1) {
+            return Vec::new();
         }
-        let mut at_k: Vec<f64> = done.iter().filter_map(|t| t.curve.get(epoch as usize - 1).copied()).collect();
-        median(&mut at_k).map(|m| (epoch, m))
+        // Epochs some completed trial reached (one stopped early has a shorter curve).
+        (0..self.p.trial_epochs as usize)
+            .map_while(|e| {
+                let mut at_e: Vec<f64> = completed.iter().filter_map(|t| t.curve.get(e).copied()).collect();
+                median(&mut at_e)
+            })
+            .collect()
     }
 
     /// The train-stage params of one trial.
-    fn trial_params(&self, point: &Point, prune: Option<(i64, f64)>) -> Result<Params> {
+    fn trial_params(&self, point: &Point, prune: &[f64]) -> Result<Params> {
         let p = self.p;
         let mut tp = liverseg_engine::config::defaults("train", TrainParams::SPECS.iter())?;
+        tp.0.insert("arch".into(), json!(p.arch));
         tp.0.insert("encoder".into(), json!(p.trial_encoder));
         tp.0.insert("epochs".into(), p.trial_epochs.into());
         tp.0.insert("max_train_slices".into(), p.trial_max_slices.into());
@@ -224,10 +246,9 @@ impl Study<'_> {
         tp.0.insert("device".into(), "auto".into());
         tp.0.insert("save_model".into(), false.into());
         tp.0.insert("prune_metric".into(), json!(p.objective));
-        if let Some((epoch, threshold)) = prune {
-            tp.0.insert("prune_epoch".into(), epoch.into());
-            tp.0.insert("prune_threshold".into(), json!(threshold));
-        }
+        tp.0.insert("prune_warmup".into(), p.prune_warmup.into());
+        // As reported (Dice as Dice); the trial turns them back into its minimised sense.
+        tp.0.insert("prune_medians".into(), json!(prune.iter().map(|m| p.objective.reported(*m)).collect::<Vec<f64>>()));
         for (k, v) in point {
             // Choices come back as YAML values; integers stay integers.
             tp.0.insert(k.clone(), v.clone());
@@ -236,13 +257,13 @@ impl Study<'_> {
     }
 
     /// Run the trials of one batch (cached ones are reused); returns (result, cached) each.
-    fn run_batch(&self, batch: &[Point], prune: Option<(i64, f64)>) -> Result<Vec<(TrialResult, bool)>> {
+    fn run_batch(&self, batch: &[Point], prune: Vec<f64>) -> Result<Vec<(TrialResult, bool)>> {
         let ctx = self.ctx;
         let trials = ctx.sub_artifacts("trial")?;
         let mut out: Vec<Option<(TrialResult, bool)>> = Vec::new();
         let mut todo = Vec::new();
         for pt in batch {
-            let params = self.trial_params(pt, prune)?;
+            let params = self.trial_params(pt, &prune)?;
             let key = stage_key(&KeyInputs { stage: "trial", version: TRIAL_VERSION, params_json: &params.canonical_json(), upstream: &self.upstream, raw_files: &[] });
             match trials.get(&key)? {
                 Some(a) => out.push(Some((read_result(&a)?, true))),
@@ -272,7 +293,7 @@ impl Study<'_> {
         let started = liverseg_engine::store::now_unix();
         let results = ctx.executor.run_batch(&reqs, self.p.parallel);
         for ((slot, key, params, point), (req, summary)) in todo.into_iter().zip(reqs.iter().zip(results)) {
-            let summary = summary.with_context(|| format!("trial {key} failed"))?;
+            let summary = summary.with_context(|| format!("trial {key} failed"))?.summary;
             let result = trial_result(&req.out_dir, &key, point, &summary, self.p.objective)?;
             std::fs::write(req.out_dir.join("result.json"), serde_json::to_vec_pretty(&result)?)?;
             trials.commit(&req.out_dir, &key, TRIAL_VERSION, &params, self.upstream.clone(), summary, started)?;
@@ -325,13 +346,26 @@ fn best_of(rows: &[(String, usize, TrialResult)], p: &TuneParams) -> Result<Tune
     Ok(TuneBest { objective: p.objective.name().to_owned(), value: p.objective.reported(best.2.best), strategy: best.0.clone(), trial: best.1, params: best.2.point.clone(), per_strategy })
 }
 
+/// A trial parameter as a column of its own type: float for ranges, int
+/// or float for numeric choices, plain strings for the rest.
+fn typed_column(name: &str, dim: &liverseg_search::Dim, values: &[Option<&Value>]) -> Column {
+    use liverseg_search::Dim;
+    let all = |f: fn(&Value) -> bool| values.iter().flatten().all(|v| f(v));
+    match dim {
+        Dim::Choice(_) if all(Value::is_i64) => Column::new(name.into(), values.iter().map(|v| v.and_then(Value::as_i64)).collect::<Vec<_>>()),
+        Dim::Choice(_) if !all(Value::is_number) => Column::new(name.into(), values.iter().map(|v| v.map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string()))).collect::<Vec<_>>()),
+        _ => Column::new(name.into(), values.iter().map(|v| v.and_then(Value::as_f64)).collect::<Vec<_>>()),
+    }
+}
+
 fn write_trials(ctx: &StageContext, rows: &[(String, usize, TrialResult)], space: &Space, objective: Objective) -> Result<()> {
     let mut cols = vec![
         Column::new("strategy".into(), rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>()),
         Column::new("trial".into(), rows.iter().map(|r| r.1 as u64).collect::<Vec<_>>()),
     ];
-    for name in space.0.keys() {
-        cols.push(Column::new(format!("param_{name}").into(), rows.iter().map(|r| r.2.point.get(name).map(|v| v.to_string()).unwrap_or_default()).collect::<Vec<_>>()));
+    for (name, dim) in &space.0 {
+        let values: Vec<Option<&Value>> = rows.iter().map(|r| r.2.point.get(name)).collect();
+        cols.push(typed_column(&format!("param_{name}"), dim, &values));
     }
     cols.extend([
         Column::new("objective".into(), rows.iter().map(|r| objective.reported(r.2.best)).collect::<Vec<_>>()),

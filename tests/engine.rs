@@ -150,7 +150,7 @@ fn stage_command_and_gc() {
 /// Stages an `external:` dataset needs (ingest, normalise, evaluate).
 macro_rules! ext_stages {
     () => {
-        "stages:\n  ingest: {}\n  normalise: {deps: [ingest]}\n  split: {deps: [normalise]}\n  augment: {deps: [normalise, split]}\n  train: {deps: [normalise, split, augment]}\n  evaluate: {deps: [normalise, split, train]}\n"
+        "stages:\n  ingest: {}\n  normalise: {deps: [ingest]}\n  split: {deps: [normalise]}\n  augment: {deps: [normalise, split]}\n  train: {deps: [normalise, split, augment]}\n  evaluate: {deps: [ingest, normalise, split, train]}\n"
     };
 }
 const EXT_STAGES: &str = ext_stages!();
@@ -166,7 +166,7 @@ fn external_datasets_become_stage_instances() {
     let dir = project("engine_external", &yaml);
     let dag = ok(&dir, &["dag", "-P", "normalise.size=64"]);
     assert!(dag.contains("normalise.site_b  <- ingest.site_b"), "{dag}");
-    assert!(dag.contains("evaluate  <- normalise, split, train, normalise.site_b"), "{dag}");
+    assert!(dag.contains("evaluate  <- ingest, normalise, split, train, ingest.site_b, normalise.site_b"), "{dag}");
     ok(&dir, &["run", "normalise.site_b", "-q", "-P", "normalise.size=64"]);
     let own = artifacts_of(&dir, "normalise.site_b");
     assert_eq!(own.len(), 1);

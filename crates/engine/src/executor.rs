@@ -5,21 +5,20 @@
 //! submits it as a job. The artifact is committed by the engine either way,
 //! so where a request ran never changes what the store holds.
 
-use super::stage::Summary;
-use super::worker::WorkerRequest;
+use super::worker::{WorkerOutput, WorkerRequest};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::PathBuf;
 
 pub trait Executor: Send + Sync {
-    /// Run one request to completion and return the summary it wrote.
-    fn run(&self, req: &WorkerRequest) -> Result<Summary>;
+    /// Run one request to completion and return what it wrote.
+    fn run(&self, req: &WorkerRequest) -> Result<WorkerOutput>;
 
     /// Run independent requests (the trials of one search batch), at most
     /// `parallel` at a time; results in request order.
-    fn run_batch(&self, reqs: &[WorkerRequest], parallel: usize) -> Vec<Result<Summary>> {
-        let mut out: Vec<Result<Summary>> = Vec::with_capacity(reqs.len());
+    fn run_batch(&self, reqs: &[WorkerRequest], parallel: usize) -> Vec<Result<WorkerOutput>> {
+        let mut out: Vec<Result<WorkerOutput>> = Vec::with_capacity(reqs.len());
         for chunk in reqs.chunks(parallel.max(1)) {
-            let results: Vec<Result<Summary>> = std::thread::scope(|scope| {
+            let results: Vec<Result<WorkerOutput>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = chunk.iter().map(|r| scope.spawn(move || self.run(r))).collect();
                 handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("worker thread panicked")))).collect()
             });
@@ -33,14 +32,14 @@ pub trait Executor: Send + Sync {
 pub struct Local;
 
 impl Executor for Local {
-    fn run(&self, req: &WorkerRequest) -> Result<Summary> {
+    fn run(&self, req: &WorkerRequest) -> Result<WorkerOutput> {
         let req_path = req.write()?;
         let status = worker_command()?.arg("stage").arg(&req_path).status().context("cannot start the liverseg-torch worker")?;
         std::fs::remove_file(&req_path).ok();
         if !status.success() {
             bail!("worker for stage `{}` failed ({status})", req.stage);
         }
-        req.take_summary()
+        req.take_output()
     }
 }
 

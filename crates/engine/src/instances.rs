@@ -1,9 +1,9 @@
 //! Stage instances: one registered stage run under several names.
 //!
 //! - `uses: STAGE` and `foreach:` in pipeline.yaml declare them by hand.
-//! - Extra datasets (`external:`) instantiate every stage whose info says it
-//!   runs per dataset (`per_dataset`), from the source stage down, as
-//!   `STAGE.DATASET`; stages whose info `collects` such a stage depend on all
+//! - Extra datasets (`external:`) instantiate every stage (declared under its
+//!   registered name) whose info says it runs per dataset (`per_dataset`),
+//!   from the source stage down, as `STAGE.DATASET`; stages whose info `collects` such a stage depend on all
 //!   of its dataset instances.
 //! - An instance is presented to the stages that read it under the name of
 //!   the stage it uses (`ingest.site_b` is read as `ingest`), unless the
@@ -19,7 +19,9 @@ use std::collections::BTreeMap;
 
 /// Add the per-dataset instances for each extra dataset.
 pub fn add_datasets(stages: &mut Vec<ResolvedStage>, datasets: &Mapping, f: &str, registry: &[Box<dyn Stage>]) -> Result<()> {
-    let per_dataset = |s: &ResolvedStage| find(registry, &s.uses).map(|i| i.info().per_dataset).unwrap_or(false);
+    // Stages declared under their registered name; instances made with
+    // `uses:` or `foreach:` are the user's own and are not multiplied.
+    let per_dataset = |s: &ResolvedStage| s.name == s.uses && find(registry, &s.uses).map(|i| i.info().per_dataset).unwrap_or(false);
     // The per-dataset chain: the source, then stages whose deps are all in the chain.
     let mut chain: Vec<usize> = Vec::new();
     for (i, s) in stages.iter().enumerate() {
@@ -45,7 +47,8 @@ pub fn add_datasets(stages: &mut Vec<ResolvedStage>, datasets: &Mapping, f: &str
             let s = &stages[i];
             let mut params = s.params.clone();
             if i == source {
-                params = dataset_params(&params, source_specs, &s.uses, as_mapping(v, &place)?, &place)?;
+                let required = find(registry, &s.uses)?.info().dataset_requires;
+                params = dataset_params(&params, source_specs, required, &s.uses, as_mapping(v, &place)?, &place)?;
             }
             let deps: Vec<String> = s.deps.iter().map(|d| format!("{d}.{dataset}")).collect();
             added.push(ResolvedStage { name: format!("{}.{dataset}", s.name), uses: s.uses.clone(), deps, upstream_as: BTreeMap::new(), params });
@@ -64,11 +67,11 @@ pub fn add_datasets(stages: &mut Vec<ResolvedStage>, datasets: &Mapping, f: &str
 
 /// The source stage's params for one dataset: the pipeline's own settings,
 /// every `data.*` key back at its default, then the dataset's entry.
-fn dataset_params(own: &super::params::Params, specs: &[super::params::ParamSpec], stage: &str, entry: &Mapping, place: &str) -> Result<super::params::Params> {
+fn dataset_params(own: &super::params::Params, specs: &[super::params::ParamSpec], required: &[&str], stage: &str, entry: &Mapping, place: &str) -> Result<super::params::Params> {
     let mut params = own.clone();
     params.0.extend(defaults(stage, specs.iter().filter(|s| s.name.starts_with(DATA_PREFIX)))?.0);
-    if !entry.contains_key("source") {
-        bail!("{place}: needs `source` (and `root`, the dataset folder, unless synthetic)");
+    if let Some(missing) = required.iter().find(|k| !entry.contains_key(**k)) {
+        bail!("{place}: needs `{missing}`");
     }
     for (dk, dv) in entry {
         let dk = key_str(dk, place)?;

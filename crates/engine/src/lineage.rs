@@ -47,6 +47,9 @@ fn render(store: &Store, a: &Artifact, depth: usize, out: &mut String) -> Result
     let m = &a.manifest;
     writeln!(out, "{pad}{} @ {}  (version {}, ran {} for {:.1} s, liverseg {})", m.stage, m.key, m.version, m.started_utc, m.duration_s, m.liverseg_version)?;
     writeln!(out, "{pad}  params: {}", serde_json::to_string(&m.params)?)?;
+    if let Some(e) = &m.effective_params {
+        writeln!(out, "{pad}  effective params (what ran): {}", serde_json::to_string(e)?)?;
+    }
     for (name, f) in &m.outputs {
         writeln!(out, "{pad}  output {name}  {} B  blake3 {}", f.size, &f.blake3[..16])?;
     }

@@ -63,20 +63,12 @@ impl Pipeline {
         self.stages.iter().map(|s| s.name.clone()).collect()
     }
 
-    /// The DAG as text, or as Graphviz dot.
-    pub fn render(&self, dot: bool) -> String {
+    /// The DAG as text, or as Graphviz dot with each stage's outputs
+    /// (`outputs` gives them for a registered stage name).
+    pub fn render(&self, dot: bool, outputs: impl Fn(&str) -> Vec<String>) -> String {
         use std::fmt::Write;
         let mut out = String::new();
-        if dot {
-            out.push_str("digraph liverseg {\n  rankdir=LR;\n  node [shape=box];\n");
-            for s in &self.stages {
-                let _ = writeln!(out, "  \"{}\";", s.name);
-                for d in &s.deps {
-                    let _ = writeln!(out, "  \"{d}\" -> \"{}\";", s.name);
-                }
-            }
-            out.push_str("}\n");
-        } else {
+        if !dot {
             for s in &self.stages {
                 if s.deps.is_empty() {
                     let _ = writeln!(out, "{}  (source)", s.name);
@@ -84,7 +76,17 @@ impl Pipeline {
                     let _ = writeln!(out, "{}  <- {}", s.name, s.deps.join(", "));
                 }
             }
+            return out;
         }
+        out.push_str("digraph liverseg {\n  rankdir=LR;\n  node [shape=box, fontname=\"sans-serif\", fontsize=11];\n");
+        for s in &self.stages {
+            let files = outputs(&s.uses).join("\\n").replace('"', "'");
+            let _ = writeln!(out, "  \"{0}\" [label=\"{0}\\n{files}\"];", s.name);
+            for d in &s.deps {
+                let _ = writeln!(out, "  \"{d}\" -> \"{}\";", s.name);
+            }
+        }
+        out.push_str("}\n");
         out
     }
 }

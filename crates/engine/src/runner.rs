@@ -167,6 +167,7 @@ impl<'r> Engine<'r> {
             lock: Some(lock),
             executor: self.executor.as_ref(),
             children: Default::default(),
+            effective_params: Default::default(),
         };
         self.say(&format!("running {:<10} {}", s.name, p.key));
         let started = now_unix();
@@ -189,6 +190,7 @@ impl<'r> Engine<'r> {
             key: p.key.clone(),
             version: imp.info().version,
             params: serde_json::to_value(&s.params.0)?,
+            effective_params: ctx.effective().map(|e| serde_json::to_value(&e.0)).transpose()?,
             upstream: p.upstream.clone(),
             outputs: BTreeMap::new(),
             raw_inputs: p.raw_files.clone(),

@@ -37,6 +37,9 @@ pub struct StageInfo {
     /// transform one dataset. Each extra dataset of pipeline.yaml gets its
     /// own instance of these.
     pub per_dataset: bool,
+    /// A source stage's dataset keys that every extra dataset must set
+    /// (without the `data.` prefix).
+    pub dataset_requires: &'static [&'static str],
     /// What it writes into its artifact: a file, `dir/` for a folder, and a
     /// trailing `?` when only some runs write it. Checked after every run.
     pub outputs: &'static [&'static str],
@@ -97,6 +100,9 @@ pub struct StageContext<'a> {
     /// Sub-artifacts this run used, by kind: they go into the manifest, so
     /// `gc` keeps them with the artifact.
     pub children: Mutex<BTreeMap<String, Vec<String>>>,
+    /// The params the stage actually used, where they differ from the
+    /// declared ones (tuned params fed in from upstream).
+    pub effective_params: Mutex<Option<Params>>,
 }
 
 impl StageContext<'_> {
@@ -139,6 +145,17 @@ impl StageContext<'_> {
         super::lineage::ancestry(self.store, self.upstream.values().cloned().collect())
     }
 
+    /// Record the params the stage actually runs with, when they differ from
+    /// the declared ones: the manifest, `lineage` and every file's
+    /// provenance written afterwards show them beside the declared ones.
+    pub fn record_effective_params(&self, params: Params) {
+        *self.effective_params.lock().unwrap_or_else(|e| e.into_inner()) = Some(params);
+    }
+
+    pub fn effective(&self) -> Option<Params> {
+        self.effective_params.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Key-value pairs written into every Parquet table, so a table copied out
     /// of the store still names the stage and keys that produced it.
     pub fn provenance(&self) -> Vec<(String, String)> {
@@ -148,6 +165,9 @@ impl StageContext<'_> {
             ("liverseg.version".to_owned(), self.stage.version.to_string()),
             ("liverseg.params".to_owned(), self.params.canonical_json()),
         ];
+        if let Some(p) = self.effective() {
+            kv.push(("liverseg.effective_params".to_owned(), p.canonical_json()));
+        }
         let upstream: BTreeMap<&str, &str> = self.upstream.iter().map(|(k, a)| (k.as_str(), a.key.as_str())).collect();
         kv.push(("liverseg.upstream".to_owned(), serde_json::to_string(&upstream).unwrap_or_default()));
         kv

@@ -25,6 +25,10 @@ pub struct Manifest {
     pub key: String,
     pub version: u32,
     pub params: serde_json::Value,
+    /// The params the stage actually used, where they differ from `params`
+    /// (tuned params fed in from upstream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_params: Option<serde_json::Value>,
     pub upstream: BTreeMap<String, String>,
     pub outputs: BTreeMap<String, FileEntry>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -233,6 +237,7 @@ impl<'a> SubArtifacts<'a> {
             key: key.to_owned(),
             version,
             params: serde_json::to_value(&params.0)?,
+            effective_params: None,
             upstream,
             outputs: BTreeMap::new(),
             raw_inputs: Vec::new(),

@@ -14,6 +14,9 @@ pub struct NamedTensor {
 }
 
 impl NamedTensor {
+    pub fn new(name: &str, dtype: safetensors::Dtype, shape: Vec<usize>, data: Vec<u8>) -> Self {
+        NamedTensor { name: name.into(), dtype, shape, data }
+    }
     pub fn u8(name: &str, shape: Vec<usize>, data: Vec<u8>) -> Self {
         NamedTensor { name: name.into(), dtype: safetensors::Dtype::U8, shape, data }
     }
@@ -45,6 +48,54 @@ pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], provenance: &[(St
     }
     drop(file);
     super::hash::note_written(path, hasher.finalize())
+}
+
+/// Write tensors with metadata entries of their own (`safe_open(...).metadata()`
+/// in Python returns them as a dict), laid out deterministically: tensors in
+/// name order, the header's keys sorted, padded to 8 bytes as the format asks.
+pub fn write_with_metadata(path: &Path, tensors: &[NamedTensor], metadata: &BTreeMap<String, String>) -> Result<()> {
+    use std::io::Write;
+    let mut order: Vec<&NamedTensor> = tensors.iter().collect();
+    order.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
+    let mut offset = 0usize;
+    for t in &order {
+        if t.data.len() != t.shape.iter().product::<usize>() * t.dtype.size() {
+            return Err(anyhow!("tensor {}: {} bytes for shape {:?} of {:?}", t.name, t.data.len(), t.shape, t.dtype));
+        }
+        let dtype = serde_json::to_value(t.dtype)?;
+        header.insert(t.name.clone(), serde_json::json!({"dtype": dtype, "shape": t.shape, "data_offsets": [offset, offset + t.data.len()]}));
+        offset += t.data.len();
+    }
+    let mut head = serde_json::to_vec(&header)?;
+    head.resize(head.len().div_ceil(8) * 8, b' ');
+    let mut hasher = blake3::Hasher::new();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?);
+    let len = (head.len() as u64).to_le_bytes();
+    for part in [&len[..], &head[..]].into_iter().chain(order.iter().map(|t| &t.data[..])) {
+        hasher.update(part);
+        file.write_all(part).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    file.flush().with_context(|| format!("cannot write {}", path.display()))?;
+    drop(file);
+    super::hash::note_written(path, hasher.finalize())
+}
+
+/// The metadata entries of a safetensors file.
+pub fn metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).with_context(|| format!("{}: not a safetensors file (too short)", path.display()))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return Err(anyhow!("{}: not a safetensors file (header of {n} bytes)", path.display()));
+    }
+    let mut head = vec![0u8; n as usize];
+    file.read_exact(&mut head).with_context(|| format!("{}: truncated safetensors header", path.display()))?;
+    let json: serde_json::Value = serde_json::from_slice(&head).with_context(|| format!("{}: safetensors header is not JSON", path.display()))?;
+    Ok(json.get("__metadata__").and_then(|m| serde_json::from_value(m.clone()).ok()).unwrap_or_default())
 }
 
 /// The header of a safetensors file (length prefix included) and where each

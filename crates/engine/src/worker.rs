@@ -54,17 +54,30 @@ impl WorkerRequest {
         Ok(path)
     }
 
-    /// The summary the worker wrote (and remove it).
-    pub fn take_summary(&self) -> Result<Summary> {
+    /// What the worker wrote (and remove it).
+    pub fn take_output(&self) -> Result<WorkerOutput> {
         let bytes = std::fs::read(&self.summary_path).with_context(|| format!("worker wrote no summary at {}", self.summary_path.display()))?;
         std::fs::remove_file(&self.summary_path).ok();
-        serde_json::from_slice(&bytes).context("worker summary is not JSON")
+        serde_json::from_slice(&bytes).with_context(|| format!("{}: not a worker summary", self.summary_path.display()))
     }
+}
+
+/// What a worker hands back: the stage's summary, and the params it
+/// actually used when they differ from the request's.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct WorkerOutput {
+    pub summary: Summary,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_params: Option<BTreeMap<String, serde_json::Value>>,
 }
 
 /// Run `ctx`'s stage in a worker through the pipeline's executor.
 pub fn run_in_worker(ctx: &StageContext) -> Result<Summary> {
-    ctx.executor.run(&WorkerRequest::for_stage(ctx))
+    let out = ctx.executor.run(&WorkerRequest::for_stage(ctx))?;
+    if let Some(p) = out.effective_params {
+        ctx.record_effective_params(Params(p));
+    }
+    Ok(out.summary)
 }
 
 /// Worker side: rebuild the context from a request.
@@ -104,10 +117,13 @@ impl WorkerJob {
             lock: None,
             executor: &LOCAL as &dyn Executor,
             children: Default::default(),
+            effective_params: Default::default(),
         }
     }
 
-    pub fn finish(&self, summary: &Summary) -> Result<()> {
-        std::fs::write(&self.req.summary_path, serde_json::to_vec(summary)?).with_context(|| format!("cannot write {}", self.req.summary_path.display()))
+    /// Hand the stage's summary (and effective params) back to the engine.
+    pub fn finish(&self, ctx: &StageContext, summary: Summary) -> Result<()> {
+        let out = WorkerOutput { summary, effective_params: ctx.effective().map(|p| p.0) };
+        std::fs::write(&self.req.summary_path, serde_json::to_vec(&out)?).with_context(|| format!("cannot write {}", self.req.summary_path.display()))
     }
 }

@@ -1,11 +1,32 @@
-//! Binary (background/liver) confusion counts and the metrics derived from them.
+//! Segmentation metrics as MONAI and nnU-Net define them.
+//!
+//! - Overlap metrics come from binary confusion counts. When their
+//!   denominator is zero (prediction and truth both empty, or nothing
+//!   predicted for precision) they are NaN, as in nnU-Net: a correctly empty
+//!   slice is not a perfect score, and means skip it.
+//! - HD95 follows MONAI's `HausdorffDistanceMetric(percentile=95)`: surface
+//!   voxels are a mask minus its erosion (6-connectivity, the border counting
+//!   as background), each surface voxel's distance to the other surface comes
+//!   from an exact Euclidean distance transform in the voxel spacing, and the
+//!   result is the larger of the two directed 95th percentiles (linear
+//!   interpolation). Where exactly one mask is empty, the distance is the
+//!   diagonal of the grid (MONAI would give infinity); both empty is NaN.
 
+mod distance;
+
+pub use distance::{edt_squared, surface};
+
+/// Binary (background/liver) confusion counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Confusion {
     pub tp: u64,
     pub fp: u64,
     pub fn_: u64,
     pub tn: u64,
+}
+
+fn ratio(num: u64, den: u64) -> f64 {
+    if den == 0 { f64::NAN } else { num as f64 / den as f64 }
 }
 
 impl Confusion {
@@ -34,116 +55,214 @@ impl Confusion {
         self.tp + self.fp + self.fn_ + self.tn
     }
 
+    /// Prediction and truth both empty: overlap metrics are undefined.
+    pub fn both_empty(&self) -> bool {
+        self.tp + self.fp + self.fn_ == 0
+    }
+
     pub fn pixel_accuracy(&self) -> f64 {
-        (self.tp + self.tn) as f64 / self.total().max(1) as f64
+        ratio(self.tp + self.tn, self.total())
     }
 
-    /// Liver IoU; 1 when both prediction and truth are empty.
+    /// Liver IoU, TP / (TP + FP + FN); NaN when both are empty.
     pub fn liver_iou(&self) -> f64 {
-        let d = self.tp + self.fp + self.fn_;
-        if d == 0 { 1.0 } else { self.tp as f64 / d as f64 }
+        ratio(self.tp, self.tp + self.fp + self.fn_)
     }
 
+    /// Background IoU; NaN when the image is all liver in both.
     pub fn background_iou(&self) -> f64 {
-        let d = self.tn + self.fp + self.fn_;
-        if d == 0 { 1.0 } else { self.tn as f64 / d as f64 }
+        ratio(self.tn, self.tn + self.fp + self.fn_)
     }
 
-    /// Mean IoU over background and liver, as the study reports it.
+    /// Mean IoU over background and liver, as the study reports it (the
+    /// mean of the classes that are defined).
     pub fn miou(&self) -> f64 {
-        (self.liver_iou() + self.background_iou()) / 2.0
+        nan_mean(&[self.liver_iou(), self.background_iou()])
     }
 
-    /// Dice of the liver; 1 when both are empty.
+    /// Dice of the liver, 2TP / (2TP + FP + FN); NaN when both are empty.
     pub fn dice(&self) -> f64 {
-        let d = 2 * self.tp + self.fp + self.fn_;
-        if d == 0 { 1.0 } else { 2.0 * self.tp as f64 / d as f64 }
+        ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn_)
     }
 
+    /// TP / (TP + FP); NaN when nothing is predicted.
     pub fn precision(&self) -> f64 {
-        let d = self.tp + self.fp;
-        if d == 0 { 1.0 } else { self.tp as f64 / d as f64 }
+        ratio(self.tp, self.tp + self.fp)
     }
 
+    /// TP / (TP + FN); NaN when the truth is empty.
     pub fn recall(&self) -> f64 {
-        let d = self.tp + self.fn_;
-        if d == 0 { 1.0 } else { self.tp as f64 / d as f64 }
+        ratio(self.tp, self.tp + self.fn_)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The mean of the finite values (NaN when there are none).
+pub fn nan_mean(values: &[f64]) -> f64 {
+    let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if finite.is_empty() { f64::NAN } else { finite.iter().sum::<f64>() / finite.len() as f64 }
+}
 
-    #[test]
-    fn offset_squares() {
-        // Two 4×4 squares in 10×10, offset by 2 columns: overlap 4×2 = 8.
-        let mut a = vec![0i64; 100];
-        let mut b = vec![0i64; 100];
-        for y in 2..6 {
-            for x in 2..6 {
-                a[y * 10 + x] = 1;
-                b[y * 10 + x + 2] = 1;
+/// How a case's HD95 was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hd95Rule {
+    /// Both surfaces exist: the MONAI definition.
+    Measured,
+    /// Exactly one mask is empty: the grid's diagonal.
+    OneEmpty,
+    /// Both masks are empty: NaN.
+    BothEmpty,
+}
+
+/// A case's HD95 and the rule that produced it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hd95 {
+    pub value: f64,
+    pub rule: Hd95Rule,
+}
+
+/// HD95 of two masks on one grid, `dims` = [z, y, x] (z = 1 for one image),
+/// `spacing` in the same order.
+pub fn hd95(pred: &[u8], truth: &[u8], dims: [usize; 3], spacing: [f64; 3]) -> Hd95 {
+    // Both surfaces lie in the bounding box of the two masks, and so does the
+    // nearest surface voxel of every surface voxel: the box is enough.
+    let Some((mut lo, mut hi)) = bounding_box(pred, truth, dims) else {
+        return Hd95 { value: f64::NAN, rule: Hd95Rule::BothEmpty };
+    };
+    // An axis of the grid stays an axis of the box (a background layer
+    // changes no surface and no distance).
+    for k in 0..3 {
+        if dims[k] > 1 && hi[k] - lo[k] == 1 {
+            if hi[k] < dims[k] { hi[k] += 1 } else { lo[k] -= 1 }
+        }
+    }
+    let cdims = [hi[0] - lo[0], hi[1] - lo[1], hi[2] - lo[2]];
+    let crop = |m: &[u8]| -> Vec<u8> {
+        let mut out = Vec::with_capacity(cdims.iter().product());
+        for z in lo[0]..hi[0] {
+            for y in lo[1]..hi[1] {
+                let row = (z * dims[1] + y) * dims[2];
+                out.extend_from_slice(&m[row + lo[2]..row + hi[2]]);
             }
         }
-        let a: Vec<u8> = a.iter().map(|&v| v as u8).collect();
-        let b: Vec<u8> = b.iter().map(|&v| v as u8).collect();
-        let c = Confusion::from_masks(&a, &b);
-        assert_eq!((c.tp, c.fp, c.fn_, c.tn), (8, 8, 8, 76));
-        assert!((c.dice() - 0.5).abs() < 1e-12);
-        assert!((c.liver_iou() - 8.0 / 24.0).abs() < 1e-12);
-        assert!((c.background_iou() - 76.0 / 92.0).abs() < 1e-12);
-        assert!((c.pixel_accuracy() - 0.84).abs() < 1e-12);
-        let empty = Confusion { tn: 100, ..Default::default() };
-        assert_eq!(empty.dice(), 1.0);
+        out
+    };
+    let (sp, st) = (surface(&crop(pred), cdims), surface(&crop(truth), cdims));
+    let full = diagonal(dims, spacing);
+    let dims = cdims;
+    let (np_, nt) = (sp.iter().any(|&b| b), st.iter().any(|&b| b));
+    match (np_, nt) {
+        (false, false) => Hd95 { value: f64::NAN, rule: Hd95Rule::BothEmpty },
+        (true, false) | (false, true) => Hd95 { value: full, rule: Hd95Rule::OneEmpty },
+        (true, true) => {
+            let to_truth = directed(&sp, &st, dims, spacing);
+            let to_pred = directed(&st, &sp, dims, spacing);
+            Hd95 { value: percentile(&to_truth, 95.0).max(percentile(&to_pred, 95.0)), rule: Hd95Rule::Measured }
+        }
     }
 }
 
-/// The 95th percentile of the symmetric surface distances between two 2D
-/// masks (rows×cols), in units of `spacing` (row, col). Both empty: 0;
-/// exactly one empty: None (undefined).
-pub fn surface_distances(pred: &[u8], truth: &[u8], rows: usize, cols: usize, spacing: (f64, f64)) -> Option<Vec<f64>> {
-    let border = |m: &[u8]| -> Vec<(usize, usize)> {
-        let mut pts = Vec::new();
-        for r in 0..rows {
-            for c in 0..cols {
-                if m[r * cols + c] == 0 {
-                    continue;
-                }
-                let edge = r == 0 || c == 0 || r == rows - 1 || c == cols - 1 || m[(r - 1) * cols + c] == 0 || m[(r + 1) * cols + c] == 0 || m[r * cols + c - 1] == 0 || m[r * cols + c + 1] == 0;
-                if edge {
-                    pts.push((r, c));
-                }
+/// HD95 of a case stored as separate 2D slices (not a contiguous volume): each
+/// surface pixel is matched within its own slice, and where that slice has
+/// no surface on the other side its distance is the slice's diagonal; the
+/// directed distances of all slices are pooled. `slices` holds (pred, truth,
+/// rows, cols); `spacing` is (row, col).
+pub fn hd95_slices(slices: &[(&[u8], &[u8], usize, usize)], spacing: (f64, f64)) -> Hd95 {
+    let (mut to_truth, mut to_pred) = (Vec::new(), Vec::new());
+    let mut diag: f64 = 0.0;
+    for &(pred, truth, rows, cols) in slices {
+        let dims = [1, rows, cols];
+        let sp3 = [1.0, spacing.0, spacing.1];
+        let d = diagonal(dims, sp3);
+        diag = diag.max(d);
+        let (sp, st) = (surface(pred, dims), surface(truth, dims));
+        let (np_, nt) = (sp.iter().any(|&b| b), st.iter().any(|&b| b));
+        match (np_, nt) {
+            (true, true) => {
+                to_truth.extend(directed(&sp, &st, dims, sp3));
+                to_pred.extend(directed(&st, &sp, dims, sp3));
+            }
+            (true, false) => to_truth.extend(std::iter::repeat_n(d, sp.iter().filter(|&&b| b).count())),
+            (false, true) => to_pred.extend(std::iter::repeat_n(d, st.iter().filter(|&&b| b).count())),
+            (false, false) => {}
+        }
+    }
+    match (to_truth.is_empty(), to_pred.is_empty()) {
+        (true, true) => Hd95 { value: f64::NAN, rule: Hd95Rule::BothEmpty },
+        (true, false) | (false, true) => Hd95 { value: diag, rule: Hd95Rule::OneEmpty },
+        (false, false) => Hd95 { value: percentile(&to_truth, 95.0).max(percentile(&to_pred, 95.0)), rule: Hd95Rule::Measured },
+    }
+}
+
+/// The [lo, hi) voxel box holding every voxel of either mask.
+fn bounding_box(a: &[u8], b: &[u8], dims: [usize; 3]) -> Option<([usize; 3], [usize; 3])> {
+    let (mut lo, mut hi) = ([usize::MAX; 3], [0usize; 3]);
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        if x > 0 || y > 0 {
+            let c = [i / (dims[1] * dims[2]), (i / dims[2]) % dims[1], i % dims[2]];
+            for k in 0..3 {
+                lo[k] = lo[k].min(c[k]);
+                hi[k] = hi[k].max(c[k] + 1);
             }
         }
-        pts
-    };
-    let (a, b) = (border(pred), border(truth));
-    match (a.is_empty(), b.is_empty()) {
-        (true, true) => return Some(Vec::new()),
-        (true, false) | (false, true) => return None,
-        _ => {}
     }
-    let nearest = |from: &[(usize, usize)], to: &[(usize, usize)]| -> Vec<f64> {
-        from.iter()
-            .map(|&(r, c)| {
-                to.iter()
-                    .map(|&(r2, c2)| {
-                        let dr = (r as f64 - r2 as f64) * spacing.0;
-                        let dc = (c as f64 - c2 as f64) * spacing.1;
-                        dr * dr + dc * dc
-                    })
-                    .fold(f64::INFINITY, f64::min)
-                    .sqrt()
-            })
-            .collect()
-    };
-    let mut d = nearest(&a, &b);
-    d.extend(nearest(&b, &a));
-    Some(d)
+    (hi[0] > 0).then_some((lo, hi))
 }
 
-/// Linear-interpolated percentile (0..100) of unsorted values.
+/// A case's scores on its own grid.
+#[derive(Debug, Clone)]
+pub struct CaseMetrics {
+    /// Each slice's counts, and their sum (what per-case Dice is computed from).
+    pub per_slice: Vec<Confusion>,
+    pub confusion: Confusion,
+    pub hd95: Hd95,
+    /// Voxels (or pixels) predicted and true, times the voxel volume.
+    pub volume_pred: f64,
+    pub volume_true: f64,
+}
+
+/// How a case's slices relate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CaseGeometry {
+    /// A contiguous volume with spacing (slice, row, col): HD95 in 3D.
+    Volume([f64; 3]),
+    /// Separate 2D slices with (row, col) spacing: HD95 pooled over slices.
+    Slices((f64, f64)),
+}
+
+/// Score a case: `pred` and `truth` are [n, h, w] 0/1 masks on the case's
+/// grid. Dice per case comes from the counts summed over the whole case
+/// (not a mean of slice scores); `voxel` is one voxel's volume in the
+/// reported unit (ml, or 1 for pixels).
+pub fn score_case(pred: &[u8], truth: &[u8], [n, h, w]: [usize; 3], geometry: CaseGeometry, voxel: f64) -> CaseMetrics {
+    let plane = h * w;
+    let per_slice: Vec<Confusion> = (0..n).map(|k| Confusion::from_masks(&pred[k * plane..(k + 1) * plane], &truth[k * plane..(k + 1) * plane])).collect();
+    let mut confusion = Confusion::default();
+    per_slice.iter().for_each(|c| confusion.add(c));
+    let hd95 = match geometry {
+        CaseGeometry::Volume(spacing) => hd95(pred, truth, [n, h, w], spacing),
+        CaseGeometry::Slices(spacing) => {
+            let slices: Vec<(&[u8], &[u8], usize, usize)> = (0..n).map(|k| (&pred[k * plane..(k + 1) * plane], &truth[k * plane..(k + 1) * plane], h, w)).collect();
+            hd95_slices(&slices, spacing)
+        }
+    };
+    let count = |m: &[u8]| m.iter().filter(|&&v| v > 0).count() as f64 * voxel;
+    CaseMetrics { per_slice, confusion, hd95, volume_pred: count(pred), volume_true: count(truth) }
+}
+
+/// Distances from every voxel of surface `from` to the nearest voxel of surface `to`.
+fn directed(from: &[bool], to: &[bool], dims: [usize; 3], spacing: [f64; 3]) -> Vec<f64> {
+    let d2 = edt_squared(to, dims, spacing);
+    from.iter().zip(&d2).filter(|(f, _)| **f).map(|(_, d)| d.sqrt()).collect()
+}
+
+/// The length of the grid's diagonal, in the units of `spacing` (axes of
+/// size one are not axes: a single image's diagonal is 2D).
+pub fn diagonal(dims: [usize; 3], spacing: [f64; 3]) -> f64 {
+    (0..3).filter(|&i| dims[i] > 1).map(|i| (dims[i] as f64 * spacing[i]).powi(2)).sum::<f64>().sqrt()
+}
+
+/// Linear-interpolated percentile (0..100) of unsorted values, as numpy's
+/// and torch's default.
 pub fn percentile(values: &[f64], q: f64) -> f64 {
     if values.is_empty() {
         return f64::NAN;
@@ -157,7 +276,7 @@ pub fn percentile(values: &[f64], q: f64) -> f64 {
 
 /// Percentile bootstrap 95% CI of the mean, resampling cases.
 pub fn bootstrap_ci(values: &[f64], resamples: usize, seed: u64) -> (f64, f64) {
-    if values.is_empty() {
+    if values.is_empty() || resamples == 0 {
         return (f64::NAN, f64::NAN);
     }
     let mut rng = liverseg_rng::Rng::new(seed);
@@ -168,41 +287,4 @@ pub fn bootstrap_ci(values: &[f64], resamples: usize, seed: u64) -> (f64, f64) {
 }
 
 #[cfg(test)]
-mod surface_tests {
-    use super::*;
-
-    #[test]
-    fn hd95_of_offset_squares() {
-        // 4×4 squares offset by 2 columns. By hand: A's border is 12 pixels;
-        // its columns 4-5 coincide with B's border (distance 0) except A's
-        // inner-right pixels, and its left column lies 2 px from B's.
-        let (rows, cols) = (10, 10);
-        let mut a = vec![0u8; 100];
-        let mut b = vec![0u8; 100];
-        for y in 2..6 {
-            for x in 2..6 {
-                a[y * cols + x] = 1;
-                b[y * cols + x + 2] = 1;
-            }
-        }
-        let d = surface_distances(&a, &b, rows, cols, (1.0, 1.0)).unwrap();
-        // The largest distance is 2 px (A's left column to B), and the 95th
-        // percentile of the 24 distances is that maximum.
-        assert_eq!(d.len(), 24);
-        assert!((d.iter().cloned().fold(0.0, f64::max) - 2.0).abs() < 1e-9);
-        assert!((percentile(&d, 95.0) - 2.0).abs() < 1e-9);
-        assert_eq!(surface_distances(&vec![0; 100], &vec![0; 100], rows, cols, (1.0, 1.0)).unwrap().len(), 0);
-        assert!(surface_distances(&a, &vec![0; 100], rows, cols, (1.0, 1.0)).is_none());
-        // Spacing scales distances.
-        let d2 = surface_distances(&a, &b, rows, cols, (1.0, 0.5)).unwrap();
-        assert!((percentile(&d2, 95.0) - 1.0).abs() < 1e-9);
-    }
-
-    #[test]
-    fn bootstrap_brackets_the_mean() {
-        let v: Vec<f64> = (0..30).map(|i| 0.8 + 0.01 * (i % 10) as f64).collect();
-        let (lo, hi) = bootstrap_ci(&v, 1000, 3);
-        let m = v.iter().sum::<f64>() / v.len() as f64;
-        assert!(lo < m && m < hi && hi - lo < 0.05);
-    }
-}
+mod tests;

@@ -101,6 +101,49 @@ pub fn predict_u8(net: &SegmentationModel, images: &[u8], masks: Option<&[u8]>, 
     Ok((out, loss_sum / n.max(1) as f64))
 }
 
+/// A model's masks for a stack of slices: at the input's own resolution and
+/// at the model's grid, with the cross-entropy on the model's grid.
+pub struct Segmented {
+    /// [n, h, w]: liver probabilities resampled to the input's resolution
+    /// (bilinear, align_corners=False, as torch's interpolate) and thresholded at 0.5.
+    pub full: Vec<u8>,
+    /// [n, S, S]: argmax on the model's grid.
+    pub grid: Vec<u8>,
+    /// Mean cross-entropy of each slice against `grid_masks`, summed over slices.
+    pub loss_sum: f64,
+}
+
+/// Segment `images` ([n, S, S] u8, scaled by /255) and bring the liver
+/// probabilities back to `(h, w)`, the slices' original size.
+#[allow(clippy::too_many_arguments)]
+pub fn segment(net: &SegmentationModel, images: &[u8], grid_masks: &[u8], n: usize, size: usize, (h, w): (usize, usize), batch: usize, device: Device) -> Result<Segmented> {
+    let px = size * size;
+    let mut out = Segmented { full: Vec::with_capacity(n * h * w), grid: Vec::with_capacity(n * px), loss_sum: 0.0 };
+    tch::no_grad(|| -> Result<()> {
+        for start in (0..n).step_by(batch.max(1)) {
+            let end = (start + batch).min(n);
+            let b = (end - start) as i64;
+            let x = to_input(&images[start * px..end * px], end - start, size, device);
+            let y = Tensor::from_slice(&grid_masks[start * px..end * px]).view([b, size as i64, size as i64]).to_kind(Kind::Int64).to_device(device);
+            let logits = net.forward(&x, false).to_kind(Kind::Float);
+            out.loss_sum += logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0).double_value(&[]) * b as f64;
+            let grid = logits.argmax(1, false).to_kind(Kind::Uint8).to_device(Device::Cpu).flatten(0, -1);
+            out.grid.extend(Vec::<u8>::try_from(&grid).map_err(|e| anyhow!("{e}"))?);
+            let full = to_original_grid(&logits.softmax(1, Kind::Float).narrow(1, 1, 1), (h, w)).to_device(Device::Cpu).flatten(0, -1);
+            out.full.extend(Vec::<u8>::try_from(&full).map_err(|e| anyhow!("{e}"))?);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Liver probabilities [b, 1, S, S] as masks [b, h, w] on the original grid:
+/// bilinear resampling (align_corners=False, as torch's interpolate and
+/// nnU-Net's export), then a threshold at 0.5.
+pub fn to_original_grid(liver: &Tensor, (h, w): (usize, usize)) -> Tensor {
+    liver.upsample_bilinear2d([h as i64, w as i64], false, None, None).squeeze_dim(1).gt(0.5).to_kind(Kind::Uint8)
+}
+
 /// Liver-class Grad-CAM maps of `images` ([n, size, size] u8), as u8 (255 = the image's maximum).
 pub fn grad_cam_u8(net: &SegmentationModel, images: &[u8], n: usize, size: usize, device: Device) -> Result<Vec<u8>> {
     let cam = net.grad_cam(&to_input(images, n, size, device), 1);
@@ -142,4 +185,26 @@ pub fn speed(size: i64, batch: i64, steps: usize) -> Result<(f64, f64)> {
         (batch as usize * steps) as f64 / t0.elapsed().as_secs_f64()
     });
     Ok((train, infer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 2×2 block of certain liver in a 4×4 probability map lands on the
+    /// block's footprint at the original size, whatever the aspect.
+    #[test]
+    fn probabilities_are_resampled_to_the_original_grid() {
+        let mut p = vec![0f32; 16];
+        for (r, c) in [(1, 1), (1, 2), (2, 1), (2, 2)] {
+            p[r * 4 + c] = 1.0;
+        }
+        let probs = Tensor::from_slice(&p).view([1, 1, 4, 4]);
+        let mask = |h: usize, w: usize| -> Vec<u8> { Vec::try_from(to_original_grid(&probs, (h, w)).flatten(0, -1)).unwrap() };
+        let expect = |h: usize, w: usize, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| -> Vec<u8> { (0..h * w).map(|i| u8::from(rows.contains(&(i / w)) && cols.contains(&(i % w)))).collect() };
+        assert_eq!(mask(8, 8), expect(8, 8, 2..6, 2..6));
+        assert_eq!(mask(12, 4), expect(12, 4, 3..9, 1..3), "non-square: rows ×3, columns ×1");
+        let uniform = Tensor::full([1, 1, 4, 4], 0.7, (Kind::Float, Device::Cpu));
+        assert!(Vec::<u8>::try_from(to_original_grid(&uniform, (5, 7)).flatten(0, -1)).unwrap().iter().all(|&v| v == 1));
+    }
 }

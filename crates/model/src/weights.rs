@@ -22,6 +22,33 @@ pub fn save(vs: &nn::VarStore, path: &Path, batches_tracked: i64) -> Result<()> 
     Tensor::write_safetensors(&refs, path).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
 }
 
+/// A tensor of the state_dict as bytes, for a writer that adds metadata.
+pub struct StateTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// f32 weights and statistics, or the i64 `num_batches_tracked` counters.
+    pub is_f32: bool,
+    /// Little-endian element bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// The state_dict `save` writes (smp's names, `num_batches_tracked` per
+/// BatchNorm), in name order, as bytes.
+pub fn state_dict(vs: &nn::VarStore, batches_tracked: i64) -> Result<Vec<StateTensor>> {
+    let mut out = Vec::new();
+    for (name, t) in vs.variables() {
+        let t = t.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        let values: Vec<f32> = Vec::try_from(t.flatten(0, -1)).map_err(|e| anyhow!("{name}: {e}"))?;
+        if let Some(prefix) = name.strip_suffix(".running_mean") {
+            out.push(StateTensor { name: format!("{prefix}.num_batches_tracked"), shape: vec![], is_f32: false, bytes: batches_tracked.to_le_bytes().to_vec() });
+        }
+        out.push(StateTensor { name, shape, is_f32: true, bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
 /// Load weights into `vs`. `strict`: every variable must be in the file (a
 /// trained model); otherwise a partial file, such as encoder weights exported
 /// from Python, fills what it names. A name of ours with a different shape is

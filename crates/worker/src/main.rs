@@ -77,8 +77,9 @@ fn stage(request: &OsString) -> Result<()> {
     let job = WorkerJob::load(&PathBuf::from(request))?;
     let registry = liverseg_stages::registry();
     let stage = registry.iter().find(|s| s.info().name == job.req.stage).with_context(|| format!("the worker has no stage `{}`", job.req.stage))?;
-    let summary = stage.run(&job.context(stage.info()))?;
-    job.finish(&summary)
+    let ctx = job.context(stage.info());
+    let summary = stage.run(&ctx)?;
+    job.finish(&ctx, summary)
 }
 
 fn model(args: &[OsString]) -> Result<()> {

@@ -27,7 +27,7 @@ fn predict_volume(m: &Loaded, vol: &Volume, device: tch::Device) -> Result<Vec<u
     for k in 0..n {
         x.extend(scaled_resize(&vol.slice(k), true, false, window, (rows, cols), size));
     }
-    let (pred, _) = m.predict(&x, None, n, size, 16, device)?;
+    let pred = m.predict(&x, n, size, 16, device)?;
     let mut out = vec![0u8; vol.data.len()];
     for k in 0..n {
         let m = resize::nearest(&pred[k * size * size..(k + 1) * size * size], size, size, rows, cols);
@@ -68,7 +68,7 @@ pub fn predict(model: &Path, input: &Path, output: &Path, device: tch::Device) -
         for f in files {
             let (image, rows, cols) = slices2d::grey(&f)?;
             let x = scaled_resize(&image, false, c.minmax_8bit, (0.0, 255.0), (rows, cols), size);
-            let (pred, _) = m.predict(&x, None, 1, size, 1, device)?;
+            let pred = m.predict(&x, 1, size, 1, device)?;
             let mask: Vec<u8> = resize::nearest(&pred, size, size, rows, cols).into_iter().map(|v| v * 255).collect();
             let out = output.join(f.file_stem().map(|s| format!("{}.png", s.to_string_lossy())).unwrap_or_else(|| "mask.png".into()));
             image::GrayImage::from_raw(cols as u32, rows as u32, mask).expect("sized").save(&out).with_context(|| format!("cannot write {}", out.display()))?;

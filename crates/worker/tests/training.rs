@@ -26,7 +26,7 @@ stages:
     deps: [normalise, split, augment]
     params: {encoder: resnet18, epochs: 4, batch_size: 8, lr: 1.0e-3, threads: 2, seed: 3}
   evaluate:
-    deps: [normalise, split, train]
+    deps: [ingest, normalise, split, train]
     params: {split: val}
   report:
     deps: [ingest, normalise, split, evaluate, train]
@@ -60,58 +60,84 @@ fn column(df: &polars::prelude::DataFrame, name: &str) -> Vec<f64> {
 
 #[test]
 fn training_learns_resumes_and_is_deterministic() {
-    // 1. An uninterrupted run learns: validation loss falls and liver Dice
-    //    clears a bar that an all-background or random model cannot.
+    // An uninterrupted run learns: validation loss falls and liver Dice
+    // clears a bar that an all-background or random model cannot.
     let a = project("train_a");
     run(&a, &["run", "report", "-q"]);
-    let m = metrics(&a);
-    let loss = column(&m, "val_loss");
+    let loss = column(&metrics(&a), "val_loss");
     assert!(loss.iter().cloned().fold(f64::MAX, f64::min) < loss[0], "val loss never fell: {loss:?}");
     let manifest = liverseg_engine::store::read_manifest(&artifact(&a, "evaluate").join("manifest.json")).unwrap();
     let dice = manifest.metrics["train.dice_per_case"].as_f64().unwrap();
     assert!(dice > 0.6, "liver Dice per case {dice}");
-    // The report's Table 1 is the evaluate artifact's, and every section is there.
-    let html = std::fs::read_to_string(artifact(&a, "report").join("report.html")).unwrap();
-    for section in ["Table 1", "Learning curves", "Examples", "Grad-CAM", "External validation", "other_site", "Hyperparameter search", "Data", "Lineage", "data:image/png;base64,", "data:image/svg+xml;base64,"] {
+    check_per_case_tables(&a);
+    check_report(&a, &manifest, dice);
+    check_gradcam(&a);
+    check_render(&a);
+    check_weights_carry_their_metadata(&a);
+    check_predict(&a);
+    check_external_evaluation(&a);
+    check_resume(&a);
+}
+
+/// Every case of the split is in per_case.parquet with an HD95; two
+/// validation cases get n and no interval.
+fn check_per_case_tables(a: &Path) {
+    let eval = artifact(a, "evaluate");
+    let pc = liverseg_engine::tables::read_parquet(&eval.join("per_case.parquet")).unwrap();
+    let hd = pc.column("hd95_mm").unwrap().f64().unwrap();
+    assert_eq!(hd.null_count(), 0, "every case has an HD95");
+    assert!(hd.iter().all(|v| v.unwrap().is_finite()), "HD95 is finite for cases with liver");
+    let t1 = liverseg_engine::tables::read_parquet(&eval.join("table1.parquet")).unwrap();
+    let cases: Vec<i64> = t1.column("cases").unwrap().i64().unwrap().iter().map(|v| v.unwrap()).collect();
+    assert_eq!(cases, [2], "two validation phantoms");
+    assert!(t1.column("dice_per_case_ci_low").unwrap().f64().unwrap().get(0).unwrap().is_nan(), "no CI for 2 cases");
+    let stop = t1.column("stop_reason").unwrap().str().unwrap().get(0).unwrap().to_owned();
+    assert!(["early_stop", "max_epochs"].contains(&stop.as_str()), "{stop}");
+    // Predictions on the original grid, one file per case.
+    assert_eq!(std::fs::read_dir(eval.join("predictions/train")).unwrap().count(), 2);
+}
+
+/// The report's Table 1 is the evaluate artifact's, and every section is there.
+fn check_report(a: &Path, manifest: &liverseg_engine::store::Manifest, dice: f64) {
+    let html = std::fs::read_to_string(artifact(a, "report").join("report.html")).unwrap();
+    for section in ["Table 1", "Learning curves", "Examples", "Grad-CAM", "External validation", "other_site", "Hyperparameter search", "Data", "Lineage", "no CI under 10 cases", "data:image/png;base64,", "data:image/svg+xml;base64,"] {
         assert!(html.contains(section), "report lacks {section}");
     }
     assert!(html.contains(&format!("{dice:.4}")), "Table 1 does not show the evaluated Dice {dice:.4}");
-
     // The `external:` dataset went through the same preprocessing and metrics.
     let ext_dice = manifest.metrics["external.other_site.train.dice_per_case"].as_f64().unwrap();
     assert!(ext_dice > 0.4, "external Dice per case {ext_dice}");
     assert_eq!(manifest.metrics["external.other_site.cases"], 2);
     assert!(html.contains(&format!("{ext_dice:.4}")), "the report does not show the external Dice {ext_dice:.4}");
-    let ext_norm = liverseg_engine::store::read_manifest(&artifact(&a, "normalise.other_site").join("manifest.json")).unwrap();
-    let own_norm = liverseg_engine::store::read_manifest(&artifact(&a, "normalise").join("manifest.json")).unwrap();
+    let ext_norm = liverseg_engine::store::read_manifest(&artifact(a, "normalise.other_site").join("manifest.json")).unwrap();
+    let own_norm = liverseg_engine::store::read_manifest(&artifact(a, "normalise").join("manifest.json")).unwrap();
     assert_eq!(ext_norm.params, own_norm.params, "external data must get the models' preprocessing");
+}
 
-    // Grad-CAM of the liver class is highest over the liver: on the best
-    // example, its mean inside the true liver exceeds its mean outside.
-    let eval_dir = artifact(&a, "evaluate");
-    let examples = liverseg_engine::tables::read_parquet(&eval_dir.join("examples.parquet")).unwrap();
+/// Grad-CAM of the liver class is highest over the liver: on the best
+/// example, its mean inside the true liver exceeds its mean outside.
+fn check_gradcam(a: &Path) {
+    let eval = artifact(a, "evaluate");
+    let examples = liverseg_engine::tables::read_parquet(&eval.join("examples.parquet")).unwrap();
     let labels: Vec<String> = examples.column("label").unwrap().str().unwrap().iter().map(|v| v.unwrap().to_owned()).collect();
-    let idx: Vec<u64> = examples.column("idx").unwrap().u64().unwrap().iter().map(|v| v.unwrap()).collect();
-    let cams = liverseg_engine::tensors::TensorFile::open(&eval_dir.join("gradcam/train.safetensors")).unwrap();
-    let (shape, cam) = cams.u8("gradcam").unwrap();
     // Two validation patients: best and median/worst are one and the same case, shown once.
-    assert_eq!(shape, vec![2, 64, 64]);
     assert_eq!(labels, ["best", "median"]);
-    let data = liverseg_engine::tensors::TensorFile::open(&artifact(&a, "normalise").join("data.safetensors")).unwrap();
-    let (_, masks) = data.u8("masks").unwrap();
-    let best = labels.iter().position(|l| l == "best").unwrap();
-    let truth = &masks[idx[best] as usize * 4096..(idx[best] as usize + 1) * 4096];
-    let map = &cam[best * 4096..(best + 1) * 4096];
+    let tf = liverseg_engine::tensors::TensorFile::open(&eval.join("examples/train.safetensors")).unwrap();
+    let (shape, cam) = tf.u8("gradcam").unwrap();
+    let (_, truth) = tf.u8("truth").unwrap();
+    assert_eq!(shape, vec![2, 64, 64]);
     let mean = |inside: bool| {
-        let v: Vec<f64> = (0..4096).filter(|&i| (truth[i] > 0) == inside).map(|i| map[i] as f64).collect();
+        let v: Vec<f64> = (0..4096).filter(|&i| (truth[i] > 0) == inside).map(|i| cam[i] as f64).collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
     };
     assert!(mean(true) > mean(false), "Grad-CAM inside the liver {:.1} vs outside {:.1}", mean(true), mean(false));
+}
 
-    // Headless Chromium renders the report and every embedded image decodes.
+/// Headless Chromium renders the report and every embedded image decodes.
+fn check_render(a: &Path) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/scripts/render_report.sh");
     let shot = a.join("report.png");
-    let out = Command::new("bash").arg(&script).arg(artifact(&a, "report").join("report.html")).arg(&shot).output().unwrap();
+    let out = Command::new("bash").arg(&script).arg(artifact(a, "report").join("report.html")).arg(&shot).output().unwrap();
     match out.status.code() {
         Some(2) => eprintln!("SKIPPED report render: {}", String::from_utf8_lossy(&out.stderr).trim()),
         _ => {
@@ -120,34 +146,55 @@ fn training_learns_resumes_and_is_deterministic() {
             assert!(shot.is_file(), "no screenshot");
         }
     }
-    let weights = tch::Tensor::read_safetensors(artifact(&a, "train").join("model.safetensors")).unwrap();
+}
+
+/// model.safetensors loads with smp's names and says, in its metadata, which
+/// key made it, with what params, and how to preprocess an input.
+fn check_weights_carry_their_metadata(a: &Path) {
+    let path = artifact(a, "train").join("model.safetensors");
+    let weights = tch::Tensor::read_safetensors(&path).unwrap();
     assert!(weights.iter().any(|(n, _)| n == "decoder.aspp.0.convs.0.0.weight"));
+    let meta = liverseg_engine::tensors::metadata(&path).unwrap();
+    let key = artifact(a, "train").file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(meta["liverseg.key"], key);
+    assert!(meta["liverseg.effective_params"].contains("\"lr\":0.001"), "{meta:?}");
+    assert_eq!(meta["window"], "[-100.0,400.0]");
+    assert_eq!((meta["input_size"].as_str(), meta["input_unit"].as_str(), meta["arch"].as_str()), ("64", "HU", "deeplabv3plus"));
+    let card = liverseg_stages::train::ModelCard::from_weights(&path).unwrap();
+    assert_eq!(card.size, 64);
+}
 
-    // predict round-trips a real NIfTI: same shape and affine, a 0/1 mask.
+/// predict round-trips a real NIfTI: same shape and affine, a 0/1 mask.
+fn check_predict(a: &Path) {
     let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/formats/totalsegmentator/example_ct_sm.nii.gz");
-    if shared.is_file() {
-        let out = a.join("pred.nii.gz");
-        run(&a, &["predict", "--model", "train", "--input", shared.to_str().unwrap(), "--output", out.to_str().unwrap()]);
-        let (src, pred) = (liverseg_imaging::nifti::read(&shared).unwrap(), liverseg_imaging::nifti::read(&out).unwrap());
-        assert_eq!(src.volume.dims, pred.volume.dims);
-        assert_eq!(src.volume.affine, pred.volume.affine);
-        assert_eq!(pred.datatype, 2, "uint8 mask");
-        assert!(pred.volume.data.iter().all(|&v| v == 0.0 || v == 1.0));
-    } else {
+    if !shared.is_file() {
         eprintln!("SKIPPED predict round trip: ../shared/data is absent");
+        return;
     }
+    let out = a.join("pred.nii.gz");
+    run(a, &["predict", "--model", "train", "--input", shared.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let (src, pred) = (liverseg_imaging::nifti::read(&shared).unwrap(), liverseg_imaging::nifti::read(&out).unwrap());
+    assert_eq!(src.volume.dims, pred.volume.dims);
+    assert_eq!(src.volume.affine, pred.volume.affine);
+    assert_eq!(pred.datatype, 2, "uint8 mask");
+    assert!(pred.volume.data.iter().all(|&v| v == 0.0 || v == 1.0));
+}
 
-    // External evaluation: other data, the model's own preprocessing, no retraining.
-    run(&a, &["synth", "ext", "--cases", "2", "--size", "64", "--slices", "6", "--seed", "42"]);
-    let out = run(&a, &["evaluate", "--model", "train", "--data", "ext", "--out", "ext-eval", "-q"]);
+/// External evaluation: other data, the model's own preprocessing, no retraining.
+fn check_external_evaluation(a: &Path) {
+    run(a, &["synth", "ext", "--cases", "2", "--size", "64", "--slices", "6", "--seed", "42"]);
+    let out = run(a, &["evaluate", "--model", "train", "--data", "ext", "--out", "ext-eval", "-q"]);
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(printed.contains("\"split\": \"all\"") && printed.contains(".dice_per_case"), "{printed}");
     let ext_yaml = std::fs::read_to_string(a.join("ext-eval/pipeline.yaml")).unwrap();
     assert!(ext_yaml.contains("size: 64"), "preprocessing comes from the model: {ext_yaml}");
     assert_eq!(std::fs::read_dir(a.join("artifacts/train")).unwrap().count(), 1, "evaluation must not retrain");
+}
 
-    // 2. Killed after its first epoch, the next run resumes from the checkpoint
-    //    and ends with the same metrics as the uninterrupted run.
+/// Killed after its first epoch, the next run resumes from the checkpoint
+/// and ends with the same metrics and the same weights, byte for byte, as
+/// the uninterrupted run.
+fn check_resume(a: &Path) {
     let b = project("train_b");
     run(&b, &["run", "augment", "-q"]);
     let mut child = Command::new(liverseg()).args(["run", "train", "-q"]).current_dir(&b).spawn().unwrap();
@@ -167,10 +214,12 @@ fn training_learns_resumes_and_is_deterministic() {
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("resuming train from epoch"), "{stderr}");
-    let (ma, mb) = (metrics(&a), metrics(&b));
+    let (ma, mb) = (metrics(a), metrics(&b));
     for col in ["train_loss", "val_loss", "val_dice", "val_miou", "lr"] {
         assert_eq!(column(&ma, col), column(&mb, col), "{col} differs between the uninterrupted and the resumed run");
     }
+    let weights = |d: &Path| std::fs::read(artifact(d, "train").join("model.safetensors")).unwrap();
+    assert!(weights(a) == weights(&b), "the resumed run's model.safetensors differs from the uninterrupted run's");
     // Checkpoints are scratch: gone once the artifact exists, and not part of it.
     assert!(!artifact(&b, "train").join("checkpoint.safetensors").exists());
 }

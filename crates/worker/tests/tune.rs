@@ -58,7 +58,7 @@ fn trials_are_cached_extended_resumed_and_pruned() {
     assert_eq!(s["trials_run"].as_u64(), Some(1), "{s:?}");
 
     // Median pruning stops some trials early, and they are recorded as pruned.
-    let pruned = project("tune_prune", &format!("{{{BASE}, budget: 5, prune: median, prune_epoch: 1, trial_epochs: 3}}"));
+    let pruned = project("tune_prune", &format!("{{{BASE}, budget: 5, objective: val_loss, prune: median, prune_startup: 1, prune_warmup: 0, trial_epochs: 3}}"));
     let s = summary(&pruned, &[]);
     assert!(s["trials_pruned"].as_u64().unwrap() >= 1, "{s:?}");
     let t = liverseg_engine::tables::read_parquet(
@@ -68,8 +68,16 @@ fn trials_are_cached_extended_resumed_and_pruned() {
     let epochs: Vec<u64> = t.column("epochs_run").unwrap().u64().unwrap().iter().map(|v| v.unwrap()).collect();
     let flags: Vec<bool> = t.column("pruned").unwrap().bool().unwrap().iter().map(|v| v.unwrap()).collect();
     for (e, p) in epochs.iter().zip(&flags) {
-        assert_eq!(*e, if *p { 1 } else { 3 }, "a pruned trial stops at epoch 1");
+        if *p {
+            assert!(*e < 3, "a pruned trial stops early");
+        } else {
+            assert_eq!(*e, 3, "a trial that is not pruned runs every epoch");
+        }
     }
+    // Trial params are typed columns: lr a float, batch size an integer.
+    assert_eq!(t.column("param_lr").unwrap().dtype(), &polars::prelude::DataType::Float64);
+    assert_eq!(t.column("param_batch_size").unwrap().dtype(), &polars::prelude::DataType::Int64);
+    assert_eq!(t.column("param_optimizer").unwrap().dtype(), &polars::prelude::DataType::String);
 }
 
 #[test]
@@ -86,4 +94,9 @@ fn a_bad_search_space_names_the_key() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "wanted `{want}` in {err}");
     }
+    // A Bayesian strategy needs trials beyond its random start-up ones.
+    let dir = project("tune_bad", "{strategies: [bayes], trial_encoder: resnet18, trial_epochs: 1, budget: 3, startup: 3}");
+    let out = Command::new(liverseg()).args(["run", "tune", "-q"]).current_dir(&dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("tune.budget (3) must exceed tune.startup (3)"), "{err}");
 }
