@@ -30,10 +30,12 @@ fn engine(p: &PipelineArgs) -> Result<Engine<'static>> {
     Ok(e)
 }
 
-pub fn run(p: &PipelineArgs, target: Option<&str>, json: bool) -> Result<()> {
-    let report = engine(p)?.run(target)?;
+pub fn run(p: &PipelineArgs, target: Option<&str>, json: bool, verify: bool) -> Result<()> {
+    let mut e = engine(p)?;
+    e.verify_on_use |= verify;
+    let report = e.run(target)?;
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        say!("{}", serde_json::to_string(&report)?);
     }
     Ok(())
 }
@@ -45,29 +47,29 @@ pub fn stage(p: &PipelineArgs, name: &str, force: bool) -> Result<()> {
 pub fn status(p: &PipelineArgs, json: bool) -> Result<()> {
     let st = state::status(&engine(p)?)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
+        say!("{}", serde_json::to_string_pretty(&st)?);
         return Ok(());
     }
     let width = st.iter().map(|s| s.stage.len()).max().unwrap_or(0);
     for s in st {
-        println!("{:<width$} {:<7} {}  {}", s.stage, s.state, s.key, s.reasons.join("; "));
+        say!("{:<width$} {:<7} {}  {}", s.stage, s.state, s.key, s.reasons.join("; "));
     }
     Ok(())
 }
 
 pub fn lineage(p: &PipelineArgs, what: &str) -> Result<()> {
-    print!("{}", trace::lineage(&engine(p)?, what)?);
+    say_raw!("{}", trace::lineage(&engine(p)?, what)?);
     Ok(())
 }
 
 pub fn dag(p: &PipelineArgs, dot: bool) -> Result<()> {
     let outputs = |stage: &str| config::find(registry(), stage).map(|s| s.info().outputs.iter().map(|o| o.to_string()).collect()).unwrap_or_default();
-    print!("{}", engine(p)?.pipeline.render(dot, outputs));
+    say_raw!("{}", engine(p)?.pipeline.render(dot, outputs));
     Ok(())
 }
 
 pub fn path(p: &PipelineArgs, stage: &str) -> Result<()> {
-    println!("{}", engine(p)?.current_artifact(stage)?.dir.display());
+    say!("{}", engine(p)?.current_artifact(stage)?.dir.display());
     Ok(())
 }
 
@@ -79,20 +81,45 @@ pub fn trial(request: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn verify(p: &PipelineArgs) -> Result<()> {
+pub fn verify(p: &PipelineArgs, repair: bool) -> Result<()> {
     let e = engine(p)?;
-    let all = e.store.list()?;
-    let mut bad = 0;
-    for a in &all {
-        for problem in store::verify(a)? {
-            println!("MISMATCH {problem}");
-            bad += 1;
+    let (artifacts, problems) = e.store.audit(store::Depth::Full)?;
+    for problem in &problems {
+        say!("PROBLEM {problem}");
+    }
+    if repair && !problems.is_empty() {
+        return repair_store(&e, &problems);
+    }
+    let leftovers = problems.iter().filter(|p| matches!(p, store::Problem::Leftover(_))).count();
+    if problems.len() > leftovers {
+        bail!("{} problem(s) in {} artifacts of {}; `liverseg verify --repair` moves the damaged ones aside so the next run rebuilds them", problems.len() - leftovers, artifacts, e.store.root.display());
+    }
+    if leftovers > 0 {
+        // Not damage: a killed run's build, cleared by the next run; its own exit code.
+        eprintln!("{artifacts} artifacts verified; {leftovers} leftover(s) of interrupted builds in {} (the next run or `verify --repair` clears them)", e.store.root.join(".tmp").display());
+        std::process::exit(3);
+    }
+    say!("ok: {artifacts} artifacts verified");
+    Ok(())
+}
+
+/// Set aside every damaged artifact or stray folder, and clear leftovers.
+fn repair_store(e: &Engine, problems: &[store::Problem]) -> Result<()> {
+    let lock = e.store.lock()?; // also clears leftovers of interrupted builds
+    let mut moved = std::collections::BTreeSet::new();
+    for problem in problems {
+        if let store::Problem::Leftover(path) = problem {
+            say!("cleared {}", path.display());
+            continue;
+        }
+        // The artifact folder: artifacts/<stage>/<key>/, whatever file the problem names.
+        let rel = problem.path().strip_prefix(&e.store.root).unwrap_or(problem.path());
+        let dir = e.store.root.join(rel.iter().take(2).collect::<PathBuf>());
+        if dir.is_dir() && moved.insert(dir.clone()) {
+            say!("moved {} to {}", dir.display(), e.store.set_aside(&dir, &lock)?.display());
         }
     }
-    if bad > 0 {
-        bail!("{bad} mismatch(es) in {} artifacts", all.len());
-    }
-    println!("ok: {} artifacts verified", all.len());
+    say!("repaired: {} folder(s) set aside; the next run rebuilds what the pipeline needs", moved.len());
     Ok(())
 }
 
@@ -101,15 +128,15 @@ pub fn gc(p: &PipelineArgs, apply: bool) -> Result<()> {
     let dead = collect::unreachable(&e)?;
     let lock = if apply { Some(e.store.lock()?) } else { None };
     for a in &dead {
-        println!("{} {}/{}", if apply { "removed" } else { "unreachable" }, a.stage, a.key);
+        say!("{} {}/{}", if apply { "removed" } else { "unreachable" }, a.stage, a.key);
         if let Some(l) = &lock {
             e.store.remove(a, l)?;
         }
     }
     if dead.is_empty() {
-        println!("nothing to collect");
+        say!("nothing to collect");
     } else if !apply {
-        println!("{} artifact(s); rerun with --apply to remove them", dead.len());
+        say!("{} artifact(s); rerun with --apply to remove them", dead.len());
     }
     Ok(())
 }
@@ -119,16 +146,16 @@ pub fn params(markdown: bool) -> Result<()> {
         let info = s.info();
         if markdown {
             let reads = if info.inputs.is_empty() { "raw files".to_owned() } else { info.inputs.join(", ") };
-            println!("\n**{}** (v{}; reads {reads}): {}\n", info.name, info.version, info.about);
-            println!("| key | type | default | meaning |\n|---|---|---|---|");
+            say!("\n**{}** (v{}; reads {reads}): {}\n", info.name, info.version, info.about);
+            say!("| key | type | default | meaning |\n|---|---|---|---|");
         }
         for p in info.params {
             let key = if p.name.starts_with(DATA_PREFIX) { p.name.to_owned() } else { format!("{}.{}", info.name, p.name) };
             let kind = p.kind.describe();
             if markdown {
-                println!("| `{key}` | {} | `{}` | {} |", kind.replace('|', "\\|"), p.default.trim_matches('\'').replace('|', "\\|"), p.help);
+                say!("| `{key}` | {} | `{}` | {} |", kind.replace('|', "\\|"), p.default.trim_matches('\'').replace('|', "\\|"), p.help);
             } else {
-                println!("{key:<28} {kind:<30} {:<22} {}", p.default, p.help);
+                say!("{key:<28} {kind:<30} {:<22} {}", p.default, p.help);
             }
         }
     }
@@ -175,7 +202,7 @@ pub fn model(verb: &str, m: &ModelArgs) -> Result<()> {
 
 pub fn synth(out: &Path, cases: usize, seed: u64, size: usize, slices: usize) -> Result<()> {
     liverseg_imaging::synth::write_lits(out, cases, seed, size, slices).with_context(|| format!("cannot write phantoms to {}", out.display()))?;
-    println!("wrote {cases} phantom cases to {}", out.display());
+    say!("wrote {cases} phantom cases to {}", out.display());
     Ok(())
 }
 
@@ -201,6 +228,9 @@ pub struct ExternalEval {
     /// Workspace for the evaluation's own pipeline and artifacts.
     #[arg(long, default_value = "external-eval")]
     out: PathBuf,
+    /// Evaluate even when the data's intensity unit (HU or 8-bit) is not the model's.
+    #[arg(long)]
+    force: bool,
 }
 
 /// A pipeline file, as `evaluate --model --data` writes one.
@@ -238,7 +268,7 @@ pub fn evaluate_external(p: &PipelineArgs, e: ExternalEval) -> Result<()> {
         stages: BTreeMap::from([
             ("ingest", StageDecl { deps: vec![], params: BTreeMap::new() }),
             ("normalise", StageDecl { deps: vec!["ingest"], params: BTreeMap::from([("size", card.size.into()), ("window", serde_json::json!(card.window)), ("minmax_8bit", card.minmax_8bit.into())]) }),
-            ("evaluate", StageDecl { deps: vec!["ingest", "normalise"], params: BTreeMap::from([("split", "all".into()), ("models", serde_json::json!([dir])), ("models_blake3", serde_json::json!([weights]))]) }),
+            ("evaluate", StageDecl { deps: vec!["ingest", "normalise"], params: BTreeMap::from([("split", "all".into()), ("models", serde_json::json!([dir])), ("models_blake3", serde_json::json!([weights])), ("force_unit", e.force.into())]) }),
         ]),
     };
     let path = e.out.join("pipeline.yaml");
@@ -247,7 +277,7 @@ pub fn evaluate_external(p: &PipelineArgs, e: ExternalEval) -> Result<()> {
     let eng = engine(&ext)?;
     eng.run(Some("evaluate"))?;
     let a = eng.current_artifact("evaluate")?;
-    println!("{}", serde_json::to_string_pretty(&a.manifest.metrics)?);
-    println!("tables: {}", a.dir.display());
+    say!("{}", serde_json::to_string_pretty(&a.manifest.metrics)?);
+    say!("tables: {}", a.dir.display());
     Ok(())
 }

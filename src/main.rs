@@ -2,6 +2,23 @@
 //! per command (src/commands.rs). The engine binary never loads libtorch;
 //! commands that need a model hand over to the liverseg-torch worker.
 
+/// `println!` that returns the write's error instead of panicking, so a
+/// closed pipe (`liverseg params | head -1`) ends the command quietly.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        writeln!(std::io::stdout().lock(), $($t)*)?;
+    }};
+}
+
+/// `print!` likewise.
+macro_rules! say_raw {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        write!(std::io::stdout().lock(), $($t)*)?;
+    }};
+}
+
 mod commands;
 
 use clap::{Args, Parser, Subcommand};
@@ -43,6 +60,10 @@ enum Command {
         /// Print {"ran": [...], "reused": [...]} on stdout.
         #[arg(long)]
         json: bool,
+        /// Re-hash every file of every artifact the run reuses or reads (as
+        /// `verify_on_use: true` in pipeline.yaml); damaged ones are rebuilt.
+        #[arg(long)]
+        verify: bool,
     },
     /// Rerun one stage from the cached upstream artifacts.
     Stage {
@@ -75,8 +96,15 @@ enum Command {
         /// The request JSON written by the tune stage.
         request: PathBuf,
     },
-    /// Re-hash every artifact file against its manifest.
-    Verify,
+    /// Re-hash every artifact file (trials included) against its manifest,
+    /// each manifest against the store's index; flag folders without a
+    /// manifest and leftovers of interrupted builds. Exits 1 on any problem.
+    Verify {
+        /// Move damaged artifacts and stray folders aside (to artifacts/.damaged/)
+        /// so the next run rebuilds them, and clear leftovers.
+        #[arg(long)]
+        repair: bool,
+    },
     /// List (or with --apply remove) artifacts the current pipeline no longer reaches.
     Gc {
         #[arg(long)]
@@ -152,23 +180,31 @@ fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
     if let Err(e) = dispatch(cli) {
+        if closed_pipe(&e) {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Whether the reader of our output went away: nothing left to say.
+fn closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     use commands as c;
     let p = &cli.p;
     match cli.command {
-        Command::Run { target, json } => c::run(p, target.as_deref(), json),
+        Command::Run { target, json, verify } => c::run(p, target.as_deref(), json, verify),
         Command::Stage { name, force } => c::stage(p, &name, force),
         Command::Status { json } => c::status(p, json),
         Command::Lineage { what } => c::lineage(p, &what),
         Command::Dag { dot } => c::dag(p, dot),
         Command::Path { stage } => c::path(p, &stage),
         Command::Trial { request } => c::trial(&request),
-        Command::Verify => c::verify(p),
+        Command::Verify { repair } => c::verify(p, repair),
         Command::Gc { apply } => c::gc(p, apply),
         Command::Params { markdown } => c::params(markdown),
         Command::Predict { model, input, output, device } => c::predict(p, &model, &input, &output, &device),

@@ -54,6 +54,7 @@ liverseg_engine::params! {
         seed: u64 = int "0", "bootstrap seed";
         batch_size: usize = int "16", "inference batch size";
         device: Device = choice "auto", "auto = CUDA when available";
+        force_unit: bool = bool "false", "evaluate models on data of another intensity unit (HU against 8-bit exports) with a warning instead of refusing";
     }
 }
 
@@ -153,14 +154,19 @@ pub mod measure {
             Ok(fit::predict_u8(&self.net, images, None, n, size, batch, device)?.0)
         }
 
-        /// The model's preprocessing must be the data's, and so must its unit.
-        fn check_fits(&self, data: &NormaliseParams, unit: &str, label: &str) -> Result<()> {
+        /// The model's preprocessing must be the data's, and so must its unit
+        /// (`force` turns a unit mismatch into a warning).
+        fn check_fits(&self, data: &NormaliseParams, unit: &str, label: &str, force: bool) -> Result<()> {
             let c = &self.card;
             if data.window != c.window || data.minmax_8bit != c.minmax_8bit || data.size as i64 != c.size {
                 bail!("{label}: model {} was trained on {}² slices with window {:?} (min-max {}), but these are normalised to {}² with window {:?} (min-max {})", self.name, c.size, c.window, c.minmax_8bit, data.size, data.window, data.minmax_8bit);
             }
             if unit != c.unit {
-                bail!("{label}: model {} was trained on {} input, these cases are {unit}", self.name, c.unit);
+                let msg = format!("{label}: model {} was trained on {} input, these cases are {unit}", self.name, c.unit);
+                if !force {
+                    bail!("{msg} (evaluate.force_unit, or --force, evaluates anyway)");
+                }
+                eprintln!("warning: {msg}; evaluating anyway (force_unit)");
             }
             Ok(())
         }
@@ -340,7 +346,7 @@ pub mod measure {
     fn evaluate_dataset(ctx: &StageContext, ds: &Dataset, models: &[Loaded], p: &EvaluateParams, device: tch::Device, summary: &mut Summary) -> Result<Vec<ModelScores>> {
         let unit = ds.intensity_unit();
         for m in models {
-            m.check_fits(&ds.params, unit, &ds.label)?;
+            m.check_fits(&ds.params, unit, &ds.label, p.force_unit)?;
         }
         let mut scores: Vec<ModelScores> = models.iter().map(|_| ModelScores { cases: Vec::new() }).collect();
         let bar = liverseg_engine::progress::bar(ds.selected.len() as u64, &format!("evaluate {}", ds.label), ctx.show_progress);

@@ -22,7 +22,10 @@ use regex::Regex;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub const VERSION: u32 = 2; // 2: masks stored as bits
+/// 2: masks stored as bits. 3: symlinks followed, unreadable files and
+/// masks without images reported, odd-size slices quarantined alone,
+/// clipped voxels counted, non-UTF-8 names kept.
+pub const VERSION: u32 = 3;
 
 choices!(
     /// Where slices come from.
@@ -127,10 +130,20 @@ struct SliceRow {
     rows: usize,
     cols: usize,
     orientation: String,
+    /// Voxels outside the i16 range, clipped to it (out-of-range values).
+    clipped: u64,
 }
 
+/// A path relative to the dataset root, as the store records it (lossless
+/// for names that are not UTF-8).
 fn rel(root: &Path, p: &Path) -> String {
-    p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned()
+    liverseg_engine::paths::encode(p.strip_prefix(root).unwrap_or(p))
+}
+
+/// Names of the files ingest reads; a folder with such a name is reported, not skipped.
+fn looks_like_input(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".dcm", ".nrrd"].iter().any(|e| n.ends_with(e))
 }
 
 fn is_nifti(name: &str) -> bool {
@@ -141,11 +154,28 @@ fn nifti_stem(name: &str) -> &str {
     name.trim_end_matches(".gz").trim_end_matches(".nii")
 }
 
+/// Every file under `dir`, symlinks followed. What cannot be walked into (a
+/// symlink loop, an unreadable folder) and folders named like input files
+/// are listed too: hashing them fails, and the stage reports them by name
+/// instead of skipping them.
 fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
-    for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
-        let e = e.with_context(|| format!("cannot walk {}", dir.display()))?;
-        if e.file_type().is_file() && !e.file_name().to_string_lossy().starts_with('.') {
+    for e in walkdir::WalkDir::new(dir).follow_links(true).sort_by_file_name() {
+        let e = match e {
+            Ok(e) => e,
+            Err(err) => match err.path() {
+                Some(p) if p != dir => {
+                    out.push(p.to_path_buf());
+                    continue;
+                }
+                _ => return Err(err).with_context(|| format!("cannot walk {}", dir.display())),
+            },
+        };
+        let name = e.file_name().to_string_lossy();
+        if name.starts_with('.') {
+            continue;
+        }
+        if e.file_type().is_file() || (e.file_type().is_dir() && e.depth() > 0 && looks_like_input(&name)) {
             out.push(e.into_path());
         }
     }
@@ -158,7 +188,32 @@ type Discovered = (Vec<Item>, Vec<(String, String)>);
 
 /// Discover the input items among `files` (the raw inputs the engine listed
 /// and hashed, so the folders are not walked twice).
-fn discover(p: &IngestParams, root: &Path, files: &[PathBuf]) -> Result<Discovered> {
+fn discover(p: &IngestParams, root: &Path, raw: &[liverseg_engine::stage::RawFile]) -> Result<Discovered> {
+    use liverseg_engine::hash::UNREADABLE;
+    // Files the engine could not read (no permission, a folder, a symlink
+    // loop) are reported by name, never skipped.
+    let mut unreadable = Vec::new();
+    let files: Vec<PathBuf> = raw
+        .iter()
+        .filter_map(|r| match r.blake3.strip_prefix(UNREADABLE) {
+            Some(why) => {
+                unreadable.push((r.path.clone(), format!("cannot read: {why}")));
+                None
+            }
+            None => Some(root.join(liverseg_engine::paths::decode(&r.path))),
+        })
+        .collect();
+    let all: Vec<PathBuf> = raw.iter().map(|r| root.join(liverseg_engine::paths::decode(&r.path))).collect();
+    let (items, mut bad) = discover_items(p, root, &files, &all)?;
+    bad.extend(unreadable);
+    if items.is_empty() && bad.is_empty() {
+        bail!("{}: no input files found for data.source `{}`", root.display(), p.source);
+    }
+    Ok((items, bad))
+}
+
+/// Items among the readable `files`; `all` (readable or not) says what exists.
+fn discover_items(p: &IngestParams, root: &Path, files: &[PathBuf], all: &[PathBuf]) -> Result<Discovered> {
     if p.source == DataSource::Synthetic {
         if p.synthetic_cases == 0 {
             bail!("data.synthetic_cases must be at least 1");
@@ -169,30 +224,29 @@ fn discover(p: &IngestParams, root: &Path, files: &[PathBuf]) -> Result<Discover
         bail!("{}: data.root is not a folder", root.display());
     }
     let (items, bad) = match p.source {
-        DataSource::Nifti => discover_nifti(root, files),
+        DataSource::Nifti => discover_nifti(root, files, all),
         DataSource::Dicom => (p.dicom_pairs.iter().map(|d| Item::Dicom { case: d.series.replace('/', "_"), series: root.join(&d.series), mask: root.join(&d.mask) }).collect(), Vec::new()),
-        DataSource::Slices2d => discover_slices(p, root, files)?,
+        DataSource::Slices2d => discover_slices(p, root, files, all)?,
         DataSource::Synthetic => unreachable!("handled above"),
     };
-    if items.is_empty() && bad.is_empty() {
-        bail!("{}: no input files found for data.source `{}`", root.display(), p.source);
-    }
     Ok((items, bad))
 }
 
 /// LiTS (`volume-N` beside `segmentation-N`) and MSD (`imagesTr/X` with `labelsTr/X`) layouts.
-fn discover_nifti(root: &Path, files: &[PathBuf]) -> Discovered {
-    let present: std::collections::HashSet<&Path> = files.iter().map(PathBuf::as_path).collect();
+fn discover_nifti(root: &Path, files: &[PathBuf], all: &[PathBuf]) -> Discovered {
+    let present: std::collections::HashSet<&Path> = all.iter().map(PathBuf::as_path).collect();
     let by_name: BTreeMap<String, PathBuf> = files.iter().map(|p| (rel(root, p), p.clone())).collect();
     let (mut items, mut bad) = (Vec::new(), Vec::new());
     for (name, path) in &by_name {
-        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        // The name as lossless text (see paths::encode), so a name that is
+        // not UTF-8 still finds its mask and keeps a unique case id.
+        let file = path.file_name().map(|f| liverseg_engine::paths::encode(Path::new(f))).unwrap_or_default();
         if !is_nifti(&file) {
             continue;
         }
         let stem = nifti_stem(&file);
         let parent = path.parent().unwrap_or(root);
-        let find_mask = |dir: &Path, stem: &str| ["nii.gz", "nii"].iter().map(|ext| dir.join(format!("{stem}.{ext}"))).find(|p| present.contains(p.as_path()));
+        let find_mask = |dir: &Path, stem: &str| ["nii.gz", "nii"].iter().map(|ext| dir.join(liverseg_engine::paths::decode(&format!("{stem}.{ext}")))).find(|p| present.contains(p.as_path()));
         if let Some(n) = stem.strip_prefix("volume-") {
             let mask = find_mask(parent, &format!("segmentation-{n}"));
             items.push(Item::Nifti { case: n.to_owned(), image: path.clone(), mask });
@@ -208,8 +262,8 @@ fn discover_nifti(root: &Path, files: &[PathBuf]) -> Discovered {
 }
 
 /// 2D image/mask pairs of the same name, grouped into patients by data.case_regex.
-fn discover_slices(p: &IngestParams, root: &Path, files: &[PathBuf]) -> Result<Discovered> {
-    let present: std::collections::HashSet<&Path> = files.iter().map(PathBuf::as_path).collect();
+fn discover_slices(p: &IngestParams, root: &Path, files: &[PathBuf], all: &[PathBuf]) -> Result<Discovered> {
+    let present: std::collections::HashSet<&Path> = all.iter().map(PathBuf::as_path).collect();
     let re = p.case_regex()?;
     let images = root.join(&p.image_dir);
     let masks = root.join(&p.mask_dir);
@@ -225,9 +279,15 @@ fn discover_slices(p: &IngestParams, root: &Path, files: &[PathBuf]) -> Result<D
             bad.push((rel(root, img), format!("file name does not match data.case_regex `{}`", re.as_str())));
             continue;
         };
-        let mask = masks.join(&name);
+        let mask = masks.join(img.strip_prefix(&images).unwrap_or(img));
         let mask = present.contains(mask.as_path()).then_some(mask);
         by_case.entry(c[1].to_owned()).or_default().push((c[2].to_owned(), img.clone(), mask));
+    }
+    // A mask whose image is missing is reported, not ignored.
+    for m in files.iter().filter(|f| f.starts_with(&masks)) {
+        if !present.contains(images.join(m.strip_prefix(&masks).unwrap_or(m)).as_path()) {
+            bad.push((rel(root, m), format!("mask without an image (expected {} in data.image_dir)", m.file_name().map(|f| f.to_string_lossy()).unwrap_or_default())));
+        }
     }
     Ok((by_case.into_iter().map(|(case, pairs)| Item::Slices { case, pairs }).collect(), bad))
 }
@@ -276,18 +336,33 @@ fn liver_mask_u8(labels: &[u8], liver: &[f64], max_label: i64, what: &str) -> Re
     })
 }
 
-/// HU as i16: CT values are integers in every format; `as` saturates out-of-range values.
-fn native_hu(image: imaging::nifti::NativeVolume) -> Volume<i16> {
+/// HU as i16 (CT values are integers in every format), and the voxels of
+/// each axial slice that lay outside i16 and were clipped to its range.
+fn native_hu(image: imaging::nifti::NativeVolume) -> (Volume<i16>, Vec<u64>) {
     use imaging::nifti::NativeVolume::*;
     match image {
-        U8(v) => v.with_data(v.data.iter().map(|&x| i16::from(x)).collect()),
-        I16(v) => v,
+        U8(v) => {
+            let n = v.num_slices();
+            (v.with_data(v.data.iter().map(|&x| i16::from(x)).collect()), vec![0; n])
+        }
+        I16(v) => {
+            let n = v.num_slices();
+            (v, vec![0; n])
+        }
         F32(v) => float_hu(v),
     }
 }
 
-fn float_hu(v: Volume) -> Volume<i16> {
-    v.with_data(v.data.iter().map(|&x| (x + 0.5).floor() as i16).collect())
+fn float_hu(v: Volume) -> (Volume<i16>, Vec<u64>) {
+    let mut clipped = vec![0u64; v.num_slices()];
+    let (ax, [nx, ny, _]) = (v.axial_axis(), v.dims);
+    for (i, &x) in v.data.iter().enumerate() {
+        let r = (x + 0.5).floor();
+        if r < f32::from(i16::MIN) || r > f32::from(i16::MAX) {
+            clipped[[i % nx, (i / nx) % ny, i / (nx * ny)][ax]] += 1;
+        }
+    }
+    (v.with_data(v.data.iter().map(|&x| (x + 0.5).floor() as i16).collect()), clipped)
 }
 
 /// A grid-ordered array as [slice, row, col] (no copy when z is the axial axis).
@@ -306,9 +381,10 @@ fn i16_le_bytes(v: &[i16]) -> Vec<u8> {
     bytes
 }
 
-/// HU of a volume as ingest's tensor bytes (little-endian i16, [slice, row, col]).
-fn hu_tensor<T: Copy>(grid: &Volume<T>, hu: Volume<i16>) -> Vec<u8> {
-    i16_le_bytes(&axial_order(grid, hu.data))
+/// HU of a volume as ingest's tensor bytes (little-endian i16, [slice,
+/// row, col]), with each slice's clipped voxels.
+fn hu_tensor<T: Copy>(grid: &Volume<T>, (hu, clipped): (Volume<i16>, Vec<u64>)) -> (Vec<u8>, Vec<u64>) {
+    (i16_le_bytes(&axial_order(grid, hu.data)), clipped)
 }
 
 /// The case's binary mask as its `mask_bits` tensor.
@@ -324,7 +400,7 @@ struct CaseOut {
 
 /// A case from a volume: `image` is the HU tensor bytes ([slice, row, col],
 /// little-endian i16), `mask` the binary liver mask on the volume's grid.
-fn volume_case<T: Copy>(case: &str, grid: &Volume<T>, image: Vec<u8>, mask: Vec<u8>, source: (String, String, u64)) -> Result<CaseOut> {
+fn volume_case<T: Copy>(case: &str, grid: &Volume<T>, (image, clipped): (Vec<u8>, Vec<u64>), mask: Vec<u8>, source: (String, String, u64)) -> Result<CaseOut> {
     let n = grid.num_slices();
     let ((rows, cols), (sr, sc)) = grid.slice_shape();
     let plane = rows * cols;
@@ -343,6 +419,7 @@ fn volume_case<T: Copy>(case: &str, grid: &Volume<T>, image: Vec<u8>, mask: Vec<
             rows,
             cols,
             orientation: orientation.clone(),
+            clipped: clipped.get(k).copied().unwrap_or(0),
         })
         .collect();
     Ok(CaseOut { rows: out_rows, image: NamedTensor { name: "image".into(), dtype: safetensors::Dtype::I16, shape: vec![n, rows, cols], data: image }, mask: mask_bits(&mask, n, rows, cols) })
@@ -400,8 +477,7 @@ impl Stage for Ingest {
     fn run(&self, ctx: &StageContext) -> Result<Summary> {
         let p: IngestParams = ctx.params.typed()?;
         let root = p.root(ctx.project_root);
-        let files: Vec<PathBuf> = ctx.raw_files.iter().map(|r| root.join(&r.path)).collect();
-        let (items, mut quarantine) = discover(&p, &root, &files)?;
+        let (items, mut quarantine) = discover(&p, &root, ctx.raw_files)?;
         if p.on_error == OnError::Fail {
             if let Some((file, reason)) = quarantine.first() {
                 bail!("{}: {reason}", root.join(file).display());
@@ -443,8 +519,13 @@ fn summary(ctx: &StageContext, rows: &[SliceRow], quarantine: &[(String, String)
     s.insert("slices".into(), rows.len().into());
     s.insert("liver_pixels".into(), rows.iter().map(|r| r.liver_pixels).sum::<u64>().into());
     s.insert("quarantined".into(), quarantine.len().into());
+    let clipped: u64 = rows.iter().map(|r| r.clipped).sum();
+    s.insert("clipped_voxels".into(), clipped.into());
     if !quarantine.is_empty() && ctx.show_progress {
         eprintln!("ingest: quarantined {} file(s); see quarantine.parquet", quarantine.len());
+    }
+    if clipped > 0 && ctx.show_progress {
+        eprintln!("ingest: {clipped} voxel(s) outside the int16 range were clipped to it; see slices.parquet (clipped_voxels)");
     }
     s
 }
@@ -488,15 +569,15 @@ impl<'a> Reader<'a> {
 
     fn item(&self, item: &Item) -> Result<Outcome> {
         let (case, out) = match item {
-            Item::Synthetic { case } => (format!("{case:03}"), self.synthetic(*case)),
-            Item::Nifti { case, image, mask } => (case.clone(), self.nifti(case, image, mask.as_deref())),
+            Item::Synthetic { case } => (format!("{case:03}"), self.synthetic(*case).map(|c| (c, Vec::new()))),
+            Item::Nifti { case, image, mask } => (case.clone(), self.nifti(case, image, mask.as_deref()).map(|c| (c, Vec::new()))),
             Item::Dicom { case, series, mask } => (case.clone(), self.dicom(case, series, mask)),
             Item::Slices { case, pairs } => return self.slices(case, pairs),
         };
         match out {
-            Ok(c) => {
+            Ok((c, bad)) => {
                 self.write_case(&case, c.image, c.mask)?;
-                Ok((c.rows, Vec::new()))
+                Ok((c.rows, bad))
             }
             Err((file, e)) if self.skip() => Ok((Vec::new(), vec![(file, format!("{e:#}"))])),
             Err((_, e)) => Err(e),
@@ -516,7 +597,8 @@ impl<'a> Reader<'a> {
         let name = format!("synthetic/volume-{case}");
         let r = liver_mask_u8(&ph.labels, &self.p.liver_labels, self.p.max_label, &name).and_then(|m| {
             let grid = vol.with_data(Vec::<()>::new());
-            volume_case(&format!("{case:03}"), &grid, hu_tensor(&grid, vol), m, (name.clone(), String::new(), 0))
+            let n = grid.num_slices();
+            volume_case(&format!("{case:03}"), &grid, hu_tensor(&grid, (vol, vec![0; n])), m, (name.clone(), String::new(), 0))
         });
         r.map_err(|e| (name, e))
     }
@@ -529,7 +611,7 @@ impl<'a> Reader<'a> {
         // The usual CT file (int16, z axial) already holds ingest's tensor bytes.
         let raw = if grid.axial_axis() == 2 { raw.into_i16_le_bytes() } else { Err(raw) };
         let hu = match raw {
-            Ok(bytes) => bytes,
+            Ok(bytes) => (bytes, vec![0; grid.num_slices()]),
             Err(raw) => hu_tensor(&grid, native_hu(raw.into_native().map_err(|e| (self.rel(image), e))?)),
         };
         let m = ctx.read_raw(mask).and_then(|b| imaging::nifti::read_raw_from(mask, b)).and_then(|m| m.into_native()).map_err(|e| (self.rel(mask), e))?;
@@ -540,9 +622,18 @@ impl<'a> Reader<'a> {
         volume_case(case, &grid, hu, bin, self.source(image)).map_err(|e| (self.rel(image), e))
     }
 
-    fn dicom(&self, case: &str, series: &Path, mask: &Path) -> std::result::Result<CaseOut, FileError> {
+    /// A DICOM series: a bad file costs that file (quarantined under
+    /// `skip`), when the rest of the series keeps an even geometry.
+    fn dicom(&self, case: &str, series: &Path, mask: &Path) -> std::result::Result<(CaseOut, Vec<(String, String)>), FileError> {
         let p = self.p;
-        let img = imaging::dicom::read_series(series).map_err(|e| (self.rel(series), e))?;
+        let (img, bad_files) = imaging::dicom::read_series_lenient(series).map_err(|e| (self.rel(series), e))?;
+        let mut bad = Vec::new();
+        for (f, e) in bad_files {
+            if !self.skip() {
+                return Err((self.rel(&f), e));
+            }
+            bad.push((self.rel(&f), format!("{e:#}")));
+        }
         if !mask.is_file() {
             return Err((self.rel(mask), anyhow!("{}: missing mask for DICOM series {}", mask.display(), series.display())));
         }
@@ -551,54 +642,80 @@ impl<'a> Reader<'a> {
         let labels = imaging::dicom::resample_nearest(&m, &img).map_err(|e| (self.rel(mask), e))?;
         let bin = liver_mask(&labels, &p.liver_labels, p.max_label, &mask.display().to_string()).map_err(|e| (self.rel(mask), e))?;
         let grid = img.with_data(Vec::<()>::new());
-        volume_case(case, &grid, hu_tensor(&grid, float_hu(img)), bin, (self.rel(series), String::new(), 0)).map_err(|e| (self.rel(series), e))
+        let out = volume_case(case, &grid, hu_tensor(&grid, float_hu(img)), bin, (self.rel(series), String::new(), 0)).map_err(|e| (self.rel(series), e))?;
+        Ok((out, bad))
     }
 
     /// One patient's 2D pairs, decoded straight into the case's tensors; a
-    /// bad pair fails the run, or with `skip` is quarantined alone.
+    /// bad pair fails the run, or with `skip` is quarantined alone. Slices
+    /// must agree in size: the odd ones out (not the majority) are bad.
     fn slices(&self, case: &str, pairs: &[(String, PathBuf, Option<PathBuf>)]) -> Result<Outcome> {
-        let mut rows = Vec::new();
         let (mut img_data, mut mask_data, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
-        let mut shape: Option<(usize, usize)> = None;
+        // (slice, image, byte offset, shape) of each pair that decoded.
+        let mut decoded: Vec<(&str, &Path, usize, (usize, usize))> = Vec::new();
         let mut bad = Vec::new();
         for (slice, image, mask) in pairs {
-            let (img_start, mask_start) = (img_data.len(), mask_data.len());
+            let start = img_data.len();
             let r: std::result::Result<_, FileError> = (|| {
                 let mask = mask.as_ref().ok_or_else(|| (self.rel(image), anyhow!("{}: missing mask (expected one of the same name in data.mask_dir)", image.display())))?;
-                let (h, w) = imaging::slices2d::read_pair_into(image, mask, self.rule, &|p: &Path| self.ctx.read_raw(p), &mut img_data, &mut mask_data, &mut scratch).map_err(|e| (self.rel(image), e))?;
-                if let Some(s) = shape {
-                    if s != (h, w) {
-                        return Err((self.rel(image), anyhow!("{}: {h}×{w} pixels, other slices of patient {case} are {}×{}", image.display(), s.0, s.1)));
-                    }
-                }
-                Ok((h, w))
+                imaging::slices2d::read_pair_into(image, mask, self.rule, &|p: &Path| self.ctx.read_raw(p), &mut img_data, &mut mask_data, &mut scratch).map_err(|e| (self.rel(image), e))
             })();
             match r {
-                Ok((h, w)) => {
-                    if shape.is_none() {
+                Ok(shape) => {
+                    if decoded.is_empty() {
                         // Room for the whole case, so the tensors are not regrown and copied.
-                        img_data.reserve(pairs.len() * h * w);
-                        mask_data.reserve(pairs.len() * h * w);
+                        img_data.reserve(pairs.len() * shape.0 * shape.1);
+                        mask_data.reserve(pairs.len() * shape.0 * shape.1);
                     }
-                    shape = Some((h, w));
-                    rows.push(slice_row(case, slice, self.source(image), liver_count(&mask_data[mask_start..]), h, w));
+                    decoded.push((slice, image, start, shape));
                 }
-                Err((f, e)) => {
-                    img_data.truncate(img_start);
-                    mask_data.truncate(mask_start);
-                    if !self.skip() {
-                        return Err(e);
-                    }
-                    bad.push((f, format!("{e:#}")));
-                }
+                Err((f, e)) if self.skip() => bad.push((f, format!("{e:#}"))),
+                Err((_, e)) => return Err(e),
             }
         }
-        if let Some((h, w)) = shape {
-            let n = rows.len();
-            self.write_case(case, NamedTensor::u8("image", vec![n, h, w], img_data), mask_bits(&mask_data, n, h, w))?;
+        let Some(shape) = majority(decoded.iter().map(|d| d.3)) else { return Ok((Vec::new(), bad)) };
+        let odd: Vec<usize> = (0..decoded.len()).filter(|&i| decoded[i].3 != shape).collect();
+        for &i in &odd {
+            let (_, image, _, (h, w)) = decoded[i];
+            let e = anyhow!("{}: {h}×{w} pixels, most slices of patient {case} are {}×{}", image.display(), shape.0, shape.1);
+            if !self.skip() {
+                return Err(e);
+            }
+            bad.push((self.rel(image), format!("{e:#}")));
         }
+        if !odd.is_empty() {
+            (img_data, mask_data) = keep_slices(&img_data, &mask_data, &decoded, shape);
+            decoded.retain(|d| d.3 == shape);
+        }
+        let (h, w) = shape;
+        let plane = h * w;
+        let rows: Vec<SliceRow> = decoded.iter().enumerate().map(|(k, d)| slice_row(case, d.0, self.source(d.1), liver_count(&mask_data[k * plane..(k + 1) * plane]), h, w)).collect();
+        self.write_case(case, NamedTensor::u8("image", vec![rows.len(), h, w], img_data), mask_bits(&mask_data, rows.len(), h, w))?;
         Ok((rows, bad))
     }
+}
+
+/// The most common shape (the first seen on ties).
+fn majority(shapes: impl Iterator<Item = (usize, usize)>) -> Option<(usize, usize)> {
+    let mut counts: Vec<((usize, usize), usize)> = Vec::new();
+    for s in shapes {
+        match counts.iter_mut().find(|c| c.0 == s) {
+            Some(c) => c.1 += 1,
+            None => counts.push((s, 1)),
+        }
+    }
+    counts.iter().rev().max_by_key(|c| c.1).map(|c| c.0)
+}
+
+/// The image and mask bytes of the slices of `shape` only.
+fn keep_slices(images: &[u8], masks: &[u8], decoded: &[(&str, &Path, usize, (usize, usize))], shape: (usize, usize)) -> (Vec<u8>, Vec<u8>) {
+    let (mut ki, mut km) = (Vec::new(), Vec::new());
+    for &(_, _, start, s) in decoded.iter().filter(|d| d.3 == shape) {
+        let len = s.0 * s.1;
+        ki.extend_from_slice(&images[start..start + len]);
+        km.extend_from_slice(&masks[start..start + len]);
+    }
+    (ki, km)
 }
 
 /// The slice table row of one 2D pair (8-bit, no spacing).
@@ -615,6 +732,7 @@ fn slice_row(case: &str, slice: &str, (file, hash, size): (String, String, u64),
         rows,
         cols,
         orientation: String::new(),
+        clipped: 0,
     }
 }
 
@@ -633,6 +751,7 @@ fn write_tables(ctx: &StageContext, rows: &[SliceRow], quarantine: &[(String, St
         Column::new("rows".into(), rows.iter().map(|r| r.rows as u64).collect::<Vec<_>>()),
         Column::new("cols".into(), rows.iter().map(|r| r.cols as u64).collect::<Vec<_>>()),
         Column::new("orientation".into(), rows.iter().map(|r| r.orientation.clone()).collect::<Vec<_>>()),
+        Column::new("clipped_voxels".into(), rows.iter().map(|r| r.clipped).collect::<Vec<_>>()),
     ])?;
     write_parquet(&ctx.out("slices.parquet"), &mut df, &ctx.provenance())?;
     let mut q = DataFrame::new_infer_height(vec![

@@ -97,7 +97,31 @@ fn verify_names_a_tampered_file_and_lineage_reaches_the_source() {
     let err = fails(&dir, &["verify"]);
     let out = String::from_utf8_lossy(&run(&dir, &["verify"]).stdout).into_owned();
     assert!(out.contains("data.safetensors: content changed"), "{out}");
-    assert!(err.contains("1 mismatch"), "{err}");
+    assert!(err.contains("1 problem(s)"), "{err}");
+    // status says so, lineage refuses nothing it can check cheaply, and
+    // `verify --repair` sets it aside so the next run rebuilds it.
+    ok(&dir, &["verify", "--repair"]);
+    assert!(ok(&dir, &["status"]).lines().any(|l| l.starts_with("normalise") && l.contains("missing")));
+    let (ran, _) = run_json(&dir, &[]);
+    assert_eq!(ran, ["normalise"], "the rebuilt normalise is byte-identical, so nothing downstream reruns");
+    assert!(ok(&dir, &["verify"]).contains("ok: 4 artifacts verified"));
+    // An edited manifest: status says damaged, verify fails, a run rebuilds it.
+    let split = artifacts_of(&dir, "split").pop().unwrap();
+    let m = split.join("manifest.json");
+    let text = std::fs::read_to_string(&m).unwrap().replace("\"train_cases\": 7", "\"train_cases\": 8");
+    std::fs::write(&m, text).unwrap();
+    assert!(ok(&dir, &["status"]).lines().any(|l| l.starts_with("split") && l.contains("damaged") && l.contains("edited")));
+    let err = fails(&dir, &["lineage", "split.train_cases"]);
+    assert!(err.contains("damaged"), "{err}");
+    fails(&dir, &["verify"]);
+    let (ran, _) = run_json(&dir, &[]);
+    assert_eq!(ran, ["split"]);
+    // A folder without a manifest fails verify; a leftover build exits 3.
+    std::fs::create_dir_all(dir.join("artifacts/split/junk")).unwrap();
+    assert!(String::from_utf8_lossy(&run(&dir, &["verify"]).stdout).contains("junk: no manifest"));
+    std::fs::remove_dir_all(dir.join("artifacts/split/junk")).unwrap();
+    std::fs::create_dir_all(dir.join("artifacts/.tmp/split-x-1")).unwrap();
+    assert_eq!(run(&dir, &["verify"]).status.code(), Some(3));
 }
 
 #[test]

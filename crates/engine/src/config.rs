@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 /// belongs to the source stage, whatever its name.
 pub const DATA_PREFIX: &str = "data.";
 
-const TOP_KEYS: &[&str] = &["stages", "profiles", "default_profile", "data", "external", "description"];
+const TOP_KEYS: &[&str] = &["stages", "profiles", "default_profile", "data", "external", "description", "verify_on_use"];
 const STAGE_KEYS: &[&str] = &["deps", "params", "uses", "foreach"];
 
 /// A stage as declared, before params are typed.
@@ -76,7 +76,12 @@ pub fn parse(text: &str, file: &Path, root: &Path, registry: &[Box<dyn Stage>], 
         let imp = find(registry, &s.uses)?;
         imp.check(&s.params).map_err(|e| anyhow!("{f}: stages.{}.params: {e:#}", s.name))?;
     }
-    Ok(Pipeline { file: file.to_path_buf(), root: root.to_path_buf(), profile: profile_name, stages })
+    let verify_on_use = match top.get("verify_on_use") {
+        None => false,
+        Some(Y::Bool(b)) => *b,
+        Some(other) => bail!("{f}: verify_on_use: expected true or false, got {other:?}"),
+    };
+    Ok(Pipeline { file: file.to_path_buf(), root: root.to_path_buf(), profile: profile_name, stages, verify_on_use })
 }
 
 /// The registered stage `name`.

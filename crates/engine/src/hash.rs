@@ -78,6 +78,14 @@ impl RawBytes {
     }
 }
 
+/// The hash recorded for a raw file that cannot be read.
+pub fn unreadable(e: impl std::fmt::Display) -> String {
+    format!("{UNREADABLE}{e}")
+}
+
+/// Prefix of the hash of a raw file that could not be read.
+pub const UNREADABLE: &str = "unreadable: ";
+
 /// Read exactly `len` bytes of `path` and hash them.
 fn read_and_hash(path: &Path, len: u64) -> Result<(String, Vec<u8>)> {
     // Read into unfilled capacity (no zeroing), `len` bytes at most.
@@ -184,53 +192,60 @@ impl StatCache {
     }
 
     /// (size, hash) of each path, in order; files whose stat changed are
-    /// re-hashed in parallel.
+    /// re-hashed in parallel. A file that cannot be read (no permission, a
+    /// folder, a symlink loop) gets size 0 and the hash `unreadable: REASON`,
+    /// so the stage that reads it can quarantine it or fail naming it; the
+    /// key still changes when it becomes readable.
     /// With `keep`, files that have to be read are kept there for the stage.
     pub fn hash_many(&mut self, paths: &[std::path::PathBuf], show_progress: bool, keep: Option<&RawBytes>) -> Result<Vec<(u64, String)>> {
         use rayon::prelude::*;
         // Stat in parallel too: on a first run over many small files the
         // system calls are most of the cost.
-        let stats: Vec<(u64, i128, u64)> = paths
-            .par_iter()
-            .map(|path| std::fs::metadata(path).map(|m| stat_of(&m)).with_context(|| format!("cannot stat {}", path.display())))
-            .collect::<Result<_>>()?;
+        let stats: Vec<std::io::Result<(u64, i128, u64)>> = paths.par_iter().map(|path| std::fs::metadata(path).map(|m| stat_of(&m))).collect();
         let mut out: Vec<Option<(u64, String)>> = Vec::with_capacity(paths.len());
         let mut misses = Vec::new();
-        for (i, (path, &(size, mtime_ns, inode))) in paths.iter().zip(&stats).enumerate() {
-            match self.entries.get(path.to_string_lossy().as_ref()) {
-                Some(e) if e.size == size && e.mtime_ns == mtime_ns && e.inode == inode => out.push(Some((size, e.blake3.clone()))),
-                _ => {
+        for (i, (path, stat)) in paths.iter().zip(&stats).enumerate() {
+            match (stat, self.entries.get(&super::paths::encode(path))) {
+                (Err(e), _) => out.push(Some((0, unreadable(e)))),
+                (Ok((size, mtime_ns, inode)), Some(e)) if e.size == *size && e.mtime_ns == *mtime_ns && e.inode == *inode => out.push(Some((*size, e.blake3.clone()))),
+                (Ok(_), _) => {
                     out.push(None);
                     misses.push(i);
                 }
             }
         }
-        if !misses.is_empty() {
-            let bar = crate::progress::bar(misses.len() as u64, "hashing", show_progress && misses.len() > 200);
-            let hashed: Vec<Result<String>> = misses
-                .par_iter()
-                .map(|&i| {
-                    let (path, len) = (&paths[i], stats[i].0);
-                    let h = match keep {
-                        Some(k) if k.reserve(len) => read_and_hash(path, len).map(|(h, bytes)| {
-                            k.keep(path, bytes);
-                            h
-                        }),
-                        _ => hash_file_of_len(path, len),
-                    };
-                    bar.inc(1);
-                    h
-                })
-                .collect();
-            bar.finish_and_clear();
-            for (i, h) in misses.into_iter().zip(hashed) {
-                let blake3 = h?;
-                let (size, mtime_ns, inode) = stats[i];
-                self.entries.insert(paths[i].to_string_lossy().into_owned(), StatEntry { size, mtime_ns, inode, blake3: blake3.clone() });
-                out[i] = Some((size, blake3));
-            }
-            self.dirty = true;
+        if misses.is_empty() {
+            return Ok(out.into_iter().map(|o| o.expect("filled")).collect());
         }
+        let bar = crate::progress::bar(misses.len() as u64, "hashing", show_progress && misses.len() > 200);
+        let hashed: Vec<Result<String>> = misses
+            .par_iter()
+            .map(|&i| {
+                let (path, len) = (&paths[i], stats[i].as_ref().map(|s| s.0).unwrap_or(0));
+                let h = match keep {
+                    Some(k) if k.reserve(len) => read_and_hash(path, len).map(|(h, bytes)| {
+                        k.keep(path, bytes);
+                        h
+                    }),
+                    _ => hash_file_of_len(path, len),
+                };
+                bar.inc(1);
+                h
+            })
+            .collect();
+        bar.finish_and_clear();
+        for (i, h) in misses.into_iter().zip(hashed) {
+            let Ok((size, mtime_ns, inode)) = stats[i] else { continue };
+            match h {
+                Ok(blake3) => {
+                    self.entries.insert(super::paths::encode(&paths[i]), StatEntry { size, mtime_ns, inode, blake3: blake3.clone() });
+                    out[i] = Some((size, blake3));
+                }
+                // Not cached: it is read again next time, when it may have become readable.
+                Err(e) => out[i] = Some((0, unreadable(e.root_cause()))),
+            }
+        }
+        self.dirty = true;
         Ok(out.into_iter().map(|o| o.expect("filled")).collect())
     }
 

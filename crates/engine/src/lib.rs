@@ -10,6 +10,7 @@ pub mod hash;
 pub mod instances;
 pub mod lineage;
 pub mod params;
+pub mod paths;
 pub mod pipeline;
 pub mod progress;
 pub mod runner;

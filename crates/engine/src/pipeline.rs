@@ -35,6 +35,8 @@ pub struct Pipeline {
     pub profile: String,
     /// Stages in topological order.
     pub stages: Vec<ResolvedStage>,
+    /// Re-hash every file a run reuses or reads (pipeline.yaml `verify_on_use`).
+    pub verify_on_use: bool,
 }
 
 impl Pipeline {

@@ -4,7 +4,7 @@ use super::executor::{Executor, Local};
 use super::hash::{stage_key, KeyInputs, StatCache};
 use super::pipeline::{Pipeline, ResolvedStage};
 use super::stage::{Placement, RawFile, Stage, StageContext, StageInfo};
-use super::store::{now_unix, utc_string, Artifact, Manifest, Store};
+use super::store::{now_unix, utc_string, Artifact, Depth, Manifest, Store};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -19,6 +19,9 @@ pub struct Engine<'r> {
     pub show_progress: bool,
     /// Where worker-placed stages and trials run.
     pub executor: Box<dyn Executor>,
+    /// Re-hash every file of every artifact a run reuses or reads
+    /// (`run --verify`, or `verify_on_use: true` in pipeline.yaml).
+    pub verify_on_use: bool,
     /// Raw inputs read while planning a run, for the stages that read them.
     raw_bytes: super::hash::RawBytes,
 }
@@ -35,12 +38,24 @@ pub struct Planned {
 pub struct RunReport {
     pub ran: Vec<String>,
     pub reused: Vec<String>,
+    /// Stages whose artifact was damaged and was set aside and rebuilt.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rebuilt_damaged: Vec<String>,
+}
+
+/// An artifact as a run finds it.
+pub enum Found {
+    Fresh(Artifact),
+    /// Present but not to be trusted: set aside and rebuilt, never used.
+    Damaged(Artifact, Vec<super::store::Problem>),
+    Missing,
 }
 
 impl<'r> Engine<'r> {
     pub fn new(pipeline: Pipeline, registry: &'r [Box<dyn Stage>]) -> Self {
         let store = Store::new(pipeline.root.join("artifacts"));
-        Engine { pipeline, registry, store, show_progress: true, executor: Box::new(Local), raw_bytes: super::hash::RawBytes::new(RAW_BYTES_BUDGET) }
+        let verify_on_use = pipeline.verify_on_use;
+        Engine { pipeline, registry, store, show_progress: true, executor: Box::new(Local), verify_on_use, raw_bytes: super::hash::RawBytes::new(RAW_BYTES_BUDGET) }
     }
 
     pub fn stage_impl(&self, name: &str) -> Result<&dyn Stage> {
@@ -87,6 +102,14 @@ impl<'r> Engine<'r> {
         self.plan(&all)
     }
 
+    /// The artifact of (stage, key), checked before it is trusted.
+    pub fn find(&self, stage: &str, key: &str) -> Result<Found> {
+        let Some(a) = self.store.get(stage, key)? else { return Ok(Found::Missing) };
+        let depth = if self.verify_on_use { Depth::Full } else { Depth::Quick };
+        let problems = self.store.check(&a, depth);
+        Ok(if problems.is_empty() { Found::Fresh(a) } else { Found::Damaged(a, problems) })
+    }
+
     /// Run `target` (or every stage) and whatever it needs that is not in the store.
     pub fn run(&self, target: Option<&str>) -> Result<RunReport> {
         let stages: Vec<&ResolvedStage> = match target {
@@ -96,7 +119,11 @@ impl<'r> Engine<'r> {
         let planned = self.plan_keeping(&stages, Some(&self.raw_bytes))?;
         let mut report = RunReport::default();
         // Fast path: nothing to do needs no lock.
-        if stages.iter().all(|s| self.store.artifact_dir(&s.name, &planned[&s.name].key).join(super::store::MANIFEST).is_file()) {
+        let mut all_fresh = true;
+        for s in &stages {
+            all_fresh &= matches!(self.find(&s.name, &planned[&s.name].key)?, Found::Fresh(_));
+        }
+        if all_fresh {
             for s in &stages {
                 self.say(&format!("reused  {:<10} {}", s.name, planned[&s.name].key));
                 report.reused.push(s.name.clone());
@@ -107,16 +134,30 @@ impl<'r> Engine<'r> {
         for s in &stages {
             let p = &planned[&s.name];
             // Another process may have built it while we waited for the lock.
-            if self.store.get(&s.name, &p.key)?.is_some() {
-                self.say(&format!("reused  {:<10} {}", s.name, p.key));
-                report.reused.push(s.name.clone());
-                continue;
+            match self.find(&s.name, &p.key)? {
+                Found::Fresh(_) => {
+                    self.say(&format!("reused  {:<10} {}", s.name, p.key));
+                    report.reused.push(s.name.clone());
+                    continue;
+                }
+                Found::Damaged(a, problems) => {
+                    self.set_aside_damaged(&a, &problems, &lock)?;
+                    report.rebuilt_damaged.push(s.name.clone());
+                }
+                Found::Missing => {}
             }
             let secs = self.execute(s, p, &lock)?;
             self.say(&format!("ran     {:<10} {}  ({secs:.1} s)", s.name, p.key));
             report.ran.push(s.name.clone());
         }
         Ok(report)
+    }
+
+    fn set_aside_damaged(&self, a: &Artifact, problems: &[super::store::Problem], lock: &super::store::StoreLock) -> Result<()> {
+        let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        let dest = self.store.set_aside(&a.dir, lock)?;
+        eprintln!("damaged {}@{}: {}; moved to {} and rebuilding", a.stage, a.key, list.join("; "), dest.display());
+        Ok(())
     }
 
     /// Rerun one stage from its cached upstream artifacts.
@@ -126,17 +167,26 @@ impl<'r> Engine<'r> {
         let s = *stages.last().expect("contains self");
         for d in &s.deps {
             let key = &planned[d].key;
-            if self.store.get(d, key)?.is_none() {
-                bail!("upstream artifact {d}@{key} is missing; make it with `liverseg run {d}` (or `liverseg run {name}` to build everything {name} needs)");
+            match self.find(d, key)? {
+                Found::Fresh(_) => {}
+                Found::Missing => bail!("upstream artifact {d}@{key} is missing; make it with `liverseg run {d}` (or `liverseg run {name}` to build everything {name} needs)"),
+                Found::Damaged(_, problems) => {
+                    let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+                    bail!("upstream artifact {d}@{key} is damaged ({}); `liverseg run {name}` rebuilds it", list.join("; "))
+                }
             }
         }
         let p = &planned[name];
         let mut report = RunReport::default();
         let lock = self.store.lock()?;
-        if !force && self.store.get(name, &p.key)?.is_some() {
-            self.say(&format!("reused  {:<10} {}  (use --force to rerun)", name, p.key));
-            report.reused.push(name.to_owned());
-            return Ok(report);
+        match self.find(name, &p.key)? {
+            Found::Fresh(_) if !force => {
+                self.say(&format!("reused  {:<10} {}  (use --force to rerun)", name, p.key));
+                report.reused.push(name.to_owned());
+                return Ok(report);
+            }
+            Found::Damaged(a, problems) => self.set_aside_damaged(&a, &problems, &lock)?,
+            _ => {}
         }
         let secs = self.execute(s, p, &lock)?;
         self.say(&format!("ran     {:<10} {}  ({secs:.1} s)", name, p.key));
@@ -148,7 +198,15 @@ impl<'r> Engine<'r> {
         let imp = self.stage_impl(&s.uses)?;
         let mut upstream = BTreeMap::new();
         for (d, key) in &p.upstream {
-            let a = self.store.get(d, key)?.ok_or_else(|| anyhow!("upstream artifact {d}@{key} vanished from the store"))?;
+            // Checked again just before use: what a stage reads is what the manifest says.
+            let a = match self.find(d, key)? {
+                Found::Fresh(a) => a,
+                Found::Missing => bail!("upstream artifact {d}@{key} vanished from the store"),
+                Found::Damaged(_, problems) => {
+                    let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+                    bail!("upstream artifact {d}@{key} is damaged ({}); nothing was run", list.join("; "))
+                }
+            };
             upstream.insert(s.upstream_name(d).to_owned(), a);
         }
         let build = self.store.begin(&s.name, &p.key, lock)?;
@@ -222,7 +280,14 @@ impl<'r> Engine<'r> {
         let stages = self.pipeline.ancestors_and_self(name)?;
         let planned = self.plan(&stages)?;
         let key = &planned[name].key;
-        self.store.get(name, key)?.ok_or_else(|| anyhow!("no artifact of `{name}` for the current pipeline (key {key}); make it with `liverseg run {name}`"))
+        match self.find(name, key)? {
+            Found::Fresh(a) => Ok(a),
+            Found::Missing => bail!("no artifact of `{name}` for the current pipeline (key {key}); make it with `liverseg run {name}`"),
+            Found::Damaged(_, problems) => {
+                let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+                bail!("the artifact of `{name}` ({key}) is damaged ({}); `liverseg run {name}` rebuilds it", list.join("; "))
+            }
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! `status`: is each stage's artifact fresh, stale or missing, and why.
 
-use super::runner::Engine;
+use super::runner::{Engine, Found};
 use super::store::Artifact;
 use anyhow::Result;
 use serde::Serialize;
@@ -13,6 +13,8 @@ pub enum StageState {
     Fresh,
     Stale,
     Missing,
+    /// An artifact exists for the current key but fails its check.
+    Damaged,
 }
 
 impl std::fmt::Display for StageState {
@@ -21,6 +23,7 @@ impl std::fmt::Display for StageState {
             StageState::Fresh => "fresh",
             StageState::Stale => "stale",
             StageState::Missing => "missing",
+            StageState::Damaged => "damaged",
         })
     }
 }
@@ -39,9 +42,17 @@ pub fn status(engine: &Engine) -> Result<Vec<StageStatus>> {
     let mut out = Vec::new();
     for s in &engine.pipeline.stages {
         let p = &planned[&s.name];
-        if engine.store.get(&s.name, &p.key)?.is_some() {
-            out.push(StageStatus { stage: s.name.clone(), key: p.key.clone(), state: StageState::Fresh, reasons: vec![] });
-            continue;
+        match engine.find(&s.name, &p.key)? {
+            Found::Fresh(_) => {
+                out.push(StageStatus { stage: s.name.clone(), key: p.key.clone(), state: StageState::Fresh, reasons: vec![] });
+                continue;
+            }
+            Found::Damaged(_, problems) => {
+                let reasons = problems.iter().map(|p| p.to_string()).collect();
+                out.push(StageStatus { stage: s.name.clone(), key: p.key.clone(), state: StageState::Damaged, reasons });
+                continue;
+            }
+            Found::Missing => {}
         }
         // Compare with the most recent artifact of this stage.
         let last: Option<&Artifact> = all.iter().rev().find(|a| a.stage == s.name);

@@ -4,7 +4,7 @@
 
 use super::hash::{hash_file, hash_written_file};
 use super::stage::{RawFile, Summary};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs;
@@ -51,11 +51,69 @@ pub struct Artifact {
     pub key: String,
     pub dir: PathBuf,
     pub manifest: Manifest,
+    /// blake3 of manifest.json as read.
+    pub manifest_blake3: String,
+}
+
+/// What can be wrong with an artifact or the store around it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Problem {
+    #[error("{0}: missing")]
+    Missing(PathBuf),
+    #[error("{path}: {got} bytes, the manifest says {want}")]
+    Resized { path: PathBuf, want: u64, got: u64 },
+    #[error("{path}: content changed (blake3 {want} in the manifest, {got} on disk)")]
+    Changed { path: PathBuf, want: String, got: String },
+    #[error("{0}: not in the manifest")]
+    Extra(PathBuf),
+    #[error("{0}: edited since it was written (its blake3 is not the one the store recorded)")]
+    ManifestEdited(PathBuf),
+    #[error("{0}: not recorded in the store's index (written by another tool, or by a liverseg before the index)")]
+    NotIndexed(PathBuf),
+    #[error("{0}: no manifest (an incomplete build, or not an artifact)")]
+    NoManifest(PathBuf),
+    #[error("{0}: {1}")]
+    BadManifest(PathBuf, String),
+    #[error("{0}: left over from an interrupted build")]
+    Leftover(PathBuf),
+}
+
+impl Problem {
+    /// The artifact (or folder) the problem makes unusable.
+    pub fn path(&self) -> &Path {
+        match self {
+            Problem::Missing(p) | Problem::Extra(p) | Problem::ManifestEdited(p) | Problem::NotIndexed(p) | Problem::NoManifest(p) | Problem::BadManifest(p, _) | Problem::Leftover(p) => p,
+            Problem::Resized { path, .. } | Problem::Changed { path, .. } => path,
+        }
+    }
+}
+
+/// How closely to look at an artifact before trusting it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// Manifest against the index, every output's size, and the small
+    /// metadata files (JSON, Parquet) re-hashed: what every use costs.
+    Quick,
+    /// Every file re-hashed, nothing extra: `verify` and `run --verify`.
+    Full,
+}
+
+/// Files re-hashed on every use: small, and what stages read whole.
+fn rehashed_on_use(name: &str, size: u64) -> bool {
+    (name.ends_with(".json") || name.ends_with(".parquet")) && size <= 4 << 20
 }
 
 impl Artifact {
     pub fn file(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// The artifact in `dir`, from its manifest.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let mpath = dir.join(MANIFEST);
+        let bytes = fs::read(&mpath).with_context(|| format!("cannot read {}", mpath.display()))?;
+        let manifest: Manifest = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a liverseg manifest", mpath.display()))?;
+        Ok(Artifact { stage: manifest.stage.clone(), key: manifest.key.clone(), dir: dir.to_path_buf(), manifest, manifest_blake3: blake3::hash(&bytes).to_hex().to_string() })
     }
 }
 
@@ -85,6 +143,12 @@ impl Store {
         self.root.join(".cache").join("stat-cache.json")
     }
 
+    /// The index entry of an artifact: the blake3 of its manifest, recorded
+    /// when it was committed.
+    fn index_file(&self, stage: &str, key: &str) -> PathBuf {
+        self.root.join(".index").join(stage).join(key)
+    }
+
     /// The complete artifact for (stage, key), if any. An artifact directory
     /// only ever appears by rename after its manifest was written.
     pub fn get(&self, stage: &str, key: &str) -> Result<Option<Artifact>> {
@@ -93,8 +157,104 @@ impl Store {
         if !mpath.is_file() {
             return Ok(None);
         }
-        let manifest = read_manifest(&mpath)?;
-        Ok(Some(Artifact { stage: stage.to_owned(), key: key.to_owned(), dir, manifest }))
+        let bytes = fs::read(&mpath).with_context(|| format!("cannot read {}", mpath.display()))?;
+        let manifest = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a liverseg manifest", mpath.display()))?;
+        Ok(Some(Artifact { stage: stage.to_owned(), key: key.to_owned(), dir, manifest, manifest_blake3: blake3::hash(&bytes).to_hex().to_string() }))
+    }
+
+    /// What is wrong with `a`, looked at to `depth`; empty when it can be trusted.
+    pub fn check(&self, a: &Artifact, depth: Depth) -> Vec<Problem> {
+        let mpath = a.dir.join(MANIFEST);
+        let mut problems = Vec::new();
+        if a.manifest.key != a.key || a.manifest.stage != a.stage {
+            problems.push(Problem::BadManifest(mpath.clone(), format!("names {}/{}", a.manifest.stage, a.manifest.key)));
+        }
+        match fs::read_to_string(self.index_file(&a.stage, &a.key)) {
+            Ok(h) if h.trim() == a.manifest_blake3 => {}
+            Ok(_) => problems.push(Problem::ManifestEdited(mpath)),
+            Err(_) => problems.push(Problem::NotIndexed(mpath)),
+        }
+        if depth == Depth::Full {
+            return match verify_files(a) {
+                Ok(p) => problems.into_iter().chain(p).collect(),
+                Err(e) => problems.into_iter().chain([Problem::BadManifest(a.dir.clone(), format!("{e:#}"))]).collect(),
+            };
+        }
+        for (name, want) in &a.manifest.outputs {
+            let path = a.dir.join(name);
+            match fs::metadata(&path) {
+                Err(_) => problems.push(Problem::Missing(path)),
+                Ok(m) if m.len() != want.size => problems.push(Problem::Resized { path, want: want.size, got: m.len() }),
+                Ok(m) if rehashed_on_use(name, m.len()) => match hash_file(&path) {
+                    Ok(h) if h == want.blake3 => {}
+                    Ok(h) => problems.push(Problem::Changed { path, want: want.blake3[..16].to_owned(), got: h[..16].to_owned() }),
+                    Err(_) => problems.push(Problem::Missing(path)),
+                },
+                Ok(_) => {}
+            }
+        }
+        problems
+    }
+
+    /// Every problem in the store: each artifact checked to `depth` (sub-
+    /// artifacts included), folders without a complete manifest, and (when
+    /// no run holds the lock) leftovers of interrupted builds.
+    pub fn audit(&self, depth: Depth) -> Result<(usize, Vec<Problem>)> {
+        let mut problems = Vec::new();
+        let mut artifacts = 0;
+        let Ok(stages) = fs::read_dir(&self.root) else { return Ok((0, problems)) };
+        for s in stages.flatten() {
+            let name = s.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !s.path().is_dir() {
+                continue;
+            }
+            for k in fs::read_dir(s.path()).with_context(|| format!("cannot list {}", s.path().display()))?.flatten() {
+                let dir = k.path();
+                if !dir.join(MANIFEST).is_file() {
+                    problems.push(Problem::NoManifest(dir));
+                    continue;
+                }
+                match self.get(&name, &k.file_name().to_string_lossy()) {
+                    Ok(Some(a)) => {
+                        artifacts += 1;
+                        problems.extend(self.check(&a, depth));
+                    }
+                    Ok(None) => problems.push(Problem::NoManifest(dir)),
+                    Err(e) => problems.push(Problem::BadManifest(dir.join(MANIFEST), format!("{e:#}"))),
+                }
+            }
+        }
+        if !self.locked_by_another()? {
+            if let Ok(left) = fs::read_dir(self.root.join(".tmp")) {
+                problems.extend(left.flatten().map(|e| Problem::Leftover(e.path())));
+            }
+        }
+        Ok((artifacts, problems))
+    }
+
+    /// Whether another process holds the write lock (a run in progress).
+    pub fn locked_by_another(&self) -> Result<bool> {
+        let path = self.root.join(".lock");
+        let Ok(file) = fs::OpenOptions::new().read(true).write(true).open(&path) else { return Ok(false) };
+        Ok(match file.try_lock() {
+            Ok(()) => false,
+            Err(fs::TryLockError::WouldBlock) => true,
+            Err(fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("cannot lock {}", path.display())),
+        })
+    }
+
+    /// Move an artifact (or a folder that is not one) aside, to
+    /// `.damaged/`, so the next run rebuilds it and nothing is lost.
+    pub fn set_aside(&self, dir: &Path, _lock: &StoreLock) -> Result<PathBuf> {
+        let rel = dir.strip_prefix(&self.root).unwrap_or(dir);
+        let base = format!("{}-{}", rel.to_string_lossy().replace('/', "__"), (now_unix() * 1e6) as u64);
+        let dest = (0..).map(|n| self.root.join(".damaged").join(format!("{base}.{n}"))).find(|d| !d.exists()).expect("a free name");
+        fs::create_dir_all(dest.parent().expect("under .damaged")).with_context(|| format!("cannot create {}", dest.display()))?;
+        fs::rename(dir, &dest).with_context(|| format!("cannot move {} aside", dir.display()))?;
+        if let (Some(stage), Some(key)) = (rel.parent(), rel.file_name()) {
+            let _ = fs::remove_file(self.index_file(&stage.to_string_lossy(), &key.to_string_lossy()));
+        }
+        Ok(dest)
     }
 
     /// Every complete artifact in the store, newest last.
@@ -157,7 +317,14 @@ impl Store {
     pub fn commit(&self, build: &Path, mut manifest: Manifest, _lock: &StoreLock) -> Result<Artifact> {
         manifest.outputs = hash_tree(build, hash_written_file)?;
         let text = serde_json::to_string_pretty(&manifest)?;
-        fs::write(build.join(MANIFEST), text).with_context(|| format!("cannot write manifest in {}", build.display()))?;
+        fs::write(build.join(MANIFEST), &text).with_context(|| format!("cannot write manifest in {}", build.display()))?;
+        // The index records the manifest's hash before the artifact appears:
+        // an artifact is never visible without its entry.
+        let manifest_blake3 = blake3::hash(text.as_bytes()).to_hex().to_string();
+        let index = self.index_file(&manifest.stage, &manifest.key);
+        fs::create_dir_all(index.parent().expect("under .index")).with_context(|| format!("cannot create {}", index.display()))?;
+        let tmp = index.with_extension(format!("tmp{}", std::process::id()));
+        fs::write(&tmp, &manifest_blake3).and_then(|_| fs::rename(&tmp, &index)).with_context(|| format!("cannot write {}", index.display()))?;
         let dest = self.artifact_dir(&manifest.stage, &manifest.key);
         fs::create_dir_all(dest.parent().expect("has parent")).with_context(|| format!("cannot create {}", dest.display()))?;
         if dest.exists() {
@@ -168,7 +335,7 @@ impl Store {
         } else {
             fs::rename(build, &dest).with_context(|| format!("cannot move build into {}", dest.display()))?;
         }
-        Ok(Artifact { stage: manifest.stage.clone(), key: manifest.key.clone(), dir: dest, manifest })
+        Ok(Artifact { stage: manifest.stage.clone(), key: manifest.key.clone(), dir: dest, manifest, manifest_blake3 })
     }
 
     pub fn remove(&self, a: &Artifact, _lock: &StoreLock) -> Result<()> {
@@ -210,13 +377,19 @@ impl<'a> SubArtifacts<'a> {
         }
     }
 
-    /// The complete sub-artifact of `key`, if any.
+    /// The complete sub-artifact of `key`, if any and if it passes the
+    /// quick check; a damaged one is set aside, to be made again.
     pub fn get(&self, key: &str) -> Result<Option<Artifact>> {
-        let a = self.store.get(&self.stage, key)?;
-        if a.is_some() {
-            self.note(key);
+        let Some(a) = self.store.get(&self.stage, key)? else { return Ok(None) };
+        let problems = self.store.check(&a, Depth::Quick);
+        if !problems.is_empty() {
+            let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+            let dest = self.store.set_aside(&a.dir, self.lock)?;
+            eprintln!("damaged {}@{key}: {}; moved to {} and making it again", self.stage, list.join("; "), dest.display());
+            return Ok(None);
         }
-        Ok(a)
+        self.note(key);
+        Ok(Some(a))
     }
 
     /// A fresh build folder for `key`.
@@ -289,24 +462,22 @@ pub fn hash_tree(dir: &Path, hash: fn(&Path) -> Result<String>) -> Result<BTreeM
         .collect()
 }
 
-/// Differences between an artifact's files and its manifest.
-pub fn verify(a: &Artifact) -> Result<Vec<String>> {
+/// Differences between an artifact's files and its manifest, every file re-hashed.
+fn verify_files(a: &Artifact) -> Result<Vec<Problem>> {
     let actual = hash_tree(&a.dir, hash_file)?;
     let mut problems = Vec::new();
     for (name, want) in &a.manifest.outputs {
+        let path = a.dir.join(name);
         match actual.get(name) {
-            None => problems.push(format!("{}: missing", a.dir.join(name).display())),
-            Some(got) if got != want => problems.push(format!("{}: content changed (blake3 {} in the manifest, {} on disk)", a.dir.join(name).display(), &want.blake3[..16], &got.blake3[..16])),
+            None => problems.push(Problem::Missing(path)),
+            Some(got) if got != want => problems.push(Problem::Changed { path, want: want.blake3[..16].to_owned(), got: got.blake3[..16].to_owned() }),
             _ => {}
         }
     }
     for name in actual.keys() {
         if !a.manifest.outputs.contains_key(name) {
-            problems.push(format!("{}: not in the manifest", a.dir.join(name).display()));
+            problems.push(Problem::Extra(a.dir.join(name)));
         }
-    }
-    if a.manifest.key != a.key || a.manifest.stage != a.stage {
-        bail!("{}: manifest names {}/{}", a.dir.display(), a.manifest.stage, a.manifest.key);
     }
     Ok(problems)
 }

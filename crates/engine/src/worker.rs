@@ -6,7 +6,7 @@
 use super::executor::{Executor, Local};
 use super::params::Params;
 use super::stage::{RawFile, StageContext, StageInfo, Summary};
-use super::store::{read_manifest, Artifact, Store, MANIFEST};
+use super::store::{Artifact, Store};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -94,8 +94,7 @@ impl WorkerJob {
         let req: WorkerRequest = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a worker request", path.display()))?;
         let mut upstream = BTreeMap::new();
         for (name, dir) in &req.upstream {
-            let manifest = read_manifest(&dir.join(MANIFEST))?;
-            upstream.insert(name.clone(), Artifact { stage: manifest.stage.clone(), key: manifest.key.clone(), dir: dir.clone(), manifest });
+            upstream.insert(name.clone(), Artifact::load(dir)?);
         }
         Ok(WorkerJob { params: Params(req.params.clone()), upstream, store: Store::new(req.store_root.clone()), req })
     }

@@ -8,6 +8,7 @@ use liverseg_engine::config;
 use liverseg_engine::params::Params;
 use liverseg_engine::runner::Engine;
 use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary};
+use liverseg_engine::store::{Depth, Problem};
 use std::path::{Path, PathBuf};
 
 liverseg_engine::params! {
@@ -101,6 +102,7 @@ impl Stage for Upper {
         let p: UpperParams = ctx.params.typed()?;
         let text = std::fs::read_to_string(ctx.upstream("letters")?.file("text.txt"))?;
         std::fs::write(ctx.out("text.txt"), text.to_uppercase().repeat(p.times))?;
+        std::fs::write(ctx.out("stats.json"), format!("{{\"times\": {}}}", p.times))?;
         Ok(Summary::new())
     }
 }
@@ -167,7 +169,7 @@ impl Stage for Search {
                 continue;
             }
             let build = tries.begin(&key)?;
-            std::fs::write(build.join("value.txt"), format!("{}", i * i))?;
+            std::fs::write(build.join("value.json"), format!("{}", i * i))?;
             tries.commit(&build, &key, 1, &Params::default(), Default::default(), Summary::new(), 0.0)?;
             made += 1;
         }
@@ -314,9 +316,100 @@ fn sub_artifacts_are_cached_kept_by_gc_and_verified() {
     // Sub-artifacts are artifacts: listed and verified like any other.
     let subs: Vec<_> = e.store.list().unwrap().into_iter().filter(|a| a.stage == "search+try").collect();
     assert_eq!(subs.len(), 3);
-    std::fs::write(subs[0].file("value.txt"), "tampered").unwrap();
-    let problems = liverseg_engine::store::verify(&subs[0]).unwrap();
+    std::fs::write(subs[0].file("value.json"), "99").unwrap();
+    let problems = e.store.check(&subs[0], Depth::Full);
     assert_eq!(problems.len(), 1, "{problems:?}");
+    // A damaged sub-artifact is not reused: it is set aside and made again.
+    run(&dir, &["search.tries=4"]);
+    let m = metrics(&dir, "search", &["search.tries=4"]);
+    assert_eq!((m["made"].as_u64(), m["reused"].as_u64()), (Some(2), Some(2)), "{m:?}");
+}
+
+/// Flip one byte of `path` at `at` (from the start, or from the end when negative).
+fn flip(path: &Path, at: i64) {
+    let mut b = std::fs::read(path).unwrap();
+    let i = if at < 0 { (b.len() as i64 + at) as usize } else { at as usize };
+    b[i] ^= 0x01;
+    std::fs::write(path, b).unwrap();
+}
+
+fn engine_for(dir: &Path, reg: &[Box<dyn Stage>]) -> Engine<'static> {
+    let reg: &'static [Box<dyn Stage>] = Box::leak(registry().into_boxed_slice());
+    let _ = reg;
+    let reg2: &'static [Box<dyn Stage>] = Box::leak(registry().into_boxed_slice());
+    let mut e = Engine::new(load(dir, reg2, &[]).unwrap(), reg2);
+    e.show_progress = false;
+    e
+}
+
+/// A damaged or missing upstream file is never used: `run` rebuilds the
+/// artifact, `status` says damaged, a single-stage rerun refuses, and
+/// `lineage` will not quote an edited manifest.
+#[test]
+fn damaged_artifacts_are_rebuilt_never_used() {
+    let dir = project("damage", CHAIN);
+    run(&dir, &[]);
+    let reg = registry();
+    let e = engine_for(&dir, &reg);
+    let upper = e.current_artifact("upper").unwrap();
+    // A deleted output: the artifact is rebuilt, and so is what follows.
+    std::fs::remove_file(upper.file("text.txt")).unwrap();
+    let status = liverseg_engine::status::status(&e).unwrap();
+    assert_eq!(status.iter().find(|s| s.stage == "upper").unwrap().state, liverseg_engine::status::StageState::Damaged);
+    let (ran, _) = run(&dir, &[]);
+    assert_eq!(ran, ["upper"], "only the damaged stage reruns: its new artifact is byte-identical");
+    // A changed byte in a small file the next stage reads (a JSON): a
+    // single-stage rerun downstream refuses it, naming the file, and so does
+    // a lookup of the artifact.
+    flip(&e.current_artifact("upper").unwrap().file("stats.json"), 2);
+    let err = format!("{:#}", e.run_one("tally", true).unwrap_err());
+    assert!(err.contains("upstream artifact upper@") && err.contains("stats.json: content changed"), "{err}");
+    let err = format!("{:#}", e.current_artifact("upper").unwrap_err());
+    assert!(err.contains("is damaged"), "{err}");
+    // A run rebuilds it (and reuses what follows: the rebuilt upstream is byte-identical).
+    assert_eq!(run(&dir, &[]).0, ["upper"]);
+    // A same-size change in a large file passes the quick check on use, but
+    // not `run --verify` (verify_on_use), which re-hashes everything.
+    flip(&e.current_artifact("upper").unwrap().file("text.txt"), 0);
+    let mut strict = engine_for(&dir, &reg);
+    strict.verify_on_use = true;
+    let err = format!("{:#}", strict.run_one("tally", true).unwrap_err());
+    assert!(err.contains("text.txt: content changed"), "{err}");
+    assert_eq!(strict.run(None).unwrap().rebuilt_damaged, ["upper"]);
+    // An edited manifest: lineage refuses to quote it, the next run rebuilds.
+    let m = e.current_artifact("letters").unwrap().dir.join("manifest.json");
+    let text = std::fs::read_to_string(&m).unwrap().replace("\"chars\": 11", "\"chars\": 99");
+    std::fs::write(&m, text).unwrap();
+    let err = format!("{:#}", liverseg_engine::lineage::lineage(&e, "letters.chars").unwrap_err());
+    assert!(err.contains("edited since it was written"), "{err}");
+    run(&dir, &[]);
+    assert_eq!(metrics(&dir, "letters", &[])["chars"], 11);
+}
+
+/// Every one-byte change in a manifest, an output or a sub-artifact's
+/// result, and every folder without a manifest, fails a full check.
+#[test]
+fn verify_catches_every_byte_and_every_stray_folder() {
+    let dir = project("verify_bytes", "data: {root: text}\nstages:\n  letters: {}\n  search: {deps: [letters], params: {tries: 1}}\n");
+    run(&dir, &[]);
+    let reg = registry();
+    let e = engine_for(&dir, &reg);
+    let (n, problems) = e.store.audit(Depth::Full).unwrap();
+    assert!(problems.is_empty() && n == 3, "{n} artifacts, {problems:?}");
+    let files: Vec<PathBuf> = e.store.list().unwrap().iter().flat_map(|a| std::fs::read_dir(&a.dir).unwrap().map(|f| f.unwrap().path())).collect();
+    assert!(files.len() >= 6, "{files:?}");
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len() as i64;
+        for at in [0, len / 2, -1] {
+            flip(f, at);
+            let (_, problems) = e.store.audit(Depth::Full).unwrap();
+            assert!(!problems.is_empty(), "a flipped byte {at} of {} went unnoticed", f.display());
+            flip(f, at);
+        }
+    }
+    std::fs::create_dir_all(dir.join("artifacts/search/not-an-artifact")).unwrap();
+    let (_, problems) = e.store.audit(Depth::Full).unwrap();
+    assert!(problems.iter().any(|p| matches!(p, Problem::NoManifest(_))), "{problems:?}");
 }
 
 #[test]

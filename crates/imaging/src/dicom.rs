@@ -68,28 +68,74 @@ fn read_slice(path: &Path) -> Result<Slice> {
     })
 }
 
-/// Read every file of a series directory into one volume (RAS affine).
+/// Read every file of a series directory into one volume (RAS affine); any
+/// bad file is an error naming it.
 pub fn read_series(dir: &Path) -> Result<Volume> {
+    let (vol, bad) = read_series_lenient(dir)?;
+    match bad.into_iter().next() {
+        Some((_, e)) => Err(e),
+        None => Ok(vol),
+    }
+}
+
+/// Read a series, leaving out the files that cannot be used (unreadable,
+/// another size or orientation than most, a position taken twice) and
+/// returning them with the reason. The rest is used when its slices still
+/// lie evenly along the normal; a gap left by a missing slice is an error.
+pub fn read_series_lenient(dir: &Path) -> Result<(Volume, Vec<(PathBuf, anyhow::Error)>)> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("{}: cannot list the DICOM series", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
+        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
         .collect();
     files.sort();
     if files.is_empty() {
         bail!("{}: empty DICOM series folder", dir.display());
     }
-    let mut slices: Vec<Slice> = files.iter().map(|f| read_slice(f)).collect::<Result<_>>()?;
-    let first = &slices[0];
-    let (rows, cols, o) = (first.rows, first.cols, first.orientation);
-    for s in &slices {
-        if s.rows != rows || s.cols != cols {
-            bail!("{}: {}×{} pixels, the series' first slice has {rows}×{cols}", s.path.display(), s.rows, s.cols);
+    let mut bad = Vec::new();
+    let mut slices: Vec<Slice> = Vec::new();
+    for f in &files {
+        match read_slice(f) {
+            Ok(s) => slices.push(s),
+            Err(e) => bad.push((f.clone(), e)),
         }
     }
+    // The series' geometry is its majority's: size and orientation.
+    let key = |s: &Slice| (s.rows, s.cols, s.orientation.map(|v| (v * 1e4).round() as i64));
+    let common = {
+        let mut counts: Vec<(_, usize)> = Vec::new();
+        for s in &slices {
+            match counts.iter_mut().find(|c| c.0 == key(s)) {
+                Some(c) => c.1 += 1,
+                None => counts.push((key(s), 1)),
+            }
+        }
+        counts.iter().rev().max_by_key(|c| c.1).map(|c| c.0).ok_or_else(|| anyhow!("{}: no readable DICOM slice", dir.display()))?
+    };
+    let (keep, odd): (Vec<Slice>, Vec<Slice>) = slices.into_iter().partition(|s| key(s) == common);
+    for s in odd {
+        let e = anyhow!("{}: {}×{} pixels, orientation {:?}; most of the series is {}×{}", s.path.display(), s.rows, s.cols, s.orientation, common.0, common.1);
+        bad.push((s.path, e));
+    }
+    let mut slices = keep;
+    let first = &slices[0];
+    let (rows, cols, o) = (first.rows, first.cols, first.orientation);
     let normal = [o[1] * o[5] - o[2] * o[4], o[2] * o[3] - o[0] * o[5], o[0] * o[4] - o[1] * o[3]];
     let along = |s: &Slice| s.position[0] * normal[0] + s.position[1] * normal[1] + s.position[2] * normal[2];
     slices.sort_by(|a, b| along(a).total_cmp(&along(b)));
+    // A position taken twice: the later file is left out.
+    let mut unique: Vec<Slice> = Vec::with_capacity(slices.len());
+    for s in slices {
+        match unique.last() {
+            Some(prev) if (along(prev) - along(&s)).abs() < 1e-3 => {
+                let e = anyhow!("{}: the same position as {}", s.path.display(), prev.path.display());
+                bad.push((s.path, e));
+            }
+            _ => unique.push(s),
+        }
+    }
+    let slices = unique;
+    check_even(&slices, &along, dir)?;
     let gap = if slices.len() > 1 { (along(&slices[slices.len() - 1]) - along(&slices[0])) / (slices.len() - 1) as f64 } else { 1.0 };
     let gap = if gap.abs() < 1e-6 { 1.0 } else { gap };
     let (row_sp, col_sp) = (slices[0].spacing[0], slices[0].spacing[1]);
@@ -110,7 +156,23 @@ pub fn read_series(dir: &Path) -> Result<Volume> {
     for s in &slices {
         data.extend_from_slice(&s.hu);
     }
-    Ok(Volume { dims: [cols, rows, slices.len()], spacing: [col_sp, row_sp, gap.abs()], affine, data })
+    Ok((Volume { dims: [cols, rows, slices.len()], spacing: [col_sp, row_sp, gap.abs()], affine, data }, bad))
+}
+
+/// Slices must lie evenly along the normal: a missing one would shift every
+/// slice after it in world coordinates (and the mask with them).
+fn check_even(slices: &[Slice], along: &dyn Fn(&Slice) -> f64, dir: &Path) -> Result<()> {
+    if slices.len() < 3 {
+        return Ok(());
+    }
+    let mut steps: Vec<f64> = slices.windows(2).map(|w| along(&w[1]) - along(&w[0])).collect();
+    let all = steps.clone();
+    steps.sort_by(f64::total_cmp);
+    let nominal = steps[steps.len() / 2];
+    if let Some(i) = all.iter().position(|d| (d - nominal).abs() > 0.1 * nominal.abs().max(1e-6)) {
+        bail!("{}: the series has a gap of {:.2} mm between {} and {} (slices are {:.2} mm apart elsewhere); a slice is missing or unreadable", dir.display(), all[i], slices[i].path.display(), slices[i + 1].path.display(), nominal);
+    }
+    Ok(())
 }
 
 /// Resample `mask` onto the voxel grid of `target` by world coordinates

@@ -52,10 +52,21 @@ pub fn grey_from_bytes(path: &Path, bytes: Vec<u8>, out: &mut Vec<u8>) -> Result
         }
         return Ok((rows, cols));
     }
-    let img = open_any(path, bytes)?.to_luma8();
-    let (w, h) = img.dimensions();
-    out.extend_from_slice(img.as_raw());
-    Ok((h as usize, w as usize))
+    let img = open_any(path, bytes)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    match img.color() {
+        image::ColorType::L8 | image::ColorType::La8 => out.extend_from_slice(img.to_luma8().as_raw()),
+        // Grey stored as RGB is common and exact; real colour is not a CT intensity.
+        image::ColorType::Rgb8 | image::ColorType::Rgba8 => {
+            let rgb = img.to_rgb8();
+            if let Some((i, p)) = rgb.pixels().enumerate().find(|(_, p)| p.0[0] != p.0[1] || p.0[1] != p.0[2]) {
+                bail!("{}: a colour image (pixel {i} is RGB {:?}); CT exports are grey, and a colour mask needs data.mask_rule rgb:R,G,B", path.display(), p.0);
+            }
+            out.extend(rgb.pixels().map(|p| p.0[0]));
+        }
+        other => bail!("{}: a {other:?} image; liverseg reads 8-bit grey exports (a 16-bit PNG's intensity unit is unknown: convert it, or give the volume as NIfTI or DICOM)", path.display()),
+    }
+    Ok((h, w))
 }
 
 fn open_any(path: &Path, bytes: Vec<u8>) -> Result<image::DynamicImage> {
@@ -90,7 +101,12 @@ pub fn read_pair_into(image_path: &Path, mask_path: &Path, rule: MaskRule, read:
             shape
         }
         MaskRule::Colour(c, tol) => {
-            let rgb = read(mask_path).and_then(|bytes| open_any(mask_path, bytes)).inspect_err(|_| image.truncate(start))?.to_rgb8();
+            let img = read(mask_path).and_then(|bytes| open_any(mask_path, bytes)).inspect_err(|_| image.truncate(start))?;
+            if !matches!(img.color(), image::ColorType::Rgb8 | image::ColorType::Rgba8 | image::ColorType::L8 | image::ColorType::La8) {
+                image.truncate(start);
+                bail!("{}: a {:?} mask; masks are 8-bit", mask_path.display(), img.color());
+            }
+            let rgb = img.to_rgb8();
             let (mw, mh) = rgb.dimensions();
             if (mh as usize, mw as usize) == (h, w) {
                 mask.extend(rgb.pixels().map(|p| u8::from((0..3).all(|i| p.0[i].abs_diff(c[i]) <= tol))));

@@ -1,6 +1,14 @@
 //! The libtorch worker: runs the stages and commands that need a model, so the
 //! `liverseg` engine binary itself never loads libtorch.
 
+/// `println!` that returns the write's error instead of panicking on a closed pipe.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        writeln!(std::io::stdout().lock(), $($t)*)?;
+    }};
+}
+
 mod predict;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -22,6 +30,10 @@ fn main() {
     }
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     if let Err(e) = real_main(&args) {
+        // The reader of our output went away: nothing left to say.
+        if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -56,7 +68,7 @@ fn real_main(args: &[OsString]) -> Result<()> {
             let path = |n: &str| flag(args, n).map(PathBuf::from).ok_or_else(|| anyhow!("predict needs {n}"));
             let device = liverseg_model::device_for(parsed::<Device>(args, "--device", "auto")?)?;
             for f in predict::predict(&path("--model")?, &path("--input")?, &path("--output")?, device)? {
-                println!("wrote {}", f.display());
+                say!("wrote {}", f.display());
             }
             Ok(())
         }
@@ -64,7 +76,7 @@ fn real_main(args: &[OsString]) -> Result<()> {
             // Training and inference images/s of DeepLabV3+ResNet34 with Adam on
             // random data: the counterpart of bench/py_train_speed.py.
             let (train, infer) = liverseg_model::fit::speed(parsed(args, "--size", "224")?, parsed(args, "--batch", "8")?, parsed(args, "--steps", "5")?)?;
-            println!("{train:.2} {infer:.2}");
+            say!("{train:.2} {infer:.2}");
             Ok(())
         }
         Some("model") => model(args),
@@ -90,12 +102,12 @@ fn model(args: &[OsString]) -> Result<()> {
         classes: parsed(args, "--classes", "2")?,
     };
     match args.get(1).and_then(|a| a.to_str()) {
-        Some("summary") => print!("{}", liverseg_model::summary::summary(&spec, parsed(args, "--size", "224")?)?),
+        Some("summary") => say!("{}", liverseg_model::summary::summary(&spec, parsed(args, "--size", "224")?)?.trim_end()),
         Some("names") => {
             let vs = tch::nn::VarStore::new(tch::Device::Cpu);
             SegmentationModel::new(&vs.root(), &spec)?;
             for (name, shape) in liverseg_model::weights::state_dict_names(&vs) {
-                println!("{name}\t{shape:?}");
+                say!("{name}\t{shape:?}");
             }
         }
         _ => bail!("{USAGE}"),

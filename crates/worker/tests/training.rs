@@ -77,6 +77,26 @@ fn training_learns_resumes_and_is_deterministic() {
     check_predict(&a);
     check_external_evaluation(&a);
     check_resume(&a);
+    check_deleted_model_is_rebuilt(&a);
+}
+
+/// A deleted model file makes its artifact damaged: the next run rebuilds
+/// it (byte-identical) before evaluating, and Table 1 keeps the model.
+fn check_deleted_model_is_rebuilt(a: &Path) {
+    let weights = artifact(a, "train").join("model.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    std::fs::remove_file(&weights).unwrap();
+    let out = run(a, &["run", "report", "--json", "-q", "-P", "evaluate.seed=1"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ran: Vec<&str> = report["ran"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(ran.contains(&"train") && ran.contains(&"evaluate"), "{report}");
+    assert_eq!(std::fs::read(artifact(a, "train").join("model.safetensors")).unwrap(), before, "the rebuilt model is the same model");
+    let evals: Vec<PathBuf> = std::fs::read_dir(a.join("artifacts/evaluate")).unwrap().map(|e| e.unwrap().path()).collect();
+    for e in evals {
+        let t1 = liverseg_engine::tables::read_parquet(&e.join("table1.parquet")).unwrap();
+        let models: Vec<&str> = t1.column("model").unwrap().str().unwrap().iter().map(|v| v.unwrap()).collect();
+        assert_eq!(models, ["train"], "{}", e.display());
+    }
 }
 
 /// Every case of the split is in per_case.parquet with an HD95; two

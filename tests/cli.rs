@@ -1,0 +1,57 @@
+//! Every command with its output piped into a reader that has gone away
+//! (`liverseg params | head -1`): it ends quietly with exit 0, never with a
+//! broken-pipe panic.
+
+mod common;
+use common::*;
+use std::process::{Command, Stdio};
+
+/// Run with stdout a pipe whose reading end is closed before anything is written.
+fn into_closed_pipe(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut child = Command::new(bin()).args(args).current_dir(dir).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn every_command_survives_a_closed_pipe() {
+    let dir = project("cli_pipe", DATA_PIPELINE);
+    ok(&dir, &["run", "-q"]);
+    let norm = artifacts_of(&dir, "normalise").pop().unwrap();
+    let index = norm.join("index.parquet");
+    let mut commands: Vec<Vec<&str>> = vec![
+        vec!["params"],
+        vec!["params", "--markdown"],
+        vec!["dag"],
+        vec!["dag", "--dot"],
+        vec!["status"],
+        vec!["status", "--json"],
+        vec!["run", "--json", "-q"],
+        vec!["stage", "split", "-q"],
+        vec!["lineage", "split.train_cases"],
+        vec!["lineage", index.to_str().unwrap()],
+        vec!["path", "normalise"],
+        vec!["verify"],
+        vec!["gc"],
+        vec!["synth", "phantoms", "--cases", "1", "--size", "32", "--slices", "2"],
+        vec!["--help"],
+        vec!["--version"],
+        vec!["run", "--help"],
+    ];
+    // The model tools run in the worker, when it is built beside the engine.
+    let worker_built = bin().with_file_name("liverseg-torch").is_file();
+    if worker_built {
+        commands.push(vec!["model", "summary", "--size", "64"]);
+        commands.push(vec!["model", "names"]);
+    } else {
+        eprintln!("SKIPPED model commands: the liverseg-torch worker is not built");
+    }
+    for args in &commands {
+        for _ in 0..3 {
+            let out = into_closed_pipe(&dir, args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!err.contains("panicked"), "liverseg {args:?} panicked:\n{err}");
+            assert_eq!(out.status.code(), Some(0), "liverseg {args:?}: {err}");
+        }
+    }
+}
