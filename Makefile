@@ -21,9 +21,11 @@ reproduce: build
 ENGINE_PKGS := -p liverseg -p liverseg-engine -p liverseg-imaging -p liverseg-rng -p liverseg-metrics -p liverseg-search -p liverseg-recipe -p liverseg-stages
 TORCH_PKGS := -p liverseg-model -p liverseg-torch
 
+# The libtorch tests run with a single-node Slurm cluster up (started and
+# stopped by tests/slurm/with_cluster.sh; skipped with a message without it).
 test: build chromium
 	cargo test $(CARGO_FLAGS) $(ENGINE_PKGS) -- --test-threads=1
-	cargo test $(CARGO_FLAGS) $(TORCH_PKGS) -- --test-threads=1
+	bash tests/slurm/with_cluster.sh cargo test $(CARGO_FLAGS) $(TORCH_PKGS) -- --test-threads=1
 
 # Render the current report in headless Chromium, check every image loads,
 # and write a screenshot to report.png.
@@ -43,11 +45,12 @@ build: venv
 	cargo build $(CARGO_FLAGS) -p liverseg-torch
 
 # The torch wheel carries libtorch; pip pulls it from PyPI once.
-venv: $(VENV)/.torch-$(TORCH_VERSION)
+venv: $(VENV)/.ready-torch-$(TORCH_VERSION)-dicom
 
-$(VENV)/.torch-$(TORCH_VERSION):
+$(VENV)/.ready-torch-$(TORCH_VERSION)-dicom:
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION) nibabel highdicom
 	touch $@
 
 bench: build

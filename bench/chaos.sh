@@ -8,13 +8,14 @@
 #             artifacts/.tmp, is what a kill leaves and is counted apart)
 #   orphans   worker processes still alive a second after their engine died
 #   reruns    runs that failed on their own (not killed), and the final run
-# The next run after each kill resumes where the killed one stopped; at the
-# end an uninterrupted run must finish, verify must pass and a last run must
-# run nothing.
+# Runs go in pairs with the same params (augment.seed = i/2, so every pair
+# has new work from augment down): the second run of a pair resumes where
+# the killed first one stopped. At the end an uninterrupted run must
+# finish, verify must pass and a last run must run nothing.
 #   bash bench/chaos.sh [KILLS=20] [MAX_DELAY_S=25] [SEED=1]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BIN=$PWD/target/release/liverseg
+BIN=${LIVERSEG_BIN:-$PWD/target/release/liverseg}
 KILLS=${1:-20}; MAX_DELAY=${2:-25}; RANDOM=${3:-1}
 P=$PWD/target/bench/chaos
 rm -rf "$P"; mkdir -p "$P"
@@ -41,7 +42,8 @@ YAML
 partial=0; verify_failed=0; orphans=0; failed_runs=0; leftovers=0
 for i in $(seq 1 "$KILLS"); do
   delay_ms=$(( RANDOM % (MAX_DELAY * 1000) ))
-  (cd "$P" && exec "$BIN" run -q) 2>>"$P/runs.log" &
+  SET=(-P "augment.seed=$(( i / 2 ))")
+  (cd "$P" && exec "$BIN" run -q "${SET[@]}") 2>>"$P/runs.log" &
   pid=$!
   t=0
   while [ $t -lt $delay_ms ] && kill -0 $pid 2>/dev/null; do sleep 0.05; t=$((t + 50)); done
@@ -63,9 +65,9 @@ for i in $(seq 1 "$KILLS"); do
   echo "kill $i: $what; orphans $n_orphans, partial $n_partial"
   pkill -9 -f "liverseg-torch stage $P/" 2>/dev/null
 done
-if ! (cd "$P" && "$BIN" run -q 2>>"$P/runs.log"); then failed_runs=$((failed_runs + 1)); fi
+if ! (cd "$P" && "$BIN" run -q "${SET[@]}" 2>>"$P/runs.log"); then failed_runs=$((failed_runs + 1)); fi
 (cd "$P" && "$BIN" verify) || verify_failed=$((verify_failed + 1))
-last=$(cd "$P" && "$BIN" run -q --json)
+last=$(cd "$P" && "$BIN" run -q --json "${SET[@]}")
 echo "last run: $last"
 echo "$KILLS kills: $partial partial artifacts, $verify_failed verify failures, $orphans orphans, $failed_runs failed reruns ($leftovers kills left a build in .tmp, cleared by the next run)"
 [ "$partial$verify_failed$orphans$failed_runs" = "0000" ] && echo "$last" | grep -q '"ran":\[\]'

@@ -29,7 +29,10 @@ def side(bin_dir, pipeline, work, target, sets):
     subprocess.run(run, cwd=work, check=True)
     st = subprocess.run([binary, "status", "--json"] + args, cwd=work, check=True, capture_output=True, text=True)
     subprocess.run([binary, "verify"], cwd=work, check=True, capture_output=True)
-    return {s["stage"]: s for s in json.loads(st.stdout)}
+    doc = json.loads(st.stdout)
+    # `status --json` is {"stages": [...], "slurm_jobs": [...]} (a list before).
+    stages = doc["stages"] if isinstance(doc, dict) else doc
+    return {s["stage"]: s for s in stages}
 
 def outputs(work, stage, key):
     m = json.load(open(os.path.join(work, "artifacts", stage, key, "manifest.json")))

@@ -4,6 +4,7 @@
 #   engine: no-op `liverseg run` over >= 1,000 raw files (target < 50 ms)
 #   data:   ingest + normalise slices/s vs a plain Python reference (target >= 4x)
 #   train:  DeepLabV3+ResNet34 images/s vs segmentation_models_pytorch (target >= 1x)
+#   predict: slices/s of a 512x512x100 volume vs smp, fp32 and bf16 (target >= 1x)
 # `bash bench/run.sh accuracy` trains msd.yaml (about 1.5 hours on 2 cores).
 # `bash bench/run.sh tune` compares random search with TPE on the MSD slices,
 #   3 seeds each, plus one study without pruning (about 1 hour on 2 cores).
@@ -21,7 +22,7 @@ if [ ! -d "$SHARED/msd-liver-2d" ]; then
   echo "SKIPPED: $SHARED/msd-liver-2d is absent; the benchmarks run on the shared MSD slices"
   exit 0
 fi
-"$PY" -c "import numpy, PIL, nibabel, segmentation_models_pytorch" 2>/dev/null || \
+"$PY" -c "import numpy, PIL, nibabel, safetensors, segmentation_models_pytorch" 2>/dev/null || \
   .venv/bin/pip install --quiet numpy pillow nibabel segmentation-models-pytorch torch==2.13.0
 
 peak_kb() { /usr/bin/time -f "%M" "$@" 2>&1 >/dev/null | tail -1; }
@@ -99,6 +100,36 @@ if [ "$what" = all ] || [ "$what" = train ]; then
     read -r pt pi < <("$PY" bench/py_train_speed.py $1 $2 $3 2>/dev/null)
     echo "${1}x${1} batch $2: liverseg $rt / $ri | smp $pt / $pi | train ratio $(echo "scale=2; $rt/$pt" | bc)x, inference ratio $(echo "scale=2; $ri/$pi" | bc)x"
   done
+fi
+
+if [ "$what" = all ] || [ "$what" = predict ]; then
+  echo "## predict: a 512x512x100 CT volume, DeepLabV3+ResNet34 at 224^2, batch 8, no mirroring, slices/s"
+  # The same weights (smp's initialisation, seed 0) and the same steps on
+  # both sides; runs alternate, REPS each, medians compared. liverseg is timed
+  # launch to exit (loading the model, checking and reading the input,
+  # writing the mask); smp both as a whole process and as its loop alone
+  # (reading the volume to writing the mask, without imports and model load).
+  REPS=${PREDICT_REPS:-3}; PR=$OUT/predict; rm -rf "$PR"; mkdir -p "$PR"
+  "$PY" bench/py_predict_speed.py setup "$PR" 100 224
+  median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+  for prec in fp32 bf16; do
+    ls_t=(); py_t=(); py_loop=()
+    for i in $(seq 1 "$REPS"); do
+      rm -rf "$PR/out"
+      t0=$EPOCHREALTIME; "$BIN" predict -m "$PR/model" -i "$PR/volume.nii.gz" -o "$PR/out" --no-mirror --no-largest-component --precision $prec >/dev/null; t1=$EPOCHREALTIME
+      ls_t+=("$(echo "$t1 - $t0" | bc)")
+      t0=$EPOCHREALTIME; read -r n loop < <("$PY" bench/py_predict_speed.py smp "$PR" $prec); t1=$EPOCHREALTIME
+      py_t+=("$(echo "$t1 - $t0" | bc)"); py_loop+=("$loop")
+    done
+    cp "$PR/out/volume_liver.nii.gz" "$PR/liverseg_$prec.nii.gz"
+    l=$(printf '%s\n' "${ls_t[@]}" | median); p=$(printf '%s\n' "${py_t[@]}" | median); pl=$(printf '%s\n' "${py_loop[@]}" | median)
+    read -r same dice < <("$PY" bench/py_predict_speed.py agree "$PR/liverseg_$prec.nii.gz" "$PR/smp_${prec}_liver.nii.gz")
+    printf '%s: liverseg %.1f slices/s (%.2fs) | smp process %.1f (%.2fs), loop %.1f (%.2fs) | ratio %.2fx process, %.2fx against the loop | masks agree on %s of voxels, Dice %s\n' \
+      $prec "$(echo "100/$l" | bc -l)" "$l" "$(echo "100/$p" | bc -l)" "$p" "$(echo "100/$pl" | bc -l)" "$pl" "$(echo "$p/$l" | bc -l)" "$(echo "$pl/$l" | bc -l)" "$same" "$dice"
+    echo "$prec runs (s): liverseg ${ls_t[*]} | smp process ${py_t[*]} | smp loop ${py_loop[*]}"
+  done
+  read -r same dice < <("$PY" bench/py_predict_speed.py agree "$PR/liverseg_bf16.nii.gz" "$PR/liverseg_fp32.nii.gz")
+  echo "liverseg bf16 against fp32 masks: agree on $same of voxels, Dice $dice (random-init weights; see README for a trained model)"
 fi
 
 if [ "$what" = tune ]; then

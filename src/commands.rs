@@ -25,7 +25,9 @@ fn engine(p: &PipelineArgs) -> Result<Engine<'static>> {
         bail!("{}: pipeline file not found (run from the project folder, or pass --pipeline FILE)", p.pipeline.display());
     }
     let pipeline = config::load(&p.pipeline, registry(), p.profile.as_deref(), &p.set)?;
+    let kind = p.executor.unwrap_or(pipeline.executor);
     let mut e = Engine::new(pipeline, registry());
+    e.use_executor(kind)?;
     e.show_progress = !p.quiet;
     Ok(e)
 }
@@ -45,14 +47,23 @@ pub fn stage(p: &PipelineArgs, name: &str, force: bool) -> Result<()> {
 }
 
 pub fn status(p: &PipelineArgs, json: bool) -> Result<()> {
-    let st = state::status(&engine(p)?)?;
+    let e = engine(p)?;
+    let st = state::status(&e)?;
+    let jobs = liverseg_engine::slurm::jobs_of_running_run(&e.store);
     if json {
-        say!("{}", serde_json::to_string_pretty(&st)?);
+        let jobs: Vec<serde_json::Value> = jobs.iter().map(|(s, j, st)| serde_json::json!({"stage": s, "job": j, "state": st})).collect();
+        say!("{}", serde_json::to_string_pretty(&serde_json::json!({"stages": st, "slurm_jobs": jobs}))?);
         return Ok(());
     }
     let width = st.iter().map(|s| s.stage.len()).max().unwrap_or(0);
     for s in st {
         say!("{:<width$} {:<7} {}  {}", s.stage, s.state, s.key, s.reasons.join("; "));
+    }
+    if !jobs.is_empty() {
+        say!("Slurm jobs of the run in progress:");
+        for (stage, job, state) in jobs {
+            say!("  {stage:<width$} job {job:<12} {state}");
+        }
     }
     Ok(())
 }
@@ -92,7 +103,12 @@ pub fn verify(p: &PipelineArgs, repair: bool) -> Result<()> {
     }
     let leftovers = problems.iter().filter(|p| matches!(p, store::Problem::Leftover(_))).count();
     if problems.len() > leftovers {
-        bail!("{} problem(s) in {} artifacts of {}; `liverseg verify --repair` moves the damaged ones aside so the next run rebuilds them", problems.len() - leftovers, artifacts, e.store.root.display());
+        bail!(
+            "{} problem(s) in {} artifacts of {}; `liverseg verify --repair` moves the damaged ones aside so the next run rebuilds them",
+            problems.len() - leftovers,
+            artifacts,
+            e.store.root.display()
+        );
     }
     if leftovers > 0 {
         // Not damage: a killed run's build, cleared by the next run; its own exit code.
@@ -162,26 +178,74 @@ pub fn params(markdown: bool) -> Result<()> {
     Ok(())
 }
 
-/// A model argument: a folder or file, or a stage whose current artifact holds one.
+/// A model argument: a folder or weights file, or a stage whose current
+/// artifact holds one. Anything that looks like a path is taken as one.
 fn model_dir(p: &PipelineArgs, model: &str) -> Result<PathBuf> {
-    if Path::new(model).exists() {
-        return Ok(PathBuf::from(model));
+    let path = Path::new(model);
+    if path.exists() {
+        return Ok(path.to_path_buf());
     }
-    Ok(engine(p)?.current_artifact(model)?.dir)
+    if model.contains(std::path::MAIN_SEPARATOR) || model.ends_with(".safetensors") || model.starts_with('.') {
+        bail!("no model at {model}");
+    }
+    let engine = engine(p).with_context(|| format!("no model at {model}: not a file, and no pipeline to find a stage `{model}` in"))?;
+    if engine.pipeline.stage(model).is_none() {
+        bail!("no model at {model}: neither a file nor a stage of {}", p.pipeline.display());
+    }
+    Ok(engine.current_artifact(model)?.dir)
 }
 
-pub fn predict(p: &PipelineArgs, model: &str, input: &Path, output: &Path, device: &str) -> Result<()> {
-    let dir = model_dir(p, model)?;
-    let status = worker_command()?
-        .args(["predict", "--model"])
-        .arg(&dir)
-        .arg("--input")
-        .arg(input)
-        .arg("--output")
-        .arg(output)
-        .args(["--device", device])
-        .status()
-        .context("cannot start liverseg-torch")?;
+#[derive(clap::Args)]
+pub struct PredictArgs {
+    /// A model: an artifact folder (artifacts/train/<key>), a model.safetensors,
+    /// or a stage name (train, baseline). Repeat for an ensemble (softmax averaged).
+    #[arg(long, short = 'm', required = true)]
+    model: Vec<String>,
+    /// A NIfTI file, a DICOM series folder, a PNG/JPEG, or a folder of any mix.
+    #[arg(long, short = 'i')]
+    input: PathBuf,
+    /// The output folder (created): `<case>_liver.nii.gz` (or `.png` for images).
+    #[arg(long, short = 'o')]
+    output: PathBuf,
+    /// `nifti`, or `dicom-seg` (a DICOM Segmentation object per DICOM series, besides the NIfTI).
+    #[arg(long, default_value = "nifti", value_parser = ["nifti", "dicom-seg"])]
+    format: String,
+    /// Also write the liver probability (softmax) as a float NIfTI.
+    #[arg(long)]
+    probabilities: bool,
+    /// No test-time mirroring (4× faster; on by default, as in nnU-Net).
+    #[arg(long)]
+    no_mirror: bool,
+    /// Keep every connected component, not only the largest.
+    #[arg(long)]
+    no_largest_component: bool,
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    device: String,
+    /// bf16 runs faster on CPUs with AVX-512 BF16/AMX; see README for its agreement with fp32.
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
+    precision: String,
+    /// Slices per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Predict even when the input's unit (HU or 8-bit) is not the model's.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn predict(p: &PipelineArgs, a: &PredictArgs) -> Result<()> {
+    let mut cmd = worker_command()?;
+    cmd.arg("predict");
+    for m in &a.model {
+        cmd.arg("--model").arg(model_dir(p, m)?);
+    }
+    cmd.arg("--input").arg(&a.input).arg("--output").arg(&a.output);
+    cmd.args(["--format", &a.format, "--device", &a.device, "--precision", &a.precision, "--batch", &a.batch.to_string()]);
+    for (set, flag) in [(a.probabilities, "--probabilities"), (a.no_mirror, "--no-mirror"), (a.no_largest_component, "--no-largest-component"), (a.force, "--force")] {
+        if set {
+            cmd.arg(flag);
+        }
+    }
+    let status = cmd.status().context("cannot start liverseg-torch")?;
     if !status.success() {
         std::process::exit(status.code().unwrap_or(1));
     }
@@ -267,13 +331,22 @@ pub fn evaluate_external(p: &PipelineArgs, e: ExternalEval) -> Result<()> {
         data: data_keys,
         stages: BTreeMap::from([
             ("ingest", StageDecl { deps: vec![], params: BTreeMap::new() }),
-            ("normalise", StageDecl { deps: vec!["ingest"], params: BTreeMap::from([("size", card.size.into()), ("window", serde_json::json!(card.window)), ("minmax_8bit", card.minmax_8bit.into())]) }),
-            ("evaluate", StageDecl { deps: vec!["ingest", "normalise"], params: BTreeMap::from([("split", "all".into()), ("models", serde_json::json!([dir])), ("models_blake3", serde_json::json!([weights])), ("force_unit", e.force.into())]) }),
+            (
+                "normalise",
+                StageDecl { deps: vec!["ingest"], params: BTreeMap::from([("size", card.size.into()), ("window", serde_json::json!(card.window)), ("minmax_8bit", card.minmax_8bit.into())]) },
+            ),
+            (
+                "evaluate",
+                StageDecl {
+                    deps: vec!["ingest", "normalise"],
+                    params: BTreeMap::from([("split", "all".into()), ("models", serde_json::json!([dir])), ("models_blake3", serde_json::json!([weights])), ("force_unit", e.force.into())]),
+                },
+            ),
         ]),
     };
     let path = e.out.join("pipeline.yaml");
     std::fs::write(&path, serde_yaml::to_string(&file)?).with_context(|| format!("cannot write {}", path.display()))?;
-    let ext = PipelineArgs { pipeline: path, profile: None, set: p.set.clone(), quiet: p.quiet };
+    let ext = PipelineArgs { pipeline: path, profile: None, set: p.set.clone(), quiet: p.quiet, executor: p.executor };
     let eng = engine(&ext)?;
     eng.run(Some("evaluate"))?;
     let a = eng.current_artifact("evaluate")?;

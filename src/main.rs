@@ -41,6 +41,10 @@ pub struct PipelineArgs {
     /// The pipeline file.
     #[arg(long, default_value = "pipeline.yaml", global = true)]
     pub pipeline: PathBuf,
+    /// Where worker stages and trials run: local (default) or slurm
+    /// (overrides pipeline.yaml's `executor:`; never part of a stage key).
+    #[arg(long, global = true)]
+    pub executor: Option<liverseg_engine::config::ExecutorKind>,
     /// Named profile from pipeline.yaml (default: its default_profile).
     #[arg(long, global = true)]
     pub profile: Option<String>,
@@ -78,18 +82,14 @@ enum Command {
         json: bool,
     },
     /// Trace an artifact file, a stage, or stage.metric back to the raw files.
-    Lineage {
-        what: String,
-    },
+    Lineage { what: String },
     /// Print the stage graph (text, or Graphviz with --dot).
     Dag {
         #[arg(long)]
         dot: bool,
     },
     /// Print the folder of a stage's current artifact (for scripts).
-    Path {
-        stage: String,
-    },
+    Path { stage: String },
     /// Run one worker request (a tune trial, or a libtorch stage) as its own
     /// process: the command a cluster scheduler runs for each trial.
     Trial {
@@ -116,20 +116,10 @@ enum Command {
         #[arg(long)]
         markdown: bool,
     },
-    /// Segment new scans with a trained model: NIfTI in gives a NIfTI mask
-    /// with the input's geometry, a DICOM series gives NIfTI, PNG/JPEG give PNG.
-    Predict {
-        /// A model artifact folder (artifacts/train/<key>), a model.safetensors
-        /// with model.json beside it, or a stage name (train, baseline).
-        #[arg(long)]
-        model: String,
-        #[arg(long)]
-        input: PathBuf,
-        #[arg(long)]
-        output: PathBuf,
-        #[arg(long, default_value = "auto")]
-        device: String,
-    },
+    /// Segment new scans, as `nnUNetv2_predict -i IN -o OUT`: NIfTI files,
+    /// DICOM series (found by content, grouped by SeriesInstanceUID) and
+    /// PNG/JPEG slices, or a folder of any mix; one output per case.
+    Predict(commands::PredictArgs),
     /// Evaluate a trained model on external data (any layout ingest reads),
     /// with the model's own preprocessing and the same metrics; never retrains.
     Evaluate(commands::ExternalEval),
@@ -207,7 +197,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Verify { repair } => c::verify(p, repair),
         Command::Gc { apply } => c::gc(p, apply),
         Command::Params { markdown } => c::params(markdown),
-        Command::Predict { model, input, output, device } => c::predict(p, &model, &input, &output, &device),
+        Command::Predict(args) => c::predict(p, &args),
         Command::Evaluate(e) => c::evaluate_external(p, e),
         Command::Model { cmd } => match cmd {
             ModelCmd::Summary(m) => c::model("summary", &m),

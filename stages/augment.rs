@@ -140,11 +140,7 @@ impl Stage for Augment {
             ai.extend_from_slice(i);
             am.extend_from_slice(mk);
         }
-        write_safetensors(
-            &ctx.out("augmented.safetensors"),
-            &[NamedTensor::u8("images", vec![m, size, size], ai), NamedTensor::u8("masks", vec![m, size, size], am)],
-            &ctx.provenance(),
-        )?;
+        write_safetensors(&ctx.out("augmented.safetensors"), &[NamedTensor::u8("images", vec![m, size, size], ai), NamedTensor::u8("masks", vec![m, size, size], am)], &ctx.provenance())?;
         let mut index = DataFrame::new_infer_height(vec![
             Column::new("source_idx".into(), jobs.iter().map(|j| j.0 as u64).collect::<Vec<_>>()),
             Column::new("copy".into(), jobs.iter().map(|j| j.1 as u64).collect::<Vec<_>>()),

@@ -34,8 +34,10 @@ use liverseg_engine::params::Params;
 use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary};
 use liverseg_recipe::{choices, Device};
 
-/// 3: scored on the original grid, per 3D case; NaN for empty masks; HD95 never null.
-pub const VERSION: u32 = 3;
+/// 3: scored on the original grid, per 3D case; NaN for empty masks; HD95
+/// never null. 4: probabilities resampled as normalise fits slices;
+/// mirroring, largest component and ensemble measured on validation.
+pub const VERSION: u32 = 4;
 
 /// Fewer cases than this get no confidence interval.
 pub const MIN_CASES_FOR_CI: usize = 10;
@@ -55,6 +57,9 @@ liverseg_engine::params! {
         batch_size: usize = int "16", "inference batch size";
         device: Device = choice "auto", "auto = CUDA when available";
         force_unit: bool = bool "false", "evaluate models on data of another intensity unit (HU against 8-bit exports) with a warning instead of refusing";
+        mirror: bool = bool "false", "test-time mirroring in the reported scores: average the softmax over left-right and up-down flips";
+        largest_component: bool = bool "false", "keep only the largest connected component (3D for volumes, per slice for 2D slices) in the reported scores";
+        options: bool = bool "true", "also measure mirroring, the largest component and the ensemble of all models on the validation split (options.parquet)";
     }
 }
 
@@ -67,7 +72,7 @@ pub static INFO: StageInfo = StageInfo {
     collects: &["ingest", "normalise"],
     per_dataset: false,
     dataset_requires: &[],
-    outputs: &["table1.parquet", "per_case.parquet", "per_slice.parquet", "predictions/", "examples.parquet", "examples/", "external/?"],
+    outputs: &["table1.parquet", "per_case.parquet", "per_slice.parquet", "predictions/", "examples.parquet", "examples/", "options.parquet?", "external/?"],
     params: EvaluateParams::SPECS,
     placement: Placement::Worker,
 };
@@ -115,7 +120,9 @@ pub mod measure {
     use liverseg_engine::store::{read_manifest, Manifest, MANIFEST};
     use liverseg_engine::tables::write_parquet;
     use liverseg_engine::tensors::{write_safetensors, NamedTensor};
+    use liverseg_imaging::components::keep_largest;
     use liverseg_imaging::pack_mask_rows;
+    use liverseg_imaging::resize::{unfit_bilinear, Fit};
     use liverseg_metrics::{bootstrap_ci, nan_mean, score_case as score_case_metrics, CaseGeometry, Confusion, Hd95, Hd95Rule};
     use liverseg_model::{device_for, fit, weights, ModelSpec, SegmentationModel};
     use polars::prelude::{Column, DataFrame};
@@ -130,6 +137,7 @@ pub mod measure {
         pub card: ModelCard,
         pub net: SegmentationModel,
         pub manifest: Option<Manifest>,
+        pub dir: PathBuf,
         /// Owns the weights `net` uses.
         _vs: nn::VarStore,
     }
@@ -141,10 +149,22 @@ pub mod measure {
         let net = SegmentationModel::new(&vs.root(), &ModelSpec::from(&card.spec))?;
         weights::load(&mut vs, &dir.join("model.safetensors"), true)?;
         let manifest = read_manifest(&dir.join(MANIFEST)).ok();
-        Ok(Loaded { name: name.to_owned(), card, net, manifest, _vs: vs })
+        Ok(Loaded { name: name.to_owned(), card, net, manifest, dir: dir.to_path_buf(), _vs: vs })
     }
 
     impl Loaded {
+        /// A second copy of the model, prepared for inference in `kind`.
+        pub fn reloaded(&self, kind: tch::Kind, device: tch::Device) -> Result<Loaded> {
+            let mut copy = load_model(&self.name, &self.dir, device)?;
+            copy.for_inference(kind);
+            Ok(copy)
+        }
+
+        /// Cast the weights for inference in `kind` (see `fit::for_inference`).
+        pub fn for_inference(&mut self, kind: tch::Kind) {
+            fit::for_inference(&mut self._vs, kind);
+        }
+
         /// Predict `images` ([n, size, size] u8) at the model's size; returns
         /// the masks on the model's grid.
         pub fn predict(&self, images: &[u8], n: usize, size: usize, batch: usize, device: tch::Device) -> Result<Vec<u8>> {
@@ -159,7 +179,16 @@ pub mod measure {
         fn check_fits(&self, data: &NormaliseParams, unit: &str, label: &str, force: bool) -> Result<()> {
             let c = &self.card;
             if data.window != c.window || data.minmax_8bit != c.minmax_8bit || data.size as i64 != c.size {
-                bail!("{label}: model {} was trained on {}² slices with window {:?} (min-max {}), but these are normalised to {}² with window {:?} (min-max {})", self.name, c.size, c.window, c.minmax_8bit, data.size, data.window, data.minmax_8bit);
+                bail!(
+                    "{label}: model {} was trained on {}² slices with window {:?} (min-max {}), but these are normalised to {}² with window {:?} (min-max {})",
+                    self.name,
+                    c.size,
+                    c.window,
+                    c.minmax_8bit,
+                    data.size,
+                    data.window,
+                    data.minmax_8bit
+                );
             }
             if unit != c.unit {
                 let msg = format!("{label}: model {} was trained on {} input, these cases are {unit}", self.name, c.unit);
@@ -223,27 +252,42 @@ pub mod measure {
         /// A contiguous volume (HU, spacing known): scored in 3D.
         volume: bool,
         slice_index: Vec<i64>,
+        /// How the slices fill the models' square.
+        fit: Fit,
     }
 
     fn case_input(ds: &Dataset, g: usize) -> Result<CaseInput> {
         let (cases, p) = (&ds.cases, &ds.params);
         let tf = cases.open_case(g)?;
         let view = cases.view(&tf, g)?;
+        let fit = cases.fit(g, &view, p.size);
         let (size, plane) = (p.size, p.size * p.size);
         let hu = cases.unit(g) == Some("HU");
         let window = p.window()?;
         let (mut images, mut grid_masks, mut masks) = (vec![0u8; view.n * plane], vec![0u8; view.n * plane], Vec::with_capacity(view.n * view.h * view.w));
         let mut full = Vec::new();
         for k in 0..view.n {
-            model_input(&view, k, hu, p.minmax_8bit, window, &mut images[k * plane..(k + 1) * plane]);
-            model_mask(&view, k, &mut full, &mut grid_masks[k * plane..(k + 1) * plane]);
+            model_input(&view, k, hu, p.minmax_8bit, window, &fit, &mut images[k * plane..(k + 1) * plane]);
+            model_mask(&view, k, &fit, &mut full, &mut grid_masks[k * plane..(k + 1) * plane]);
             masks.extend_from_slice(&full);
         }
         debug_assert_eq!(size * size, plane);
         let [sr, sc, ss] = cases.spacing(g);
         let known = ds.unit == "mm";
         let spacing = if known { [if ss.is_finite() { ss } else { 1.0 }, sr, sc] } else { [1.0; 3] };
-        Ok(CaseInput { id: cases.groups[g].0.clone(), n: view.n, h: view.h, w: view.w, images, grid_masks, masks, spacing, volume: known && hu && ss.is_finite(), slice_index: cases.slice_indices(g) })
+        Ok(CaseInput {
+            id: cases.groups[g].0.clone(),
+            n: view.n,
+            h: view.h,
+            w: view.w,
+            images,
+            grid_masks,
+            masks,
+            spacing,
+            volume: known && hu && ss.is_finite(),
+            slice_index: cases.slice_indices(g),
+            fit,
+        })
     }
 
     /// One model's scores on one case.
@@ -259,15 +303,46 @@ pub mod measure {
         loss_sum: f64,
     }
 
-    fn score_case(model: &Loaded, input: &CaseInput, ds: &Dataset, batch: usize, device: tch::Device) -> Result<(CaseScore, Vec<u8>)> {
-        let size = ds.params.size;
-        let seg = fit::segment(&model.net, &input.images, &input.grid_masks, input.n, size, (input.h, input.w), batch, device)?;
+    /// Liver probabilities of `nets` on the model's grid (averaged, with
+    /// mirroring if asked), and the first net's cross-entropy.
+    fn probabilities(nets: &[&Loaded], input: &CaseInput, size: usize, how: &fit::Inference) -> Result<fit::Probabilities> {
+        let nets: Vec<&SegmentationModel> = nets.iter().map(|m| &m.net).collect();
+        fit::liver_probabilities(&nets, &input.images, Some(&input.grid_masks), input.n, size, how)
+    }
+
+    /// The mask on the case's own grid: probabilities resampled as the slices
+    /// were fitted, thresholded at 0.5, and with `largest` only the largest
+    /// connected component kept.
+    fn mask_of(liver: &[f32], input: &CaseInput, largest: bool) -> Vec<u8> {
+        let plane = input.fit.size * input.fit.size;
+        let mut full: Vec<u8> = liver.chunks_exact(plane).flat_map(|p| unfit_bilinear(p, &input.fit)).map(|v| u8::from(v > 0.5)).collect();
+        if largest {
+            keep_largest(&mut full, [input.n, input.h, input.w], input.volume);
+        }
+        full
+    }
+
+    fn score(full: &[u8], input: &CaseInput, ds: &Dataset, loss_sum: f64) -> CaseScore {
         let geometry = if input.volume { CaseGeometry::Volume(input.spacing) } else { CaseGeometry::Slices((input.spacing[1], input.spacing[2])) };
         let voxel = if ds.unit == "mm" { input.spacing.iter().product::<f64>() / 1000.0 } else { 1.0 };
-        let m = score_case_metrics(&seg.full, &input.masks, [input.n, input.h, input.w], geometry, voxel);
-        let score = CaseScore { case: input.id.clone(), slice_index: input.slice_index.clone(), per_slice: m.per_slice, confusion: m.confusion, hd95: m.hd95, volume_pred: m.volume_pred, volume_true: m.volume_true, loss_sum: seg.loss_sum };
-        write_prediction(ds, &model.name, input, &seg.full)?;
-        Ok((score, seg.grid))
+        let m = score_case_metrics(full, &input.masks, [input.n, input.h, input.w], geometry, voxel);
+        CaseScore {
+            case: input.id.clone(),
+            slice_index: input.slice_index.clone(),
+            per_slice: m.per_slice,
+            confusion: m.confusion,
+            hd95: m.hd95,
+            volume_pred: m.volume_pred,
+            volume_true: m.volume_true,
+            loss_sum,
+        }
+    }
+
+    fn score_case(model: &Loaded, input: &CaseInput, ds: &Dataset, p: &EvaluateParams, device: tch::Device) -> Result<CaseScore> {
+        let probs = probabilities(&[model], input, ds.params.size, &fit::Inference::fp32(p.batch_size, device, p.mirror))?;
+        let full = mask_of(&probs.liver, input, p.largest_component);
+        write_prediction(ds, &model.name, input, &full)?;
+        Ok(score(&full, input, ds, probs.loss_sum))
     }
 
     /// The case's mask on its original grid, as bits (ingest's layout).
@@ -332,9 +407,12 @@ pub mod measure {
 
     /// The training params that matter for a comparison, as they ran.
     fn used_params(model: &Loaded) -> String {
-        let Some(m) = &model.manifest else { return String::new() };
+        let Some(m) = &model.manifest else {
+            return String::new();
+        };
         let p = m.effective_params.as_ref().unwrap_or(&m.params);
-        let pick: serde_json::Map<String, serde_json::Value> = ["lr", "batch_size", "optimizer", "weight_decay", "loss", "epochs"].iter().filter_map(|k| p.get(*k).map(|v| (k.to_string(), v.clone()))).collect();
+        let pick: serde_json::Map<String, serde_json::Value> =
+            ["lr", "batch_size", "optimizer", "weight_decay", "loss", "epochs"].iter().filter_map(|k| p.get(*k).map(|v| (k.to_string(), v.clone()))).collect();
         serde_json::Value::Object(pick).to_string()
     }
 
@@ -353,7 +431,7 @@ pub mod measure {
         for &g in &ds.selected {
             let input = case_input(ds, g)?;
             for (m, s) in models.iter().zip(scores.iter_mut()) {
-                s.cases.push(score_case(m, &input, ds, p.batch_size, device)?.0);
+                s.cases.push(score_case(m, &input, ds, p, device)?);
             }
             bar.inc(1);
         }
@@ -384,7 +462,16 @@ pub mod measure {
         let ci = if g("dice_per_case_ci_low").is_finite() { format!(" [{:.4}, {:.4}]", g("dice_per_case_ci_low"), g("dice_per_case_ci_high")) } else { String::new() };
         eprintln!(
             "{} {}: Dice per case {:.4}{ci} (n = {}), global {:.4}, mIoU {:.4}, liver IoU {:.4}, PA {:.4}, HD95 {:.2} {}",
-            ds.label, row["model"].as_str().unwrap_or(""), g("dice_per_case"), row["cases"], g("dice_global"), g("miou"), g("liver_iou"), g("pixel_accuracy"), g("hd95_mean"), ds.unit
+            ds.label,
+            row["model"].as_str().unwrap_or(""),
+            g("dice_per_case"),
+            row["cases"],
+            g("dice_global"),
+            g("miou"),
+            g("liver_iou"),
+            g("pixel_accuracy"),
+            g("hd95_mean"),
+            ds.unit
         );
     }
 
@@ -393,10 +480,29 @@ pub mod measure {
         let s = |k: &str| -> Column { Column::new(k.into(), rows.iter().map(|r| r[k].as_str().map(str::to_owned)).collect::<Vec<Option<String>>>()) };
         let i = |k: &str| -> Column { Column::new(k.into(), rows.iter().map(|r| r[k].as_i64()).collect::<Vec<Option<i64>>>()) };
         let mut table1 = DataFrame::new_infer_height(vec![
-            s("model"), s("arch"), i("cases"), i("slices"),
-            f("miou"), f("pixel_accuracy"), f("loss"), f("liver_iou"), f("dice_global"), f("dice_per_slice"), i("slices_both_empty"), f("dice_per_case"),
-            f("dice_per_case_ci_low"), f("dice_per_case_ci_high"), f("precision"), f("recall"), f("hd95_mean"), i("hd95_one_empty_cases"),
-            i("parameters"), f("train_loss"), i("epochs_run"), s("stop_reason"), s("params_used"),
+            s("model"),
+            s("arch"),
+            i("cases"),
+            i("slices"),
+            f("miou"),
+            f("pixel_accuracy"),
+            f("loss"),
+            f("liver_iou"),
+            f("dice_global"),
+            f("dice_per_slice"),
+            i("slices_both_empty"),
+            f("dice_per_case"),
+            f("dice_per_case_ci_low"),
+            f("dice_per_case_ci_high"),
+            f("precision"),
+            f("recall"),
+            f("hd95_mean"),
+            i("hd95_one_empty_cases"),
+            i("parameters"),
+            f("train_loss"),
+            i("epochs_run"),
+            s("stop_reason"),
+            s("params_used"),
         ])?;
         write_parquet(&out.join("table1.parquet"), &mut table1, &ctx.provenance())
     }
@@ -427,7 +533,8 @@ pub mod measure {
     }
 
     fn write_per_slice(ctx: &StageContext, out: &Path, models: &[Loaded], scores: &[ModelScores]) -> Result<()> {
-        let rows: Vec<(&str, &CaseScore, usize)> = models.iter().zip(scores).flat_map(|(m, s)| s.cases.iter().flat_map(move |c| (0..c.per_slice.len()).map(move |k| (m.name.as_str(), c, k)))).collect();
+        let rows: Vec<(&str, &CaseScore, usize)> =
+            models.iter().zip(scores).flat_map(|(m, s)| s.cases.iter().flat_map(move |c| (0..c.per_slice.len()).map(move |k| (m.name.as_str(), c, k)))).collect();
         let conf = |r: &(&str, &CaseScore, usize)| r.1.per_slice[r.2];
         let mut df = DataFrame::new_infer_height(vec![
             Column::new("model".into(), rows.iter().map(|r| r.0.to_owned()).collect::<Vec<_>>()),
@@ -442,6 +549,69 @@ pub mod measure {
             Column::new("tn".into(), rows.iter().map(|r| conf(r).tn).collect::<Vec<_>>()),
         ])?;
         write_parquet(&out.join("per_slice.parquet"), &mut df, &ctx.provenance())
+    }
+
+    /// Each inference option's effect on the validation split: every model,
+    /// and the ensemble of all of them (softmax averaged), plain, mirrored,
+    /// with only the largest component kept, and both; each in fp32 and
+    /// bf16, with bf16's masks compared to fp32's (options.parquet).
+    fn inference_options(ctx: &StageContext, ds: &Dataset, models: &[Loaded], p: &EvaluateParams, device: tch::Device) -> Result<()> {
+        let bf16_models = models.iter().map(|m| m.reloaded(tch::Kind::BFloat16, device)).collect::<Result<Vec<_>>>()?;
+        let mut variants: Vec<(String, Vec<&Loaded>, Vec<&Loaded>)> = models.iter().zip(&bf16_models).map(|(m, b)| (m.name.clone(), vec![m], vec![b])).collect();
+        if models.len() > 1 {
+            variants.push(("ensemble".into(), models.iter().collect(), bf16_models.iter().collect()));
+        }
+        let mut scores: BTreeMap<OptionKey, (Vec<CaseScore>, Confusion)> = BTreeMap::new();
+        let bar = liverseg_engine::progress::bar(ds.selected.len() as u64, "inference options (val)", ctx.show_progress);
+        for &g in &ds.selected {
+            let input = case_input(ds, g)?;
+            for (v, (_, fp32_nets, bf16_nets)) in variants.iter().enumerate() {
+                for mirror in [false, true] {
+                    let fp32 = probabilities(fp32_nets, &input, ds.params.size, &fit::Inference::fp32(p.batch_size, device, mirror))?;
+                    let bf16_how = fit::Inference { kind: tch::Kind::BFloat16, channels_last: true, ..fit::Inference::fp32(p.batch_size, device, mirror) };
+                    let bf16 = probabilities(bf16_nets, &input, ds.params.size, &bf16_how)?;
+                    for largest in [false, true] {
+                        let reference = mask_of(&fp32.liver, &input, largest);
+                        for (bf, probs) in [(false, &fp32), (true, &bf16)] {
+                            let full = if bf { mask_of(&probs.liver, &input, largest) } else { reference.clone() };
+                            let entry = scores.entry(OptionKey { variant: v, bf16: bf, mirror, largest }).or_default();
+                            entry.0.push(score(&full, &input, ds, 0.0));
+                            entry.1.add(&Confusion::from_masks(&full, &reference));
+                        }
+                    }
+                }
+            }
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        write_options(ctx, &variants.iter().map(|v| v.0.clone()).collect::<Vec<_>>(), scores)
+    }
+
+    /// One row of options.parquet.
+    #[derive(PartialEq, Eq, PartialOrd, Ord)]
+    struct OptionKey {
+        variant: usize,
+        bf16: bool,
+        mirror: bool,
+        largest: bool,
+    }
+
+    fn write_options(ctx: &StageContext, names: &[String], scores: BTreeMap<OptionKey, (Vec<CaseScore>, Confusion)>) -> Result<()> {
+        let rows: Vec<(OptionKey, ModelScores, Confusion)> = scores.into_iter().map(|(k, (cases, agree))| (k, ModelScores { cases }, agree)).collect();
+        let dice = |s: &ModelScores| nan_mean(&s.cases.iter().map(|c| c.confusion.dice()).collect::<Vec<_>>());
+        let hd = |s: &ModelScores| nan_mean(&s.cases.iter().map(|c| c.hd95.value).collect::<Vec<_>>());
+        let mut df = DataFrame::new_infer_height(vec![
+            Column::new("model".into(), rows.iter().map(|r| names[r.0.variant].clone()).collect::<Vec<_>>()),
+            Column::new("precision".into(), rows.iter().map(|r| if r.0.bf16 { "bf16" } else { "fp32" }).collect::<Vec<_>>()),
+            Column::new("mirror".into(), rows.iter().map(|r| r.0.mirror).collect::<Vec<_>>()),
+            Column::new("largest_component".into(), rows.iter().map(|r| r.0.largest).collect::<Vec<_>>()),
+            Column::new("cases".into(), rows.iter().map(|r| r.1.cases.len() as u64).collect::<Vec<_>>()),
+            Column::new("dice_per_case".into(), rows.iter().map(|r| dice(&r.1)).collect::<Vec<_>>()),
+            Column::new("dice_global".into(), rows.iter().map(|r| r.1.overall().dice()).collect::<Vec<_>>()),
+            Column::new("hd95_mean".into(), rows.iter().map(|r| hd(&r.1)).collect::<Vec<_>>()),
+            Column::new("dice_vs_fp32".into(), rows.iter().map(|r| r.2.dice()).collect::<Vec<_>>()),
+        ])?;
+        write_parquet(&ctx.out("options.parquet"), &mut df, &ctx.provenance())
     }
 
     /// The report's qualitative figure: for each model its best, median and
@@ -536,6 +706,11 @@ pub mod measure {
         let scores = evaluate_dataset(ctx, &ds, &models, &p, device, &mut summary)?;
         examples(ctx, &ds, &models, &scores, &p, device)?;
         summary.insert("split".into(), p.split.name().into());
+        if p.options && ctx.upstream.contains_key("split") {
+            let val = wanted_cases(ctx, &norm, EvalSplit::Val)?;
+            let ds = Dataset::new(ctx, "val".into(), ctx.upstream("ingest")?, &norm, val, ctx.out_dir.to_path_buf(), "options.".into())?;
+            inference_options(ctx, &ds, &models, &p, device)?;
+        }
         summary.insert("min_cases_for_ci".into(), MIN_CASES_FOR_CI.into());
 
         // Extra datasets (pipeline.yaml `external:`): every case, same models, same metrics.

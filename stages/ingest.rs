@@ -673,7 +673,9 @@ impl<'a> Reader<'a> {
                 Err((_, e)) => return Err(e),
             }
         }
-        let Some(shape) = majority(decoded.iter().map(|d| d.3)) else { return Ok((Vec::new(), bad)) };
+        let Some(shape) = majority(decoded.iter().map(|d| d.3)) else {
+            return Ok((Vec::new(), bad));
+        };
         let odd: Vec<usize> = (0..decoded.len()).filter(|&i| decoded[i].3 != shape).collect();
         for &i in &odd {
             let (_, image, _, (h, w)) = decoded[i];
@@ -804,6 +806,12 @@ impl IngestedCases {
     pub fn slice_indices(&self, g: usize) -> Vec<i64> {
         let col = self.table.column("slice_index").ok().and_then(|c| c.i64().ok().cloned());
         self.groups[g].1.iter().map(|&r| col.as_ref().and_then(|c| c.get(r)).unwrap_or(-1)).collect()
+    }
+
+    /// How case `g`'s slices fill the models' square of side `size`.
+    pub fn fit(&self, g: usize, view: &CaseView, size: usize) -> liverseg_imaging::resize::Fit {
+        let [sr, sc, _] = self.spacing(g);
+        liverseg_imaging::resize::Fit::new(view.h, view.w, (sr, sc), size)
     }
 
     pub fn case_path(&self, g: usize) -> PathBuf {

@@ -12,13 +12,15 @@ use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary}
 use liverseg_engine::store::Artifact;
 use liverseg_engine::tables::{read_parquet, write_parquet};
 use liverseg_engine::tensors::{TensorFile, TensorFileWriter};
-use liverseg_imaging::{liver_count, resize};
+use liverseg_imaging::liver_count;
+use liverseg_imaging::resize::{self, Fit};
 use liverseg_recipe::choices;
 use liverseg_rng::Rng;
 use polars::prelude::{Column, DataFrame, IdxSize};
 use rayon::prelude::*;
 
-pub const VERSION: u32 = 1;
+/// 2: a slice whose field of view is not square keeps its aspect (letterboxed).
+pub const VERSION: u32 = 2;
 
 choices!(
     /// Which slices normalise keeps.
@@ -114,11 +116,11 @@ fn choose_slices(cases: &IngestedCases, p: &NormaliseParams) -> Result<Vec<Vec<u
                 .map(|g| {
                     let tf = cases.open_case(g)?;
                     let view = cases.view(&tf, g)?;
+                    let fit = cases.fit(g, &view, size);
                     let (mut full, mut mask) = (Vec::new(), vec![0u8; size * size]);
                     Ok((0..view.n)
                         .map(|k| {
-                            view.mask_into(k, &mut full);
-                            resize::nearest_into(&full, view.h, view.w, &mut mask, size);
+                            model_mask(&view, k, &fit, &mut full, &mut mask);
                             liver_count(&mask)
                         })
                         .collect())
@@ -152,31 +154,42 @@ fn write_images(ctx: &StageContext, cases: &IngestedCases, keep: &[Vec<usize>], 
     let (lo, hi) = p.window()?;
     let tensors = [("images", safetensors::Dtype::U8, vec![n, size, size]), ("masks", safetensors::Dtype::U8, vec![n, size, size])];
     let out = TensorFileWriter::create(&ctx.out("data.safetensors"), &tensors, &ctx.provenance())?;
-    let starts: Vec<usize> = keep.iter().scan(0, |acc, k| { let s = *acc; *acc += k.len(); Some(s) }).collect();
+    let starts: Vec<usize> = keep
+        .iter()
+        .scan(0, |acc, k| {
+            let s = *acc;
+            *acc += k.len();
+            Some(s)
+        })
+        .collect();
     let bar = liverseg_engine::progress::bar(cases.groups.len() as u64, "normalise", ctx.show_progress);
     let livers = (0..cases.groups.len())
         .into_par_iter()
         // Each worker reuses its buffers from case to case (every byte is
         // overwritten, so they are zeroed only when they grow).
-        .map_init(|| (Vec::new(), Vec::new(), Vec::new()), |(images, masks, full_mask), g| {
-            let ks = &keep[g];
-            let tf = cases.open_case(g)?;
-            let view = cases.view(&tf, g)?;
-            let hu = cases.unit(g) == Some("HU");
-            for buf in [&mut *images, &mut *masks] {
-                buf.resize(ks.len() * plane, 0);
-            }
-            let mut livers = Vec::with_capacity(ks.len());
-            for ((&k, image), mask) in ks.iter().zip(images.chunks_exact_mut(plane)).zip(masks.chunks_exact_mut(plane)) {
-                model_input(&view, k, hu, p.minmax_8bit, (lo, hi), image);
-                model_mask(&view, k, full_mask, mask);
-                livers.push(liver_count(mask));
-            }
-            out.write_at("images", starts[g] * plane, images)?;
-            out.write_at("masks", starts[g] * plane, masks)?;
-            bar.inc(1);
-            Ok(livers)
-        })
+        .map_init(
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(images, masks, full_mask), g| {
+                let ks = &keep[g];
+                let tf = cases.open_case(g)?;
+                let view = cases.view(&tf, g)?;
+                let fit = cases.fit(g, &view, size);
+                let hu = cases.unit(g) == Some("HU");
+                for buf in [&mut *images, &mut *masks] {
+                    buf.resize(ks.len() * plane, 0);
+                }
+                let mut livers = Vec::with_capacity(ks.len());
+                for ((&k, image), mask) in ks.iter().zip(images.chunks_exact_mut(plane)).zip(masks.chunks_exact_mut(plane)) {
+                    model_input(&view, k, hu, p.minmax_8bit, (lo, hi), &fit, image);
+                    model_mask(&view, k, &fit, full_mask, mask);
+                    livers.push(liver_count(mask));
+                }
+                out.write_at("images", starts[g] * plane, images)?;
+                out.write_at("masks", starts[g] * plane, masks)?;
+                bar.inc(1);
+                Ok(livers)
+            },
+        )
         .collect::<Result<_>>()?;
     bar.finish_and_clear();
     out.finish()?;
@@ -187,18 +200,19 @@ fn write_images(ctx: &StageContext, cases: &IngestedCases, keep: &[Vec<usize>], 
 /// to [0, 1] (row by row inside the resize, no converted copy of the
 /// volume) and resized to the side of `out` (size²). What normalise writes,
 /// and what evaluation and prediction feed a model.
-pub fn model_input(view: &CaseView, k: usize, hu: bool, minmax: bool, window: (f32, f32), out: &mut [u8]) {
+pub fn model_input(view: &CaseView, k: usize, hu: bool, minmax: bool, window: (f32, f32), fit: &Fit, out: &mut [u8]) {
     let range = k * view.h * view.w..(k + 1) * view.h * view.w;
     match &view.image {
-        CaseImage::I16(v) => scaled_resize_into(&v[range], |b| f32::from(i16::from_le_bytes(b)), hu, minmax, window, (view.h, view.w), out),
-        CaseImage::U8(v) => scaled_resize_into(&v[range], f32::from, hu, minmax, window, (view.h, view.w), out),
+        CaseImage::I16(v) => scaled_resize_into(&v[range], |b| f32::from(i16::from_le_bytes(b)), hu, minmax, window, fit, out),
+        CaseImage::U8(v) => scaled_resize_into(&v[range], f32::from, hu, minmax, window, fit, out),
     }
 }
 
-/// Slice `k`'s liver mask, nearest-resized to the side of `out`; `full` is scratch.
-pub fn model_mask(view: &CaseView, k: usize, full: &mut Vec<u8>, out: &mut [u8]) {
+/// Slice `k`'s liver mask, nearest-resized as `fit` places it into `out`;
+/// `full` receives it at its own size.
+pub fn model_mask(view: &CaseView, k: usize, fit: &Fit, full: &mut Vec<u8>, out: &mut [u8]) {
     view.mask_into(k, full);
-    resize::nearest_into(full, view.h, view.w, out, out.len().isqrt());
+    resize::fit_nearest_into(full, fit, out);
 }
 
 /// index.parquet: one row per kept slice, with ingest's columns for it.
@@ -223,21 +237,17 @@ fn write_index(ctx: &StageContext, cases: &IngestedCases, kept: &[(usize, u64)])
     write_parquet(&ctx.out("index.parquet"), &mut index, &ctx.provenance())
 }
 
-/// One slice to [0, 1] (HU window, its own min..max, or /255) and resized to
-/// size², as uint8. `predict` uses it too, so new scans get exactly this.
-pub fn scaled_resize<T: Copy + Into<f32>>(src: &[T], hu: bool, minmax: bool, window: (f32, f32), shape: (usize, usize), size: usize) -> Vec<u8> {
-    scaled_resize_with(src, |v| v.into(), hu, minmax, window, shape, size)
-}
-
-/// `scaled_resize` of pixels that `value` turns into numbers (e.g. i16 bytes).
-fn scaled_resize_with<T: Copy>(src: &[T], value: impl Fn(T) -> f32 + Copy, hu: bool, minmax: bool, window: (f32, f32), shape: (usize, usize), size: usize) -> Vec<u8> {
-    let mut out = vec![0u8; size * size];
-    scaled_resize_into(src, value, hu, minmax, window, shape, &mut out);
+/// One slice to [0, 1] (HU window, its own min..max, or /255) and resized
+/// into the models' square as `fit` places it, as uint8. `predict` uses it
+/// too, so new scans get exactly this.
+pub fn scaled_resize<T: Copy + Into<f32>>(src: &[T], hu: bool, minmax: bool, window: (f32, f32), fit: &Fit) -> Vec<u8> {
+    let mut out = vec![0u8; fit.size * fit.size];
+    scaled_resize_into(src, |v| v.into(), hu, minmax, window, fit, &mut out);
     out
 }
 
-/// `scaled_resize_with` into `out` (size², size = √out.len()).
-fn scaled_resize_into<T: Copy>(src: &[T], value: impl Fn(T) -> f32 + Copy, hu: bool, minmax: bool, (lo, hi): (f32, f32), (h, w): (usize, usize), out: &mut [u8]) {
+/// `scaled_resize` of pixels that `value` turns into numbers (e.g. i16 bytes), into `out`.
+fn scaled_resize_into<T: Copy>(src: &[T], value: impl Fn(T) -> f32 + Copy, hu: bool, minmax: bool, (lo, hi): (f32, f32), fit: &Fit, out: &mut [u8]) {
     let (off, span) = if hu {
         (lo, hi - lo)
     } else if minmax {
@@ -246,10 +256,8 @@ fn scaled_resize_into<T: Copy>(src: &[T], value: impl Fn(T) -> f32 + Copy, hu: b
     } else {
         (0.0, 255.0)
     };
-    let size = out.len().isqrt();
-    resize::bilinear_map_into_u8(src, |v| ((value(v) - off) / span).clamp(0.0, 1.0), h, w, out, size);
+    resize::fit_map_into_u8(src, |v| ((value(v) - off) / span).clamp(0.0, 1.0), fit, out);
 }
-
 
 /// normalise's output as downstream stages read it: the slices (borrowed
 /// from the mapped file), their index rows, and the params that made them.

@@ -17,7 +17,7 @@ use polars::prelude::DataFrame;
 use std::fmt::Write;
 
 /// 4: Table 1 with n, CI rule, HD95 rule, training columns; one search per tuned model.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 
 liverseg_engine::params! {
     pub struct ReportParams {
@@ -138,7 +138,13 @@ fn scatter_chart(title: &str, xs: &[String], ys: &[f64], pruned: &[bool]) -> Str
             let (lo, hi) = t.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
             let span = if hi - lo < 1e-12 { 1.0 } else { hi - lo };
             let pos = t.iter().map(|x| (x - lo) / span).collect();
-            let fmt = |x: f64| if log { format!("{:.0e}", 10f64.powf(x)) } else { format!("{x:.3}") };
+            let fmt = |x: f64| {
+                if log {
+                    format!("{:.0e}", 10f64.powf(x))
+                } else {
+                    format!("{x:.3}")
+                }
+            };
             (pos, vec![(0.0, fmt(lo)), (1.0, fmt(hi))])
         }
         _ => {
@@ -222,10 +228,13 @@ impl Doc {
             }
         }
         self.html.push_str("</p>");
-        let md: String = parts.iter().map(|p| match p {
-            Text::Plain(t) => t.clone(),
-            Text::Code(t) => format!("`{t}`"),
-        }).collect();
+        let md: String = parts
+            .iter()
+            .map(|p| match p {
+                Text::Plain(t) => t.clone(),
+                Text::Code(t) => format!("`{t}`"),
+            })
+            .collect();
         let _ = writeln!(self.md, "{md}\n");
     }
 
@@ -333,6 +342,7 @@ impl Stage for Report {
         }
         curves(&mut doc, ctx, &models)?;
         examples(&mut doc, eval, &models)?;
+        inference_options(&mut doc, eval)?;
         external(&mut doc, eval, &mut summary)?;
         search(&mut doc, ctx)?;
         data(&mut doc, ctx)?;
@@ -366,11 +376,19 @@ impl Table1 {
     /// Per-case Dice with its CI, or with n alone below the CI's threshold.
     fn dice_per_case(&self, i: usize) -> String {
         let (m, lo, hi) = (self.f("dice_per_case", i), self.f("dice_per_case_ci_low", i), self.f("dice_per_case_ci_high", i));
-        if lo.is_finite() { format!("{m:.4} [{lo:.4}, {hi:.4}]") } else { format!("{m:.4} (no CI under {} cases)", crate::evaluate::MIN_CASES_FOR_CI) }
+        if lo.is_finite() {
+            format!("{m:.4} [{lo:.4}, {hi:.4}]")
+        } else {
+            format!("{m:.4} (no CI under {} cases)", crate::evaluate::MIN_CASES_FOR_CI)
+        }
     }
     fn hd95(&self, i: usize) -> String {
         let n = self.i("hd95_one_empty_cases", i).unwrap_or(0);
-        if n > 0 { format!("{:.2} ({n} one-empty)", self.f("hd95_mean", i)) } else { format!("{:.2}", self.f("hd95_mean", i)) }
+        if n > 0 {
+            format!("{:.2} ({n} one-empty)", self.f("hd95_mean", i))
+        } else {
+            format!("{:.2}", self.f("hd95_mean", i))
+        }
     }
 }
 
@@ -382,7 +400,23 @@ fn table1(doc: &mut Doc, ctx: &StageContext, eval: &Artifact, summary: &mut Summ
     let unit = metric_str(eval, "hd95_unit", "px");
     let split_name = metric_str(eval, "split", "test");
     let (loss, hd95) = (format!("{split_name} CE loss (model grid)"), format!("HD95 ({unit})"));
-    let head = ["model", "cases", "mIoU", "pixel acc.", loss.as_str(), "Dice per case [95% CI]", "Dice per slice", "liver IoU", "Dice global", hd95.as_str(), "train loss", "epochs (stop)", "params used", "train time (s)", "parameters"];
+    let head = [
+        "model",
+        "cases",
+        "mIoU",
+        "pixel acc.",
+        loss.as_str(),
+        "Dice per case [95% CI]",
+        "Dice per slice",
+        "liver IoU",
+        "Dice global",
+        hd95.as_str(),
+        "train loss",
+        "epochs (stop)",
+        "params used",
+        "train time (s)",
+        "parameters",
+    ];
     doc.heading(2, &format!("Table 1: {split_name} split"));
     doc.para(&[plain(format!("As in the study: mIoU (background and liver), pixel accuracy and loss (cross-entropy on the model's input grid); beside them, scored on each case's original grid: Dice per case (with a bootstrap 95% CI from {} cases up), Dice per slice (slices empty in both prediction and truth are skipped and counted), liver IoU, global Dice and HD95 (MONAI's definition; a case where exactly one of prediction and truth is empty counts the grid's diagonal, and the count is shown), then each model's training: training loss at its best epoch, epochs run and why it stopped, and the params it ran with. Source: ", crate::evaluate::MIN_CASES_FOR_CI)), code(chain(eval)), plain(".")]);
     let mut rows = Vec::new();
@@ -417,7 +451,9 @@ fn table1(doc: &mut Doc, ctx: &StageContext, eval: &Artifact, summary: &mut Summ
 fn curves(doc: &mut Doc, ctx: &StageContext, models: &[String]) -> Result<()> {
     doc.heading(2, "Learning curves");
     for m in models {
-        let Some(a) = ctx.upstream.get(m) else { continue };
+        let Some(a) = ctx.upstream.get(m) else {
+            continue;
+        };
         let df = read_parquet(&a.file("metrics.parquet"))?;
         doc.heading(3, &format!("{m} ({})", key_line(a)));
         for (name, tr, va) in [("loss", "train_loss", "val_loss"), ("pixel accuracy", "train_pa", "val_pa"), ("mIoU", "train_miou", "val_miou")] {
@@ -456,6 +492,40 @@ fn examples(doc: &mut Doc, eval: &Artifact, models: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Mirroring, the largest component and the ensemble, measured on the
+/// validation split (never the test split), so a choice among them is honest.
+fn inference_options(doc: &mut Doc, eval: &Artifact) -> Result<()> {
+    let path = eval.file("options.parquet");
+    if !path.is_file() {
+        return Ok(());
+    }
+    let t = read_parquet(&path)?;
+    let (models, cases) = (strs(&t, "model")?, t.column("cases")?.u64()?.clone());
+    let flag = |c: &str| -> Result<Vec<bool>> { Ok(t.column(c)?.bool()?.iter().map(|v| v.unwrap_or(false)).collect()) };
+    let (mirror, largest) = (flag("mirror")?, flag("largest_component")?);
+    let (dice, global, hd, agree) = (f64s(&t, "dice_per_case")?, f64s(&t, "dice_global")?, f64s(&t, "hd95_mean")?, f64s(&t, "dice_vs_fp32")?);
+    let precision = strs(&t, "precision")?;
+    doc.heading(2, "Inference options on the validation split");
+    doc.para(&[plain("Test-time mirroring (softmax averaged over left-right and up-down flips), keeping only the largest connected component, the ensemble of all models (softmax averaged), and bf16 inference (with the Dice of its masks against fp32's), each measured on the validation patients; Table 1 uses evaluate's "), code("mirror"), plain(" and "), code("largest_component"), plain(" params in fp32. Source: "), code(key_line(eval)), plain(".")]);
+    let yes = |b: bool| if b { "yes" } else { "no" }.to_owned();
+    let row = |i: usize| {
+        vec![
+            models[i].clone(),
+            precision[i].clone(),
+            yes(mirror[i]),
+            yes(largest[i]),
+            cases.get(i).unwrap_or(0).to_string(),
+            format!("{:.4}", dice[i]),
+            format!("{:.4}", global[i]),
+            format!("{:.2}", hd[i]),
+            format!("{:.4}", agree[i]),
+        ]
+    };
+    let rows: Vec<Vec<String>> = (0..t.height()).map(row).collect();
+    doc.table(&["model", "precision", "mirroring", "largest component", "cases", "Dice per case", "Dice global", "HD95", "Dice vs fp32"], &rows);
+    Ok(())
+}
+
 /// Every model on every extra dataset.
 fn external(doc: &mut Doc, eval: &Artifact, summary: &mut Summary) -> Result<()> {
     let external: Vec<String> = eval.manifest.metrics.get("external").and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()).unwrap_or_default();
@@ -470,7 +540,13 @@ fn external(doc: &mut Doc, eval: &Artifact, summary: &mut Summary) -> Result<()>
         let unit = metric_str(eval, &format!("external.{name}.hd95_unit"), "px");
         let src: Vec<String> = ["ingest", "normalise"].iter().filter_map(|s| eval.manifest.upstream.get(&format!("{s}.{name}")).map(|k| format!("{s}.{name}@{k}"))).collect();
         doc.heading(3, name);
-        doc.para(&[plain(format!("{cases} cases, {slices} slices, every case on its own grid, the models' own preprocessing. Source: ")), code(key_line(eval)), plain(", data "), code(src.join(", ")), plain(".")]);
+        doc.para(&[
+            plain(format!("{cases} cases, {slices} slices, every case on its own grid, the models' own preprocessing. Source: ")),
+            code(key_line(eval)),
+            plain(", data "),
+            code(src.join(", ")),
+            plain("."),
+        ]);
         let hd95 = format!("HD95 ({unit})");
         let rows: Vec<Vec<String>> = t
             .models()?
@@ -478,7 +554,15 @@ fn external(doc: &mut Doc, eval: &Artifact, summary: &mut Summary) -> Result<()>
             .enumerate()
             .map(|(i, model)| {
                 summary.insert(format!("external.{name}.{model}.dice_per_case"), serde_json::json!(t.f("dice_per_case", i)));
-                vec![model.clone(), t.dice_per_case(i), format!("{:.4}", t.f("dice_global", i)), format!("{:.4}", t.f("liver_iou", i)), format!("{:.4}", t.f("miou", i)), format!("{:.4}", t.f("pixel_accuracy", i)), t.hd95(i)]
+                vec![
+                    model.clone(),
+                    t.dice_per_case(i),
+                    format!("{:.4}", t.f("dice_global", i)),
+                    format!("{:.4}", t.f("liver_iou", i)),
+                    format!("{:.4}", t.f("miou", i)),
+                    format!("{:.4}", t.f("pixel_accuracy", i)),
+                    t.hd95(i),
+                ]
             })
             .collect();
         doc.table(&["model", "Dice per case [95% CI]", "Dice global", "liver IoU", "mIoU", "pixel acc.", &hd95], &rows);
@@ -526,7 +610,13 @@ fn one_search(doc: &mut Doc, t: &Artifact, name: &str) -> Result<()> {
         })
         .collect();
     let params_json = serde_json::to_string(&best.params)?;
-    doc.para(&[plain("Source: "), code(chain(t)), plain(format!(". Best {obj_name} {:.4} by {} (trial {}), params ", best.value, best.strategy, best.trial)), code(params_json), plain(format!("; {} of {} trials pruned.", pruned.iter().filter(|p| **p).count(), pruned.len()))]);
+    doc.para(&[
+        plain("Source: "),
+        code(chain(t)),
+        plain(format!(". Best {obj_name} {:.4} by {} (trial {}), params ", best.value, best.strategy, best.trial)),
+        code(params_json),
+        plain(format!("; {} of {} trials pruned.", pruned.iter().filter(|p| **p).count(), pruned.len())),
+    ]);
     let svg = line_chart(&format!("best {obj_name} so far"), "trial", &series);
     doc.figure(&format!("{name}_best_so_far.svg"), svg.as_bytes(), "image/svg+xml", "best so far", None, None)?;
     let params: Vec<String> = trials.get_column_names().iter().filter_map(|c| c.strip_prefix("param_").map(str::to_owned)).collect();

@@ -18,7 +18,7 @@ use std::sync::LazyLock;
 
 /// 2: no wall-clock budget; trial subsets spread over patients; pruning by
 /// per-epoch medians of completed trials; weights carry their metadata.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 liverseg_engine::params! {
     pub struct TrainParams {
@@ -78,12 +78,7 @@ pub static TRAIN: StageInfo = StageInfo {
 /// The same stage with the plain ResNet as its default architecture.
 pub static BASELINE: LazyLock<StageInfo> = LazyLock::new(|| {
     let specs: Vec<ParamSpec> = TrainParams::SPECS.iter().map(|s| if s.name == "arch" { s.with_default("resnet") } else { s.clone() }).collect();
-    StageInfo {
-        name: "baseline",
-        about: "train the plain ResNet segmenter the study compares with",
-        params: Vec::leak(specs),
-        ..TRAIN
-    }
+    StageInfo { name: "baseline", about: "train the plain ResNet segmenter the study compares with", params: Vec::leak(specs), ..TRAIN }
 });
 
 pub struct Train(pub &'static StageInfo);
@@ -121,6 +116,38 @@ pub struct ModelCard {
     pub best_epoch: i64,
     pub best_val_loss: f64,
     pub train_stage_key: String,
+    /// Where the training inputs' body intensities lie, to warn when a new
+    /// 8-bit export was scaled differently (absent in older cards).
+    #[serde(default)]
+    pub input_stats: Option<InputStats>,
+}
+
+/// Percentiles of the nonzero (body) pixels of model inputs, 0..255.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct InputStats {
+    pub p50: f64,
+    pub p95: f64,
+}
+
+impl InputStats {
+    /// Of u8 model inputs; both 0 when no pixel is above 0.
+    pub fn of(pixels: &[u8]) -> Self {
+        let mut counts = [0u64; 256];
+        pixels.iter().for_each(|&v| counts[v as usize] += 1);
+        let body: u64 = counts[1..].iter().sum();
+        let quantile = |q: f64| {
+            let target = (q * body as f64).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            (1..256).find(|&v| {
+                seen += counts[v];
+                seen >= target
+            })
+        };
+        match body {
+            0 => InputStats { p50: 0.0, p95: 0.0 },
+            _ => InputStats { p50: quantile(0.5).unwrap_or(0) as f64, p95: quantile(0.95).unwrap_or(0) as f64 },
+        }
+    }
 }
 
 /// The network a card describes (`liverseg_model::ModelSpec`'s fields).
@@ -185,7 +212,7 @@ mod training {
     //! The training loop: data, model, epochs with early stopping and
     //! checkpoints, and the artifact.
 
-    use super::{ModelCard, ModelSpecCard, StopReason, TrainParams, CARD_METADATA};
+    use super::{InputStats, ModelCard, ModelSpecCard, StopReason, TrainParams, CARD_METADATA};
     use crate::augment::AugmentedSet;
     use crate::normalise::NormalisedSet;
     use crate::split::{Part, SplitAssignment};
@@ -269,12 +296,14 @@ mod training {
             run.epoch(&train_set, &val_set)?;
         }
         run.say_why_it_stopped();
-        run.finish(&data.norm, started)
+        run.finish(&data.norm, data.input_stats, started)
     }
 
     /// The stage's params, with an upstream tune stage's best ones in place.
     fn effective_params(ctx: &StageContext) -> Result<TrainParams> {
-        let Some(t) = ctx.upstream.get("tune") else { return ctx.params.typed() };
+        let Some(t) = ctx.upstream.get("tune") else {
+            return ctx.params.typed();
+        };
         let mut merged = ctx.params.clone();
         merged.0.extend(TuneBest::read(t)?.params);
         if ctx.show_progress {
@@ -293,6 +322,8 @@ mod training {
         val: SliceSet,
         size: usize,
         norm: NormalisedSet,
+        /// Of the training split's own slices, before augmentation.
+        input_stats: InputStats,
     }
 
     impl TrainingData {
@@ -303,6 +334,7 @@ mod training {
             let train_rows = spread(assignment.rows(Part::Train), p.max_train_slices);
             let (mut ti, mut tm) = norm.select(&train_rows);
             let (vi, vm) = norm.select(&assignment.rows(Part::Val));
+            let input_stats = InputStats::of(&ti);
             let size = norm.size;
             if p.use_augmented {
                 // The augmented copies of the chosen slices, by their source row.
@@ -320,7 +352,7 @@ mod training {
             if train.len() < 2 || val.is_empty() {
                 bail!("training needs at least 2 training and 1 validation slice (got {} and {})", train.len(), val.len());
             }
-            Ok(TrainingData { train, val, size, norm })
+            Ok(TrainingData { train, val, size, norm, input_stats })
         }
     }
 
@@ -378,7 +410,9 @@ mod training {
         /// Median pruning: after the warm-up, worse than the median of
         /// completed trials at the same epoch.
         fn prunes(&self, r: &EpochRow) -> bool {
-            let Some(&median) = self.p.prune_medians.get(r.epoch as usize - 1) else { return false };
+            let Some(&median) = self.p.prune_medians.get(r.epoch as usize - 1) else {
+                return false;
+            };
             let median = self.p.prune_metric.to_minimise(median, median);
             r.epoch > self.p.prune_warmup && self.objective(r) > median
         }
@@ -444,7 +478,18 @@ mod training {
             if self.ctx.show_progress {
                 eprintln!(
                     "Epoch {}/{} [{}] Train Loss: {:.4}, Train PA: {:.4}, Train IoU: {:.4} | Validation Loss: {:.4}, Validation PA: {:.4}, Validation IoU: {:.4} | Dice {:.4} | {:.1} s, {:.1} img/s",
-                    row.epoch, self.p.epochs, self.ctx.stage.name, row.train_loss, row.train_pa, row.train_miou, row.val_loss, row.val_pa, row.val_miou, row.val_dice, row.seconds, row.train_images_per_s
+                    row.epoch,
+                    self.p.epochs,
+                    self.ctx.stage.name,
+                    row.train_loss,
+                    row.train_pa,
+                    row.train_miou,
+                    row.val_loss,
+                    row.val_pa,
+                    row.val_miou,
+                    row.val_dice,
+                    row.seconds,
+                    row.train_images_per_s
                 );
             }
         }
@@ -497,7 +542,7 @@ mod training {
 
         /// The artifact: the best epoch's weights, the per-epoch table, the
         /// model card and the summary.
-        fn finish(self, norm: &NormalisedSet, started: Instant) -> Result<Summary> {
+        fn finish(self, norm: &NormalisedSet, input_stats: InputStats, started: Instant) -> Result<Summary> {
             let ctx = self.ctx;
             fit::restore(&self.vs, &self.best, "")?;
             let stop = self.stop_reason().unwrap_or(StopReason::MaxEpochs);
@@ -514,6 +559,7 @@ mod training {
                 best_epoch: self.progress.best_epoch,
                 best_val_loss: self.progress.best_loss,
                 train_stage_key: ctx.key.to_owned(),
+                input_stats: Some(input_stats),
             };
             std::fs::write(ctx.out("model.json"), serde_json::to_vec_pretty(&card)?)?;
             if self.p.save_model {

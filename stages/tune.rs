@@ -197,7 +197,11 @@ impl Study<'_> {
             let prune = self.prune_medians(&done);
             for (t, pt) in self.run_batch(&batch, prune)?.into_iter().zip(batch) {
                 let (t, cached) = t;
-                if cached { reused += 1 } else { ran += 1 }
+                if cached {
+                    reused += 1
+                } else {
+                    ran += 1
+                }
                 if self.ctx.show_progress {
                     eprintln!(
                         "tune {strategy} trial {}: {} {:.4}{}{}  {}",
@@ -278,6 +282,8 @@ impl Study<'_> {
             let build = trials.begin(key)?;
             reqs.push(WorkerRequest {
                 stage: "train".into(),
+                label: ctx.instance.to_owned(),
+                trial: true,
                 key: key.clone(),
                 params: params.0.clone(),
                 summary_path: build.with_extension("summary.json"),
@@ -292,12 +298,24 @@ impl Study<'_> {
         }
         let started = liverseg_engine::store::now_unix();
         let results = ctx.executor.run_batch(&reqs, self.p.parallel);
+        // Every trial that finished is committed before a failed one stops
+        // the study, so a rerun runs only the failed ones.
+        let mut failed = Vec::new();
         for ((slot, key, params, point), (req, summary)) in todo.into_iter().zip(reqs.iter().zip(results)) {
-            let summary = summary.with_context(|| format!("trial {key} failed"))?.summary;
+            let summary = match summary {
+                Ok(s) => s.summary,
+                Err(e) => {
+                    failed.push(format!("trial {key} failed: {e:#}"));
+                    continue;
+                }
+            };
             let result = trial_result(&req.out_dir, &key, point, &summary, self.p.objective)?;
             std::fs::write(req.out_dir.join("result.json"), serde_json::to_vec_pretty(&result)?)?;
             trials.commit(&req.out_dir, &key, TRIAL_VERSION, &params, self.upstream.clone(), summary, started)?;
             out[slot] = Some((result, false));
+        }
+        if !failed.is_empty() {
+            bail!("{} of {} trial(s) failed; the others are kept for the next run:\n  {}", failed.len(), reqs.len(), failed.join("\n  "));
         }
         Ok(out.into_iter().flatten().collect())
     }
@@ -359,17 +377,17 @@ fn typed_column(name: &str, dim: &liverseg_search::Dim, values: &[Option<&Value>
 }
 
 fn write_trials(ctx: &StageContext, rows: &[(String, usize, TrialResult)], space: &Space, objective: Objective) -> Result<()> {
-    let mut cols = vec![
-        Column::new("strategy".into(), rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>()),
-        Column::new("trial".into(), rows.iter().map(|r| r.1 as u64).collect::<Vec<_>>()),
-    ];
+    let mut cols = vec![Column::new("strategy".into(), rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>()), Column::new("trial".into(), rows.iter().map(|r| r.1 as u64).collect::<Vec<_>>())];
     for (name, dim) in &space.0 {
         let values: Vec<Option<&Value>> = rows.iter().map(|r| r.2.point.get(name)).collect();
         cols.push(typed_column(&format!("param_{name}"), dim, &values));
     }
     cols.extend([
         Column::new("objective".into(), rows.iter().map(|r| objective.reported(r.2.best)).collect::<Vec<_>>()),
-        Column::new("objective_per_epoch".into(), rows.iter().map(|r| serde_json::to_string(&r.2.curve.iter().map(|v| objective.reported(*v)).collect::<Vec<_>>()).unwrap_or_default()).collect::<Vec<_>>()),
+        Column::new(
+            "objective_per_epoch".into(),
+            rows.iter().map(|r| serde_json::to_string(&r.2.curve.iter().map(|v| objective.reported(*v)).collect::<Vec<_>>()).unwrap_or_default()).collect::<Vec<_>>(),
+        ),
         Column::new("epochs_run".into(), rows.iter().map(|r| r.2.curve.len() as u64).collect::<Vec<_>>()),
         Column::new("pruned".into(), rows.iter().map(|r| r.2.pruned).collect::<Vec<_>>()),
         Column::new("seconds".into(), rows.iter().map(|r| r.2.seconds).collect::<Vec<_>>()),

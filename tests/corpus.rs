@@ -85,51 +85,91 @@ fn nifti_cases(good: &nifti::NiftiFile) -> Vec<(&'static str, Make, Expect)> {
     let (hu1, hu2, hu3) = (hu.clone(), hu.clone(), hu);
     let fv = float_volume.clone();
     vec![
-        ("truncated", Box::new(move |raw: &Path| {
-            let b = std::fs::read(raw.join("volume-0.nii.gz")).unwrap();
-            std::fs::write(raw.join("volume-9.nii.gz"), &b[..b.len() / 2]).unwrap();
-            seg(raw, "segmentation-9.nii.gz");
-        }), Expect { fails: Some("volume-9.nii.gz"), quarantined: 1, cases: 2, slices: 8 }),
-        ("lying header", Box::new(move |raw: &Path| {
-            // The header claims twice the slices the data holds.
-            write(raw, "volume-9.nii", nifti::VoxelData::I16(&hu1));
-            let mut b = std::fs::read(raw.join("volume-9.nii")).unwrap();
-            b[46..48].copy_from_slice(&8i16.to_le_bytes());
-            std::fs::write(raw.join("volume-9.nii"), b).unwrap();
-            seg(raw, "segmentation-9.nii.gz");
-        }), Expect { fails: Some("volume-9.nii"), quarantined: 1, cases: 2, slices: 8 }),
-        ("nan", Box::new(move |raw: &Path| {
-            fv(raw, f32::NAN, 5);
-            seg(raw, "segmentation-9.nii.gz");
-        }), Expect { fails: Some("volume-9.nii: voxel 5 is NaN"), quarantined: 1, cases: 2, slices: 8 }),
-        ("label out of range", Box::new(move |raw: &Path| {
-            write(raw, "volume-9.nii", nifti::VoxelData::I16(&hu2));
-            write(raw, "segmentation-9.nii", nifti::VoxelData::U8(&vec![7u8; dims.iter().product()]));
-        }), Expect { fails: Some("segmentation-9.nii: label 7 is outside the label map"), quarantined: 1, cases: 2, slices: 8 }),
-        ("shape mismatch", Box::new(move |raw: &Path| {
-            write(raw, "volume-9.nii", nifti::VoxelData::I16(&hu3));
-            nifti::write_u8_or_i16(&raw.join("segmentation-9.nii"), [32, 32, 3], &affine, nifti::VoxelData::U8(&vec![0u8; 32 * 32 * 3]), None).unwrap();
-        }), Expect { fails: Some("segmentation-9.nii: image is [32, 32, 4] voxels but mask is [32, 32, 3]"), quarantined: 1, cases: 2, slices: 8 }),
-        ("zero bytes", Box::new(move |raw: &Path| {
-            std::fs::write(raw.join("volume-9.nii"), b"").unwrap();
-            seg(raw, "segmentation-9.nii.gz");
-        }), Expect { fails: Some("volume-9.nii"), quarantined: 1, cases: 2, slices: 8 }),
+        (
+            "truncated",
+            Box::new(move |raw: &Path| {
+                let b = std::fs::read(raw.join("volume-0.nii.gz")).unwrap();
+                std::fs::write(raw.join("volume-9.nii.gz"), &b[..b.len() / 2]).unwrap();
+                seg(raw, "segmentation-9.nii.gz");
+            }),
+            Expect { fails: Some("volume-9.nii.gz"), quarantined: 1, cases: 2, slices: 8 },
+        ),
+        (
+            "lying header",
+            Box::new(move |raw: &Path| {
+                // The header claims twice the slices the data holds.
+                write(raw, "volume-9.nii", nifti::VoxelData::I16(&hu1));
+                let mut b = std::fs::read(raw.join("volume-9.nii")).unwrap();
+                b[46..48].copy_from_slice(&8i16.to_le_bytes());
+                std::fs::write(raw.join("volume-9.nii"), b).unwrap();
+                seg(raw, "segmentation-9.nii.gz");
+            }),
+            Expect { fails: Some("volume-9.nii"), quarantined: 1, cases: 2, slices: 8 },
+        ),
+        (
+            "nan",
+            Box::new(move |raw: &Path| {
+                fv(raw, f32::NAN, 5);
+                seg(raw, "segmentation-9.nii.gz");
+            }),
+            Expect { fails: Some("volume-9.nii: voxel 5 is NaN"), quarantined: 1, cases: 2, slices: 8 },
+        ),
+        (
+            "label out of range",
+            Box::new(move |raw: &Path| {
+                write(raw, "volume-9.nii", nifti::VoxelData::I16(&hu2));
+                write(raw, "segmentation-9.nii", nifti::VoxelData::U8(&vec![7u8; dims.iter().product()]));
+            }),
+            Expect { fails: Some("segmentation-9.nii: label 7 is outside the label map"), quarantined: 1, cases: 2, slices: 8 },
+        ),
+        (
+            "shape mismatch",
+            Box::new(move |raw: &Path| {
+                write(raw, "volume-9.nii", nifti::VoxelData::I16(&hu3));
+                nifti::write_u8_or_i16(&raw.join("segmentation-9.nii"), [32, 32, 3], &affine, nifti::VoxelData::U8(&vec![0u8; 32 * 32 * 3]), None).unwrap();
+            }),
+            Expect { fails: Some("segmentation-9.nii: image is [32, 32, 4] voxels but mask is [32, 32, 3]"), quarantined: 1, cases: 2, slices: 8 },
+        ),
+        (
+            "zero bytes",
+            Box::new(move |raw: &Path| {
+                std::fs::write(raw.join("volume-9.nii"), b"").unwrap();
+                seg(raw, "segmentation-9.nii.gz");
+            }),
+            Expect { fails: Some("volume-9.nii"), quarantined: 1, cases: 2, slices: 8 },
+        ),
         ("text as nifti", Box::new(|raw: &Path| std::fs::write(raw.join("notes.nii"), b"these are notes").unwrap()), Expect { fails: Some("notes.nii"), quarantined: 1, cases: 2, slices: 8 }),
-        ("missing mask", Box::new(move |raw: &Path| write(raw, "volume-9.nii", nifti::VoxelData::I16(&hu_for(dims)))), Expect { fails: Some("volume-9.nii: missing mask"), quarantined: 1, cases: 2, slices: 8 }),
-        ("out-of-range floats are kept and counted", Box::new(move |raw: &Path| {
-            float_volume(raw, 1e9, 3);
-            seg(raw, "segmentation-9.nii.gz");
-        }), Expect { fails: None, quarantined: 0, cases: 3, slices: 12 }),
-        ("a symlinked volume is read", Box::new(|raw: &Path| {
-            std::os::unix::fs::symlink(raw.join("volume-0.nii.gz"), raw.join("volume-9.nii.gz")).unwrap();
-            std::os::unix::fs::symlink(raw.join("segmentation-0.nii.gz"), raw.join("segmentation-9.nii.gz")).unwrap();
-        }), Expect { fails: None, quarantined: 0, cases: 3, slices: 12 }),
+        (
+            "missing mask",
+            Box::new(move |raw: &Path| write(raw, "volume-9.nii", nifti::VoxelData::I16(&hu_for(dims)))),
+            Expect { fails: Some("volume-9.nii: missing mask"), quarantined: 1, cases: 2, slices: 8 },
+        ),
+        (
+            "out-of-range floats are kept and counted",
+            Box::new(move |raw: &Path| {
+                float_volume(raw, 1e9, 3);
+                seg(raw, "segmentation-9.nii.gz");
+            }),
+            Expect { fails: None, quarantined: 0, cases: 3, slices: 12 },
+        ),
+        (
+            "a symlinked volume is read",
+            Box::new(|raw: &Path| {
+                std::os::unix::fs::symlink(raw.join("volume-0.nii.gz"), raw.join("volume-9.nii.gz")).unwrap();
+                std::os::unix::fs::symlink(raw.join("segmentation-0.nii.gz"), raw.join("segmentation-9.nii.gz")).unwrap();
+            }),
+            Expect { fails: None, quarantined: 0, cases: 3, slices: 12 },
+        ),
         ("symlink loop", Box::new(|raw: &Path| std::os::unix::fs::symlink(raw, raw.join("loop")).unwrap()), Expect { fails: Some("loop"), quarantined: 1, cases: 2, slices: 8 }),
-        ("non-UTF-8 names", Box::new(|raw: &Path| {
-            let name = |s: &[u8]| raw.join(std::ffi::OsString::from_vec(s.to_vec()));
-            std::fs::copy(raw.join("volume-0.nii.gz"), name(b"volume-9\xff.nii.gz")).unwrap();
-            std::fs::copy(raw.join("segmentation-0.nii.gz"), name(b"segmentation-9\xff.nii.gz")).unwrap();
-        }), Expect { fails: None, quarantined: 0, cases: 3, slices: 12 }),
+        (
+            "non-UTF-8 names",
+            Box::new(|raw: &Path| {
+                let name = |s: &[u8]| raw.join(std::ffi::OsString::from_vec(s.to_vec()));
+                std::fs::copy(raw.join("volume-0.nii.gz"), name(b"volume-9\xff.nii.gz")).unwrap();
+                std::fs::copy(raw.join("segmentation-0.nii.gz"), name(b"segmentation-9\xff.nii.gz")).unwrap();
+            }),
+            Expect { fails: None, quarantined: 0, cases: 3, slices: 12 },
+        ),
     ]
 }
 
@@ -173,36 +213,72 @@ fn grey(w: u32, h: u32, v: u8) -> image::DynamicImage {
 
 fn slices2d_cases() -> Vec<(&'static str, Make, Expect)> {
     vec![
-        ("text as png", Box::new(|raw: &Path| {
-            std::fs::write(raw.join("images/flipped_2_5.png"), b"not a png").unwrap();
-            write_png(&raw.join("masks/flipped_2_5.png"), grey(32, 32, 0));
-        }), Expect { fails: Some("flipped_2_5.png: not a decodable PNG/JPEG image"), quarantined: 1, cases: 1, slices: 4 }),
-        ("zero-byte image", Box::new(|raw: &Path| {
-            std::fs::write(raw.join("images/flipped_1_9.png"), b"").unwrap();
-            write_png(&raw.join("masks/flipped_1_9.png"), grey(32, 32, 0));
-        }), Expect { fails: Some("flipped_1_9.png"), quarantined: 1, cases: 1, slices: 4 }),
-        ("one 1x1 slice among 32x32 ones costs that slice", Box::new(|raw: &Path| {
-            write_png(&raw.join("images/flipped_1_00.png"), grey(1, 1, 9));
-            write_png(&raw.join("masks/flipped_1_00.png"), grey(1, 1, 0));
-        }), Expect { fails: Some("flipped_1_00.png: 1×1 pixels, most slices of patient 1 are 32×32"), quarantined: 1, cases: 1, slices: 4 }),
-        ("16-bit png", Box::new(|raw: &Path| {
-            write_png(&raw.join("images/flipped_1_9.png"), image::DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(32, 32, image::Luma([4000u16]))));
-            write_png(&raw.join("masks/flipped_1_9.png"), grey(32, 32, 0));
-        }), Expect { fails: Some("flipped_1_9.png: a L16 image"), quarantined: 1, cases: 1, slices: 4 }),
-        ("colour png", Box::new(|raw: &Path| {
-            write_png(&raw.join("images/flipped_1_9.png"), image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(32, 32, image::Rgb([200, 10, 10]))));
-            write_png(&raw.join("masks/flipped_1_9.png"), grey(32, 32, 0));
-        }), Expect { fails: Some("flipped_1_9.png: a colour image"), quarantined: 1, cases: 1, slices: 4 }),
-        ("grey stored as rgb is read", Box::new(|raw: &Path| {
-            write_png(&raw.join("images/flipped_1_9.png"), image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(32, 32, image::Rgb([90, 90, 90]))));
-            write_png(&raw.join("masks/flipped_1_9.png"), grey(32, 32, 0));
-        }), Expect { fails: None, quarantined: 0, cases: 1, slices: 5 }),
-        ("mask without an image", Box::new(|raw: &Path| write_png(&raw.join("masks/flipped_1_7.png"), grey(32, 32, 0))), Expect { fails: Some("masks/flipped_1_7.png"), quarantined: 1, cases: 1, slices: 4 }),
-        ("a folder named like an image", Box::new(|raw: &Path| std::fs::create_dir_all(raw.join("images/flipped_1_8.png")).unwrap()), Expect { fails: Some("images/flipped_1_8.png"), quarantined: 1, cases: 1, slices: 4 }),
-        ("symlinked images are read", Box::new(|raw: &Path| {
-            std::os::unix::fs::symlink(raw.join("images/flipped_1_1.png"), raw.join("images/mirrored_1_1.png")).unwrap();
-            std::os::unix::fs::symlink(raw.join("masks/flipped_1_1.png"), raw.join("masks/mirrored_1_1.png")).unwrap();
-        }), Expect { fails: None, quarantined: 0, cases: 1, slices: 5 }),
+        (
+            "text as png",
+            Box::new(|raw: &Path| {
+                std::fs::write(raw.join("images/flipped_2_5.png"), b"not a png").unwrap();
+                write_png(&raw.join("masks/flipped_2_5.png"), grey(32, 32, 0));
+            }),
+            Expect { fails: Some("flipped_2_5.png: not a decodable PNG/JPEG image"), quarantined: 1, cases: 1, slices: 4 },
+        ),
+        (
+            "zero-byte image",
+            Box::new(|raw: &Path| {
+                std::fs::write(raw.join("images/flipped_1_9.png"), b"").unwrap();
+                write_png(&raw.join("masks/flipped_1_9.png"), grey(32, 32, 0));
+            }),
+            Expect { fails: Some("flipped_1_9.png"), quarantined: 1, cases: 1, slices: 4 },
+        ),
+        (
+            "one 1x1 slice among 32x32 ones costs that slice",
+            Box::new(|raw: &Path| {
+                write_png(&raw.join("images/flipped_1_00.png"), grey(1, 1, 9));
+                write_png(&raw.join("masks/flipped_1_00.png"), grey(1, 1, 0));
+            }),
+            Expect { fails: Some("flipped_1_00.png: 1×1 pixels, most slices of patient 1 are 32×32"), quarantined: 1, cases: 1, slices: 4 },
+        ),
+        (
+            "16-bit png",
+            Box::new(|raw: &Path| {
+                write_png(&raw.join("images/flipped_1_9.png"), image::DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(32, 32, image::Luma([4000u16]))));
+                write_png(&raw.join("masks/flipped_1_9.png"), grey(32, 32, 0));
+            }),
+            Expect { fails: Some("flipped_1_9.png: a L16 image"), quarantined: 1, cases: 1, slices: 4 },
+        ),
+        (
+            "colour png",
+            Box::new(|raw: &Path| {
+                write_png(&raw.join("images/flipped_1_9.png"), image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(32, 32, image::Rgb([200, 10, 10]))));
+                write_png(&raw.join("masks/flipped_1_9.png"), grey(32, 32, 0));
+            }),
+            Expect { fails: Some("flipped_1_9.png: a colour image"), quarantined: 1, cases: 1, slices: 4 },
+        ),
+        (
+            "grey stored as rgb is read",
+            Box::new(|raw: &Path| {
+                write_png(&raw.join("images/flipped_1_9.png"), image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(32, 32, image::Rgb([90, 90, 90]))));
+                write_png(&raw.join("masks/flipped_1_9.png"), grey(32, 32, 0));
+            }),
+            Expect { fails: None, quarantined: 0, cases: 1, slices: 5 },
+        ),
+        (
+            "mask without an image",
+            Box::new(|raw: &Path| write_png(&raw.join("masks/flipped_1_7.png"), grey(32, 32, 0))),
+            Expect { fails: Some("masks/flipped_1_7.png"), quarantined: 1, cases: 1, slices: 4 },
+        ),
+        (
+            "a folder named like an image",
+            Box::new(|raw: &Path| std::fs::create_dir_all(raw.join("images/flipped_1_8.png")).unwrap()),
+            Expect { fails: Some("images/flipped_1_8.png"), quarantined: 1, cases: 1, slices: 4 },
+        ),
+        (
+            "symlinked images are read",
+            Box::new(|raw: &Path| {
+                std::os::unix::fs::symlink(raw.join("images/flipped_1_1.png"), raw.join("images/mirrored_1_1.png")).unwrap();
+                std::os::unix::fs::symlink(raw.join("masks/flipped_1_1.png"), raw.join("masks/mirrored_1_1.png")).unwrap();
+            }),
+            Expect { fails: None, quarantined: 0, cases: 1, slices: 5 },
+        ),
     ]
 }
 

@@ -57,10 +57,7 @@ fn slices2d_reader_and_ingest_on_msd() {
     assert_eq!(pair.mask.iter().filter(|&&v| v == 1).count(), 8185);
     let dir = project(
         "data_msd",
-        &format!(
-            "data: {{source: slices2d, root: {}}}\nstages:\n  ingest: {{}}\n  normalise: {{deps: [ingest], params: {{size: 128}}}}\n  split: {{deps: [normalise]}}\n",
-            root.display()
-        ),
+        &format!("data: {{source: slices2d, root: {}}}\nstages:\n  ingest: {{}}\n  normalise: {{deps: [ingest], params: {{size: 128}}}}\n  split: {{deps: [normalise]}}\n", root.display()),
     );
     ok(&dir, &["run", "-q"]);
     let ingest = artifacts_of(&dir, "ingest").pop().unwrap();
@@ -167,34 +164,50 @@ fn bad_inputs_fail_clearly_or_are_quarantined() {
     let write = |name: &str, dims: [usize; 3], data: nifti::VoxelData| nifti::write_u8_or_i16(&raw.join(name), dims, &good.affine, data, None).unwrap();
 
     let mut cases: Vec<(&str, Box<dyn Fn()>, &str)> = Vec::new();
-    cases.push(("truncated", Box::new(|| {
-        let b = std::fs::read(raw.join("volume-0.nii.gz")).unwrap();
-        std::fs::write(raw.join("volume-9.nii.gz"), &b[..b.len() / 2]).unwrap();
-        std::fs::copy(raw.join("segmentation-0.nii.gz"), raw.join("segmentation-9.nii.gz")).unwrap();
-    }), "volume-9.nii.gz: truncated"));
-    cases.push(("shape", Box::new(|| {
-        write("volume-9.nii", good.dims, nifti::VoxelData::I16(&hu));
-        write("segmentation-9.nii", [32, 32, 3], nifti::VoxelData::U8(&vec![0u8; 32 * 32 * 3]));
-    }), "segmentation-9.nii: image is [32, 32, 4] voxels but mask is [32, 32, 3]"));
+    cases.push((
+        "truncated",
+        Box::new(|| {
+            let b = std::fs::read(raw.join("volume-0.nii.gz")).unwrap();
+            std::fs::write(raw.join("volume-9.nii.gz"), &b[..b.len() / 2]).unwrap();
+            std::fs::copy(raw.join("segmentation-0.nii.gz"), raw.join("segmentation-9.nii.gz")).unwrap();
+        }),
+        "volume-9.nii.gz: truncated",
+    ));
+    cases.push((
+        "shape",
+        Box::new(|| {
+            write("volume-9.nii", good.dims, nifti::VoxelData::I16(&hu));
+            write("segmentation-9.nii", [32, 32, 3], nifti::VoxelData::U8(&vec![0u8; 32 * 32 * 3]));
+        }),
+        "segmentation-9.nii: image is [32, 32, 4] voxels but mask is [32, 32, 3]",
+    ));
     cases.push(("missing mask", Box::new(|| write("volume-9.nii", good.dims, nifti::VoxelData::I16(&hu))), "volume-9.nii: missing mask"));
-    cases.push(("label", Box::new(|| {
-        write("volume-9.nii", good.dims, nifti::VoxelData::I16(&hu));
-        write("segmentation-9.nii", good.dims, nifti::VoxelData::U8(&vec![7u8; 32 * 32 * 4]));
-    }), "segmentation-9.nii: label 7 is outside the label map"));
-    cases.push(("nan", Box::new(|| {
-        // A float32 volume holding a NaN.
-        let mut h = nifti::read(&raw.join("volume-0.nii.gz")).unwrap().header;
-        h[70..72].copy_from_slice(&16i16.to_le_bytes());
-        h[72..74].copy_from_slice(&32i16.to_le_bytes());
-        h[108..112].copy_from_slice(&352f32.to_le_bytes());
-        let mut bytes = h.clone();
-        bytes.extend_from_slice(&[0u8; 4]);
-        for i in 0..32 * 32 * 4 {
-            bytes.extend_from_slice(&(if i == 5 { f32::NAN } else { 0.0f32 }).to_le_bytes());
-        }
-        std::fs::write(raw.join("volume-9.nii"), bytes).unwrap();
-        std::fs::copy(raw.join("segmentation-0.nii.gz"), raw.join("segmentation-9.nii.gz")).unwrap();
-    }), "volume-9.nii: voxel 5 is NaN"));
+    cases.push((
+        "label",
+        Box::new(|| {
+            write("volume-9.nii", good.dims, nifti::VoxelData::I16(&hu));
+            write("segmentation-9.nii", good.dims, nifti::VoxelData::U8(&vec![7u8; 32 * 32 * 4]));
+        }),
+        "segmentation-9.nii: label 7 is outside the label map",
+    ));
+    cases.push((
+        "nan",
+        Box::new(|| {
+            // A float32 volume holding a NaN.
+            let mut h = nifti::read(&raw.join("volume-0.nii.gz")).unwrap().header;
+            h[70..72].copy_from_slice(&16i16.to_le_bytes());
+            h[72..74].copy_from_slice(&32i16.to_le_bytes());
+            h[108..112].copy_from_slice(&352f32.to_le_bytes());
+            let mut bytes = h.clone();
+            bytes.extend_from_slice(&[0u8; 4]);
+            for i in 0..32 * 32 * 4 {
+                bytes.extend_from_slice(&(if i == 5 { f32::NAN } else { 0.0f32 }).to_le_bytes());
+            }
+            std::fs::write(raw.join("volume-9.nii"), bytes).unwrap();
+            std::fs::copy(raw.join("segmentation-0.nii.gz"), raw.join("segmentation-9.nii.gz")).unwrap();
+        }),
+        "volume-9.nii: voxel 5 is NaN",
+    ));
     cases.push(("non-image", Box::new(|| std::fs::write(raw.join("notes.nii"), b"these are notes").unwrap()), "notes.nii"));
 
     for (what, make, want) in &cases {

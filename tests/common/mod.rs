@@ -77,6 +77,8 @@ stages:
 /// Complete artifact directories of a stage.
 pub fn artifacts_of(dir: &Path, stage: &str) -> Vec<PathBuf> {
     let d = dir.join("artifacts").join(stage);
-    let Ok(rd) = std::fs::read_dir(&d) else { return vec![] };
+    let Ok(rd) = std::fs::read_dir(&d) else {
+        return vec![];
+    };
     rd.flatten().map(|e| e.path()).filter(|p| p.join("manifest.json").is_file()).collect()
 }

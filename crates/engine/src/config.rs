@@ -3,8 +3,8 @@
 //! overrides, resolved into typed, canonical parameters.
 
 use super::params::{coerce, ParamSpec, Params};
-pub use super::pipeline::{Override, Pipeline, ResolvedStage};
 use super::pipeline::{check_name, topo_sort};
+pub use super::pipeline::{ExecutorKind, Override, Pipeline, ResolvedStage};
 use super::stage::Stage;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_yaml::{Mapping, Value as Y};
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 /// belongs to the source stage, whatever its name.
 pub const DATA_PREFIX: &str = "data.";
 
-const TOP_KEYS: &[&str] = &["stages", "profiles", "default_profile", "data", "external", "description", "verify_on_use"];
+const TOP_KEYS: &[&str] = &["stages", "profiles", "default_profile", "data", "external", "description", "verify_on_use", "executor", "slurm"];
 const STAGE_KEYS: &[&str] = &["deps", "params", "uses", "foreach"];
 
 /// A stage as declared, before params are typed.
@@ -81,7 +81,18 @@ pub fn parse(text: &str, file: &Path, root: &Path, registry: &[Box<dyn Stage>], 
         Some(Y::Bool(b)) => *b,
         Some(other) => bail!("{f}: verify_on_use: expected true or false, got {other:?}"),
     };
-    Ok(Pipeline { file: file.to_path_buf(), root: root.to_path_buf(), profile: profile_name, stages, verify_on_use })
+    let slurm = top.get("slurm").map(|v| super::slurm::SlurmConfig::parse(v, &format!("{f}: slurm"))).transpose()?.unwrap_or_default();
+    for name in slurm.submit.iter().chain(slurm.stages.keys()) {
+        if !stages.iter().any(|s| &s.name == name) {
+            bail!("{f}: slurm: no stage `{name}` in this pipeline");
+        }
+    }
+    let executor = match top.get("executor") {
+        None => ExecutorKind::Local,
+        Some(Y::String(s)) => s.parse().map_err(|e| anyhow!("{f}: executor: {e}"))?,
+        Some(other) => bail!("{f}: executor: expected local or slurm, got {other:?}"),
+    };
+    Ok(Pipeline { file: file.to_path_buf(), root: root.to_path_buf(), profile: profile_name, stages, verify_on_use, executor, slurm })
 }
 
 /// The registered stage `name`.

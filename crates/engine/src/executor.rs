@@ -10,6 +10,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::path::PathBuf;
 
 pub trait Executor: Send + Sync {
+    /// Whether requests run elsewhere (a cluster), not as children of the engine.
+    fn is_remote(&self) -> bool {
+        false
+    }
+
     /// Run one request to completion and return what it wrote.
     fn run(&self, req: &WorkerRequest) -> Result<WorkerOutput>;
 

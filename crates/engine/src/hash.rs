@@ -90,9 +90,7 @@ pub const UNREADABLE: &str = "unreadable: ";
 fn read_and_hash(path: &Path, len: u64) -> Result<(String, Vec<u8>)> {
     // Read into unfilled capacity (no zeroing), `len` bytes at most.
     let mut bytes = Vec::with_capacity(len as usize);
-    std::fs::File::open(path)
-        .and_then(|f| f.take(len).read_to_end(&mut bytes))
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    std::fs::File::open(path).and_then(|f| f.take(len).read_to_end(&mut bytes)).with_context(|| format!("cannot read {}", path.display()))?;
     if bytes.len() as u64 != len {
         anyhow::bail!("{}: {} bytes, {len} when stat'ed; did it change while being read?", path.display(), bytes.len());
     }
@@ -235,7 +233,9 @@ impl StatCache {
             .collect();
         bar.finish_and_clear();
         for (i, h) in misses.into_iter().zip(hashed) {
-            let Ok((size, mtime_ns, inode)) = stats[i] else { continue };
+            let Ok((size, mtime_ns, inode)) = stats[i] else {
+                continue;
+            };
             match h {
                 Ok(blake3) => {
                     self.entries.insert(super::paths::encode(&paths[i]), StatEntry { size, mtime_ns, inode, blake3: blake3.clone() });

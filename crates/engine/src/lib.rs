@@ -14,6 +14,7 @@ pub mod paths;
 pub mod pipeline;
 pub mod progress;
 pub mod runner;
+pub mod slurm;
 pub mod stage;
 pub mod status;
 pub mod store;

@@ -34,7 +34,11 @@ pub fn encode(path: &Path) -> String {
 
 fn push_escaped(out: &mut String, s: &str) {
     for c in s.chars() {
-        if c == '%' { out.push_str("%25") } else { out.push(c) }
+        if c == '%' {
+            out.push_str("%25")
+        } else {
+            out.push(c)
+        }
     }
 }
 

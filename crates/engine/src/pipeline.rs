@@ -37,6 +37,27 @@ pub struct Pipeline {
     pub stages: Vec<ResolvedStage>,
     /// Re-hash every file a run reuses or reads (pipeline.yaml `verify_on_use`).
     pub verify_on_use: bool,
+    /// Where worker requests run (`executor:`, or `--executor`); never part of a key.
+    pub executor: ExecutorKind,
+    /// Job resources when they run on Slurm (`slurm:`).
+    pub slurm: super::slurm::SlurmConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutorKind {
+    Local,
+    Slurm,
+}
+
+impl std::str::FromStr for ExecutorKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "local" => Ok(ExecutorKind::Local),
+            "slurm" => Ok(ExecutorKind::Slurm),
+            _ => bail!("`{s}`: expected local or slurm"),
+        }
+    }
 }
 
 impl Pipeline {
@@ -129,7 +150,9 @@ fn find_cycle(remaining: &[String], deps: &BTreeMap<String, Vec<String>>) -> Vec
     let mut path = vec![remaining[0].clone()];
     loop {
         let last = path.last().cloned().unwrap_or_default();
-        let Some(next) = deps[&last].iter().find(|d| remaining.contains(d)).cloned() else { return path };
+        let Some(next) = deps[&last].iter().find(|d| remaining.contains(d)).cloned() else {
+            return path;
+        };
         if let Some(pos) = path.iter().position(|p| *p == next) {
             let mut cycle = path[pos..].to_vec();
             cycle.push(next);

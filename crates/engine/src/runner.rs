@@ -2,7 +2,7 @@
 
 use super::executor::{Executor, Local};
 use super::hash::{stage_key, KeyInputs, StatCache};
-use super::pipeline::{Pipeline, ResolvedStage};
+use super::pipeline::{ExecutorKind, Pipeline, ResolvedStage};
 use super::stage::{Placement, RawFile, Stage, StageContext, StageInfo};
 use super::store::{now_unix, utc_string, Artifact, Depth, Manifest, Store};
 use anyhow::{anyhow, bail, Context, Result};
@@ -58,6 +58,15 @@ impl<'r> Engine<'r> {
         Engine { pipeline, registry, store, show_progress: true, executor: Box::new(Local), verify_on_use, raw_bytes: super::hash::RawBytes::new(RAW_BYTES_BUDGET) }
     }
 
+    /// Run worker requests where `kind` says (the pipeline's `executor:` unless overridden).
+    pub fn use_executor(&mut self, kind: ExecutorKind) -> Result<()> {
+        self.executor = match kind {
+            ExecutorKind::Local => Box::new(Local),
+            ExecutorKind::Slurm => Box::new(super::slurm::Slurm::new(self.pipeline.slurm.clone(), &self.store.root)?),
+        };
+        Ok(())
+    }
+
     pub fn stage_impl(&self, name: &str) -> Result<&dyn Stage> {
         super::config::find(self.registry, name)
     }
@@ -77,19 +86,10 @@ impl<'r> Engine<'r> {
             let paths: Vec<std::path::PathBuf> = inputs.iter().map(|(_, p)| p.clone()).collect();
             let hashes = cache.hash_many(&paths, self.show_progress, keep)?;
             let raw_files: Vec<RawFile> = inputs.into_iter().zip(hashes).map(|((rel, _), (size, blake3))| RawFile { path: rel, size, blake3 }).collect();
-            let upstream: BTreeMap<String, String> = s
-                .deps
-                .iter()
-                .map(|d| planned.get(d).map(|p| (d.clone(), p.key.clone())).ok_or_else(|| anyhow!("internal: {d} planned after {}", s.name)))
-                .collect::<Result<_>>()?;
+            let upstream: BTreeMap<String, String> =
+                s.deps.iter().map(|d| planned.get(d).map(|p| (d.clone(), p.key.clone())).ok_or_else(|| anyhow!("internal: {d} planned after {}", s.name))).collect::<Result<_>>()?;
             let raw_pairs: Vec<(String, String)> = raw_files.iter().map(|r| (r.path.clone(), r.blake3.clone())).collect();
-            let key = stage_key(&KeyInputs {
-                stage: &s.name,
-                version: imp.info().version,
-                params_json: &s.params.canonical_json(),
-                upstream: &upstream,
-                raw_files: &raw_pairs,
-            });
+            let key = stage_key(&KeyInputs { stage: &s.name, version: imp.info().version, params_json: &s.params.canonical_json(), upstream: &upstream, raw_files: &raw_pairs });
             planned.insert(s.name.clone(), Planned { key, upstream, raw_files });
         }
         // Hashing is the slow part of a no-op; keep what we learnt even if the run fails later.
@@ -104,7 +104,9 @@ impl<'r> Engine<'r> {
 
     /// The artifact of (stage, key), checked before it is trusted.
     pub fn find(&self, stage: &str, key: &str) -> Result<Found> {
-        let Some(a) = self.store.get(stage, key)? else { return Ok(Found::Missing) };
+        let Some(a) = self.store.get(stage, key)? else {
+            return Ok(Found::Missing);
+        };
         let depth = if self.verify_on_use { Depth::Full } else { Depth::Quick };
         let problems = self.store.check(&a, depth);
         Ok(if problems.is_empty() { Found::Fresh(a) } else { Found::Damaged(a, problems) })
@@ -212,6 +214,7 @@ impl<'r> Engine<'r> {
         let build = self.store.begin(&s.name, &p.key, lock)?;
         let ctx = StageContext {
             stage: imp.info(),
+            instance: &s.name,
             key: &p.key,
             params: &s.params,
             out_dir: &build,
@@ -230,7 +233,10 @@ impl<'r> Engine<'r> {
         self.say(&format!("running {:<10} {}", s.name, p.key));
         let started = now_unix();
         let t0 = Instant::now();
-        let result = match imp.info().placement {
+        // On a cluster, stages listed in `slurm.submit` go as jobs too.
+        let submitted = self.executor.is_remote() && self.pipeline.slurm.submit.contains(&s.name);
+        let placement = if submitted { Placement::Worker } else { imp.info().placement };
+        let result = match placement {
             Placement::InProcess => imp.run(&ctx),
             Placement::Worker => super::worker::run_in_worker(&ctx),
         };

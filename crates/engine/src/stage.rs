@@ -81,6 +81,8 @@ pub trait Stage: Send + Sync {
 
 pub struct StageContext<'a> {
     pub stage: &'static StageInfo,
+    /// The stage's name in pipeline.yaml: `stage.name`, or an instance's own.
+    pub instance: &'a str,
     pub key: &'a str,
     pub params: &'a Params,
     /// Temporary build directory; renamed into the store only when `run` returns Ok.
@@ -107,9 +109,7 @@ pub struct StageContext<'a> {
 
 impl StageContext<'_> {
     pub fn upstream(&self, name: &str) -> Result<&Artifact> {
-        self.upstream
-            .get(name)
-            .ok_or_else(|| anyhow::anyhow!("stage `{}` needs upstream `{name}`, which pipeline.yaml does not list in its deps", self.stage.name))
+        self.upstream.get(name).ok_or_else(|| anyhow::anyhow!("stage `{}` needs upstream `{name}`, which pipeline.yaml does not list in its deps", self.stage.name))
     }
 
     /// Upstream artifacts that are dataset instances of registered stage

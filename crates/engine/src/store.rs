@@ -202,7 +202,9 @@ impl Store {
     pub fn audit(&self, depth: Depth) -> Result<(usize, Vec<Problem>)> {
         let mut problems = Vec::new();
         let mut artifacts = 0;
-        let Ok(stages) = fs::read_dir(&self.root) else { return Ok((0, problems)) };
+        let Ok(stages) = fs::read_dir(&self.root) else {
+            return Ok((0, problems));
+        };
         for s in stages.flatten() {
             let name = s.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') || !s.path().is_dir() {
@@ -235,7 +237,9 @@ impl Store {
     /// Whether another process holds the write lock (a run in progress).
     pub fn locked_by_another(&self) -> Result<bool> {
         let path = self.root.join(".lock");
-        let Ok(file) = fs::OpenOptions::new().read(true).write(true).open(&path) else { return Ok(false) };
+        let Ok(file) = fs::OpenOptions::new().read(true).write(true).open(&path) else {
+            return Ok(false);
+        };
         Ok(match file.try_lock() {
             Ok(()) => false,
             Err(fs::TryLockError::WouldBlock) => true,
@@ -260,7 +264,9 @@ impl Store {
     /// Every complete artifact in the store, newest last.
     pub fn list(&self) -> Result<Vec<Artifact>> {
         let mut out = Vec::new();
-        let Ok(stages) = fs::read_dir(&self.root) else { return Ok(out) };
+        let Ok(stages) = fs::read_dir(&self.root) else {
+            return Ok(out);
+        };
         for s in stages.flatten() {
             let stage = s.file_name().to_string_lossy().into_owned();
             if stage.starts_with('.') || !s.path().is_dir() {
@@ -380,7 +386,9 @@ impl<'a> SubArtifacts<'a> {
     /// The complete sub-artifact of `key`, if any and if it passes the
     /// quick check; a damaged one is set aside, to be made again.
     pub fn get(&self, key: &str) -> Result<Option<Artifact>> {
-        let Some(a) = self.store.get(&self.stage, key)? else { return Ok(None) };
+        let Some(a) = self.store.get(&self.stage, key)? else {
+            return Ok(None);
+        };
         let problems = self.store.check(&a, Depth::Quick);
         if !problems.is_empty() {
             let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();

@@ -41,4 +41,3 @@ pub fn parquet_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
     }
     Ok(out)
 }
-

@@ -102,10 +102,8 @@ pub fn metadata(path: &Path) -> Result<BTreeMap<String, String>> {
 /// tensor's bytes go: name -> (file offset, length). safetensors itself lays
 /// the header out, from the lengths alone.
 fn safetensors_layout(path: &Path, tensors: &[(&str, safetensors::Dtype, Vec<usize>)], provenance: &[(String, String)]) -> Result<(Vec<u8>, BTreeMap<String, (u64, u64)>)> {
-    let holders: Vec<(String, Placeholder)> = tensors
-        .iter()
-        .map(|(name, dtype, shape)| (name.to_string(), Placeholder(*dtype, shape.clone(), shape.iter().product::<usize>() * dtype.size())))
-        .collect();
+    let holders: Vec<(String, Placeholder)> =
+        tensors.iter().map(|(name, dtype, shape)| (name.to_string(), Placeholder(*dtype, shape.clone(), shape.iter().product::<usize>() * dtype.size()))).collect();
     let meta: BTreeMap<&str, &str> = provenance.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let meta = std::collections::HashMap::from([("liverseg".to_owned(), serde_json::to_string(&meta)?)]);
     let head = safetensors::tensor::serialize(holders.iter().map(|(n, h)| (n.clone(), h)), &Some(meta)).map_err(|e| anyhow!("cannot lay out {}: {e:?}", path.display()))?;

@@ -15,6 +15,13 @@ use std::path::{Path, PathBuf};
 #[derive(Serialize, Deserialize, Clone)]
 pub struct WorkerRequest {
     pub stage: String,
+    /// The stage's name in pipeline.yaml (an instance such as `baseline`),
+    /// for job names and per-stage cluster resources.
+    #[serde(default)]
+    pub label: String,
+    /// A search trial (cluster jobs take the trial resources).
+    #[serde(default)]
+    pub trial: bool,
     pub key: String,
     pub params: BTreeMap<String, serde_json::Value>,
     pub out_dir: PathBuf,
@@ -34,6 +41,8 @@ impl WorkerRequest {
     pub fn for_stage(ctx: &StageContext) -> Self {
         WorkerRequest {
             stage: ctx.stage.name.to_owned(),
+            label: ctx.instance.to_owned(),
+            trial: false,
             key: ctx.key.to_owned(),
             params: ctx.params.0.clone(),
             out_dir: ctx.out_dir.to_path_buf(),
@@ -103,6 +112,7 @@ impl WorkerJob {
         static LOCAL: Local = Local;
         StageContext {
             stage,
+            instance: if self.req.label.is_empty() { stage.name } else { &self.req.label },
             key: &self.req.key,
             params: &self.params,
             out_dir: &self.req.out_dir,

@@ -3,17 +3,70 @@
 
 use super::Volume;
 use anyhow::{anyhow, bail, Context, Result};
-use dicom_object::{open_file, Tag};
+use dicom_object::{open_file, InMemDicomObject, Tag};
 use std::path::{Path, PathBuf};
 
 struct Slice {
     path: PathBuf,
+    uids: SliceRef,
     position: [f64; 3],
     hu: Vec<f32>,
     rows: usize,
     cols: usize,
     spacing: [f64; 2],
     orientation: [f64; 6],
+}
+
+/// A source slice as a derived object (a DICOM SEG) must reference it.
+#[derive(Debug, Clone, Default)]
+pub struct SliceRef {
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub position: [f64; 3],
+}
+
+/// What a derived object copies from its source series (patient, study,
+/// frame of reference), by tag, as text; and its slices in volume order.
+#[derive(Debug, Clone, Default)]
+pub struct SeriesInfo {
+    pub attributes: Vec<(Tag, String)>,
+    pub slices: Vec<SliceRef>,
+    pub orientation: [f64; 6],
+    pub pixel_spacing: [f64; 2],
+    pub spacing_between_slices: f64,
+}
+
+/// The series-level attributes a derived object keeps.
+pub const SERIES_TAGS: &[(u16, u16)] = &[
+    (0x0008, 0x0020), // StudyDate
+    (0x0008, 0x0030), // StudyTime
+    (0x0008, 0x0050), // AccessionNumber
+    (0x0008, 0x0090), // ReferringPhysicianName
+    (0x0010, 0x0010), // PatientName
+    (0x0010, 0x0020), // PatientID
+    (0x0010, 0x0030), // PatientBirthDate
+    (0x0010, 0x0040), // PatientSex
+    (0x0020, 0x000D), // StudyInstanceUID
+    (0x0020, 0x000E), // SeriesInstanceUID
+    (0x0020, 0x0010), // StudyID
+    (0x0020, 0x0052), // FrameOfReferenceUID
+];
+
+fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
+    obj.element(tag).ok().and_then(|e| e.to_str().ok()).map(|s| s.trim_end_matches(['\0', ' ']).to_owned())
+}
+
+/// The SeriesInstanceUID of a DICOM file, read from its header alone;
+/// `None` where it is empty (anonymised exports blank it).
+pub fn series_uid(path: &Path) -> Result<Option<String>> {
+    let obj = dicom_object::OpenFileOptions::new().read_until(Tag(0x7FE0, 0x0010)).open_file(path).map_err(|e| anyhow!("{}: not a readable DICOM file: {e}", path.display()))?;
+    Ok(text(&obj, Tag(0x0020, 0x000E)).filter(|s| !s.is_empty()))
+}
+
+/// A UID attribute, or where an anonymiser blanked it, its copy in the file
+/// meta group (MediaStorageSOPClass/InstanceUID).
+fn uid_or_meta(obj: &dicom_object::FileDicomObject<InMemDicomObject>, tag: Tag, meta: &str) -> String {
+    text(obj, tag).filter(|s| !s.is_empty()).unwrap_or_else(|| meta.trim_end_matches(['\0', ' ']).to_owned())
 }
 
 fn read_slice(path: &Path) -> Result<Slice> {
@@ -57,8 +110,14 @@ fn read_slice(path: &Path) -> Result<Slice> {
         (16 | 8, _) => bail!("{p}: truncated: PixelData has {} bytes for {rows}×{cols} pixels", pixels.len()),
         (b, _) => bail!("{p}: {b} bits allocated is not supported"),
     };
+    let uids = SliceRef {
+        sop_class_uid: uid_or_meta(&obj, Tag(0x0008, 0x0016), &obj.meta().media_storage_sop_class_uid),
+        sop_instance_uid: uid_or_meta(&obj, Tag(0x0008, 0x0018), &obj.meta().media_storage_sop_instance_uid),
+        position: [position[0], position[1], position[2]],
+    };
     Ok(Slice {
         path: path.to_path_buf(),
+        uids,
         position: [position[0], position[1], position[2]],
         hu,
         rows,
@@ -83,11 +142,20 @@ pub fn read_series(dir: &Path) -> Result<Volume> {
 /// returning them with the reason. The rest is used when its slices still
 /// lie evenly along the normal; a gap left by a missing slice is an error.
 pub fn read_series_lenient(dir: &Path) -> Result<(Volume, Vec<(PathBuf, anyhow::Error)>)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+    let files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("{}: cannot list the DICOM series", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
         .collect();
+    let (vol, _, bad) = read_series_files(&files, dir)?;
+    Ok((vol, bad))
+}
+
+/// `read_series_lenient` of the files of one series (`label` names it in
+/// errors), with what a derived object needs of the series.
+pub fn read_series_files(files: &[PathBuf], label: &Path) -> Result<(Volume, SeriesInfo, Vec<(PathBuf, anyhow::Error)>)> {
+    let dir = label;
+    let mut files = files.to_vec();
     files.sort();
     if files.is_empty() {
         bail!("{}: empty DICOM series folder", dir.display());
@@ -156,7 +224,15 @@ pub fn read_series_lenient(dir: &Path) -> Result<(Volume, Vec<(PathBuf, anyhow::
     for s in &slices {
         data.extend_from_slice(&s.hu);
     }
-    Ok((Volume { dims: [cols, rows, slices.len()], spacing: [col_sp, row_sp, gap.abs()], affine, data }, bad))
+    let first = open_file(&slices[0].path).map_err(|e| anyhow!("{}: not a readable DICOM file: {e}", slices[0].path.display()))?;
+    let info = SeriesInfo {
+        attributes: SERIES_TAGS.iter().filter_map(|&(g, e)| text(&first, Tag(g, e)).map(|v| (Tag(g, e), v))).collect(),
+        slices: slices.iter().map(|s| s.uids.clone()).collect(),
+        orientation: o,
+        pixel_spacing: [row_sp, col_sp],
+        spacing_between_slices: gap.abs(),
+    };
+    Ok((Volume { dims: [cols, rows, slices.len()], spacing: [col_sp, row_sp, gap.abs()], affine, data }, info, bad))
 }
 
 /// Slices must lie evenly along the normal: a missing one would shift every
@@ -170,7 +246,14 @@ fn check_even(slices: &[Slice], along: &dyn Fn(&Slice) -> f64, dir: &Path) -> Re
     steps.sort_by(f64::total_cmp);
     let nominal = steps[steps.len() / 2];
     if let Some(i) = all.iter().position(|d| (d - nominal).abs() > 0.1 * nominal.abs().max(1e-6)) {
-        bail!("{}: the series has a gap of {:.2} mm between {} and {} (slices are {:.2} mm apart elsewhere); a slice is missing or unreadable", dir.display(), all[i], slices[i].path.display(), slices[i + 1].path.display(), nominal);
+        bail!(
+            "{}: the series has a gap of {:.2} mm between {} and {} (slices are {:.2} mm apart elsewhere); a slice is missing or unreadable",
+            dir.display(),
+            all[i],
+            slices[i].path.display(),
+            slices[i + 1].path.display(),
+            nominal
+        );
     }
     Ok(())
 }

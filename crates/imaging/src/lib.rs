@@ -1,12 +1,13 @@
 //! Medical image readers and writers, resampling and synthetic phantoms.
 
+pub mod components;
 pub mod dicom;
+pub mod dicom_seg;
 pub mod nifti;
 pub mod nrrd;
 pub mod resize;
 pub mod slices2d;
 pub mod synth;
-
 
 /// A 3D scalar volume, x fastest, with its voxel-to-world (RAS, mm) affine.
 /// Voxels are f32 unless a reader keeps the file's own integer type.

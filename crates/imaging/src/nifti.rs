@@ -34,11 +34,19 @@ struct Endian(bool); // true = little
 impl Endian {
     fn i16(&self, b: &[u8], o: usize) -> i16 {
         let a = [b[o], b[o + 1]];
-        if self.0 { i16::from_le_bytes(a) } else { i16::from_be_bytes(a) }
+        if self.0 {
+            i16::from_le_bytes(a)
+        } else {
+            i16::from_be_bytes(a)
+        }
     }
     fn f32(&self, b: &[u8], o: usize) -> f32 {
         let a = [b[o], b[o + 1], b[o + 2], b[o + 3]];
-        if self.0 { f32::from_le_bytes(a) } else { f32::from_be_bytes(a) }
+        if self.0 {
+            f32::from_le_bytes(a)
+        } else {
+            f32::from_be_bytes(a)
+        }
     }
 }
 
@@ -117,10 +125,28 @@ impl RawNifti {
             256 => d.iter().map(|&v| v as i8 as f32).collect(),
             4 => d.chunks_exact(2).map(|c| e.i16(c, 0) as f32).collect(),
             512 => d.chunks_exact(2).map(|c| if e.0 { u16::from_le_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], c[1]]) } as f32).collect(),
-            8 => d.chunks_exact(4).map(|c| { let a = [c[0], c[1], c[2], c[3]]; (if e.0 { i32::from_le_bytes(a) } else { i32::from_be_bytes(a) }) as f32 }).collect(),
-            768 => d.chunks_exact(4).map(|c| { let a = [c[0], c[1], c[2], c[3]]; (if e.0 { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }) as f32 }).collect(),
+            8 => d
+                .chunks_exact(4)
+                .map(|c| {
+                    let a = [c[0], c[1], c[2], c[3]];
+                    (if e.0 { i32::from_le_bytes(a) } else { i32::from_be_bytes(a) }) as f32
+                })
+                .collect(),
+            768 => d
+                .chunks_exact(4)
+                .map(|c| {
+                    let a = [c[0], c[1], c[2], c[3]];
+                    (if e.0 { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }) as f32
+                })
+                .collect(),
             16 => d.chunks_exact(4).map(|c| e.f32(c, 0)).collect(),
-            64 => d.chunks_exact(8).map(|c| { let a: [u8; 8] = c.try_into().expect("8 bytes"); (if e.0 { f64::from_le_bytes(a) } else { f64::from_be_bytes(a) }) as f32 }).collect(),
+            64 => d
+                .chunks_exact(8)
+                .map(|c| {
+                    let a: [u8; 8] = c.try_into().expect("8 bytes");
+                    (if e.0 { f64::from_le_bytes(a) } else { f64::from_be_bytes(a) }) as f32
+                })
+                .collect(),
             other => bail!("{}: unsupported NIfTI datatype code {other}", self.path.display()),
         };
         let (slope, inter) = (self.slope, self.inter);
@@ -260,6 +286,7 @@ pub fn write_u8_or_i16(path: &Path, dims: [usize; 3], affine: &[[f64; 4]; 4], da
     let (code, bitpix, bytes): (i16, i16, Vec<u8>) = match data {
         VoxelData::U8(v) => (2, 8, v.to_vec()),
         VoxelData::I16(v) => (4, 16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        VoxelData::F32(v) => (16, 32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
     };
     if bytes.len() != dims[0] * dims[1] * dims[2] * (bitpix as usize / 8) {
         bail!("{}: data length does not match dims {:?}", path.display(), dims);
@@ -288,4 +315,5 @@ pub fn write_u8_or_i16(path: &Path, dims: [usize; 3], affine: &[[f64; 4]; 4], da
 pub enum VoxelData<'a> {
     U8(&'a [u8]),
     I16(&'a [i16]),
+    F32(&'a [f32]),
 }

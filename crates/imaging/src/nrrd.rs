@@ -25,7 +25,9 @@ pub fn read(path: &Path) -> Result<Volume> {
         if line.starts_with('#') {
             continue;
         }
-        let Some((k, v)) = line.split_once(':') else { continue };
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
         let v = v.trim_start_matches('=').trim();
         match k.trim() {
             "type" => kind = v.to_owned(),
@@ -65,8 +67,18 @@ pub fn read(path: &Path) -> Result<Volume> {
         "signed char" | "int8" | "int8_t" => (1, |b, _| b[0] as i8 as f32),
         "short" | "short int" | "signed short" | "int16" | "int16_t" => (2, |b, le| if le { i16::from_le_bytes([b[0], b[1]]) } else { i16::from_be_bytes([b[0], b[1]]) } as f32),
         "ushort" | "unsigned short" | "uint16" | "uint16_t" => (2, |b, le| if le { u16::from_le_bytes([b[0], b[1]]) } else { u16::from_be_bytes([b[0], b[1]]) } as f32),
-        "int" | "int32" | "int32_t" => (4, |b, le| { let a = [b[0], b[1], b[2], b[3]]; (if le { i32::from_le_bytes(a) } else { i32::from_be_bytes(a) }) as f32 }),
-        "float" => (4, |b, le| { let a = [b[0], b[1], b[2], b[3]]; if le { f32::from_le_bytes(a) } else { f32::from_be_bytes(a) } }),
+        "int" | "int32" | "int32_t" => (4, |b, le| {
+            let a = [b[0], b[1], b[2], b[3]];
+            (if le { i32::from_le_bytes(a) } else { i32::from_be_bytes(a) }) as f32
+        }),
+        "float" => (4, |b, le| {
+            let a = [b[0], b[1], b[2], b[3]];
+            if le {
+                f32::from_le_bytes(a)
+            } else {
+                f32::from_be_bytes(a)
+            }
+        }),
         other => bail!("{p}: unsupported type `{other}`"),
     };
     if data.len() < n * bpv {

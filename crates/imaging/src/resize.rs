@@ -16,11 +16,19 @@ fn taps(n: usize, on: usize) -> Vec<(usize, usize, f32)> {
 
 pub fn bilinear(src: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> Vec<f32> {
     let mut out = vec![0f32; oh * ow];
-    bilinear_rows(src, |v| v, h, w, oh, ow, |y, row, xs| {
-        for (o, &(x0, x1, wx)) in out[y * ow..(y + 1) * ow].iter_mut().zip(xs) {
-            *o = row[x0] + (row[x1] - row[x0]) * wx;
-        }
-    });
+    bilinear_rows(
+        src,
+        |v| v,
+        h,
+        w,
+        oh,
+        ow,
+        |y, row, xs| {
+            for (o, &(x0, x1, wx)) in out[y * ow..(y + 1) * ow].iter_mut().zip(xs) {
+                *o = row[x0] + (row[x1] - row[x0]) * wx;
+            }
+        },
+    );
     out
 }
 
@@ -189,8 +197,155 @@ pub fn nearest_into(src: &[u8], h: usize, w: usize, out: &mut [u8], ow: usize) {
     }
 }
 
+/// How an h×w slice fills the models' square input of side `size`: both
+/// axes scaled alike, so the slice's physical aspect (matrix times pixel
+/// spacing) is kept, and centred; the rest of the square is padding (0).
+/// A slice with a square field of view fills the square exactly, and is
+/// resized as before (the plain, fast resize).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fit {
+    pub h: usize,
+    pub w: usize,
+    pub size: usize,
+    /// Source pixels per model pixel, along rows and columns.
+    sy: f64,
+    sx: f64,
+    /// Where the slice starts in the square, in model pixels.
+    oy: f64,
+    ox: f64,
+}
+
+impl Fit {
+    /// `spacing` is (row, col) in mm; unknown (NaN) means square pixels.
+    pub fn new(h: usize, w: usize, spacing: (f64, f64), size: usize) -> Self {
+        let (sr, sc) = if spacing.0.is_finite() && spacing.1.is_finite() && spacing.0 > 0.0 && spacing.1 > 0.0 { spacing } else { (1.0, 1.0) };
+        let (ph, pw) = (h as f64 * sr, w as f64 * sc);
+        if (ph - pw).abs() <= 1e-6 * ph.max(pw) {
+            return Fit { h, w, size, sy: h as f64 / size as f64, sx: w as f64 / size as f64, oy: 0.0, ox: 0.0 };
+        }
+        let per_pixel = ph.max(pw) / size as f64;
+        let (sy, sx) = (per_pixel / sr, per_pixel / sc);
+        Fit { h, w, size, sy, sx, oy: (size as f64 - h as f64 / sy) / 2.0, ox: (size as f64 - w as f64 / sx) / 2.0 }
+    }
+
+    /// The square field of view: a plain resize, no padding.
+    pub fn is_stretch(&self) -> bool {
+        self.oy == 0.0 && self.ox == 0.0
+    }
+
+    /// Source coordinate (pixel centres) of model pixel `i` along rows, or columns.
+    fn src(&self, i: usize, rows: bool) -> f64 {
+        let (s, o) = if rows { (self.sy, self.oy) } else { (self.sx, self.ox) };
+        (i as f64 + 0.5 - o) * s - 0.5
+    }
+
+    /// Model-grid coordinate of source pixel `i` (the inverse of `src`).
+    fn grid(&self, i: usize, rows: bool) -> f64 {
+        let (s, o) = if rows { (self.sy, self.oy) } else { (self.sx, self.ox) };
+        (i as f64 + 0.5) / s + o - 0.5
+    }
+}
+
+/// Bilinear resize of `map(src)` (values in [0, 1]) into `out` (size²) as
+/// `fit` places it, padding 0.
+pub fn fit_map_into_u8<T: Copy>(src: &[T], map: impl Fn(T) -> f32, fit: &Fit, out: &mut [u8]) {
+    if fit.is_stretch() {
+        return bilinear_map_into_u8(src, map, fit.h, fit.w, out, fit.size);
+    }
+    let (h, w, n) = (fit.h, fit.w, fit.size);
+    let inside = |f: f64, len: usize| f >= -0.5 && f <= len as f64 - 0.5;
+    let tap = |f: f64, len: usize| {
+        let f = f.clamp(0.0, (len - 1) as f64);
+        let i0 = f as usize;
+        (i0, (i0 + 1).min(len - 1), (f - i0 as f64) as f32)
+    };
+    for y in 0..n {
+        let fy = fit.src(y, true);
+        for x in 0..n {
+            let fx = fit.src(x, false);
+            out[y * n + x] = if inside(fy, h) && inside(fx, w) {
+                let ((y0, y1, wy), (x0, x1, wx)) = (tap(fy, h), tap(fx, w));
+                let v = |yy: usize, xx: usize| map(src[yy * w + xx]);
+                let (t0, t1) = (v(y0, x0) + (v(y1, x0) - v(y0, x0)) * wy, v(y0, x1) + (v(y1, x1) - v(y0, x1)) * wy);
+                ((t0 + (t1 - t0) * wx) * 255.0 + 0.5).clamp(0.0, 255.0) as u8
+            } else {
+                0
+            };
+        }
+    }
+}
+
+/// Nearest-neighbour resize of a mask into `out` (size²) as `fit` places it.
+pub fn fit_nearest_into(src: &[u8], fit: &Fit, out: &mut [u8]) {
+    if fit.is_stretch() {
+        return nearest_into(src, fit.h, fit.w, out, fit.size);
+    }
+    let n = fit.size;
+    let pick = |f: f64, len: usize| (f >= -0.5 && f <= len as f64 - 0.5).then(|| ((f + 0.5) as usize).min(len - 1));
+    for y in 0..n {
+        let sy = pick(fit.src(y, true), fit.h);
+        for x in 0..n {
+            out[y * n + x] = match (sy, pick(fit.src(x, false), fit.w)) {
+                (Some(yy), Some(xx)) => src[yy * fit.w + xx],
+                _ => 0,
+            };
+        }
+    }
+}
+
+/// Values on the model's grid (size², e.g. liver probabilities) back on
+/// the slice's own h×w grid: bilinear, align_corners=False (torch's
+/// interpolate when the field of view is square), clamped at the edges.
+pub fn unfit_bilinear(grid: &[f32], fit: &Fit) -> Vec<f32> {
+    let n = fit.size;
+    let tap = |i: usize, rows: bool| {
+        let f = fit.grid(i, rows).clamp(0.0, (n - 1) as f64);
+        let i0 = f as usize;
+        (i0, (i0 + 1).min(n - 1), (f - i0 as f64) as f32)
+    };
+    let xs: Vec<(usize, usize, f32)> = (0..fit.w).map(|x| tap(x, false)).collect();
+    let mut out = Vec::with_capacity(fit.h * fit.w);
+    for y in 0..fit.h {
+        let (y0, y1, wy) = tap(y, true);
+        let (r0, r1) = (&grid[y0 * n..(y0 + 1) * n], &grid[y1 * n..(y1 + 1) * n]);
+        out.extend(xs.iter().map(|&(x0, x1, wx)| {
+            let (t0, t1) = (r0[x0] + (r1[x0] - r0[x0]) * wy, r0[x1] + (r1[x1] - r0[x1]) * wy);
+            t0 + (t1 - t0) * wx
+        }));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_wide_slice_is_letterboxed_and_comes_back() {
+        use super::*;
+        // 4 rows × 8 columns of square pixels in a 16² square: rows 4..12.
+        let src: Vec<f32> = (0..32).map(|i| if i % 8 < 4 { 1.0 } else { 0.5 }).collect();
+        let fit = Fit::new(4, 8, (1.0, 1.0), 16);
+        assert!(!fit.is_stretch());
+        let mut out = vec![0u8; 256];
+        fit_map_into_u8(&src, |v| v, &fit, &mut out);
+        for y in 0..16 {
+            let padding = !(4..12).contains(&y);
+            assert_eq!(out[y * 16..(y + 1) * 16].iter().all(|&v| v == 0), padding, "row {y}");
+        }
+        assert_eq!((out[8 * 16], out[8 * 16 + 15]), (255, 128));
+        // Anisotropic pixels: 8×8 at (2, 1) mm is 16 mm tall, 8 mm wide.
+        let tall = Fit::new(8, 8, (2.0, 1.0), 16);
+        let mut m = vec![0u8; 256];
+        fit_nearest_into(&vec![1u8; 64], &tall, &mut m);
+        assert_eq!(m.iter().filter(|&&v| v == 1).count(), 16 * 8, "the full height, half the width");
+        // Back to the slice's own grid, values land where they came from.
+        let back = unfit_bilinear(&out.iter().map(|&v| f32::from(v) / 255.0).collect::<Vec<_>>(), &fit);
+        assert_eq!(back.len(), 32);
+        assert!((back[0] - 1.0).abs() < 1e-6 && (back[7] - 128.0 / 255.0).abs() < 0.01, "{back:?}");
+        // A square field of view is the plain resize, and its inverse torch's.
+        let sq = Fit::new(96, 96, (f64::NAN, f64::NAN), 64);
+        assert!(sq.is_stretch());
+    }
+
     #[test]
     fn identity_and_constant() {
         let src: Vec<f32> = (0..16).map(|v| v as f32).collect();
@@ -229,4 +384,3 @@ mod against_reference {
         }
     }
 }
-

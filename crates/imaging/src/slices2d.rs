@@ -77,7 +77,6 @@ fn open_any(path: &Path, bytes: Vec<u8>) -> Result<image::DynamicImage> {
         .with_context(|| format!("{}: not a decodable PNG/JPEG image (truncated or corrupt?)", path.display()))
 }
 
-
 pub fn read_pair(image_path: &Path, mask_path: &Path, rule: MaskRule) -> Result<Pair> {
     let (mut image, mut mask) = (Vec::new(), Vec::new());
     let read = |p: &Path| std::fs::read(p).with_context(|| format!("{}: cannot read", p.display()));
@@ -88,7 +87,15 @@ pub fn read_pair(image_path: &Path, mask_path: &Path, rule: MaskRule) -> Result<
 /// `read_pair`, appending the image to `image` and the binary mask to `mask`
 /// (`scratch` holds the mask's grey values); on error neither is extended.
 /// `read` gives a file's bytes.
-pub fn read_pair_into(image_path: &Path, mask_path: &Path, rule: MaskRule, read: &dyn Fn(&Path) -> Result<Vec<u8>>, image: &mut Vec<u8>, mask: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Result<(usize, usize)> {
+pub fn read_pair_into(
+    image_path: &Path,
+    mask_path: &Path,
+    rule: MaskRule,
+    read: &dyn Fn(&Path) -> Result<Vec<u8>>,
+    image: &mut Vec<u8>,
+    mask: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+) -> Result<(usize, usize)> {
     let start = image.len();
     let (h, w) = grey_from_bytes(image_path, read(image_path)?, image)?;
     let (mh, mw) = match rule {

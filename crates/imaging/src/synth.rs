@@ -69,9 +69,8 @@ pub fn phantom(seed: u64, case: u64, size: usize, slices: usize) -> Phantom {
     let ivc = Blob::ellipse(-0.12, 0.26, 0.05, 0.04);
     let spine = Blob::ellipse(0.0, 0.5, 0.1, 0.1);
     let marrow = Blob::ellipse(0.0, 0.5, 0.07, 0.07);
-    let tumours: Vec<(Blob, f64)> = (0..rng.below(3))
-        .map(|_| (Blob::ellipse(liver.cx + rng.range(-0.12, 0.12), liver.cy + rng.range(-0.1, 0.1), rng.range(0.03, 0.08), rng.range(0.03, 0.08)), rng.range(-45.0, -20.0)))
-        .collect();
+    let tumours: Vec<(Blob, f64)> =
+        (0..rng.below(3)).map(|_| (Blob::ellipse(liver.cx + rng.range(-0.12, 0.12), liver.cy + rng.range(-0.1, 0.1), rng.range(0.03, 0.08), rng.range(0.03, 0.08)), rng.range(-45.0, -20.0))).collect();
     let liver_hu = rng.range(50.0, 70.0);
     let spleen_hu = liver_hu + rng.range(-15.0, 10.0);
     let kidney_hu = liver_hu + rng.range(-25.0, 5.0);

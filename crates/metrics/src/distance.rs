@@ -21,7 +21,9 @@ pub fn surface(mask: &[u8], dims: [usize; 3]) -> Vec<bool> {
                     continue;
                 }
                 let outside = |n: usize, i: usize| n > 1 && (i == 0 || i == n - 1);
-                let edge = outside(nz, z) || outside(ny, y) || outside(nx, x)
+                let edge = outside(nz, z)
+                    || outside(ny, y)
+                    || outside(nx, x)
                     || (nz > 1 && (!at(z - 1, y, x) || !at(z + 1, y, x)))
                     || (ny > 1 && (!at(z, y - 1, x) || !at(z, y + 1, x)))
                     || (nx > 1 && (!at(z, y, x - 1) || !at(z, y, x + 1)));

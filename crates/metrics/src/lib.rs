@@ -26,7 +26,11 @@ pub struct Confusion {
 }
 
 fn ratio(num: u64, den: u64) -> f64 {
-    if den == 0 { f64::NAN } else { num as f64 / den as f64 }
+    if den == 0 {
+        f64::NAN
+    } else {
+        num as f64 / den as f64
+    }
 }
 
 impl Confusion {
@@ -99,7 +103,11 @@ impl Confusion {
 /// The mean of the finite values (NaN when there are none).
 pub fn nan_mean(values: &[f64]) -> f64 {
     let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
-    if finite.is_empty() { f64::NAN } else { finite.iter().sum::<f64>() / finite.len() as f64 }
+    if finite.is_empty() {
+        f64::NAN
+    } else {
+        finite.iter().sum::<f64>() / finite.len() as f64
+    }
 }
 
 /// How a case's HD95 was obtained.
@@ -132,7 +140,11 @@ pub fn hd95(pred: &[u8], truth: &[u8], dims: [usize; 3], spacing: [f64; 3]) -> H
     // changes no surface and no distance).
     for k in 0..3 {
         if dims[k] > 1 && hi[k] - lo[k] == 1 {
-            if hi[k] < dims[k] { hi[k] += 1 } else { lo[k] -= 1 }
+            if hi[k] < dims[k] {
+                hi[k] += 1
+            } else {
+                lo[k] -= 1
+            }
         }
     }
     let cdims = [hi[0] - lo[0], hi[1] - lo[1], hi[2] - lo[2]];
@@ -280,9 +292,7 @@ pub fn bootstrap_ci(values: &[f64], resamples: usize, seed: u64) -> (f64, f64) {
         return (f64::NAN, f64::NAN);
     }
     let mut rng = liverseg_rng::Rng::new(seed);
-    let means: Vec<f64> = (0..resamples)
-        .map(|_| (0..values.len()).map(|_| values[rng.below(values.len())]).sum::<f64>() / values.len() as f64)
-        .collect();
+    let means: Vec<f64> = (0..resamples).map(|_| (0..values.len()).map(|_| values[rng.below(values.len())]).sum::<f64>() / values.len() as f64).collect();
     (percentile(&means, 2.5), percentile(&means, 97.5))
 }
 

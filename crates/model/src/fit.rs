@@ -22,7 +22,18 @@ pub struct EpochStats {
 /// One training epoch over `order` (batches assembled on another thread),
 /// calling `on_batch` after each step.
 #[allow(clippy::too_many_arguments)]
-pub fn train_epoch(model: &SegmentationModel, opt: &mut Optimizer, set: Arc<SliceSet>, order: Vec<usize>, batch: usize, device: Device, loss_kind: Loss, bf16: bool, flip_seed: Option<u64>, on_batch: &mut dyn FnMut()) -> EpochStats {
+pub fn train_epoch(
+    model: &SegmentationModel,
+    opt: &mut Optimizer,
+    set: Arc<SliceSet>,
+    order: Vec<usize>,
+    batch: usize,
+    device: Device,
+    loss_kind: Loss,
+    bf16: bool,
+    flip_seed: Option<u64>,
+    on_batch: &mut dyn FnMut(),
+) -> EpochStats {
     let (mut loss_sum, mut seen, mut conf) = (0.0, 0usize, Confusion::default());
     for b in batches(set, order, batch, true, flip_seed) {
         let x = b.x.to_device(device);
@@ -101,47 +112,100 @@ pub fn predict_u8(net: &SegmentationModel, images: &[u8], masks: Option<&[u8]>, 
     Ok((out, loss_sum / n.max(1) as f64))
 }
 
-/// A model's masks for a stack of slices: at the input's own resolution and
-/// at the model's grid, with the cross-entropy on the model's grid.
-pub struct Segmented {
-    /// [n, h, w]: liver probabilities resampled to the input's resolution
-    /// (bilinear, align_corners=False, as torch's interpolate) and thresholded at 0.5.
-    pub full: Vec<u8>,
-    /// [n, S, S]: argmax on the model's grid.
-    pub grid: Vec<u8>,
-    /// Mean cross-entropy of each slice against `grid_masks`, summed over slices.
+/// Liver probabilities on the model's grid for a stack of slices, and the
+/// cross-entropy of the first model's plain prediction.
+pub struct Probabilities {
+    /// [n, S, S].
+    pub liver: Vec<f32>,
+    /// Mean cross-entropy of each slice against the masks, summed over slices
+    /// (the first model, no flips; 0 without masks).
     pub loss_sum: f64,
 }
 
-/// Segment `images` ([n, S, S] u8, scaled by /255) and bring the liver
-/// probabilities back to `(h, w)`, the slices' original size.
-#[allow(clippy::too_many_arguments)]
-pub fn segment(net: &SegmentationModel, images: &[u8], grid_masks: &[u8], n: usize, size: usize, (h, w): (usize, usize), batch: usize, device: Device) -> Result<Segmented> {
+/// The flips of test-time mirroring: none, left-right, up-down, both (the
+/// image axes of [N, C, H, W]).
+const FLIPS: [&[i64]; 4] = [&[], &[3], &[2], &[2, 3]];
+
+/// How to run inference: batch size, device, test-time mirroring, and the
+/// floating-point kind of the inputs (that of the nets' weights).
+#[derive(Debug, Clone, Copy)]
+pub struct Inference {
+    pub batch: usize,
+    pub device: Device,
+    pub mirror: bool,
+    /// `Kind::Float`, or `Kind::BFloat16` for nets cast by [`for_inference`].
+    pub kind: Kind,
+    /// Inputs in channels-last layout (for nets prepared by [`for_inference`]).
+    pub channels_last: bool,
+}
+
+impl Inference {
+    /// fp32 on `device`.
+    pub fn fp32(batch: usize, device: Device, mirror: bool) -> Self {
+        Inference { batch, device, mirror, kind: Kind::Float, channels_last: false }
+    }
+}
+
+/// Prepare a net's weights for inference in `kind`: cast (bf16 uses the
+/// CPU's AVX-512 BF16/AMX kernels) and, for 4-D convolution weights, stored
+/// channels-last, which oneDNN runs without reordering.
+pub fn for_inference(vs: &mut nn::VarStore, kind: Kind) {
+    if kind != Kind::Float {
+        vs.set_kind(kind);
+    }
+    for (_, mut w) in vs.variables() {
+        if w.dim() == 4 {
+            tch::no_grad(|| w.set_data(&channels_last(&w)));
+        }
+    }
+}
+
+/// The same values with NHWC strides (PyTorch's channels_last memory format).
+fn channels_last(t: &Tensor) -> Tensor {
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
+/// Liver probabilities of `images` ([n, S, S] u8, scaled by /255): the
+/// softmax averaged over `nets` (an ensemble) and, with `mirror`, over the
+/// four flips of every slice, each flipped back first (nnU-Net's
+/// test-time mirroring). With `masks`, the first net's plain cross-entropy.
+pub fn liver_probabilities(nets: &[&SegmentationModel], images: &[u8], masks: Option<&[u8]>, n: usize, size: usize, how: &Inference) -> Result<Probabilities> {
     let px = size * size;
-    let mut out = Segmented { full: Vec::with_capacity(n * h * w), grid: Vec::with_capacity(n * px), loss_sum: 0.0 };
+    let (batch, device) = (how.batch.max(1), how.device);
+    let mut out = Probabilities { liver: Vec::with_capacity(n * px), loss_sum: 0.0 };
+    let flips = if how.mirror { &FLIPS[..] } else { &FLIPS[..1] };
     tch::no_grad(|| -> Result<()> {
-        for start in (0..n).step_by(batch.max(1)) {
+        for start in (0..n).step_by(batch) {
             let end = (start + batch).min(n);
             let b = (end - start) as i64;
-            let x = to_input(&images[start * px..end * px], end - start, size, device);
-            let y = Tensor::from_slice(&grid_masks[start * px..end * px]).view([b, size as i64, size as i64]).to_kind(Kind::Int64).to_device(device);
-            let logits = net.forward(&x, false).to_kind(Kind::Float);
-            out.loss_sum += logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0).double_value(&[]) * b as f64;
-            let grid = logits.argmax(1, false).to_kind(Kind::Uint8).to_device(Device::Cpu).flatten(0, -1);
-            out.grid.extend(Vec::<u8>::try_from(&grid).map_err(|e| anyhow!("{e}"))?);
-            let full = to_original_grid(&logits.softmax(1, Kind::Float).narrow(1, 1, 1), (h, w)).to_device(Device::Cpu).flatten(0, -1);
-            out.full.extend(Vec::<u8>::try_from(&full).map_err(|e| anyhow!("{e}"))?);
+            let mut x = to_input(&images[start * px..end * px], end - start, size, device);
+            if how.kind != Kind::Float {
+                x = x.to_kind(how.kind);
+            }
+            if how.channels_last {
+                x = channels_last(&x);
+            }
+            let mut sum = Tensor::zeros([b, size as i64, size as i64], (Kind::Float, device));
+            for (k, net) in nets.iter().enumerate() {
+                for (f, dims) in flips.iter().enumerate() {
+                    let xf = if dims.is_empty() { x.shallow_clone() } else { x.flip(*dims) };
+                    let mut logits = net.forward(&xf, false).to_kind(Kind::Float);
+                    if !dims.is_empty() {
+                        logits = logits.flip(*dims);
+                    }
+                    if let (Some(masks), 0, 0) = (masks, k, f) {
+                        let y = Tensor::from_slice(&masks[start * px..end * px]).view([b, size as i64, size as i64]).to_kind(Kind::Int64).to_device(device);
+                        out.loss_sum += logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0).double_value(&[]) * b as f64;
+                    }
+                    sum += logits.softmax(1, Kind::Float).select(1, 1);
+                }
+            }
+            let mean = (sum / (nets.len() * flips.len()) as f64).to_device(Device::Cpu).flatten(0, -1);
+            out.liver.extend(Vec::<f32>::try_from(&mean).map_err(|e| anyhow!("{e}"))?);
         }
         Ok(())
     })?;
     Ok(out)
-}
-
-/// Liver probabilities [b, 1, S, S] as masks [b, h, w] on the original grid:
-/// bilinear resampling (align_corners=False, as torch's interpolate and
-/// nnU-Net's export), then a threshold at 0.5.
-pub fn to_original_grid(liver: &Tensor, (h, w): (usize, usize)) -> Tensor {
-    liver.upsample_bilinear2d([h as i64, w as i64], false, None, None).squeeze_dim(1).gt(0.5).to_kind(Kind::Uint8)
 }
 
 /// Liver-class Grad-CAM maps of `images` ([n, size, size] u8), as u8 (255 = the image's maximum).
@@ -190,21 +254,38 @@ pub fn speed(size: i64, batch: i64, steps: usize) -> Result<(f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use liverseg_recipe::{Arch, Encoder};
 
-    /// A 2×2 block of certain liver in a 4×4 probability map lands on the
-    /// block's footprint at the original size, whatever the aspect.
+    fn net(vs: &nn::VarStore) -> SegmentationModel {
+        SegmentationModel::new(&vs.root(), &ModelSpec { arch: Arch::Resnet, encoder: Encoder::Resnet18, in_channels: 1, classes: 2 }).unwrap()
+    }
+
+    /// Mirroring averages the predictions of the flipped inputs, each flipped
+    /// back; an ensemble of a model with itself is the model.
     #[test]
-    fn probabilities_are_resampled_to_the_original_grid() {
-        let mut p = vec![0f32; 16];
-        for (r, c) in [(1, 1), (1, 2), (2, 1), (2, 2)] {
-            p[r * 4 + c] = 1.0;
-        }
-        let probs = Tensor::from_slice(&p).view([1, 1, 4, 4]);
-        let mask = |h: usize, w: usize| -> Vec<u8> { Vec::try_from(to_original_grid(&probs, (h, w)).flatten(0, -1)).unwrap() };
-        let expect = |h: usize, w: usize, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| -> Vec<u8> { (0..h * w).map(|i| u8::from(rows.contains(&(i / w)) && cols.contains(&(i % w)))).collect() };
-        assert_eq!(mask(8, 8), expect(8, 8, 2..6, 2..6));
-        assert_eq!(mask(12, 4), expect(12, 4, 3..9, 1..3), "non-square: rows ×3, columns ×1");
-        let uniform = Tensor::full([1, 1, 4, 4], 0.7, (Kind::Float, Device::Cpu));
-        assert!(Vec::<u8>::try_from(to_original_grid(&uniform, (5, 7)).flatten(0, -1)).unwrap().iter().all(|&v| v == 1));
+    fn mirroring_and_ensembles() {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = net(&vs);
+        let images: Vec<u8> = (0..2 * 32 * 32).map(|i| (i * 37 % 251) as u8).collect();
+        let plain = liver_probabilities(&[&m], &images, None, 2, 32, &Inference::fp32(2, Device::Cpu, false)).unwrap().liver;
+        let mirrored = liver_probabilities(&[&m], &images, None, 2, 32, &Inference::fp32(2, Device::Cpu, true)).unwrap().liver;
+        // By hand: the mean of the four flipped predictions, flipped back.
+        let x = to_input(&images, 2, 32, Device::Cpu);
+        let by_hand = tch::no_grad(|| {
+            let sum = FLIPS.iter().fold(Tensor::zeros([2, 32, 32], (Kind::Float, Device::Cpu)), |acc, d| {
+                let xf = if d.is_empty() { x.shallow_clone() } else { x.flip(*d) };
+                let p = m.forward(&xf, false).softmax(1, Kind::Float).select(1, 1);
+                // On [N, H, W] the image axes are one lower.
+                let back: Vec<i64> = d.iter().map(|a| a - 1).collect();
+                acc + if d.is_empty() { p } else { p.flip(&back) }
+            });
+            sum / 4.0
+        });
+        let by_hand: Vec<f32> = Vec::try_from(by_hand.flatten(0, -1)).unwrap();
+        assert!(mirrored.iter().zip(&by_hand).all(|(a, b)| (a - b).abs() < 1e-5));
+        assert!(plain.iter().zip(&mirrored).any(|(a, b)| (a - b).abs() > 1e-4), "mirroring changed nothing");
+        let twice = liver_probabilities(&[&m, &m], &images, None, 2, 32, &Inference::fp32(2, Device::Cpu, false)).unwrap().liver;
+        assert!(plain.iter().zip(&twice).all(|(a, b)| (a - b).abs() < 1e-6), "an ensemble of a model with itself is the model");
     }
 }

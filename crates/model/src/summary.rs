@@ -42,7 +42,9 @@ pub fn block_of(name: &str) -> String {
     let parts: Vec<&str> = name.split('.').collect();
     match parts.as_slice() {
         ["encoder", "conv1" | "bn1", ..] => "encoder.stem".into(),
-        ["encoder", layer, idx, ..] if layer.starts_with("layer") => format!("encoder.{layer}.{idx}"),
+        ["encoder", layer, idx, ..] if layer.starts_with("layer") => {
+            format!("encoder.{layer}.{idx}")
+        }
         ["decoder", "aspp", "0", "convs", i, ..] => format!("decoder.aspp.0.convs.{i}"),
         ["decoder", "aspp", "0", "project", ..] => "decoder.aspp.0.project".into(),
         ["decoder", "aspp", "1" | "2", ..] => "decoder.aspp.1-2 (sep conv)".into(),

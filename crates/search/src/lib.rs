@@ -6,16 +6,22 @@
 mod gp;
 pub use gp::GpSampler;
 
-use liverseg_rng::Rng;
 use anyhow::{bail, Result};
+use liverseg_rng::Rng;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Dim {
     /// Uniform on log scale in [low, high].
-    LogUniform { low: f64, high: f64 },
-    Uniform { low: f64, high: f64 },
+    LogUniform {
+        low: f64,
+        high: f64,
+    },
+    Uniform {
+        low: f64,
+        high: f64,
+    },
     Choice(Vec<Value>),
 }
 
@@ -65,7 +71,9 @@ impl Space {
                     }
                     Dim::Choice(a.clone())
                 }
-                other => bail!("{place}: unknown dimension `{other}` (log_uniform, uniform, choice)"),
+                other => {
+                    bail!("{place}: unknown dimension `{other}` (log_uniform, uniform, choice)")
+                }
             };
             out.insert(name.clone(), dim);
         }
@@ -200,7 +208,11 @@ impl Sampler for TpeSampler {
                 let pick = &good[self.rng.below(good.len())].0[k];
                 let v = match d {
                     Dim::Choice(c) => {
-                        if self.rng.f64() < 0.2 { c[self.rng.below(c.len())].clone() } else { pick.clone() }
+                        if self.rng.f64() < 0.2 {
+                            c[self.rng.below(c.len())].clone()
+                        } else {
+                            pick.clone()
+                        }
                     }
                     _ => {
                         let g: Vec<&Value> = good.iter().map(|p| &p.0[k]).collect();

@@ -9,6 +9,7 @@ macro_rules! say {
     }};
 }
 
+mod inputs;
 mod predict;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -19,7 +20,9 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 const USAGE: &str = "usage: liverseg-torch stage REQUEST.json
-       liverseg-torch predict --model DIR --input FILE_OR_DIR --output OUT [--device D]
+       liverseg-torch predict --model DIR [--model DIR]... --input FILE_OR_DIR --output DIR
+             [--format nifti|dicom-seg] [--probabilities] [--no-mirror] [--no-largest-component]
+             [--device auto|cpu|cuda] [--precision fp32|bf16] [--batch N] [--force]
        liverseg-torch model summary|names [--arch A] [--encoder E] [--in-channels N] [--classes N] [--size S]
        liverseg-torch bench-train [--size S] [--batch B] [--steps N]";
 
@@ -65,9 +68,7 @@ fn real_main(args: &[OsString]) -> Result<()> {
     match command {
         Some("stage") => stage(args.get(1).ok_or_else(|| anyhow!("{USAGE}"))?),
         Some("predict") => {
-            let path = |n: &str| flag(args, n).map(PathBuf::from).ok_or_else(|| anyhow!("predict needs {n}"));
-            let device = liverseg_model::device_for(parsed::<Device>(args, "--device", "auto")?)?;
-            for f in predict::predict(&path("--model")?, &path("--input")?, &path("--output")?, device)? {
+            for f in predict::predict(&predict_options(args)?)? {
                 say!("wrote {}", f.display());
             }
             Ok(())
@@ -82,6 +83,43 @@ fn real_main(args: &[OsString]) -> Result<()> {
         Some("model") => model(args),
         _ => bail!("{USAGE}"),
     }
+}
+
+/// Every value given after `--name` (a repeatable option).
+fn all_flags(args: &[OsString], name: &str) -> Vec<OsString> {
+    args.windows(2).filter(|w| w[0] == name).map(|w| w[1].clone()).collect()
+}
+
+fn predict_options(args: &[OsString]) -> Result<predict::Options> {
+    let path = |n: &str| flag(args, n).map(PathBuf::from).ok_or_else(|| anyhow!("predict needs {n}\n{USAGE}"));
+    let has = |n: &str| args.iter().any(|a| a == n);
+    let models: Vec<PathBuf> = all_flags(args, "--model").into_iter().map(PathBuf::from).collect();
+    if models.is_empty() {
+        bail!("predict needs --model\n{USAGE}");
+    }
+    let bf16 = match text(args, "--precision", "fp32")?.as_str() {
+        "fp32" => false,
+        "bf16" => true,
+        other => bail!("--precision {other}: expected fp32 or bf16"),
+    };
+    let dicom_seg = match text(args, "--format", "nifti")?.as_str() {
+        "nifti" => false,
+        "dicom-seg" => true,
+        other => bail!("--format {other}: expected nifti or dicom-seg"),
+    };
+    Ok(predict::Options {
+        models,
+        input: path("--input")?,
+        output: path("--output")?,
+        dicom_seg,
+        probabilities: has("--probabilities"),
+        mirror: !has("--no-mirror"),
+        largest_component: !has("--no-largest-component"),
+        device: liverseg_model::device_for(parsed::<Device>(args, "--device", "auto")?)?,
+        bf16,
+        force: has("--force"),
+        batch: parsed::<usize>(args, "--batch", "8")?.max(1),
+    })
 }
 
 /// Run one stage request: the stage named in it, from the registry.

@@ -1,79 +1,256 @@
-//! `predict`: masks for new scans with a trained model, preprocessed exactly
-//! as the model's lineage says (window, resolution), written in formats
-//! viewers open: NIfTI with the input's geometry, or PNG.
+//! `predict`: liver masks for new scans, as nnU-Net users expect them. Inputs
+//! are found by content (NIfTI, DICOM series by SeriesInstanceUID, PNG/JPEG;
+//! a folder of any mix), all checked before inference; each case is
+//! preprocessed exactly as the models' lineage says, segmented by one model
+//! or an ensemble (softmax averaged) with test-time mirroring, resampled back
+//! to its own grid (bilinear on the probabilities), reduced to its largest
+//! connected component, and written beside its source's geometry: NIfTI,
+//! PNG, or a DICOM Segmentation object.
 
+use crate::inputs::{self, Case, Scan};
 use anyhow::{bail, Context, Result};
-use liverseg_imaging::{dicom, nifti, resize, slices2d, Volume};
+use liverseg_imaging::components::keep_largest;
+use liverseg_imaging::resize::{unfit_bilinear, Fit};
+use liverseg_imaging::{dicom, dicom_seg, nifti, Volume};
+use liverseg_model::{fit as infer, SegmentationModel};
 use liverseg_stages::evaluate::measure::{load_model, Loaded};
 use liverseg_stages::normalise::scaled_resize;
+use liverseg_stages::train::ModelCard;
 use std::path::{Path, PathBuf};
 
-/// The model folder (model.safetensors + model.json) for a folder or file.
+/// What the user asked for.
+pub struct Options {
+    pub models: Vec<PathBuf>,
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub dicom_seg: bool,
+    pub probabilities: bool,
+    pub mirror: bool,
+    pub largest_component: bool,
+    pub device: tch::Device,
+    pub bf16: bool,
+    pub force: bool,
+    pub batch: usize,
+}
+
+/// The model folder (model.safetensors, and model.json or the card in the
+/// weights' metadata) for a folder or a weights file.
 fn model_dir(model: &Path) -> Result<PathBuf> {
+    if !model.exists() {
+        bail!("no model at {}", model.display());
+    }
     let dir = if model.is_dir() { model.to_path_buf() } else { model.parent().map(Path::to_path_buf).unwrap_or_default() };
-    if !dir.join("model.safetensors").is_file() || !dir.join("model.json").is_file() {
-        bail!("{}: expected a trained model (model.safetensors with model.json beside it)", model.display());
+    if !dir.join("model.safetensors").is_file() {
+        bail!("no model at {} (no model.safetensors there)", model.display());
     }
     Ok(dir)
 }
 
-/// Predict every axial slice of a volume in HU; returns a 0/1 mask on its grid.
-fn predict_volume(m: &Loaded, vol: &Volume, device: tch::Device) -> Result<Vec<u8>> {
-    let ((rows, cols), _) = vol.slice_shape();
-    let size = m.card.size as usize;
-    let window = (m.card.window[0] as f32, m.card.window[1] as f32);
+pub fn predict(o: &Options) -> Result<Vec<PathBuf>> {
+    let mut models: Vec<Loaded> = o.models.iter().enumerate().map(|(i, m)| load_model(&format!("model{i}"), &model_dir(m)?, o.device)).collect::<Result<_>>()?;
+    let card = same_preprocessing(&models)?;
+    let cases = checked_cases(o, &card)?;
+    std::fs::create_dir_all(&o.output).with_context(|| format!("cannot create the output folder {}", o.output.display()))?;
+    let kind = if o.bf16 { tch::Kind::BFloat16 } else { tch::Kind::Float };
+    models.iter_mut().for_each(|m| m.for_inference(kind));
+    let nets: Vec<&SegmentationModel> = models.iter().map(|m| &m.net).collect();
+    let mut written = Vec::new();
+    for (case, scan) in cases {
+        let scan = match scan {
+            Some(scan) => scan,
+            None => inputs::read(&case)?,
+        };
+        written.extend(segment_case(o, &nets, &card, &case, scan)?);
+    }
+    Ok(written)
+}
+
+/// An ensemble's models must prepare their inputs alike.
+fn same_preprocessing(models: &[Loaded]) -> Result<ModelCard> {
+    let first = &models.first().context("predict needs at least one --model")?.card;
+    for m in &models[1..] {
+        let c = &m.card;
+        if (c.size, &c.window, c.minmax_8bit, &c.unit) != (first.size, &first.window, first.minmax_8bit, &first.unit) {
+            bail!("the models of an ensemble must share their preprocessing: {}² window {:?} ({}) against {}² window {:?} ({})", first.size, first.window, first.unit, c.size, c.window, c.unit);
+        }
+    }
+    Ok(first.clone())
+}
+
+/// Every case found and read through, its unit checked and its output name
+/// free: all problems at once, before anything is written.
+fn checked_cases(o: &Options, card: &ModelCard) -> Result<Vec<(Case, Option<Scan>)>> {
+    let (cases, mut problems) = inputs::discover(&o.input)?;
+    let mut names = std::collections::BTreeSet::new();
+    let mut checked = Vec::with_capacity(cases.len());
+    let mut kept_bytes = 0;
+    for case in cases {
+        // Scans read here are kept for inference, up to a memory budget, so
+        // that a single volume is not decompressed twice.
+        match inputs::read(&case) {
+            Ok(scan) if kept_bytes + scan.bytes() <= KEEP_SCANS_BYTES => {
+                kept_bytes += scan.bytes();
+                checked.push((case, Some(scan)));
+            }
+            Ok(_) => checked.push((case, None)),
+            Err(e) => {
+                problems.push(format!("{e:#}"));
+                continue;
+            }
+        }
+        let case = &checked.last().expect("just pushed").0;
+        let unit = if case.is_image() { "8bit" } else { "HU" };
+        if unit != card.unit {
+            let msg = format!("{}: {unit} input, but the model was trained on {} input", case_path(case).display(), card.unit);
+            if o.force {
+                eprintln!("warning: {msg}; predicting anyway (--force)");
+            } else {
+                problems.push(format!("{msg} (--force predicts anyway)"));
+            }
+        }
+        if o.dicom_seg && !matches!(case, Case::Dicom { .. }) {
+            problems.push(format!("{}: --format dicom-seg needs a DICOM series as input", case_path(case).display()));
+        }
+        if !names.insert(case.name()) {
+            problems.push(format!("{}: a second case named {}; give the cases distinct names", case_path(case).display(), case.name()));
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{} problem(s) in {}; nothing was predicted or written:\n  {}", problems.len(), o.input.display(), problems.join("\n  "));
+    }
+    Ok(checked)
+}
+
+/// How much of the scans read while checking is kept for inference.
+const KEEP_SCANS_BYTES: usize = 2 << 30;
+
+fn case_path(case: &Case) -> PathBuf {
+    match case {
+        Case::Nifti(p) | Case::Image(p) => p.clone(),
+        Case::Dicom { files, .. } => files[0].parent().map(Path::to_path_buf).unwrap_or_default(),
+    }
+}
+
+/// Liver probabilities of stacked slices, each fitted into the models'
+/// square, back on their own grid; and the thresholded mask.
+fn segment_slices(o: &Options, nets: &[&SegmentationModel], card: &ModelCard, images: &[u8], fit: &Fit, n: usize, label: &str) -> Result<(Vec<f32>, Vec<u8>)> {
+    let size = card.size as usize;
+    let bar = liverseg_engine::progress::bar(n.div_ceil(o.batch) as u64, label, true);
+    let mut probs = Vec::with_capacity(n * fit.h * fit.w);
+    let kind = if o.bf16 { tch::Kind::BFloat16 } else { tch::Kind::Float };
+    let how = infer::Inference { batch: o.batch, device: o.device, mirror: o.mirror, kind, channels_last: true };
+    for start in (0..n).step_by(o.batch) {
+        let end = (start + o.batch).min(n);
+        let p = infer::liver_probabilities(nets, &images[start * size * size..end * size * size], None, end - start, size, &how)?;
+        probs.extend(p.liver.chunks_exact(size * size).flat_map(|s| unfit_bilinear(s, fit)));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let mask: Vec<u8> = probs.iter().map(|&v| u8::from(v > 0.5)).collect();
+    Ok((probs, mask))
+}
+
+/// Segment one case and write its outputs; returns the files written.
+fn segment_case(o: &Options, nets: &[&SegmentationModel], card: &ModelCard, case: &Case, scan: Scan) -> Result<Vec<PathBuf>> {
+    let name = case.name();
+    match scan {
+        Scan::Image { pixels, rows, cols } => segment_image(o, nets, card, case_path(case).as_path(), &name, (&pixels, rows, cols)),
+        Scan::Volume { volume, header, series } => {
+            let (mask, probs) = segment_volume(o, nets, card, &volume, &name)?;
+            let mut out = write_volume(o, &name, &volume, &mask, &probs, header.as_deref())?;
+            if let (true, Some(info)) = (o.dicom_seg, series) {
+                out.push(write_seg(o, card, case, &name, &volume, &info, &mask)?);
+            }
+            Ok(out)
+        }
+    }
+}
+
+fn write_seg(o: &Options, card: &ModelCard, case: &Case, name: &str, vol: &Volume, info: &dicom::SeriesInfo, mask: &[u8]) -> Result<PathBuf> {
+    let missing = dicom_seg::missing_uids(info);
+    if !missing.is_empty() {
+        eprintln!(
+            "warning: {}: the series has no {} (anonymised?); the DICOM SEG gets made-up UIDs in their place and will not file with its images in a PACS",
+            case_path(case).display(),
+            missing.join(", ")
+        );
+    }
+    let [cols, rows, _] = vol.dims;
+    let path = o.output.join(format!("{name}_liver.dcm"));
+    let seed = format!("{}/{}/{}", card.train_stage_key, name, info.slices.first().map(|s| s.sop_instance_uid.as_str()).unwrap_or(""));
+    dicom_seg::write(&dicom_seg::Seg { series: info, rows, cols, mask, seed: &seed, software: env!("CARGO_PKG_VERSION") }, &path)?;
+    Ok(path)
+}
+
+/// Every axial slice of a volume in HU; the mask and probabilities on its grid.
+fn segment_volume(o: &Options, nets: &[&SegmentationModel], card: &ModelCard, vol: &Volume, name: &str) -> Result<(Vec<u8>, Vec<f32>)> {
+    let ((rows, cols), spacing) = vol.slice_shape();
+    let size = card.size as usize;
+    let fit = Fit::new(rows, cols, spacing, size);
+    let window = (card.window[0] as f32, card.window[1] as f32);
     let n = vol.num_slices();
     let mut x = Vec::with_capacity(n * size * size);
     for k in 0..n {
-        x.extend(scaled_resize(&vol.slice(k), true, false, window, (rows, cols), size));
+        x.extend(scaled_resize(&vol.slice(k), true, false, window, &fit));
     }
-    let pred = m.predict(&x, n, size, 16, device)?;
-    let mut out = vec![0u8; vol.data.len()];
+    let (probs, mut mask) = segment_slices(o, nets, card, &x, &fit, n, name)?;
+    if o.largest_component {
+        keep_largest(&mut mask, [n, rows, cols], true);
+    }
+    // Back from [slice, row, col] to the volume's own voxel order.
+    let (mut out_mask, mut out_probs) = (vec![0u8; vol.data.len()], vec![0f32; vol.data.len()]);
+    let plane = rows * cols;
     for k in 0..n {
-        let m = resize::nearest(&pred[k * size * size..(k + 1) * size * size], size, size, rows, cols);
-        vol.put_slice(&mut out, k, &m);
+        vol.put_slice(&mut out_mask, k, &mask[k * plane..(k + 1) * plane]);
+        vol.put_slice(&mut out_probs, k, &probs[k * plane..(k + 1) * plane]);
+    }
+    Ok((out_mask, out_probs))
+}
+
+fn write_volume(o: &Options, name: &str, vol: &Volume, mask: &[u8], probs: &[f32], header: Option<&[u8]>) -> Result<Vec<PathBuf>> {
+    let path = o.output.join(format!("{name}_liver.nii.gz"));
+    nifti::write_u8_or_i16(&path, vol.dims, &vol.affine, nifti::VoxelData::U8(mask), header)?;
+    let mut out = vec![path];
+    if o.probabilities {
+        let path = o.output.join(format!("{name}_liver_prob.nii.gz"));
+        nifti::write_u8_or_i16(&path, vol.dims, &vol.affine, nifti::VoxelData::F32(probs), header)?;
+        out.push(path);
     }
     Ok(out)
 }
 
-pub fn predict(model: &Path, input: &Path, output: &Path, device: tch::Device) -> Result<Vec<PathBuf>> {
-    let m = load_model("model", &model_dir(model)?, device)?;
-    let c = &m.card;
-    let name = input.to_string_lossy();
-    let mut written = Vec::new();
-    if name.ends_with(".nii") || name.ends_with(".nii.gz") {
-        let f = nifti::read(input)?;
-        let mask = predict_volume(&m, &f.volume, device)?;
-        nifti::write_u8_or_i16(output, f.volume.dims, &f.volume.affine, nifti::VoxelData::U8(&mask), Some(&f.header))?;
-        written.push(output.to_path_buf());
-    } else if input.is_dir() && std::fs::read_dir(input)?.flatten().any(|e| e.path().extension().is_none() || e.path().extension().is_some_and(|x| x == "dcm")) && !input.join("images").is_dir() {
-        let vol = dicom::read_series(input)?;
-        let mask = predict_volume(&m, &vol, device)?;
-        nifti::write_u8_or_i16(output, vol.dims, &vol.affine, nifti::VoxelData::U8(&mask), None)?;
-        written.push(output.to_path_buf());
-    } else {
-        // PNG/JPEG: one file or a folder of them; masks as PNG (0 or 255).
-        let files: Vec<PathBuf> = if input.is_dir() {
-            let mut v: Vec<PathBuf> = std::fs::read_dir(input)?.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| ["png", "jpg", "jpeg"].contains(&x.to_string_lossy().to_lowercase().as_str()))).collect();
-            v.sort();
-            v
-        } else {
-            vec![input.to_path_buf()]
-        };
-        if files.is_empty() {
-            bail!("{}: no PNG or JPEG images", input.display());
-        }
-        std::fs::create_dir_all(output).with_context(|| format!("cannot create {}", output.display()))?;
-        let size = c.size as usize;
-        for f in files {
-            let (image, rows, cols) = slices2d::grey(&f)?;
-            let x = scaled_resize(&image, false, c.minmax_8bit, (0.0, 255.0), (rows, cols), size);
-            let pred = m.predict(&x, 1, size, 1, device)?;
-            let mask: Vec<u8> = resize::nearest(&pred, size, size, rows, cols).into_iter().map(|v| v * 255).collect();
-            let out = output.join(f.file_stem().map(|s| format!("{}.png", s.to_string_lossy())).unwrap_or_else(|| "mask.png".into()));
-            image::GrayImage::from_raw(cols as u32, rows as u32, mask).expect("sized").save(&out).with_context(|| format!("cannot write {}", out.display()))?;
-            written.push(out);
-        }
+/// A PNG or JPEG slice: a PNG mask (0 or 255) of its size.
+fn segment_image(o: &Options, nets: &[&SegmentationModel], card: &ModelCard, path: &Path, name: &str, (image, rows, cols): (&[u8], usize, usize)) -> Result<Vec<PathBuf>> {
+    let fit = Fit::new(rows, cols, (f64::NAN, f64::NAN), card.size as usize);
+    let x = scaled_resize(image, false, card.minmax_8bit, (0.0, 255.0), &fit);
+    warn_if_scaled_differently(card, &x, path);
+    let (probs, mut mask) = segment_slices(o, nets, card, &x, &fit, 1, name)?;
+    if o.largest_component {
+        keep_largest(&mut mask, [1, rows, cols], false);
+    }
+    let out = o.output.join(format!("{name}_liver.png"));
+    let png = image::GrayImage::from_raw(cols as u32, rows as u32, mask.iter().map(|v| v * 255).collect()).context("mask size")?;
+    png.save(&out).with_context(|| format!("cannot write {}", out.display()))?;
+    let mut written = vec![out];
+    if o.probabilities {
+        let p = o.output.join(format!("{name}_liver_prob.nii.gz"));
+        nifti::write_u8_or_i16(&p, [cols, rows, 1], &liverseg_imaging::scaled_identity([1.0; 3]), nifti::VoxelData::F32(&probs), None)?;
+        written.push(p);
     }
     Ok(written)
+}
+
+/// An 8-bit export whose body intensities sit elsewhere than the training
+/// data's (another window or scaling) is segmented, with a warning naming both.
+fn warn_if_scaled_differently(card: &ModelCard, input: &[u8], path: &Path) {
+    let Some(train) = &card.input_stats else {
+        return;
+    };
+    let here = liverseg_stages::train::InputStats::of(input);
+    if (here.p50 - train.p50).abs() > 30.0 || (here.p95 - train.p95).abs() > 40.0 {
+        eprintln!(
+            "warning: {}: body intensities (median {:.0}, 95th percentile {:.0} of 255) differ from the model's training data (median {:.0}, 95th percentile {:.0}); it may have another window or scaling",
+            path.display(), here.p50, here.p95, train.p50, train.p95
+        );
+    }
 }

@@ -120,7 +120,20 @@ fn check_per_case_tables(a: &Path) {
 /// The report's Table 1 is the evaluate artifact's, and every section is there.
 fn check_report(a: &Path, manifest: &liverseg_engine::store::Manifest, dice: f64) {
     let html = std::fs::read_to_string(artifact(a, "report").join("report.html")).unwrap();
-    for section in ["Table 1", "Learning curves", "Examples", "Grad-CAM", "External validation", "other_site", "Hyperparameter search", "Data", "Lineage", "no CI under 10 cases", "data:image/png;base64,", "data:image/svg+xml;base64,"] {
+    for section in [
+        "Table 1",
+        "Learning curves",
+        "Examples",
+        "Grad-CAM",
+        "External validation",
+        "other_site",
+        "Hyperparameter search",
+        "Data",
+        "Lineage",
+        "no CI under 10 cases",
+        "data:image/png;base64,",
+        "data:image/svg+xml;base64,",
+    ] {
         assert!(html.contains(section), "report lacks {section}");
     }
     assert!(html.contains(&format!("{dice:.4}")), "Table 1 does not show the evaluated Dice {dice:.4}");
@@ -184,20 +197,89 @@ fn check_weights_carry_their_metadata(a: &Path) {
     assert_eq!(card.size, 64);
 }
 
-/// predict round-trips a real NIfTI: same shape and affine, a 0/1 mask.
+fn shared_data() -> Option<PathBuf> {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
+    shared.join("formats").is_dir().then_some(shared)
+}
+
+fn fails(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(liverseg()).args(args).current_dir(dir).output().unwrap();
+    assert!(!out.status.success(), "liverseg {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// predict, as nnU-Net users call it: a NIfTI keeps its shape and affine; a
+/// DICOM series (UID file names, no extension) gives a NIfTI on the series'
+/// world grid and a DICOM SEG that highdicom accepts; a mixed folder gives
+/// one output per case; bad input stops everything before inference.
 fn check_predict(a: &Path) {
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/formats/totalsegmentator/example_ct_sm.nii.gz");
-    if !shared.is_file() {
-        eprintln!("SKIPPED predict round trip: ../shared/data is absent");
+    let Some(shared) = shared_data() else {
+        eprintln!("SKIPPED predict on real scans: ../shared/data is absent");
         return;
-    }
-    let out = a.join("pred.nii.gz");
-    run(a, &["predict", "--model", "train", "--input", shared.to_str().unwrap(), "--output", out.to_str().unwrap()]);
-    let (src, pred) = (liverseg_imaging::nifti::read(&shared).unwrap(), liverseg_imaging::nifti::read(&out).unwrap());
+    };
+    let ts = shared.join("formats/totalsegmentator");
+    let nifti = ts.join("example_ct_sm.nii.gz");
+    run(a, &["predict", "--model", "train", "-i", nifti.to_str().unwrap(), "-o", "pred/nested"]);
+    let (src, pred) = (liverseg_imaging::nifti::read(&nifti).unwrap(), liverseg_imaging::nifti::read(&a.join("pred/nested/example_ct_sm_liver.nii.gz")).unwrap());
     assert_eq!(src.volume.dims, pred.volume.dims);
     assert_eq!(src.volume.affine, pred.volume.affine);
     assert_eq!(pred.datatype, 2, "uint8 mask");
     assert!(pred.volume.data.iter().all(|&v| v == 0.0 || v == 1.0));
+    check_predict_dicom(a, &ts);
+    check_predict_mixed_folder(a, &shared);
+    assert!(fails(a, &["predict", "--model", "/nonexistent", "-i", nifti.to_str().unwrap(), "-o", "x"]).contains("no model at /nonexistent"));
+}
+
+/// The DICOM series to NIfTI and SEG, checked with nibabel, pydicom and highdicom.
+fn check_predict_dicom(a: &Path, ts: &Path) {
+    let series = ts.join("example_ct_dicom");
+    let out = run(a, &["predict", "--model", "train", "-i", series.to_str().unwrap(), "-o", "pred/dicom", "--format", "dicom-seg"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no StudyInstanceUID, SeriesInstanceUID (anonymised?)"), "the blank UIDs are reported");
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    let has_tools = Command::new(&python).args(["-c", "import nibabel, pydicom, highdicom"]).output().is_ok_and(|o| o.status.success());
+    if !has_tools {
+        eprintln!("SKIPPED the DICOM SEG check: nibabel, pydicom and highdicom are not in .venv (make test installs them)");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/scripts/check_predict.py");
+    let dir = a.join("pred/dicom");
+    let check = Command::new(&python)
+        .arg(script)
+        .arg(&series)
+        .arg(ts.join("example_seg_dicom.nii.gz"))
+        .arg(dir.join("example_ct_dicom_liver.nii.gz"))
+        .arg(dir.join("example_ct_dicom_liver.dcm"))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+}
+
+/// A folder holding a NIfTI, a DICOM series and two PNGs: four cases, four
+/// outputs. With a truncated file added, nothing runs and nothing is written.
+fn check_predict_mixed_folder(a: &Path, shared: &Path) {
+    let mixed = a.join("mixed");
+    std::fs::create_dir_all(mixed.join("series")).unwrap();
+    let ts = shared.join("formats/totalsegmentator");
+    std::fs::copy(ts.join("example_ct_sm.nii.gz"), mixed.join("abdomen.nii.gz")).unwrap();
+    for f in std::fs::read_dir(ts.join("example_ct_dicom")).unwrap().flatten() {
+        std::fs::copy(f.path(), mixed.join("series").join(f.file_name())).unwrap();
+    }
+    for name in ["flipped_10001_81", "flipped_10001_103"] {
+        let jpeg = image::open(shared.join(format!("msd-liver-2d/images/{name}.jpg"))).unwrap();
+        jpeg.save(mixed.join(format!("{name}.png"))).unwrap();
+    }
+    // The PNGs are 8-bit exports and this model was trained on HU: --force.
+    let out = run(a, &["predict", "-m", "train", "-i", "mixed", "-o", "pred/mixed", "--force"]);
+    let mut written: Vec<String> = std::fs::read_dir(a.join("pred/mixed")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    written.sort();
+    assert_eq!(written, ["abdomen_liver.nii.gz", "flipped_10001_103_liver.png", "flipped_10001_81_liver.png", "series_liver.nii.gz"], "{}", String::from_utf8_lossy(&out.stderr));
+    let png = image::open(a.join("pred/mixed/flipped_10001_81_liver.png")).unwrap().to_luma8();
+    assert_eq!(png.dimensions(), (256, 256));
+    let bytes = std::fs::read(mixed.join("abdomen.nii.gz")).unwrap();
+    std::fs::write(mixed.join("truncated.nii.gz"), &bytes[..bytes.len() / 3]).unwrap();
+    let err = fails(a, &["predict", "-m", "train", "-i", "mixed", "-o", "pred/bad", "--force"]);
+    assert!(err.contains("truncated.nii.gz") && err.contains("nothing was predicted or written"), "{err}");
+    assert!(!a.join("pred/bad").exists(), "a failed check wrote output");
 }
 
 /// External evaluation: other data, the model's own preprocessing, no retraining.

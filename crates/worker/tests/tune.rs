@@ -61,10 +61,7 @@ fn trials_are_cached_extended_resumed_and_pruned() {
     let pruned = project("tune_prune", &format!("{{{BASE}, budget: 5, objective: val_loss, prune: median, prune_startup: 1, prune_warmup: 0, trial_epochs: 3}}"));
     let s = summary(&pruned, &[]);
     assert!(s["trials_pruned"].as_u64().unwrap() >= 1, "{s:?}");
-    let t = liverseg_engine::tables::read_parquet(
-        &std::fs::read_dir(pruned.join("artifacts/tune")).unwrap().flatten().next().unwrap().path().join("trials.parquet"),
-    )
-    .unwrap();
+    let t = liverseg_engine::tables::read_parquet(&std::fs::read_dir(pruned.join("artifacts/tune")).unwrap().flatten().next().unwrap().path().join("trials.parquet")).unwrap();
     let epochs: Vec<u64> = t.column("epochs_run").unwrap().u64().unwrap().iter().map(|v| v.unwrap()).collect();
     let flags: Vec<bool> = t.column("pruned").unwrap().bool().unwrap().iter().map(|v| v.unwrap()).collect();
     for (e, p) in epochs.iter().zip(&flags) {

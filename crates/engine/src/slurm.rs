@@ -1,0 +1,579 @@
+//! The Slurm executor: worker requests as `sbatch` array jobs on a cluster
+//! whose nodes share the project's filesystem.
+//!
+//! Each request gets its own folder, `artifacts/.slurm/<stage>-<key>/`, that
+//! only its job writes: the request, the job's build folder `out/`, its
+//! summary, and an exit record the job script writes last (so a job's
+//! outcome never depends on catching it in `squeue`). The engine moves `out/`
+//! into its own build folder and commits it as for a local run; the store's
+//! lock and commit stay on the submitting machine, so no lock has to work
+//! across hosts. A rerun finds a job that finished while the engine was away
+//! by its exit record and adopts it, and waits for one still queued.
+//! A reaper process, in its own process group, `scancel`s every job of the
+//! run when the engine's end of a pipe closes without a goodbye: Ctrl-C, a
+//! kill, a crash.
+
+use super::executor::{worker_binary, Executor};
+use super::worker::{WorkerOutput, WorkerRequest};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_yaml::Value as Y;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// What a job asks Slurm for; unset fields are left to the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    pub partition: Option<String>,
+    pub cpus: Option<u32>,
+    /// As sbatch takes it: `16G`, `4000M`.
+    pub mem: Option<String>,
+    /// GPUs per job (`--gres=gpu:N`).
+    pub gpus: Option<u32>,
+    /// As sbatch takes it: `2:00:00`, `1-00:00:00`.
+    pub time: Option<String>,
+    pub account: Option<String>,
+    /// Further sbatch flags, as given (`--qos=long`, `--constraint=a100`).
+    #[serde(default)]
+    pub extra: Vec<String>,
+}
+
+impl Resources {
+    /// `self`, with `over`'s fields where set.
+    fn overlay(&self, over: &Resources) -> Resources {
+        Resources {
+            partition: over.partition.clone().or_else(|| self.partition.clone()),
+            cpus: over.cpus.or(self.cpus),
+            mem: over.mem.clone().or_else(|| self.mem.clone()),
+            gpus: over.gpus.or(self.gpus),
+            time: over.time.clone().or_else(|| self.time.clone()),
+            account: over.account.clone().or_else(|| self.account.clone()),
+            extra: self.extra.iter().chain(&over.extra).cloned().collect(),
+        }
+    }
+
+    fn sbatch_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        let mut opt = |flag: &str, v: Option<String>| {
+            if let Some(v) = v {
+                a.push(format!("--{flag}={v}"));
+            }
+        };
+        opt("partition", self.partition.clone());
+        opt("cpus-per-task", self.cpus.map(|c| c.to_string()));
+        opt("mem", self.mem.clone());
+        opt("gres", self.gpus.filter(|&g| g > 0).map(|g| format!("gpu:{g}")));
+        opt("time", self.time.clone());
+        opt("account", self.account.clone());
+        a.extend(self.extra.iter().cloned());
+        a
+    }
+}
+
+/// pipeline.yaml's `slurm:` section. Not part of any stage key: where a
+/// request runs never changes what it computes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmConfig {
+    /// For every job.
+    #[serde(default)]
+    pub default: Resources,
+    /// For a search's trials (over `default`).
+    #[serde(default)]
+    pub trial: Resources,
+    /// Per stage, by its name in pipeline.yaml (over `default`).
+    #[serde(default)]
+    pub stages: BTreeMap<String, Resources>,
+    /// Stages that run in the engine (ingest, normalise, ...) to submit as
+    /// jobs as well; by default they stay on the submitting machine.
+    #[serde(default)]
+    pub submit: Vec<String>,
+    /// First wait between polls, in seconds; it grows to 15 s while nothing changes.
+    #[serde(default = "default_poll")]
+    pub poll_seconds: f64,
+}
+
+fn default_poll() -> f64 {
+    2.0
+}
+
+/// Built-in defaults per kind of job: a stage gets more than a trial.
+fn builtin(trial: bool) -> Resources {
+    match trial {
+        true => Resources { cpus: Some(1), mem: Some("4G".into()), time: Some("4:00:00".into()), ..Default::default() },
+        false => Resources { cpus: Some(2), mem: Some("8G".into()), time: Some("24:00:00".into()), ..Default::default() },
+    }
+}
+
+impl SlurmConfig {
+    pub fn parse(value: &Y, place: &str) -> Result<Self> {
+        let c: SlurmConfig = serde_yaml::from_value(value.clone()).map_err(|e| anyhow!("{place}: {e}"))?;
+        if !(c.poll_seconds > 0.0) {
+            bail!("{place}.poll_seconds: must be above 0");
+        }
+        Ok(c)
+    }
+
+    /// The resources of a job for `req`.
+    pub fn resources(&self, req: &WorkerRequest) -> Resources {
+        let trial = req.trial;
+        let base = builtin(trial).overlay(&self.default);
+        match trial {
+            true => base.overlay(&self.trial),
+            false => self.stages.get(&req.label).map(|r| base.overlay(r)).unwrap_or(base),
+        }
+    }
+}
+
+/// Where a request's job keeps its files.
+struct JobDir(PathBuf);
+
+impl JobDir {
+    fn request(&self) -> PathBuf {
+        self.0.join("request.json")
+    }
+    fn out(&self) -> PathBuf {
+        self.0.join("out")
+    }
+    fn summary(&self) -> PathBuf {
+        self.0.join("summary.json")
+    }
+    /// Written by the job script as its last act: `<exit code> <job id>`.
+    fn exit(&self) -> PathBuf {
+        self.0.join("exit")
+    }
+    /// Written by the engine after submitting: the job id and its log.
+    fn job(&self) -> PathBuf {
+        self.0.join("job.json")
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct JobRecord {
+    /// `<array job id>_<task>`.
+    id: String,
+    log: PathBuf,
+}
+
+pub struct Slurm {
+    config: SlurmConfig,
+    /// `artifacts/.slurm`.
+    root: PathBuf,
+    reaper: Mutex<Option<Reaper>>,
+}
+
+impl Slurm {
+    pub fn new(config: SlurmConfig, store_root: &Path) -> Result<Self> {
+        // The project's own paths must mean the same on every node.
+        let root = std::path::absolute(store_root.join(".slurm")).context("cannot resolve the store's path")?;
+        Ok(Slurm { config, root, reaper: Mutex::new(None) })
+    }
+
+    fn job_dir(&self, req: &WorkerRequest) -> JobDir {
+        JobDir(self.root.join(format!("{}-{}", req.stage, req.key)))
+    }
+
+    /// Submit the requests as one array job; returns the job records.
+    fn submit(&self, reqs: &[(&WorkerRequest, JobDir)], parallel: usize) -> Result<Vec<JobRecord>> {
+        let first = reqs[0].0;
+        let batch = self.root.join("batches").join(batch_name(reqs.iter().map(|r| r.0)));
+        std::fs::create_dir_all(&batch).with_context(|| format!("cannot create {}", batch.display()))?;
+        let list: String = reqs.iter().map(|(_, d)| format!("{}\n", d.0.display())).collect();
+        std::fs::write(batch.join("requests.txt"), list)?;
+        let script = batch.join("job.sh");
+        std::fs::write(&script, job_script(&worker_binary()?, &batch.join("requests.txt")))?;
+        let log = batch.join("slurm-%A_%a.log");
+        let mut cmd = Command::new("sbatch");
+        cmd.arg("--parsable")
+            .arg(format!("--job-name=liverseg-{}", first.label))
+            .arg(format!("--array=0-{}%{}", reqs.len() - 1, parallel.max(1)))
+            .arg(format!("--output={}", log.display()))
+            .arg(format!("--chdir={}", std::path::absolute(&first.project_root)?.display()))
+            .args(self.config.resources(first).sbatch_args())
+            .arg(&script);
+        let out = cmd.output().context("cannot run sbatch (is Slurm installed and SLURM_CONF set?)")?;
+        if !out.status.success() {
+            bail!("sbatch refused the job for `{}`: {}", first.label, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let id = String::from_utf8_lossy(&out.stdout).trim().split(';').next().unwrap_or("").to_owned();
+        if id.is_empty() {
+            bail!("sbatch gave no job id for `{}`", first.label);
+        }
+        self.reaper()?.as_mut().context("no job reaper")?.watch(&id)?;
+        let mut records = Vec::new();
+        for (i, (_, dir)) in reqs.iter().enumerate() {
+            let record = JobRecord { id: format!("{id}_{i}"), log: batch.join(format!("slurm-{id}_{i}.log")) };
+            std::fs::write(dir.job(), serde_json::to_vec(&record)?)?;
+            records.push(record);
+        }
+        Ok(records)
+    }
+
+    fn reaper(&self) -> Result<std::sync::MutexGuard<'_, Option<Reaper>>> {
+        let mut guard = self.reaper.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            *guard = Some(Reaper::start(&self.root)?);
+        }
+        Ok(guard)
+    }
+
+    /// A request's folder, ready for a new job: the request with its paths
+    /// pointing into it.
+    fn prepare(&self, req: &WorkerRequest) -> Result<(WorkerRequest, JobDir)> {
+        let dir = self.job_dir(req);
+        if dir.0.exists() {
+            std::fs::remove_dir_all(&dir.0).with_context(|| format!("cannot clear {}", dir.0.display()))?;
+        }
+        std::fs::create_dir_all(dir.out()).with_context(|| format!("cannot create {}", dir.out().display()))?;
+        let mut job = req.clone();
+        job.out_dir = dir.out();
+        job.summary_path = dir.summary();
+        job.show_progress = false;
+        std::fs::write(dir.request(), serde_json::to_vec_pretty(&absolute_paths(job.clone())?)?)?;
+        Ok((job, dir))
+    }
+
+    /// The job's build, moved to where the engine builds `req`, and its summary.
+    fn collect(&self, req: &WorkerRequest, dir: &JobDir) -> Result<WorkerOutput> {
+        if req.out_dir.exists() {
+            std::fs::remove_dir_all(&req.out_dir).with_context(|| format!("cannot clear {}", req.out_dir.display()))?;
+        }
+        std::fs::rename(dir.out(), &req.out_dir).with_context(|| format!("cannot move {} to {}", dir.out().display(), req.out_dir.display()))?;
+        std::fs::rename(dir.summary(), &req.summary_path).with_context(|| format!("the job wrote no summary at {}", dir.summary().display()))?;
+        let out = req.take_output();
+        std::fs::remove_dir_all(&dir.0).ok();
+        out
+    }
+}
+
+/// A stable name for a batch of requests.
+fn batch_name<'a>(reqs: impl Iterator<Item = &'a WorkerRequest>) -> String {
+    let mut h = blake3::Hasher::new();
+    let mut first = String::new();
+    for r in reqs {
+        if first.is_empty() {
+            first = r.label.replace('/', "_");
+        }
+        h.update(r.key.as_bytes());
+    }
+    format!("{first}-{}", &h.finalize().to_hex()[..12])
+}
+
+/// The request with every path absolute, as a job on another node needs it.
+fn absolute_paths(mut r: WorkerRequest) -> Result<WorkerRequest> {
+    let abs = |p: &Path| std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()));
+    r.out_dir = abs(&r.out_dir)?;
+    r.scratch_dir = abs(&r.scratch_dir)?;
+    r.summary_path = abs(&r.summary_path)?;
+    r.project_root = abs(&r.project_root)?;
+    r.store_root = abs(&r.store_root)?;
+    for p in r.upstream.values_mut() {
+        *p = abs(p)?;
+    }
+    Ok(r)
+}
+
+/// The array job's script: task i runs the i-th request, then records its
+/// exit code beside it (written to a temporary name and renamed, so a
+/// reader never sees half a record).
+fn job_script(worker: &Path, list: &Path) -> String {
+    format!(
+        r#"#!/bin/bash
+# liverseg: one worker request per array task.
+dir=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" '{list}')
+'{worker}' stage "$dir/request.json"
+rc=$?
+printf '%s %s_%s\n' "$rc" "$SLURM_ARRAY_JOB_ID" "$SLURM_ARRAY_TASK_ID" > "$dir/exit.tmp" && mv "$dir/exit.tmp" "$dir/exit"
+exit $rc
+"#,
+        list = list.display(),
+        worker = worker.display()
+    )
+}
+
+/// A job's exit code from its record, if it has written one.
+fn exit_code(dir: &JobDir) -> Option<i32> {
+    let text = std::fs::read_to_string(dir.exit()).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Where a job stands, as Slurm and its exit record tell.
+#[derive(Debug, Clone, PartialEq)]
+enum State {
+    Pending,
+    Running,
+    Exited(i32),
+    /// Gone from the queue without an exit record: Slurm's final state.
+    Ended(String),
+}
+
+/// Array tasks in the queue: (state, reason) by id (`squeue -r`).
+fn queue(ids: &[&str]) -> Result<BTreeMap<String, (String, String)>> {
+    let jobs: Vec<&str> = ids.iter().map(|id| id.split('_').next().unwrap_or(id)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let out = Command::new("squeue").args(["-h", "-r", "-o", "%i %T %r", "-j", &jobs.join(",")]).output().context("cannot run squeue")?;
+    // squeue names a job it no longer knows an error; that is an empty queue for us.
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?.to_owned(), (w.next()?.to_owned(), w.next().unwrap_or("").to_owned())))
+        })
+        .collect())
+}
+
+/// Reasons a pending job waits for something that will never come: the
+/// request exceeds what the partition has, or names what does not exist.
+const HOPELESS: &[&str] = &["PartitionConfig", "BadConstraints", "PartitionNodeLimit", "PartitionTimeLimit", "InvalidAccount", "InvalidQOS", "QOSMaxCpuPerJobLimit", "QOSMaxMemoryPerJob"];
+
+/// A finished job's state, from `scontrol` (kept a few minutes after the
+/// end), else `sacct` where accounting storage is configured.
+fn final_state(id: &str) -> String {
+    let scontrol = Command::new("scontrol").args(["show", "job", id]).output();
+    if let Ok(out) = scontrol {
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(s) = text.split_whitespace().find_map(|w| w.strip_prefix("JobState=")) {
+            return s.to_owned();
+        }
+    }
+    let sacct = Command::new("sacct").args(["-n", "-X", "-P", "-o", "State", "-j", id]).output();
+    if let Ok(out) = sacct {
+        if let Some(s) = String::from_utf8_lossy(&out.stdout).lines().next().map(str::trim).filter(|s| !s.is_empty()) {
+            return s.split_whitespace().next().unwrap_or(s).to_owned();
+        }
+    }
+    "UNKNOWN (no longer in squeue, scontrol or sacct)".into()
+}
+
+/// The jobs of a run in progress and where they stood at its last poll:
+/// (stage, job id, state); empty when no run holds the store.
+pub fn jobs_of_running_run(store: &super::store::Store) -> Vec<(String, String, String)> {
+    if !store.locked_by_another().unwrap_or(false) {
+        return Vec::new();
+    }
+    let rows: Vec<serde_json::Value> = std::fs::read(store.root.join(".slurm/status.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    let field = |r: &serde_json::Value, k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
+    rows.iter().map(|r| (field(r, "stage"), field(r, "job"), field(r, "state"))).collect()
+}
+
+/// Where this run's jobs stand, for `liverseg status` (`.slurm/status.json`).
+fn write_status(root: &Path, jobs: &[(String, JobDir, JobRecord)], states: &[State]) {
+    let rows: Vec<serde_json::Value> = jobs
+        .iter()
+        .zip(states)
+        .map(|((label, _, rec), st)| {
+            let state = match st {
+                State::Pending => "PENDING".to_owned(),
+                State::Running => "RUNNING".to_owned(),
+                State::Exited(0) => "COMPLETED".to_owned(),
+                State::Exited(rc) => format!("FAILED (exit {rc})"),
+                State::Ended(s) => s.clone(),
+            };
+            serde_json::json!({"stage": label, "job": rec.id, "state": state})
+        })
+        .collect();
+    let tmp = root.join("status.json.tmp");
+    if std::fs::write(&tmp, serde_json::to_vec_pretty(&rows).unwrap_or_default()).is_ok() {
+        std::fs::rename(&tmp, root.join("status.json")).ok();
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    let start = all.len().saturating_sub(lines);
+    if all.is_empty() {
+        format!("(no log at {})", path.display())
+    } else {
+        all[start..].join("\n    ")
+    }
+}
+
+impl Slurm {
+    /// Wait for every job; their states when done.
+    fn wait(&self, jobs: &[(String, JobDir, JobRecord)]) -> Result<Vec<State>> {
+        let mut states: Vec<State> = vec![State::Pending; jobs.len()];
+        let bar = super::progress::bar(jobs.len() as u64, "slurm jobs", true);
+        let mut poll = self.config.poll_seconds;
+        let mut missing_since: BTreeMap<usize, Instant> = BTreeMap::new();
+        loop {
+            let open: Vec<usize> = (0..jobs.len()).filter(|&i| matches!(states[i], State::Pending | State::Running)).collect();
+            let before = states.clone();
+            let ids: Vec<&str> = open.iter().map(|&i| jobs[i].2.id.as_str()).collect();
+            let queued = if ids.is_empty() { BTreeMap::new() } else { queue(&ids)? };
+            for &i in &open {
+                let (_, dir, rec) = &jobs[i];
+                if let Some(rc) = exit_code(dir) {
+                    states[i] = State::Exited(rc);
+                    continue;
+                }
+                match queued.get(&rec.id).map(|(s, r)| (s.as_str(), r.as_str())) {
+                    Some(("PENDING", reason)) if HOPELESS.contains(&reason) => {
+                        let _ = Command::new("scancel").arg(&rec.id).status();
+                        states[i] = State::Ended(format!("PENDING ({reason}: the cluster cannot give it what it asks for; see slurm: in pipeline.yaml), cancelled"));
+                    }
+                    Some(("PENDING" | "CONFIGURING", _)) => states[i] = State::Pending,
+                    Some(_) => states[i] = State::Running,
+                    // Out of the queue, no exit record yet: give a shared
+                    // filesystem a few seconds to show it before deciding.
+                    None => {
+                        let since = *missing_since.entry(i).or_insert_with(Instant::now);
+                        if since.elapsed() > Duration::from_secs(10) {
+                            states[i] = State::Ended(final_state(&rec.id));
+                        }
+                    }
+                }
+            }
+            let done = states.iter().filter(|s| matches!(s, State::Exited(_) | State::Ended(_))).count();
+            let running = states.iter().filter(|s| **s == State::Running).count();
+            bar.set_position(done as u64);
+            bar.set_message(format!("{} pending, {running} running, {done} done", jobs.len() - done - running));
+            write_status(&self.root, jobs, &states);
+            if done == jobs.len() {
+                break;
+            }
+            poll = if states == before { (poll * 1.5).min(15.0) } else { self.config.poll_seconds };
+            std::thread::sleep(Duration::from_secs_f64(if missing_since.is_empty() { poll } else { poll.min(2.0) }));
+        }
+        bar.finish_and_clear();
+        Ok(states)
+    }
+
+    /// A job left by an earlier run for the same request: finished (adopt
+    /// it), still queued (wait for it), or neither (None: submit anew).
+    fn earlier_job(&self, req: &WorkerRequest) -> Option<(JobDir, JobRecord, bool)> {
+        let dir = self.job_dir(req);
+        let record: JobRecord = serde_json::from_slice(&std::fs::read(dir.job()).ok()?).ok()?;
+        if exit_code(&dir) == Some(0) && dir.out().is_dir() {
+            return Some((dir, record, true));
+        }
+        let queued = queue(&[record.id.as_str()]).ok()?;
+        queued.contains_key(&record.id).then_some((dir, record, false))
+    }
+}
+
+impl Executor for Slurm {
+    fn is_remote(&self) -> bool {
+        true
+    }
+
+    fn run(&self, req: &WorkerRequest) -> Result<WorkerOutput> {
+        self.run_batch(std::slice::from_ref(req), 1).pop().unwrap_or_else(|| Err(anyhow!("no result")))
+    }
+
+    fn run_batch(&self, reqs: &[WorkerRequest], parallel: usize) -> Vec<Result<WorkerOutput>> {
+        match self.run_all(reqs, parallel) {
+            Ok(v) => v,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                reqs.iter().map(|_| Err(anyhow!("{msg}"))).collect()
+            }
+        }
+    }
+}
+
+impl Slurm {
+    fn run_all(&self, reqs: &[WorkerRequest], parallel: usize) -> Result<Vec<Result<WorkerOutput>>> {
+        let mut jobs: Vec<Option<(String, JobDir, JobRecord)>> = Vec::new();
+        let mut fresh: Vec<(usize, WorkerRequest, JobDir)> = Vec::new();
+        for (i, req) in reqs.iter().enumerate() {
+            match self.earlier_job(req) {
+                Some((dir, record, finished)) => {
+                    let how = if finished { "finished while liverseg was away; adopting it" } else { "still queued; waiting for it" };
+                    eprintln!("{}: Slurm job {} of an earlier run {how}", req.label, record.id);
+                    jobs.push(Some((req.label.clone(), dir, record)));
+                }
+                None => {
+                    let (job, dir) = self.prepare(req)?;
+                    jobs.push(None);
+                    fresh.push((i, job, dir));
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            let pairs: Vec<(&WorkerRequest, JobDir)> = fresh.iter().map(|(_, r, d)| (r, JobDir(d.0.clone()))).collect();
+            let records = self.submit(&pairs, parallel)?;
+            eprintln!("{}: submitted {} Slurm job(s) as array {}", reqs[0].label, records.len(), records[0].id.split('_').next().unwrap_or(""));
+            for ((i, req, dir), record) in fresh.into_iter().zip(records) {
+                jobs[i] = Some((req.label.clone(), dir, record));
+            }
+        }
+        let jobs: Vec<(String, JobDir, JobRecord)> = jobs.into_iter().map(|j| j.expect("every request has a job")).collect();
+        let states = self.wait(&jobs)?;
+        Ok(reqs.iter().zip(jobs.iter().zip(states)).map(|(req, ((label, dir, rec), state))| self.outcome(req, label, dir, rec, state)).collect())
+    }
+
+    fn outcome(&self, req: &WorkerRequest, label: &str, dir: &JobDir, rec: &JobRecord, state: State) -> Result<WorkerOutput> {
+        match state {
+            State::Exited(0) => self.collect(req, dir),
+            State::Exited(rc) => bail!("{label}: Slurm job {} FAILED (exit code {rc}); last lines of {}:\n    {}", rec.id, rec.log.display(), tail(&rec.log, 15)),
+            State::Ended(st) => bail!("{label}: Slurm job {} ended {st} without finishing; last lines of {}:\n    {}", rec.id, rec.log.display(), tail(&rec.log, 15)),
+            State::Pending | State::Running => bail!("{label}: Slurm job {} still running", rec.id),
+        }
+    }
+}
+
+/// Cancels this run's jobs when the engine dies: a shell in its own process
+/// group (so Ctrl-C does not reach it) reading a pipe from the engine; EOF
+/// without a goodbye line means the engine is gone.
+struct Reaper {
+    child: Child,
+}
+
+impl Reaper {
+    fn start(root: &Path) -> Result<Self> {
+        use std::os::unix::process::CommandExt;
+        std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
+        let script = "jobs=''; while read -r line; do case $line in bye) exit 0;; *) jobs=\"$jobs $line\";; esac; done; [ -n \"$jobs\" ] && scancel $jobs 2>/dev/null; exit 0";
+        let child =
+            Command::new("bash").args(["-c", script]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null()).process_group(0).spawn().context("cannot start the job reaper (bash)")?;
+        std::fs::write(root.join("reaper.pid"), child.id().to_string()).ok();
+        Ok(Reaper { child })
+    }
+
+    fn watch(&mut self, job: &str) -> Result<()> {
+        let stdin = self.child.stdin.as_mut().context("reaper has no stdin")?;
+        writeln!(stdin, "{job}").context("cannot reach the job reaper")
+    }
+}
+
+impl Drop for Reaper {
+    /// A normal end: every job was waited for; the reaper leaves them be.
+    fn drop(&mut self) {
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            let _ = writeln!(stdin, "bye");
+        }
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(label: &str, trial: bool) -> WorkerRequest {
+        serde_json::from_value(serde_json::json!({
+            "stage": "fit", "label": label, "trial": trial, "key": "k", "params": {}, "out_dir": "o", "scratch_dir": "s",
+            "upstream": {}, "raw_files": [], "project_root": ".", "store_root": "artifacts", "show_progress": false, "summary_path": "x"
+        }))
+        .unwrap()
+    }
+
+    /// Built-in defaults per kind, then `default`, then the trial's or the stage's own.
+    #[test]
+    fn resources_layer_and_become_sbatch_flags() {
+        let yaml = "default: {partition: gpu, mem: 32G, extra: [--qos=long]}\ntrial: {cpus: 4, gpus: 1}\nstages: {second_model: {gpus: 2, time: '2:00:00'}}";
+        let c = SlurmConfig::parse(&serde_yaml::from_str(yaml).unwrap(), "slurm").unwrap();
+        let trial = c.resources(&request("search", true)).sbatch_args();
+        assert_eq!(trial, ["--partition=gpu", "--cpus-per-task=4", "--mem=32G", "--gres=gpu:1", "--time=4:00:00", "--qos=long"]);
+        let stage = c.resources(&request("second_model", false)).sbatch_args();
+        assert_eq!(stage, ["--partition=gpu", "--cpus-per-task=2", "--mem=32G", "--gres=gpu:2", "--time=2:00:00", "--qos=long"]);
+        let err = SlurmConfig::parse(&serde_yaml::from_str("default: {cpu: 4}").unwrap(), "p.yaml: slurm").unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field `cpu`"), "{err:#}");
+    }
+}

@@ -1,0 +1,202 @@
+//! The Slurm executor on a real single-node cluster (tests/slurm/with_cluster.sh,
+//! which `make test` wraps the libtorch tests in): the same keys and bytes as
+//! a local run, trials as one array job, a cancelled trial named and rerun
+//! alone, jobs cancelled with a killed engine, and a job that finished while
+//! the engine was away adopted, not rerun.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+fn liverseg() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_liverseg-torch")).with_file_name("liverseg")
+}
+
+/// A small pipeline with a search (2 trials at once), training and evaluation.
+fn pipeline(trial_epochs: u32, train_epochs: u32) -> String {
+    format!(
+        r#"
+data: {{source: synthetic, synthetic_cases: 12, synthetic_size: 64, synthetic_slices: 10}}
+stages:
+  ingest: {{}}
+  normalise: {{deps: [ingest], params: {{size: 64}}}}
+  split: {{deps: [normalise]}}
+  augment: {{deps: [normalise, split], params: {{copies: 1}}}}
+  tune:
+    deps: [normalise, split, augment]
+    params: {{strategies: [random], budget: 2, parallel: 2, trial_epochs: {trial_epochs}, trial_max_slices: 48, trial_encoder: resnet18, seed: 1, prune: none}}
+  train:
+    deps: [normalise, split, augment, tune]
+    params: {{encoder: resnet18, epochs: {train_epochs}, batch_size: 8, threads: 2, seed: 3, patience: 100}}
+  evaluate:
+    deps: [ingest, normalise, split, train]
+    params: {{split: val}}
+slurm:
+  default: {{mem: 3G}}
+  trial: {{cpus: 1, mem: 3G}}
+  submit: [normalise]
+  poll_seconds: 0.5
+"#
+    )
+}
+
+fn project(name: &str, yaml: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("pipeline.yaml"), yaml).unwrap();
+    dir
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    Command::new(liverseg()).args(args).current_dir(dir).output().unwrap()
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = run(dir, args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "liverseg {args:?}: {stderr}");
+    stderr
+}
+
+fn spawn(dir: &Path, args: &[&str]) -> Child {
+    Command::new(liverseg()).args(args).current_dir(dir).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+}
+
+/// `squeue` for every job: (id, state).
+fn queue() -> Vec<(String, String)> {
+    let out = Command::new("squeue").args(["-h", "-r", "-o", "%i %T"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_once(' ')).map(|(a, b)| (a.to_owned(), b.to_owned())).collect()
+}
+
+fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < Duration::from_secs(secs), "timed out after {secs} s waiting for {what}; queue {:?}", queue());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every artifact file but the manifests (which hold times), by path under artifacts/.
+fn store_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let root = dir.join("artifacts");
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(&root).sort_by_file_name() {
+        let e = e.unwrap();
+        let rel = e.path().strip_prefix(&root).unwrap().to_string_lossy().into_owned();
+        let hidden = rel.split('/').any(|c| c.starts_with('.'));
+        if e.file_type().is_file() && !hidden && !rel.ends_with("manifest.json") {
+            out.insert(rel, std::fs::read(e.path()).unwrap());
+        }
+    }
+    out
+}
+
+/// Wall-clock columns, which differ between any two runs, local or not.
+const TIMINGS: &[&str] = &["seconds", "train_images_per_s"];
+
+/// The same table, value for value (NaN equal to NaN), timings aside.
+fn same_tables(a: &Path, b: &Path) {
+    let (x, y) = (liverseg_engine::tables::read_parquet(a).unwrap(), liverseg_engine::tables::read_parquet(b).unwrap());
+    assert_eq!(x.get_column_names(), y.get_column_names(), "{}", a.display());
+    for (c, d) in x.columns().iter().zip(y.columns()) {
+        if TIMINGS.contains(&c.name().as_str()) {
+            continue;
+        }
+        let same = match (c.f64(), d.f64()) {
+            (Ok(p), Ok(q)) => p.len() == q.len() && p.iter().zip(q.iter()).all(|(u, v)| u.map(f64::to_bits) == v.map(f64::to_bits)),
+            _ => c.as_materialized_series().equals_missing(d.as_materialized_series()),
+        };
+        assert!(same, "{}: column {} differs between the local and the Slurm run", a.display(), c.name());
+    }
+}
+
+fn without_seconds(json: &[u8]) -> serde_json::Value {
+    let mut v: serde_json::Value = serde_json::from_slice(json).unwrap();
+    v.as_object_mut().unwrap().remove("seconds");
+    v
+}
+
+#[test]
+fn slurm_executor_on_a_real_cluster() {
+    if std::env::var("LIVERSEG_SLURM_TEST").is_err() {
+        let why = std::env::var("LIVERSEG_SLURM_SKIP").unwrap_or_else(|_| "no test cluster (run through tests/slurm/with_cluster.sh, as make test does)".into());
+        eprintln!("SKIPPED the Slurm executor test: {why}");
+        return;
+    }
+    same_keys_and_bytes_as_local();
+    cancelled_trial_is_named_and_rerun_alone();
+    killed_engine_cancels_its_jobs_and_finished_jobs_are_adopted();
+}
+
+fn same_keys_and_bytes_as_local() {
+    let yaml = pipeline(1, 2);
+    let (local, slurm) = (project("slurm_local", &yaml), project("slurm_cluster", &yaml));
+    ok(&local, &["run", "-q"]);
+    let log = ok(&slurm, &["run", "-q", "--executor", "slurm"]);
+    assert!(log.contains("tune: submitted 2 Slurm job(s) as array"), "{log}");
+    assert!(log.contains("normalise: submitted 1 Slurm job(s)"), "an engine stage listed in slurm.submit goes as a job: {log}");
+    let (a, b) = (store_files(&local), store_files(&slurm));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "the same stage keys and files");
+    assert!(a.keys().any(|k| k.starts_with("train/") && k.ends_with("model.safetensors")));
+    for (path, bytes) in &a {
+        if path.ends_with(".parquet") {
+            same_tables(&local.join("artifacts").join(path), &slurm.join("artifacts").join(path));
+        } else if path.ends_with("result.json") {
+            assert_eq!(without_seconds(bytes), without_seconds(&b[path]), "{path}");
+        } else {
+            assert!(bytes == &b[path], "{path} differs between the local and the Slurm run");
+        }
+    }
+    // Slurm's own record: the two trials are tasks 0 and 1 of one array job.
+    let comp = std::fs::read_to_string(Path::new(&std::env::var("LIVERSEG_SLURM_STATE").unwrap()).join("jobcomp.log")).unwrap();
+    let trials: Vec<&str> = comp.lines().filter(|l| l.contains("Name=liverseg-tune ")).collect();
+    assert_eq!(trials.len(), 2, "{comp}");
+    let array = |l: &str| l.split_whitespace().find_map(|w| w.strip_prefix("ArrayJobId=")).unwrap().to_owned();
+    assert_eq!(array(trials[0]), array(trials[1]), "{comp}");
+    assert!(trials.iter().all(|l| l.contains("JobState=COMPLETED")));
+}
+
+fn cancelled_trial_is_named_and_rerun_alone() {
+    let dir = project("slurm_cancel", &pipeline(12, 2));
+    ok(&dir, &["run", "augment", "-q"]);
+    let child = spawn(&dir, &["run", "tune", "--executor", "slurm"]);
+    wait_for("both trials to run", 120, || queue().iter().filter(|(_, s)| s == "RUNNING").count() == 2);
+    let victim = queue().iter().map(|(id, _)| id.clone()).find(|id| id.ends_with("_1")).unwrap();
+    assert!(Command::new("scancel").arg(&victim).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a cancelled trial must fail the run");
+    assert!(stderr.contains("stage `tune` failed") && stderr.contains(&format!("Slurm job {victim} ended CANCELLED")), "{stderr}");
+    let artifacts = |stage: &str| std::fs::read_dir(dir.join("artifacts").join(stage)).map(|d| d.flatten().count()).unwrap_or(0);
+    assert_eq!(artifacts("tune"), 0, "no partial tune artifact");
+    assert_eq!(artifacts("tune+trial"), 1, "the trial that finished is kept");
+    let rerun = ok(&dir, &["run", "tune", "--executor", "slurm"]);
+    assert!(rerun.contains("submitted 1 Slurm job(s)"), "only the cancelled trial is resubmitted:\n{rerun}");
+    assert_eq!(artifacts("tune"), 1);
+}
+
+fn killed_engine_cancels_its_jobs_and_finished_jobs_are_adopted() {
+    let dir = project("slurm_kill", &pipeline(1, 20));
+    ok(&dir, &["run", "tune", "-q", "--executor", "slurm"]);
+    // Killed while its job runs: the job is cancelled within seconds.
+    let mut child = spawn(&dir, &["run", "train", "--executor", "slurm"]);
+    wait_for("train to run", 120, || queue().iter().any(|(_, s)| s == "RUNNING"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_for("the killed engine's job to be cancelled", 15, || queue().is_empty());
+    // The engine and its reaper gone at once (a crashed host): the job runs
+    // on, and the next run adopts its result instead of training again.
+    let mut child = spawn(&dir, &["run", "train", "--executor", "slurm"]);
+    wait_for("train to run again", 120, || queue().iter().any(|(_, s)| s == "RUNNING"));
+    let reaper: i32 = std::fs::read_to_string(dir.join("artifacts/.slurm/reaper.pid")).unwrap().trim().parse().unwrap();
+    unsafe { libc::kill(reaper, libc::SIGKILL) };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!queue().is_empty(), "the job outlives a crashed engine");
+    wait_for("the orphaned job to finish", 600, || queue().is_empty());
+    let log = ok(&dir, &["run", "train", "--executor", "slurm"]);
+    assert!(log.contains("finished while liverseg was away; adopting it") && !log.contains("submitted"), "{log}");
+    assert_eq!(std::fs::read_dir(dir.join("artifacts/train")).unwrap().flatten().count(), 1);
+}
