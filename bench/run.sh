@@ -6,12 +6,13 @@
 #   train:  DeepLabV3+ResNet34 images/s vs segmentation_models_pytorch (target >= 1x)
 #   predict: slices/s of a 512x512x100 volume vs smp, fp32 and bf16 (target >= 1x)
 # `bash bench/run.sh accuracy` trains msd.yaml (about 1.5 hours on 2 cores).
-# `bash bench/run.sh tune` compares random search with TPE on the MSD slices,
-#   3 seeds each, plus one study without pruning (about 1 hour on 2 cores).
+# `bash bench/run.sh tune` compares random search, TPE and a Gaussian process
+#   on the MSD slices, 3 seeds each (TUNE_NO_PRUNE=1 adds a study without
+#   pruning; TUNE_BUDGET trials per strategy, default 12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=$PWD/target/release/liverseg
-WORKER=$PWD/target/release/liverseg-torch
+BIN=${LIVERSEG_BIN:-$PWD/target/release/liverseg}
+WORKER=$(dirname "$BIN")/liverseg-torch
 PY=$PWD/.venv/bin/python
 SHARED=$(cd .. && pwd)/shared/data
 OUT=$PWD/target/bench
@@ -133,11 +134,12 @@ if [ "$what" = all ] || [ "$what" = predict ]; then
 fi
 
 if [ "$what" = tune ]; then
-  echo "## tune: best validation Dice vs trials, random vs bayes (TPE), MSD slices at 96x96"
+  echo "## tune: best validation Dice vs trials, random vs bayes (TPE) vs gp, MSD slices at 96x96"
   "$PY" -c "import pyarrow" 2>/dev/null || .venv/bin/pip install --quiet pyarrow
   T=$OUT/tune; mkdir -p "$T"
   BUDGET=${TUNE_BUDGET:-12}
-  for run in "0 median" "1 median" "2 median" "0 none"; do
+  RUNS=("0 median" "1 median" "2 median"); [ -n "${TUNE_NO_PRUNE:-}" ] && RUNS+=("0 none")
+  for run in "${RUNS[@]}"; do
     set -- $run
     R=$T/seed$1-$2; mkdir -p "$R"
     cat > "$R/pipeline.yaml" <<YAML
@@ -149,9 +151,9 @@ stages:
   augment: {deps: [normalise, split], params: {copies: 1}}
   tune:
     deps: [normalise, split, augment]
-    params: {strategies: [random, bayes], budget: $BUDGET, seed: $1, objective: val_dice,
+    params: {strategies: [random, bayes, gp], budget: $BUDGET, seed: $1, objective: val_dice,
              trial_epochs: 3, trial_max_slices: 128, trial_encoder: resnet18,
-             prune: $2, prune_epoch: 1, threads: 2}
+             prune: $2, prune_warmup: 1, threads: 2}
 YAML
     s=$(date +%s); (cd "$R" && "$BIN" run tune 2>&1 | grep --line-buffered -E "^(tune|ran|reused)|rror"); e=$(date +%s)
     echo "seed $1, prune $2: $((e - s)) s wall (cached trials are not rerun)"

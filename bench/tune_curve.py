@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 
 def trials(run_dir):
     paths = glob.glob(os.path.join(run_dir, "artifacts", "tune", "*", "trials.parquet"))
+    paths = [p for p in paths if os.path.exists(p)]
     if len(paths) != 1:
         sys.exit(f"{run_dir}: expected one tune artifact, found {len(paths)}")
     return pq.read_table(paths[0]).to_pylist()
@@ -25,10 +26,11 @@ def best_so_far(rows, strategy):
 
 root = sys.argv[1]
 seeds = sorted(d for d in os.listdir(root) if d.endswith("-median"))
-curves = {s: [best_so_far(trials(os.path.join(root, d)), s) for d in seeds] for s in ("random", "bayes")}
+strategies = [s for s in ("random", "bayes", "gp") if any(r["strategy"] == s for r in trials(os.path.join(root, seeds[0])))]
+curves = {s: [best_so_far(trials(os.path.join(root, d)), s) for d in seeds] for s in strategies}
 n = min(len(c) for cs in curves.values() for c in cs)
 print(f"best validation Dice so far, mean over {len(seeds)} seeds ({', '.join(seeds)})")
-print("trial  " + "  ".join(f"{s:>8}" for s in curves) + "   per seed (random | bayes)")
+print("trial  " + "  ".join(f"{s:>8}" for s in curves) + f"   per seed ({' | '.join(curves)})")
 for i in range(n):
     means = [sum(c[i] for c in cs) / len(cs) for cs in curves.values()]
     per = " | ".join(" ".join(f"{c[i]:.3f}" for c in cs) for cs in curves.values())
@@ -45,6 +47,8 @@ for s in curves:
         per.append(f"{med:.3f} ({sum(r['pruned'] for r in rows)}/{len(rows)} pruned)")
     print(f"  {s:>6}: " + ", ".join(per))
 
+if not os.path.isdir(os.path.join(root, "seed0-none")):
+    sys.exit(0)
 with_p, without = trials(os.path.join(root, "seed0-median")), trials(os.path.join(root, "seed0-none"))
 for name, rows in (("median pruning", with_p), ("no pruning", without)):
     secs = sum(r["seconds"] for r in rows)

@@ -15,12 +15,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-fn registry() -> &'static [Box<dyn Stage>] {
+pub(crate) fn registry() -> &'static [Box<dyn Stage>] {
     static REGISTRY: OnceLock<Vec<Box<dyn Stage>>> = OnceLock::new();
     REGISTRY.get_or_init(liverseg_stages::registry)
 }
 
-fn engine(p: &PipelineArgs) -> Result<Engine<'static>> {
+pub(crate) fn engine(p: &PipelineArgs) -> Result<Engine<'static>> {
     if !p.pipeline.is_file() {
         bail!("{}: pipeline file not found (run from the project folder, or pass --pipeline FILE)", p.pipeline.display());
     }
@@ -32,9 +32,12 @@ fn engine(p: &PipelineArgs) -> Result<Engine<'static>> {
     Ok(e)
 }
 
-pub fn run(p: &PipelineArgs, target: Option<&str>, json: bool, verify: bool) -> Result<()> {
+pub fn run(p: &PipelineArgs, target: Option<&str>, json: bool, verify: bool, pull: bool) -> Result<()> {
     let mut e = engine(p)?;
     e.verify_on_use |= verify;
+    if pull {
+        e.remote = Some(Box::new(crate::compare::remote(p, &e)?));
+    }
     let report = e.run(target)?;
     if json {
         say!("{}", serde_json::to_string(&report)?);
@@ -346,7 +349,7 @@ pub fn evaluate_external(p: &PipelineArgs, e: ExternalEval) -> Result<()> {
     };
     let path = e.out.join("pipeline.yaml");
     std::fs::write(&path, serde_yaml::to_string(&file)?).with_context(|| format!("cannot write {}", path.display()))?;
-    let ext = PipelineArgs { pipeline: path, profile: None, set: p.set.clone(), quiet: p.quiet, executor: p.executor };
+    let ext = PipelineArgs { pipeline: path, profile: None, set: p.set.clone(), quiet: p.quiet, executor: p.executor, remote: p.remote.clone() };
     let eng = engine(&ext)?;
     eng.run(Some("evaluate"))?;
     let a = eng.current_artifact("evaluate")?;

@@ -20,6 +20,7 @@ macro_rules! say_raw {
 }
 
 mod commands;
+mod compare;
 
 use clap::{Args, Parser, Subcommand};
 use liverseg_engine::config::Override;
@@ -45,6 +46,10 @@ pub struct PipelineArgs {
     /// (overrides pipeline.yaml's `executor:`; never part of a stage key).
     #[arg(long, global = true)]
     pub executor: Option<liverseg_engine::config::ExecutorKind>,
+    /// The remote cache for push, pull and run --pull: s3://bucket/prefix or
+    /// a folder (overrides pipeline.yaml's `remote:`).
+    #[arg(long, global = true)]
+    pub remote: Option<String>,
     /// Named profile from pipeline.yaml (default: its default_profile).
     #[arg(long, global = true)]
     pub profile: Option<String>,
@@ -68,7 +73,14 @@ enum Command {
         /// `verify_on_use: true` in pipeline.yaml); damaged ones are rebuilt.
         #[arg(long)]
         verify: bool,
+        /// Fetch from the remote cache any stage whose key it holds, instead of running it.
+        #[arg(long)]
+        pull: bool,
     },
+    /// Upload the current pipeline's artifacts (up to TARGET) to the remote cache.
+    Push { target: Option<String> },
+    /// Download what the current pipeline (up to TARGET) would otherwise compute.
+    Pull { target: Option<String> },
     /// Rerun one stage from the cached upstream artifacts.
     Stage {
         name: String,
@@ -110,11 +122,29 @@ enum Command {
         #[arg(long)]
         apply: bool,
     },
-    /// List every stage's parameters: name, type, default and meaning.
+    /// List every stage's parameters: name, type, default and meaning; or
+    /// `params diff A B`: the params two runs differ in.
     Params {
         /// Markdown table (as in README.md).
         #[arg(long)]
         markdown: bool,
+        #[command(subcommand)]
+        cmd: Option<ParamsCmd>,
+    },
+    /// Experiments: `exp show` lists every run of a stage with its params and metrics.
+    Exp {
+        #[command(subcommand)]
+        cmd: ExpCmd,
+    },
+    /// `metrics diff A B`: the summary metrics two runs differ in, with deltas.
+    Metrics {
+        #[command(subcommand)]
+        cmd: MetricsCmd,
+    },
+    /// `plots diff A B ...`: learning curves and per-case Dice of runs on one HTML page.
+    Plots {
+        #[command(subcommand)]
+        cmd: PlotsCmd,
     },
     /// Segment new scans, as `nnUNetv2_predict -i IN -o OUT`: NIfTI files,
     /// DICOM series (found by content, grouped by SeriesInstanceUID) and
@@ -159,6 +189,44 @@ pub struct ModelArgs {
 }
 
 #[derive(Subcommand)]
+enum ExpCmd {
+    /// Every artifact of a stage: key, time, the params that differ, the metrics.
+    Show(compare::ShowArgs),
+}
+
+/// Exit codes of the diffs: 0 nothing differs, 1 something does, 2 an error.
+#[derive(Subcommand)]
+enum MetricsCmd {
+    /// Compare the summary metrics of two runs (A, B: key, stage, git revision, or `workspace`).
+    Diff(compare::DiffArgs),
+}
+
+#[derive(Subcommand)]
+enum ParamsCmd {
+    /// Compare the params of two runs (A, B: key, stage, git revision, or `workspace`).
+    Diff(compare::DiffArgs),
+}
+
+#[derive(Subcommand)]
+enum PlotsCmd {
+    /// Write one HTML page with the runs' learning curves and per-case Dice.
+    Diff(compare::PlotsArgs),
+}
+
+/// A diff's exit code: 1 when the runs differ; an error is 2, not 1.
+fn diff_exit(result: anyhow::Result<bool>) -> anyhow::Result<()> {
+    match result {
+        Ok(false) => Ok(()),
+        Ok(true) => std::process::exit(1),
+        Err(e) if closed_pipe(&e) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2)
+        }
+    }
+}
+
+#[derive(Subcommand)]
 enum ModelCmd {
     /// Print a layer table with output shapes and parameter counts.
     Summary(ModelArgs),
@@ -187,7 +255,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     use commands as c;
     let p = &cli.p;
     match cli.command {
-        Command::Run { target, json, verify } => c::run(p, target.as_deref(), json, verify),
+        Command::Run { target, json, verify, pull } => c::run(p, target.as_deref(), json, verify, pull),
+        Command::Push { target } => compare::push(p, target.as_deref()),
+        Command::Pull { target } => compare::pull(p, target.as_deref()),
         Command::Stage { name, force } => c::stage(p, &name, force),
         Command::Status { json } => c::status(p, json),
         Command::Lineage { what } => c::lineage(p, &what),
@@ -196,7 +266,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Trial { request } => c::trial(&request),
         Command::Verify { repair } => c::verify(p, repair),
         Command::Gc { apply } => c::gc(p, apply),
-        Command::Params { markdown } => c::params(markdown),
+        Command::Params { cmd: Some(ParamsCmd::Diff(a)), .. } => diff_exit(compare::params_diff(p, &a)),
+        Command::Params { markdown, cmd: None } => c::params(markdown),
+        Command::Exp { cmd: ExpCmd::Show(a) } => compare::show(p, &a),
+        Command::Metrics { cmd: MetricsCmd::Diff(a) } => diff_exit(compare::metrics_diff(p, &a)),
+        Command::Plots { cmd: PlotsCmd::Diff(a) } => compare::plots_diff(p, &a),
         Command::Predict(args) => c::predict(p, &args),
         Command::Evaluate(e) => c::evaluate_external(p, e),
         Command::Model { cmd } => match cmd {

@@ -685,3 +685,58 @@ fn lineage(doc: &mut Doc, ctx: &StageContext) -> Result<()> {
     doc.list(&items);
     Ok(())
 }
+
+/// Colours of the runs in `plots_page`, in order.
+const RUN_COLOURS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
+
+/// `liverseg plots diff`: one self-contained HTML page comparing runs. A
+/// run with a per-epoch table (metrics.parquet) gives validation loss and
+/// Dice curves; one with per-case scores (per_case.parquet) gives each
+/// model's Dice per case. Each chart overlays the runs, one colour each.
+pub fn plots_page(runs: &[(String, Artifact)]) -> Result<String> {
+    let colour = |i: usize| RUN_COLOURS[i % RUN_COLOURS.len()];
+    let mut figures: Vec<(String, String)> = Vec::new();
+    let curves: Vec<(usize, DataFrame)> = runs.iter().enumerate().filter(|(_, r)| r.1.file("metrics.parquet").is_file()).map(|(i, r)| Ok((i, read_parquet(&r.1.file("metrics.parquet"))?))).collect::<Result<_>>()?;
+    for (title, col) in [("validation loss", "val_loss"), ("validation Dice", "val_dice")] {
+        let series: Vec<(&str, &str, Vec<f64>)> = curves.iter().map(|(i, df)| Ok((runs[*i].0.as_str(), colour(*i), f64s(df, col)?))).collect::<Result<_>>()?;
+        if !series.is_empty() {
+            figures.push((title.to_owned(), line_chart(title, "epoch", &series)));
+        }
+    }
+    let mut per_model: std::collections::BTreeMap<String, Vec<(usize, Vec<f64>)>> = Default::default();
+    for (i, (_, a)) in runs.iter().enumerate() {
+        let path = a.file("per_case.parquet");
+        if !path.is_file() {
+            continue;
+        }
+        let df = read_parquet(&path)?;
+        let (models, cases, dice) = (strs(&df, "model")?, strs(&df, "case_id")?, f64s(&df, "dice")?);
+        let mut rows: Vec<(String, String, f64)> = models.into_iter().zip(cases).zip(dice).map(|((m, c), d)| (m, c, d)).collect();
+        rows.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        for (m, _, d) in rows {
+            let entry = per_model.entry(m).or_default();
+            match entry.last_mut() {
+                Some((j, v)) if *j == i => v.push(d),
+                _ => entry.push((i, vec![d])),
+            }
+        }
+    }
+    for (model, series) in &per_model {
+        let s: Vec<(&str, &str, Vec<f64>)> = series.iter().map(|(i, v)| (runs[*i].0.as_str(), colour(*i), v.clone())).collect();
+        let title = format!("{model}: Dice per case");
+        figures.push((title.clone(), line_chart(&title, "case, by id", &s)));
+    }
+    if figures.is_empty() {
+        bail!("none of these runs has a per-epoch table (metrics.parquet) or per-case scores (per_case.parquet) to plot");
+    }
+    let mut html = String::from("<!doctype html><html><head><meta charset='utf-8'><title>liverseg plots diff</title><style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:0 1em 1em 0}</style></head><body><h1>liverseg plots diff</h1><ul>");
+    for (i, (label, a)) in runs.iter().enumerate() {
+        let _ = write!(html, "<li><span style='color:{}'>&#9632;</span> {}: <code>{}@{}</code></li>", colour(i), esc(label), esc(&a.stage), esc(&a.key));
+    }
+    html.push_str("</ul>");
+    for (title, svg) in figures {
+        let _ = write!(html, "<figure><img alt='{}' src='data:image/svg+xml;base64,{}'/></figure>", esc(&title), base64(svg.as_bytes()));
+    }
+    html.push_str("</body></html>\n");
+    Ok(html)
+}

@@ -18,7 +18,9 @@ use std::sync::LazyLock;
 
 /// 2: no wall-clock budget; trial subsets spread over patients; pruning by
 /// per-epoch medians of completed trials; weights carry their metadata.
-pub const VERSION: u32 = 3;
+/// 3: the model card records the training inputs' intensity percentiles.
+/// 4: the weights' `scaling` metadata describes the aspect-keeping fit.
+pub const VERSION: u32 = 4;
 
 liverseg_engine::params! {
     pub struct TrainParams {
@@ -610,7 +612,7 @@ mod training {
             meta.insert("input_unit".into(), card.unit.clone());
             meta.insert("window".into(), serde_json::to_string(&card.window)?);
             meta.insert("minmax_8bit".into(), card.minmax_8bit.to_string());
-            meta.insert("scaling".into(), "HU window mapped to [0, 1] (8-bit: /255, or each image's min..max when minmax_8bit), bilinear resize to input_size²".into());
+            meta.insert("scaling".into(), "HU window mapped to [0, 1] (8-bit: /255, or each image's min..max when minmax_8bit), bilinear resize into input_size², aspect kept (non-square slices padded with 0)".into());
             write_with_metadata(&ctx.out("model.safetensors"), &tensors, &meta)
         }
     }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 /// belongs to the source stage, whatever its name.
 pub const DATA_PREFIX: &str = "data.";
 
-const TOP_KEYS: &[&str] = &["stages", "profiles", "default_profile", "data", "external", "description", "verify_on_use", "executor", "slurm"];
+const TOP_KEYS: &[&str] = &["stages", "profiles", "default_profile", "data", "external", "description", "verify_on_use", "executor", "slurm", "remote"];
 const STAGE_KEYS: &[&str] = &["deps", "params", "uses", "foreach"];
 
 /// A stage as declared, before params are typed.
@@ -92,7 +92,12 @@ pub fn parse(text: &str, file: &Path, root: &Path, registry: &[Box<dyn Stage>], 
         Some(Y::String(s)) => s.parse().map_err(|e| anyhow!("{f}: executor: {e}"))?,
         Some(other) => bail!("{f}: executor: expected local or slurm, got {other:?}"),
     };
-    Ok(Pipeline { file: file.to_path_buf(), root: root.to_path_buf(), profile: profile_name, stages, verify_on_use, executor, slurm })
+    let remote = match top.get("remote") {
+        None | Some(Y::Null) => None,
+        Some(Y::String(s)) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+        Some(other) => bail!("{f}: remote: expected s3://bucket/prefix or a folder, got {other:?}"),
+    };
+    Ok(Pipeline { file: file.to_path_buf(), root: root.to_path_buf(), profile: profile_name, stages, verify_on_use, executor, slurm, remote })
 }
 
 /// The registered stage `name`.

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod executor;
+pub mod experiments;
 pub mod gc;
 pub mod hash;
 pub mod instances;

@@ -41,6 +41,8 @@ pub struct Pipeline {
     pub executor: ExecutorKind,
     /// Job resources when they run on Slurm (`slurm:`).
     pub slurm: super::slurm::SlurmConfig,
+    /// The remote cache (`remote:`): s3://bucket/prefix or a folder.
+    pub remote: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,6 +12,13 @@ use std::time::Instant;
 /// Memory for raw input files kept between planning and running a stage.
 const RAW_BYTES_BUDGET: u64 = 256 << 20;
 
+/// Where a run may fetch a missing artifact instead of computing it
+/// (`run --pull` with a remote cache).
+pub trait RemoteCache {
+    /// Fetch stage@key into `store` if the remote has it; true when it did.
+    fn fetch(&self, store: &Store, stage: &str, key: &str, lock: &super::store::StoreLock) -> Result<bool>;
+}
+
 pub struct Engine<'r> {
     pub pipeline: Pipeline,
     pub registry: &'r [Box<dyn Stage>],
@@ -24,6 +31,8 @@ pub struct Engine<'r> {
     pub verify_on_use: bool,
     /// Raw inputs read while planning a run, for the stages that read them.
     raw_bytes: super::hash::RawBytes,
+    /// `run --pull`: missing artifacts come from here when it has them.
+    pub remote: Option<Box<dyn RemoteCache>>,
 }
 
 /// A stage's key for the current pipeline, and the raw files it covers.
@@ -41,6 +50,9 @@ pub struct RunReport {
     /// Stages whose artifact was damaged and was set aside and rebuilt.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rebuilt_damaged: Vec<String>,
+    /// Stages fetched from the remote cache (`run --pull`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pulled: Vec<String>,
 }
 
 /// An artifact as a run finds it.
@@ -55,7 +67,7 @@ impl<'r> Engine<'r> {
     pub fn new(pipeline: Pipeline, registry: &'r [Box<dyn Stage>]) -> Self {
         let store = Store::new(pipeline.root.join("artifacts"));
         let verify_on_use = pipeline.verify_on_use;
-        Engine { pipeline, registry, store, show_progress: true, executor: Box::new(Local), verify_on_use, raw_bytes: super::hash::RawBytes::new(RAW_BYTES_BUDGET) }
+        Engine { pipeline, registry, store, show_progress: true, executor: Box::new(Local), verify_on_use, raw_bytes: super::hash::RawBytes::new(RAW_BYTES_BUDGET), remote: None }
     }
 
     /// Run worker requests where `kind` says (the pipeline's `executor:` unless overridden).
@@ -147,6 +159,13 @@ impl<'r> Engine<'r> {
                     report.rebuilt_damaged.push(s.name.clone());
                 }
                 Found::Missing => {}
+            }
+            if let Some(remote) = &self.remote {
+                if remote.fetch(&self.store, &s.name, &p.key, &lock).with_context(|| format!("cannot pull {}@{}", s.name, p.key))? {
+                    self.say(&format!("pulled  {:<10} {}", s.name, p.key));
+                    report.pulled.push(s.name.clone());
+                    continue;
+                }
             }
             let secs = self.execute(s, p, &lock)?;
             self.say(&format!("ran     {:<10} {}  ({secs:.1} s)", s.name, p.key));

@@ -320,10 +320,16 @@ impl Store {
 
     /// Hash the outputs, write the manifest, and rename the build into place,
     /// replacing an existing artifact of the same key (for `stage --force`).
-    pub fn commit(&self, build: &Path, mut manifest: Manifest, _lock: &StoreLock) -> Result<Artifact> {
+    pub fn commit(&self, build: &Path, mut manifest: Manifest, lock: &StoreLock) -> Result<Artifact> {
         manifest.outputs = hash_tree(build, hash_written_file)?;
         let text = serde_json::to_string_pretty(&manifest)?;
         fs::write(build.join(MANIFEST), &text).with_context(|| format!("cannot write manifest in {}", build.display()))?;
+        self.install(build, &text, manifest, lock)
+    }
+
+    /// Put a complete build (outputs and manifest.json, whose text is
+    /// `text`: one pulled from a remote, say) into the store.
+    pub fn install(&self, build: &Path, text: &str, manifest: Manifest, _lock: &StoreLock) -> Result<Artifact> {
         // The index records the manifest's hash before the artifact appears:
         // an artifact is never visible without its entry.
         let manifest_blake3 = blake3::hash(text.as_bytes()).to_hex().to_string();
