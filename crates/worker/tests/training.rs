@@ -268,8 +268,14 @@ fn check_predict_mixed_folder(a: &Path, shared: &Path) {
         let jpeg = image::open(shared.join(format!("msd-liver-2d/images/{name}.jpg"))).unwrap();
         jpeg.save(mixed.join(format!("{name}.png"))).unwrap();
     }
-    // The PNGs are 8-bit exports and this model was trained on HU: --force.
+    // The PNGs are 8-bit exports and this model was trained on HU: refused,
+    // naming both units and the file, before anything is written...
+    let err = fails(a, &["predict", "-m", "train", "-i", "mixed", "-o", "pred/refused"]);
+    assert!(err.contains("flipped_10001_81.png: 8bit input, but the model was trained on HU input") && err.contains("--force"), "{err}");
+    assert!(!a.join("pred/refused").exists(), "a refused input wrote output");
+    // ...and predicted with a warning under --force.
     let out = run(a, &["predict", "-m", "train", "-i", "mixed", "-o", "pred/mixed", "--force"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("predicting anyway (--force)"));
     let mut written: Vec<String> = std::fs::read_dir(a.join("pred/mixed")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     written.sort();
     assert_eq!(written, ["abdomen_liver.nii.gz", "flipped_10001_103_liver.png", "flipped_10001_81_liver.png", "series_liver.nii.gz"], "{}", String::from_utf8_lossy(&out.stderr));
@@ -291,6 +297,12 @@ fn check_external_evaluation(a: &Path) {
     let ext_yaml = std::fs::read_to_string(a.join("ext-eval/pipeline.yaml")).unwrap();
     assert!(ext_yaml.contains("size: 64"), "preprocessing comes from the model: {ext_yaml}");
     assert_eq!(std::fs::read_dir(a.join("artifacts/train")).unwrap().count(), 1, "evaluation must not retrain");
+    // 8-bit exports against a model trained on HU: refused, naming both units.
+    if let Some(shared) = shared_data() {
+        let msd = shared.join("msd-liver-2d");
+        let err = fails(a, &["evaluate", "--model", "train", "--data", msd.to_str().unwrap(), "--source", "slices2d", "--out", "ext-8bit", "-q"]);
+        assert!(err.contains("was trained on HU input, these cases are 8bit"), "{err}");
+    }
 }
 
 /// Killed after its first epoch, the next run resumes from the checkpoint
