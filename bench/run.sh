@@ -26,6 +26,9 @@ fi
 "$PY" -c "import numpy, PIL, nibabel, safetensors, segmentation_models_pytorch" 2>/dev/null || \
   .venv/bin/pip install --quiet numpy pillow nibabel segmentation-models-pytorch torch==2.13.0
 
+# oneDNN picks kernels by CPU model and ISA: every figure goes with its CPU.
+echo "CPU: $(lscpu | sed -n 's/^Model name: *//p') (family $(lscpu | sed -n 's/^CPU family: *//p'), model $(lscpu | sed -n 's/^Model: *//p')), $(nproc) cores; $(grep -o -w -m1 -E 'avx512f|avx512_bf16|amx_tile|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+
 peak_kb() { /usr/bin/time -f "%M" "$@" 2>&1 >/dev/null | tail -1; }
 
 if [ "$what" = all ] || [ "$what" = engine ]; then

@@ -27,19 +27,16 @@ pub fn flatten(v: &Value, prefix: &str, out: &mut BTreeMap<String, Value>) {
     }
 }
 
-/// An artifact's declared params, and as `used.NAME` those it actually ran
-/// with where they differ (a model trained with tuned params).
+/// An artifact's declared params and, where upstream values replaced some
+/// (a model trained with tuned params), every param it ran with as
+/// `used.NAME`: all of them, so that rows compare like with like.
 pub fn params_of(a: &Artifact) -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
     flatten(&a.manifest.params, "", &mut out);
     if let Some(effective) = &a.manifest.effective_params {
         let mut used = BTreeMap::new();
         flatten(effective, "", &mut used);
-        for (k, v) in used {
-            if out.get(&k) != Some(&v) {
-                out.insert(format!("used.{k}"), v);
-            }
-        }
+        out.extend(used.into_iter().map(|(k, v)| (format!("used.{k}"), v)));
     }
     out
 }
