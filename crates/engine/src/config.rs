@@ -25,6 +25,8 @@ struct Decl {
     deps: Vec<String>,
     /// (key, value, where it was set), later entries winning.
     raw: Vec<(String, Y, String)>,
+    /// The declared name of the `foreach:` that made this instance.
+    foreach_of: Option<String>,
 }
 
 /// Load pipeline.yaml, apply the profile and overrides, and check everything
@@ -64,8 +66,9 @@ pub fn parse(text: &str, file: &Path, root: &Path, registry: &[Box<dyn Stage>], 
     let profile_name = apply_profile(top, profile, &mut decls, source.as_deref(), &f)?;
     for o in overrides {
         let place = format!("-P {}", o.key);
-        let (stage, param) = resolve_dotted(&o.key, &decls, source.as_deref(), &place)?;
-        push_raw(&mut decls, &stage, param, o.value.clone(), place);
+        for (stage, param) in resolve_dotted(&o.key, &decls, source.as_deref(), &place)? {
+            push_raw(&mut decls, &stage, param, o.value.clone(), place.clone());
+        }
     }
     let mut stages = decls.iter().map(|d| typed(d, registry)).collect::<Result<Vec<_>>>()?;
     if let Some(ext) = top.get("external") {
@@ -143,7 +146,7 @@ fn declarations(stages_map: &Mapping, registry: &[Box<dyn Stage>], f: &str) -> R
             }
         }
         match decl.get("foreach") {
-            None => decls.push(Decl { name, uses, deps, raw }),
+            None => decls.push(Decl { name, uses, deps, raw, foreach_of: None }),
             Some(each) => decls.extend(foreach(&name, &uses, &deps, &raw, each, &place)?),
         }
     }
@@ -168,7 +171,7 @@ fn foreach(name: &str, uses: &str, deps: &[String], raw: &[(String, Y, String)],
             let pk = key_str(pk, &iplace)?;
             params.push((pk.clone(), pv.clone(), format!("{iplace}.{pk}")));
         }
-        out.push(Decl { name: format!("{name}.{inst}"), uses: uses.to_owned(), deps: deps.to_vec(), raw: params });
+        out.push(Decl { name: format!("{name}.{inst}"), uses: uses.to_owned(), deps: deps.to_vec(), raw: params, foreach_of: Some(name.to_owned()) });
     }
     Ok(out)
 }
@@ -215,25 +218,32 @@ fn apply_profile(top: &Mapping, profile: Option<&str>, decls: &mut [Decl], sourc
     let place = format!("{f}: profiles.{name}");
     for (k, v) in as_mapping(p, &place)? {
         let k = key_str(k, &place)?;
-        let (stage, param) = resolve_dotted(&k, decls, source, &format!("{place}.{k}"))?;
-        push_raw(decls, &stage, param, v.clone(), format!("{place}.{k}"));
+        for (stage, param) in resolve_dotted(&k, decls, source, &format!("{place}.{k}"))? {
+            push_raw(decls, &stage, param, v.clone(), format!("{place}.{k}"));
+        }
     }
     Ok(name)
 }
 
-/// `stage.param` (the stage name may itself hold a dot, `tune.baseline.lr`),
-/// or `data.key` for the source stage.
-fn resolve_dotted(key: &str, decls: &[Decl], source: Option<&str>, place: &str) -> Result<(String, String)> {
+/// The (stage, param) pairs `key` sets: `stage.param` (the stage name may
+/// itself hold a dot, `tune.baseline.lr`), `data.key` for the source stage,
+/// or `NAME.param` for every instance a `foreach:` made of NAME.
+fn resolve_dotted(key: &str, decls: &[Decl], source: Option<&str>, place: &str) -> Result<Vec<(String, String)>> {
     if let Some(rest) = key.strip_prefix(DATA_PREFIX) {
         let src = source.ok_or_else(|| anyhow!("{place}: the pipeline has no source stage for `{key}`"))?;
-        return Ok((src.to_owned(), format!("{DATA_PREFIX}{rest}")));
+        return Ok(vec![(src.to_owned(), format!("{DATA_PREFIX}{rest}"))]);
     }
     let Some((first, _)) = key.split_once('.') else { bail!("{place}: `{key}` is not of the form stage.param") };
     let stage = decls.iter().map(|d| d.name.as_str()).filter(|n| key.len() > n.len() + 1 && key.starts_with(n) && key.as_bytes()[n.len()] == b'.').max_by_key(|n| n.len());
-    match stage {
-        Some(s) => Ok((s.to_owned(), key[s.len() + 1..].to_owned())),
-        None => bail!("{place}: `{key}` names stage `{first}`, which is not in the pipeline"),
+    if let Some(s) = stage {
+        return Ok(vec![(s.to_owned(), key[s.len() + 1..].to_owned())]);
     }
+    let (group, param) = key.rsplit_once('.').expect("key has a dot");
+    let instances: Vec<(String, String)> = decls.iter().filter(|d| d.foreach_of.as_deref() == Some(group)).map(|d| (d.name.clone(), param.to_owned())).collect();
+    if instances.is_empty() {
+        bail!("{place}: `{key}` names stage `{first}`, which is not in the pipeline");
+    }
+    Ok(instances)
 }
 
 /// Check a declaration's params against its stage's specs, defaults filled in.

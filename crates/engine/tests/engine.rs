@@ -285,6 +285,10 @@ fn datasets_uses_and_foreach_make_instances() {
     assert!(err.contains("stages.twice.x4.params: times must be at least 1"), "{err}");
     // -P reaches an instance whose name holds a dot.
     assert_eq!(load(&dir, &reg, &["twice.x2.times=5"]).unwrap().stage("twice.x2").unwrap().params.0["times"], 5);
+    // -P on the foreach's own name sets every instance it made; a named instance wins.
+    let p = load(&dir, &reg, &["twice.times=6", "twice.x4.times=7"]).unwrap();
+    let times = |s: &str| p.stage(s).unwrap().params.0["times"].clone();
+    assert_eq!((times("twice.x2"), times("twice.x4"), times("shout")), (6.into(), 7.into(), 3.into()));
 }
 
 #[test]
@@ -333,11 +337,10 @@ fn flip(path: &Path, at: i64) {
     std::fs::write(path, b).unwrap();
 }
 
-fn engine_for(dir: &Path, reg: &[Box<dyn Stage>]) -> Engine<'static> {
+/// A quiet engine over `dir` (its registry leaked: tests are short-lived).
+fn engine_for(dir: &Path) -> Engine<'static> {
     let reg: &'static [Box<dyn Stage>] = Box::leak(registry().into_boxed_slice());
-    let _ = reg;
-    let reg2: &'static [Box<dyn Stage>] = Box::leak(registry().into_boxed_slice());
-    let mut e = Engine::new(load(dir, reg2, &[]).unwrap(), reg2);
+    let mut e = Engine::new(load(dir, reg, &[]).unwrap(), reg);
     e.show_progress = false;
     e
 }
@@ -349,8 +352,7 @@ fn engine_for(dir: &Path, reg: &[Box<dyn Stage>]) -> Engine<'static> {
 fn damaged_artifacts_are_rebuilt_never_used() {
     let dir = project("damage", CHAIN);
     run(&dir, &[]);
-    let reg = registry();
-    let e = engine_for(&dir, &reg);
+    let e = engine_for(&dir);
     let upper = e.current_artifact("upper").unwrap();
     // A deleted output: the artifact is rebuilt, and so is what follows.
     std::fs::remove_file(upper.file("text.txt")).unwrap();
@@ -371,7 +373,7 @@ fn damaged_artifacts_are_rebuilt_never_used() {
     // A same-size change in a large file passes the quick check on use, but
     // not `run --verify` (verify_on_use), which re-hashes everything.
     flip(&e.current_artifact("upper").unwrap().file("text.txt"), 0);
-    let mut strict = engine_for(&dir, &reg);
+    let mut strict = engine_for(&dir);
     strict.verify_on_use = true;
     let err = format!("{:#}", strict.run_one("tally", true).unwrap_err());
     assert!(err.contains("text.txt: content changed"), "{err}");
@@ -392,8 +394,7 @@ fn damaged_artifacts_are_rebuilt_never_used() {
 fn verify_catches_every_byte_and_every_stray_folder() {
     let dir = project("verify_bytes", "data: {root: text}\nstages:\n  letters: {}\n  search: {deps: [letters], params: {tries: 1}}\n");
     run(&dir, &[]);
-    let reg = registry();
-    let e = engine_for(&dir, &reg);
+    let e = engine_for(&dir);
     let (n, problems) = e.store.audit(Depth::Full).unwrap();
     assert!(problems.is_empty() && n == 3, "{n} artifacts, {problems:?}");
     let files: Vec<PathBuf> = e.store.list().unwrap().iter().flat_map(|a| std::fs::read_dir(&a.dir).unwrap().map(|f| f.unwrap().path())).collect();
