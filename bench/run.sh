@@ -36,9 +36,11 @@ if [ "$what" = all ] || [ "$what" = engine ]; then
   P=$OUT/noop; rm -rf "$P"; mkdir -p "$P"
   cp pipeline.yaml "$P/pipeline.yaml"
   # The default pipeline on the MSD files, with cheap training so every stage
-  # has an artifact; the no-op cost does not depend on it.
+  # has an artifact; the no-op cost does not depend on it. The external
+  # phantom site is HU and the MSD models 8-bit: force_unit lets evaluate run.
   CHEAP=(-P data.source=slices2d -P data.root=$SHARED/msd-liver-2d -P train.epochs=1 -P train.max_train_slices=16
-         -P baseline.epochs=1 -P baseline.max_train_slices=16 -P tune.budget=1 -P tune.trial_epochs=1 -P tune.trial_max_slices=8)
+         -P baseline.epochs=1 -P baseline.max_train_slices=16 -P "tune.strategies=[random]" -P tune.budget=1
+         -P tune.trial_epochs=1 -P tune.trial_max_slices=8 -P evaluate.force_unit=true)
   (cd "$P" && "$BIN" run -q "${CHEAP[@]}")
   (cd "$P" && "$BIN" run -q "${CHEAP[@]}" --json) | grep -q '"ran":\[\]'
   times=()
