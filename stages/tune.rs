@@ -1,10 +1,10 @@
 //! tune: random search and Bayesian optimisation (TPE) over learning rate,
 //! batch size, optimizer, weight decay and loss. Each trial is a short
 //! training run in its own worker process (`liverseg-torch stage`), stored
-//! as a sub-artifact under its own content key (`artifacts/tune+trial/`), so
-//! rerunning a study reuses finished trials, raising the budget runs only the
-//! new ones, and a killed study resumes. Trials read only the train and
-//! validation splits.
+//! as a sub-artifact under its own content key (`artifacts/tune.train+trial/`
+//! for the instance tune.train), so rerunning a study reuses finished trials,
+//! raising the budget runs only the new ones, and a killed study resumes.
+//! Trials read only the train and validation splits.
 //!
 //! inputs: normalise, split, augment
 //! outputs: trials.parquet, best.json, read downstream through [`TuneBest`].

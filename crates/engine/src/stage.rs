@@ -133,10 +133,12 @@ impl StageContext<'_> {
     }
 
     /// Cached sub-artifacts of this stage (a search's trials), each with its
-    /// own key and manifest, stored as `artifacts/<stage>+<kind>/<key>/`.
+    /// own key and manifest, stored as `artifacts/<stage>+<kind>/<key>/`
+    /// under the instance's name (`tune.train+trial`), where `gc`, `verify`
+    /// and `push` look for the children its manifest lists.
     pub fn sub_artifacts(&self, kind: &str) -> Result<SubArtifacts<'_>> {
-        let lock = self.lock.ok_or_else(|| anyhow::anyhow!("stage `{}`: sub-artifacts need the store lock", self.stage.name))?;
-        Ok(SubArtifacts::new(self.store, lock, self.stage.name, kind, &self.children))
+        let lock = self.lock.ok_or_else(|| anyhow::anyhow!("stage `{}`: sub-artifacts need the store lock", self.instance))?;
+        Ok(SubArtifacts::new(self.store, lock, self.instance, kind, &self.children))
     }
 
     /// Every artifact behind this run's upstream, found through the manifests

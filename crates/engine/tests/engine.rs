@@ -327,6 +327,15 @@ fn sub_artifacts_are_cached_kept_by_gc_and_verified() {
     run(&dir, &["search.tries=4"]);
     let m = metrics(&dir, "search", &["search.tries=4"]);
     assert_eq!((m["made"].as_u64(), m["reused"].as_u64()), (Some(2), Some(2)), "{m:?}");
+
+    // Instances (foreach) keep their tries under their own names, where gc finds them.
+    let dir = project("sub_instances", "data: {root: text}\nstages:\n  letters: {}\n  search:\n    deps: [letters]\n    foreach: {a: {tries: 2}, b: {tries: 1}}\n");
+    run(&dir, &[]);
+    let e = Engine::new(load(&dir, &reg, &[]).unwrap(), &reg);
+    let folders: Vec<String> = e.store.list().unwrap().into_iter().filter(|a| a.stage.contains('+')).map(|a| a.stage).collect();
+    assert_eq!(folders.iter().filter(|s| *s == "search.a+try").count(), 2, "{folders:?}");
+    assert_eq!(folders.iter().filter(|s| *s == "search.b+try").count(), 1, "{folders:?}");
+    assert!(liverseg_engine::gc::unreachable(&e).unwrap().is_empty(), "gc keeps what the current searches used");
 }
 
 /// Flip one byte of `path` at `at` (from the start, or from the end when negative).
