@@ -17,7 +17,8 @@ use polars::prelude::DataFrame;
 use std::fmt::Write;
 
 /// 4: Table 1 with n, CI rule, HD95 rule, training columns; one search per tuned model.
-pub const VERSION: u32 = 5;
+/// 6: Table 1's params as wrapping text (the JSON ran off the page).
+pub const VERSION: u32 = 6;
 
 liverseg_engine::params! {
     pub struct ReportParams {
@@ -53,6 +54,18 @@ fn strs(df: &DataFrame, col: &str) -> Result<Vec<String>> {
 fn cells(df: &DataFrame, col: &str) -> Result<Vec<String>> {
     let c = df.column(col)?;
     Ok((0..c.len()).map(|i| c.get(i).map(|v| v.to_string().trim_matches('"').to_owned()).unwrap_or_default()).collect())
+}
+
+/// Table 1's params (a JSON object in the table) as short text that wraps:
+/// `lr 0.00272, batch_size 8, optimizer adam, ...`.
+fn params_text(json: &str) -> String {
+    let Ok(serde_json::Value::Object(m)) = serde_json::from_str(json) else { return json.to_owned() };
+    let value = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) if n.is_f64() => n.as_f64().map(|f| if f.abs() >= 1e-2 { format!("{f:.3}") } else { format!("{f:.2e}") }).unwrap_or_default(),
+        other => other.to_string(),
+    };
+    m.iter().map(|(k, v)| format!("{k} {}", value(v))).collect::<Vec<_>>().join(", ")
 }
 
 fn esc(s: &str) -> String {
@@ -436,7 +449,7 @@ fn table1(doc: &mut Doc, ctx: &StageContext, eval: &Artifact, summary: &mut Summ
             t.hd95(i),
             format!("{:.4}", t.f("train_loss", i)),
             format!("{} ({})", t.i("epochs_run", i).map(|e| e.to_string()).unwrap_or_default(), t.s("stop_reason", i).replace('_', " ")),
-            t.s("params_used", i),
+            params_text(&t.s("params_used", i)),
             format!("{train_secs:.0}"),
             t.i("parameters", i).unwrap_or(0).to_string(),
         ]);
@@ -739,4 +752,14 @@ pub fn plots_page(runs: &[(String, Artifact)]) -> Result<String> {
     }
     html.push_str("</body></html>\n");
     Ok(html)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn table1_params_read_as_text() {
+        let json = r#"{"batch_size":8,"loss":"ce","lr":0.002717129926138064,"optimizer":"adam","weight_decay":9.593504699939347e-6}"#;
+        assert_eq!(super::params_text(json), "batch_size 8, loss ce, lr 2.72e-3, optimizer adam, weight_decay 9.59e-6");
+        assert_eq!(super::params_text(""), "", "a model without a manifest has no params");
+    }
 }
