@@ -20,7 +20,9 @@ use std::sync::LazyLock;
 /// per-epoch medians of completed trials; weights carry their metadata.
 /// 3: the model card records the training inputs' intensity percentiles.
 /// 4: the weights' `scaling` metadata describes the aspect-keeping fit.
-pub const VERSION: u32 = 4;
+/// 5: the model starts from smp's initialisation (BatchNorm weight 1, not
+/// uniform in [0, 1]; torchvision's encoder convs; PyTorch's decoder and head).
+pub const VERSION: u32 = 5;
 
 liverseg_engine::params! {
     pub struct TrainParams {

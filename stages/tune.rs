@@ -25,9 +25,11 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
 /// 2: pruning as Optuna's MedianPruner, typed trial columns, trial subsets across patients, arch.
-pub const VERSION: u32 = 2;
+/// 3: trials train from smp's initialisation (train's version 5).
+pub const VERSION: u32 = 3;
 /// 2: the train stage's version 2 (no time budget, spread subsets, per-epoch medians).
-const TRIAL_VERSION: u32 = 2;
+/// 3: smp's initialisation (train's version 5).
+const TRIAL_VERSION: u32 = 3;
 
 choices!(
     /// Whether and how trials are stopped early.

@@ -1,11 +1,12 @@
 //! DeepLabV3+ decoder, built as segmentation_models_pytorch builds it
 //! (`DeepLabV3PlusDecoder`), with the same parameter names.
 
+use crate::init::{batch_norm2d, TORCH_DEFAULT_CONV};
 use tch::nn;
 use tch::Tensor;
 
 fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, padding: i64, dilation: i64, groups: i64) -> nn::Conv2D {
-    nn::conv2d(p, cin, cout, k, nn::ConvConfig { padding, dilation, groups, bias: false, ..Default::default() })
+    nn::conv2d(p, cin, cout, k, nn::ConvConfig { padding, dilation, groups, bias: false, ws_init: TORCH_DEFAULT_CONV, ..Default::default() })
 }
 
 /// Depthwise 3×3 then pointwise 1×1 (smp's `SeparableConv2d`), no bias.
@@ -36,7 +37,7 @@ pub struct Aspp {
 impl Aspp {
     fn new(p: &nn::Path, cin: i64, cout: i64, rates: [i64; 3], dropout: f64) -> Self {
         let convs = p / "convs";
-        let bn = |q: nn::Path| nn::batch_norm2d(q, cout, Default::default());
+        let bn = |q: nn::Path| batch_norm2d(q, cout);
         let branch1x1 = (conv(&convs / 0 / 0, cin, cout, 1, 0, 1, 1), bn(&convs / 0 / 1));
         let atrous = rates.iter().enumerate().map(|(i, &r)| (Separable::new(&(&convs / (i as i64 + 1) / 0), cin, cout, r), bn(&convs / (i as i64 + 1) / 1))).collect();
         // Index 0 of the pooling branch is the (parameter-free) AdaptiveAvgPool2d.
@@ -74,13 +75,13 @@ impl DeepLabV3PlusDecoder {
         let aspp_p = p / "aspp";
         let aspp = Aspp::new(&(&aspp_p / 0), encoder_channels[4], out_channels, [12, 24, 36], 0.5);
         let aspp_sep = Separable::new(&(&aspp_p / 1), out_channels, out_channels, 1);
-        let aspp_bn = nn::batch_norm2d(&aspp_p / 2, out_channels, Default::default());
+        let aspp_bn = batch_norm2d(&aspp_p / 2, out_channels);
         let highres = 48;
         let b1 = p / "block1";
-        let block1 = (conv(&b1 / 0, encoder_channels[1], highres, 1, 0, 1, 1), nn::batch_norm2d(&b1 / 1, highres, Default::default()));
+        let block1 = (conv(&b1 / 0, encoder_channels[1], highres, 1, 0, 1, 1), batch_norm2d(&b1 / 1, highres));
         let b2 = p / "block2";
         let block2_sep = Separable::new(&(&b2 / 0), highres + out_channels, out_channels, 1);
-        let block2_bn = nn::batch_norm2d(&b2 / 1, out_channels, Default::default());
+        let block2_bn = batch_norm2d(&b2 / 1, out_channels);
         DeepLabV3PlusDecoder { aspp, aspp_sep, aspp_bn, block1, block2_sep, block2_bn, out_channels }
     }
 

@@ -3,13 +3,14 @@
 //! layer1–4, no avgpool or fc. `output_stride` 16 turns layer4 into a
 //! dilated stage (stride 1, dilation 2), as smp's `make_dilated` does.
 
+use crate::init::{batch_norm2d, ENCODER_CONV, TORCH_DEFAULT_CONV};
 use anyhow::{bail, Result};
 use liverseg_recipe::Encoder;
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
 fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64, dilation: i64) -> nn::Conv2D {
-    nn::conv2d(p, cin, cout, k, nn::ConvConfig { stride, padding, dilation, bias: false, ..Default::default() })
+    nn::conv2d(p, cin, cout, k, nn::ConvConfig { stride, padding, dilation, bias: false, ws_init: ENCODER_CONV, ..Default::default() })
 }
 
 #[derive(Debug)]
@@ -57,8 +58,10 @@ impl ResNetEncoder {
             bail!("output stride must be 16 or 32, got {output_stride}");
         }
         let expansion = if bottleneck { 4 } else { 1 };
-        let conv1 = conv(p / "conv1", in_channels, 64, 7, 2, 3, 1);
-        let bn1 = nn::batch_norm2d(p / "bn1", 64, Default::default());
+        // smp re-creates the first conv for a channel count other than 3.
+        let first_init = if in_channels == 3 { ENCODER_CONV } else { TORCH_DEFAULT_CONV };
+        let conv1 = nn::conv2d(p / "conv1", in_channels, 64, 7, nn::ConvConfig { stride: 2, padding: 3, bias: false, ws_init: first_init, ..Default::default() });
+        let bn1 = batch_norm2d(p / "bn1", 64);
         let mut layers = Vec::new();
         let mut cin = 64;
         for (li, &depth) in depths.iter().enumerate() {
@@ -74,14 +77,14 @@ impl ResNetEncoder {
                 let cout = width * expansion;
                 let convs = if bottleneck {
                     vec![
-                        (conv(&bp / "conv1", cin, width, 1, 1, 0, 1), nn::batch_norm2d(&bp / "bn1", width, Default::default())),
-                        (conv(&bp / "conv2", width, width, 3, stride, dilation, dilation), nn::batch_norm2d(&bp / "bn2", width, Default::default())),
-                        (conv(&bp / "conv3", width, cout, 1, 1, 0, 1), nn::batch_norm2d(&bp / "bn3", cout, Default::default())),
+                        (conv(&bp / "conv1", cin, width, 1, 1, 0, 1), batch_norm2d(&bp / "bn1", width)),
+                        (conv(&bp / "conv2", width, width, 3, stride, dilation, dilation), batch_norm2d(&bp / "bn2", width)),
+                        (conv(&bp / "conv3", width, cout, 1, 1, 0, 1), batch_norm2d(&bp / "bn3", cout)),
                     ]
                 } else {
                     vec![
-                        (conv(&bp / "conv1", cin, width, 3, stride, dilation, dilation), nn::batch_norm2d(&bp / "bn1", width, Default::default())),
-                        (conv(&bp / "conv2", width, width, 3, 1, dilation, dilation), nn::batch_norm2d(&bp / "bn2", width, Default::default())),
+                        (conv(&bp / "conv1", cin, width, 3, stride, dilation, dilation), batch_norm2d(&bp / "bn1", width)),
+                        (conv(&bp / "conv2", width, width, 3, 1, dilation, dilation), batch_norm2d(&bp / "bn2", width)),
                     ]
                 };
                 // torchvision adds a projection when the shape changes; its stride
@@ -89,7 +92,7 @@ impl ResNetEncoder {
                 let needs_projection = b == 0 && (cin != cout || li > 0);
                 let downsample = needs_projection.then(|| {
                     let dp = &bp / "downsample";
-                    (conv(&dp / 0, cin, cout, 1, stride, 0, 1), nn::batch_norm2d(&dp / 1, cout, Default::default()))
+                    (conv(&dp / 0, cin, cout, 1, stride, 0, 1), batch_norm2d(&dp / 1, cout))
                 });
                 blocks.push(Block { convs, downsample });
                 cin = cout;

@@ -8,6 +8,7 @@ pub mod confusion;
 pub mod decoder;
 pub mod encoder;
 pub mod fit;
+pub mod init;
 pub mod loader;
 pub mod loss;
 pub mod network;

@@ -3,6 +3,7 @@
 
 use crate::decoder::DeepLabV3PlusDecoder;
 use crate::encoder::ResNetEncoder;
+use crate::init;
 use anyhow::{bail, Result};
 use liverseg_recipe::{Arch, Encoder};
 use tch::nn;
@@ -49,7 +50,8 @@ impl SegmentationModel {
         } else {
             (Decoder::None, encoder.out_channels[4])
         };
-        let head = nn::conv2d(root / "segmentation_head" / 0, head_in, spec.classes, 1, Default::default());
+        let head_init = nn::ConvConfig { ws_init: init::TORCH_DEFAULT_CONV, bs_init: init::torch_default_bias(head_in), ..Default::default() };
+        let head = nn::conv2d(root / "segmentation_head" / 0, head_in, spec.classes, 1, head_init);
         Ok(SegmentationModel { spec: spec.clone(), encoder, decoder, head })
     }
 
