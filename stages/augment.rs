@@ -1,5 +1,6 @@
 //! augment: N randomly transformed copies of every training slice (rotation,
-//! shift, mirroring; optional intensity jitter and elastic deformation).
+//! shift, mirroring; optional intensity jitter, elastic deformation and, via
+//! `transforms`, nnU-Net's scaling and intensity set).
 //! Validation and test slices are never read here, so no augmented copy of
 //! a held-out image can reach training.
 //!
@@ -15,6 +16,7 @@ use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary}
 use liverseg_engine::store::Artifact;
 use liverseg_engine::tables::{read_parquet, write_parquet};
 use liverseg_engine::tensors::{write_safetensors, NamedTensor, TensorFile};
+use liverseg_imaging::augment::{apply_u8, draw_scale_and_intensity, elastic_grid, Chance, Transform, Transforms};
 use liverseg_rng::Rng;
 use polars::prelude::{Column, DataFrame};
 use rayon::prelude::*;
@@ -29,6 +31,7 @@ liverseg_engine::params! {
         mirror: bool = bool "true", "mirror left-right with probability 1/2";
         intensity_jitter: f64 = float "0.0", "contrast and brightness jitter (fraction), 0 = off";
         elastic_alpha: f64 = float "0.0", "elastic displacement in pixels, 0 = off";
+        transforms: serde_json::Value = any "null", "scaling and intensity transforms of each copy, drawn after the ones above: null, nnunet (its scale, noise, blur, brightness, contrast, low_res and gamma), or {scale: [p, lo, hi], gamma: [p, lo, hi], ...}";
         seed: u64 = int "1", "augmentation seed";
     }
 }
@@ -49,61 +52,6 @@ pub static INFO: StageInfo = StageInfo {
 
 pub struct Augment;
 
-pub struct Transform {
-    pub angle: f32,
-    pub dx: f32,
-    pub dy: f32,
-    pub mirror: bool,
-    pub gain: f32,
-    pub bias: f32,
-    /// Coarse 4×4 displacement grid (dx, dy) in pixels, upsampled bilinearly.
-    pub elastic: Option<[[(f32, f32); 4]; 4]>,
-}
-
-/// Apply `t` to an image (bilinear) and its mask (nearest), both size×size.
-pub fn apply(t: &Transform, img: &[u8], mask: &[u8], size: usize) -> (Vec<u8>, Vec<u8>) {
-    let (c, s) = (t.angle.cos(), t.angle.sin());
-    let mid = (size as f32 - 1.0) / 2.0;
-    let mut oi = vec![0u8; size * size];
-    let mut om = vec![0u8; size * size];
-    for y in 0..size {
-        for x in 0..size {
-            let (mut fx, mut fy) = (x as f32, y as f32);
-            if let Some(g) = &t.elastic {
-                let gx = fx / (size - 1) as f32 * 3.0;
-                let gy = fy / (size - 1) as f32 * 3.0;
-                let (x0, y0) = ((gx as usize).min(2), (gy as usize).min(2));
-                let (wx, wy) = (gx - x0 as f32, gy - y0 as f32);
-                let lerp = |k: usize| {
-                    let v = |a: usize, b: usize| if k == 0 { g[b][a].0 } else { g[b][a].1 };
-                    (v(x0, y0) * (1.0 - wx) + v(x0 + 1, y0) * wx) * (1.0 - wy) + (v(x0, y0 + 1) * (1.0 - wx) + v(x0 + 1, y0 + 1) * wx) * wy
-                };
-                fx += lerp(0);
-                fy += lerp(1);
-            }
-            if t.mirror {
-                fx = size as f32 - 1.0 - fx;
-            }
-            // Inverse mapping: output pixel -> source position.
-            let (px, py) = (fx - mid - t.dx, fy - mid - t.dy);
-            let sx = c * px + s * py + mid;
-            let sy = -s * px + c * py + mid;
-            let i = y * size + x;
-            if sx < 0.0 || sy < 0.0 || sx > (size - 1) as f32 || sy > (size - 1) as f32 {
-                continue; // outside: air (0) and background
-            }
-            let (x0, y0) = (sx.floor() as usize, sy.floor() as usize);
-            let (x1, y1) = ((x0 + 1).min(size - 1), (y0 + 1).min(size - 1));
-            let (wx, wy) = (sx - x0 as f32, sy - y0 as f32);
-            let at = |xx: usize, yy: usize| img[yy * size + xx] as f32;
-            let v = (at(x0, y0) * (1.0 - wx) + at(x1, y0) * wx) * (1.0 - wy) + (at(x0, y1) * (1.0 - wx) + at(x1, y1) * wx) * wy;
-            oi[i] = (v * t.gain + t.bias * 255.0).round().clamp(0.0, 255.0) as u8;
-            om[i] = mask[(sy.round() as usize).min(size - 1) * size + (sx.round() as usize).min(size - 1)];
-        }
-    }
-    (oi, om)
-}
-
 impl Stage for Augment {
     fn info(&self) -> &'static StageInfo {
         &INFO
@@ -114,6 +62,7 @@ impl Stage for Augment {
         if !(0.0..=0.5).contains(&p.shift) || p.rotation_deg < 0.0 || p.intensity_jitter < 0.0 || p.elastic_alpha < 0.0 {
             bail!("shift must be in [0, 0.5] and rotation_deg, intensity_jitter, elastic_alpha ≥ 0");
         }
+        extra_transforms(&p.transforms)?;
         Ok(())
     }
 
@@ -124,13 +73,16 @@ impl Stage for Augment {
         assignment.check_covers(&set)?;
         let train = assignment.rows(Part::Train);
         let (images, masks, size) = (set.images(), set.masks(), set.size);
+        let extra = extra_transforms(&p.transforms)?;
         let jobs: Vec<(usize, usize)> = train.iter().flat_map(|&i| (0..p.copies).map(move |k| (i, k))).collect();
         let out: Vec<(Vec<u8>, Vec<u8>)> = jobs
             .par_iter()
             .map(|&(i, k)| {
-                let t = draw(&p, Rng::derive(p.seed, (i * p.copies + k) as u64), size);
+                let mut r = Rng::derive(p.seed, (i * p.copies + k) as u64);
+                let mut t = draw(&p, &mut r, size);
+                draw_scale_and_intensity(&extra, &mut r, &mut t);
                 let px = size * size;
-                apply(&t, &images[i * px..(i + 1) * px], &masks[i * px..(i + 1) * px], size)
+                apply_u8(&t, &images[i * px..(i + 1) * px], &masks[i * px..(i + 1) * px], size)
             })
             .collect();
         let m = out.len();
@@ -153,8 +105,20 @@ impl Stage for Augment {
     }
 }
 
+/// The `transforms` param: scaling and intensity only, since this stage's
+/// own params draw rotation, shift, mirroring and the elastic grid.
+fn extra_transforms(v: &serde_json::Value) -> Result<Transforms> {
+    let Some(mut t) = Transforms::from_param(v)? else { return Ok(Transforms::default()) };
+    if v.is_string() {
+        (t.rotation, t.shift, t.elastic, t.mirror) = (Chance::OFF, Chance::OFF, Chance::OFF, 0.0);
+    } else if t.rotation != Chance::OFF || t.shift != Chance::OFF || t.elastic != Chance::OFF || t.mirror != 0.0 {
+        bail!("augment.transforms: rotation, shift, elastic and mirror are set by rotation_deg, shift, elastic_alpha and mirror here");
+    }
+    Ok(t)
+}
+
 /// One random transform, drawn in a fixed order from `r`.
-fn draw(p: &AugmentParams, mut r: Rng, size: usize) -> Transform {
+fn draw(p: &AugmentParams, r: &mut Rng, size: usize) -> Transform {
     let (rot, shift, jitter, alpha) = (p.rotation_deg.to_radians() as f32, p.shift as f32, p.intensity_jitter as f32, p.elastic_alpha as f32);
     Transform {
         angle: r.range(-1.0, 1.0) as f32 * rot,
@@ -163,15 +127,9 @@ fn draw(p: &AugmentParams, mut r: Rng, size: usize) -> Transform {
         mirror: p.mirror && r.f64() < 0.5,
         gain: 1.0 + r.range(-1.0, 1.0) as f32 * jitter,
         bias: r.range(-1.0, 1.0) as f32 * jitter * 0.5,
-        elastic: (alpha > 0.0).then(|| {
-            let mut g = [[(0f32, 0f32); 4]; 4];
-            for row in g.iter_mut() {
-                for cell in row.iter_mut() {
-                    *cell = (r.normal() as f32 * alpha, r.normal() as f32 * alpha);
-                }
-            }
-            g
-        }),
+        elastic: (alpha > 0.0).then(|| elastic_grid(r, alpha)),
+        scale: 1.0,
+        intensity: Vec::new(),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Medical image readers and writers, resampling and synthetic phantoms.
 
+pub mod augment;
 pub mod components;
 pub mod dicom;
 pub mod dicom_seg;
