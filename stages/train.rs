@@ -37,8 +37,10 @@ liverseg_engine::params! {
         momentum: f64 = float "0.9", "sgd/rmsprop momentum";
         nesterov: bool = bool "false", "sgd: Nesterov momentum";
         loss: Loss = choice "ce", "loss";
-        schedule: Schedule = choice "constant", "learning-rate schedule";
-        online_flip: bool = bool "false", "also mirror training batches at random (online augmentation)";
+        schedule: Schedule = choice "constant", "learning-rate schedule (poly: lr·(1 − epoch/epochs)^0.9, nnU-Net's)";
+        online_flip: bool = bool "false", "also mirror training batches at random (online augmentation; online_augment {mirror: 0.5})";
+        online_augment: serde_json::Value = any "null", "online augmentation of training batches, a fresh draw per slice and epoch on the loader thread: null, nnunet (nnU-Net's 2D set), or {rotation: [p, lo, hi], scale: [p, lo, hi], mirror: p, gamma: ...} (see README)";
+        steps_per_epoch: usize = int "0", "optimizer steps per epoch (nnU-Net: 250); 0 = one pass over the training slices";
         use_augmented: bool = bool "true", "train on the augment stage's copies too";
         max_train_slices: usize = int "0", "use at most this many training slices (0 = all), spread evenly over the training patients, with their augmented copies; for cheap trials";
         init_weights: String = str "''", "safetensors file (smp names) to start from, e.g. exported ImageNet encoder weights";
@@ -59,7 +61,19 @@ impl TrainParams {
         if self.batch_size < 2 || self.epochs < 1 || self.patience < 1 {
             bail!("batch_size must be ≥ 2, epochs and patience ≥ 1");
         }
+        if self.online_flip && !self.online_augment.is_null() {
+            bail!("online_flip and online_augment both set: online_flip is online_augment {{mirror: 0.5}}; set one");
+        }
+        self.online_transforms()?;
         Ok(())
+    }
+
+    /// What the loader draws from each epoch, if anything.
+    pub fn online_transforms(&self) -> Result<Option<liverseg_imaging::augment::Transforms>> {
+        if self.online_flip {
+            return Ok(Some(liverseg_imaging::augment::Transforms { mirror: 0.5, ..Default::default() }));
+        }
+        liverseg_imaging::augment::Transforms::from_param(&self.online_augment).context("online_augment")
     }
 }
 
@@ -101,6 +115,42 @@ impl Stage for Train {
         return training::train(ctx);
         #[cfg(not(feature = "torch"))]
         bail!("stage `{}` runs in the liverseg-torch worker (this build has no libtorch)", ctx.stage.name)
+    }
+}
+
+/// An epoch's training order: a shuffle of every slice, or, for `samples`
+/// > 0 (a fixed number of steps), as many shuffles as fill it, cut there.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64, samples: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    liverseg_rng::Rng::derive(seed, epoch).shuffle(&mut order);
+    let mut pass = 1u64;
+    while samples > order.len() {
+        let mut more: Vec<usize> = (0..n).collect();
+        liverseg_rng::Rng::derive(seed, epoch | pass << 40).shuffle(&mut more);
+        order.extend(more);
+        pass += 1;
+    }
+    if samples > 0 {
+        order.truncate(samples);
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    /// A pass is a shuffle of every slice; a fixed step count cycles through
+    /// fresh shuffles, so no slice is seen twice before all are seen once.
+    #[test]
+    fn epoch_orders_cover_every_slice_and_fill_fixed_steps() {
+        let one = super::epoch_order(10, 3, 1, 0);
+        assert_eq!({ let mut o = one.clone(); o.sort(); o }, (0..10).collect::<Vec<_>>());
+        assert_eq!(one, super::epoch_order(10, 3, 1, 0));
+        assert_ne!(one, super::epoch_order(10, 3, 2, 0));
+        let long = super::epoch_order(10, 3, 1, 25);
+        assert_eq!(long.len(), 25);
+        assert_eq!(long[..10], one[..]);
+        assert_eq!({ let mut o = long[10..20].to_vec(); o.sort(); o }, (0..10).collect::<Vec<_>>());
+        assert_eq!(super::epoch_order(10, 3, 1, 4), one[..4]);
     }
 }
 
@@ -227,7 +277,8 @@ mod training {
     use liverseg_engine::tensors::{write_with_metadata, NamedTensor};
     use liverseg_model::confusion::Confusion;
     use liverseg_model::fit::{self, EpochStats};
-    use liverseg_model::loader::SliceSet;
+    use liverseg_imaging::augment::Transforms;
+    use liverseg_model::loader::{Online, SliceSet};
     use liverseg_model::optim::{OptKind, Optimizer};
     use liverseg_model::{device_for, trainable_parameters, weights, ModelSpec, SegmentationModel};
     use liverseg_recipe::{Objective, Schedule};
@@ -283,6 +334,7 @@ mod training {
         best: BTreeMap<String, Tensor>,
         progress: Progress,
         pruned: bool,
+        online: Option<Arc<Transforms>>,
     }
 
     pub fn train(ctx: &StageContext) -> Result<Summary> {
@@ -387,7 +439,8 @@ mod training {
             let opt = Optimizer::new(OptKind::new(p.optimizer, p.momentum, p.nesterov), vs.trainable_variables(), p.lr, p.weight_decay);
             let best = fit::snapshot(&vs);
             let progress = Progress { epochs_done: 0, best_loss: f64::INFINITY, best_epoch: 0, bad_epochs: 0, lr: p.lr, plateau_bad: 0, step: 0, rows: Vec::new() };
-            Ok(Run { ctx, p, device, bf16, vs, model, opt, best, progress, pruned: false })
+            let online = p.online_transforms()?.map(Arc::new);
+            Ok(Run { ctx, p, device, bf16, vs, model, opt, best, progress, pruned: false, online })
         }
 
         /// Resume an interrupted run of this very key from its checkpoint.
@@ -449,17 +502,17 @@ mod training {
             let epoch = self.progress.epochs_done + 1;
             let lr = match p.schedule {
                 Schedule::Cosine => p.lr * 0.5 * (1.0 + (std::f64::consts::PI * (epoch - 1) as f64 / p.epochs as f64).cos()),
+                Schedule::Poly => p.lr * (1.0 - (epoch - 1) as f64 / p.epochs as f64).powf(0.9),
                 _ => self.progress.lr,
             };
             self.opt.lr = lr;
             // Per-epoch seeds make a resumed run identical to an uninterrupted one.
             tch::manual_seed(p.seed.wrapping_mul(1000).wrapping_add(epoch));
-            let mut order: Vec<usize> = (0..train_set.len()).collect();
-            Rng::derive(p.seed as u64, epoch as u64).shuffle(&mut order);
-            let flip = p.online_flip.then_some((p.seed as u64) << 20 | epoch as u64);
+            let order = super::epoch_order(train_set.len(), p.seed as u64, epoch as u64, p.steps_per_epoch * p.batch_size);
+            let online = self.online.clone().map(|transforms| Online { transforms, seed: (p.seed as u64) << 20 | epoch as u64 });
             let t0 = Instant::now();
-            let bar = liverseg_engine::progress::bar(train_set.len().div_ceil(p.batch_size) as u64, &format!("{name} {epoch}/{}", p.epochs), self.ctx.show_progress);
-            let stats = fit::train_epoch(&self.model, &mut self.opt, train_set.clone(), order, p.batch_size, self.device, p.loss, self.bf16, flip, &mut || bar.inc(1));
+            let bar = liverseg_engine::progress::bar(order.len().div_ceil(p.batch_size) as u64, &format!("{name} {epoch}/{}", p.epochs), self.ctx.show_progress);
+            let stats = fit::train_epoch(&self.model, &mut self.opt, train_set.clone(), order, p.batch_size, self.device, p.loss, self.bf16, online, &mut || bar.inc(1));
             bar.finish_and_clear();
             let train_secs = t0.elapsed().as_secs_f64();
             let (val_loss, vconf) = fit::evaluate(&self.model, val_set, p.batch_size, self.device, p.loss, self.bf16);

@@ -2,7 +2,7 @@
 //! batch inference: the steps the train and evaluate stages are made of.
 
 use crate::confusion::{confusion, Confusion};
-use crate::loader::{batches, SliceSet};
+use crate::loader::{batches, Online, SliceSet};
 use crate::optim::{OptKind, Optimizer};
 use crate::{loss, ModelSpec, SegmentationModel};
 use anyhow::{anyhow, Result};
@@ -31,11 +31,11 @@ pub fn train_epoch(
     device: Device,
     loss_kind: Loss,
     bf16: bool,
-    flip_seed: Option<u64>,
+    online: Option<Online>,
     on_batch: &mut dyn FnMut(),
 ) -> EpochStats {
     let (mut loss_sum, mut seen, mut conf) = (0.0, 0usize, Confusion::default());
-    for b in batches(set, order, batch, true, flip_seed) {
+    for b in batches(set, order, batch, true, online) {
         let x = b.x.to_device(device);
         let y = b.y.to_device(device);
         let logits = tch::autocast(bf16, || model.forward(&x, true));

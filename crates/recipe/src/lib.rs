@@ -99,7 +99,7 @@ choices!(
 
 choices!(
     /// The learning-rate schedule over epochs.
-    Schedule { Constant = "constant", Cosine = "cosine", Plateau = "plateau" }
+    Schedule { Constant = "constant", Cosine = "cosine", Plateau = "plateau", Poly = "poly" }
 );
 
 choices!(
