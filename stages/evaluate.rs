@@ -171,7 +171,7 @@ pub mod measure {
             if self.card.size as usize != size {
                 bail!("model {} was trained at {}×{}, data is {size}×{size}", self.name, self.card.size, self.card.size);
             }
-            Ok(fit::predict_u8(&self.net, images, None, n, size, batch, device)?.0)
+            Ok(fit::predict_u8(&self.net, images, None, n, size, batch, device, &self.card.scaling)?.0)
         }
 
         /// The model's preprocessing must be the data's, and so must its unit
@@ -305,9 +305,23 @@ pub mod measure {
 
     /// Liver probabilities of `nets` on the model's grid (averaged, with
     /// mirroring if asked), and the first net's cross-entropy.
+    /// Each model's input scaled as its card says; an ensemble of models
+    /// with different scalings averages their separate probabilities.
     fn probabilities(nets: &[&Loaded], input: &CaseInput, size: usize, how: &fit::Inference) -> Result<fit::Probabilities> {
-        let nets: Vec<&SegmentationModel> = nets.iter().map(|m| &m.net).collect();
-        fit::liver_probabilities(&nets, &input.images, Some(&input.grid_masks), input.n, size, how)
+        let run = |models: &[&Loaded]| {
+            let how = fit::Inference { scaling: models[0].card.scaling, ..*how };
+            let nets: Vec<&SegmentationModel> = models.iter().map(|m| &m.net).collect();
+            fit::liver_probabilities(&nets, &input.images, Some(&input.grid_masks), input.n, size, &how)
+        };
+        if nets.iter().all(|m| m.card.scaling == nets[0].card.scaling) {
+            return run(nets);
+        }
+        let mut first = run(&nets[..1])?;
+        for m in &nets[1..] {
+            first.liver.iter_mut().zip(run(&[m])?.liver).for_each(|(a, b)| *a += b);
+        }
+        first.liver.iter_mut().for_each(|a| *a /= nets.len() as f32);
+        Ok(first)
     }
 
     /// The mask on the case's own grid: probabilities resampled as the slices
@@ -634,7 +648,7 @@ pub mod measure {
                 t[0].extend_from_slice(image);
                 t[1].extend_from_slice(&input.grid_masks[k * plane..(k + 1) * plane]);
                 t[2].extend(model.predict(image, 1, size, p.batch_size, device)?);
-                t[3].extend(fit::grad_cam_u8(&model.net, image, 1, size, device)?);
+                t[3].extend(fit::grad_cam_u8(&model.net, image, 1, size, device, &model.card.scaling)?);
                 rows.push((model.name.clone(), label, case.to_owned(), input.slice_index.get(k).copied().unwrap_or(-1), dice));
             }
             let n = t[0].len() / plane;

@@ -18,7 +18,8 @@ use std::fmt::Write;
 
 /// 4: Table 1 with n, CI rule, HD95 rule, training columns; one search per tuned model.
 /// 6: Table 1's params as wrapping text (the JSON ran off the page).
-pub const VERSION: u32 = 6;
+/// 7: each model's input scaling under Table 1.
+pub const VERSION: u32 = 7;
 
 liverseg_engine::params! {
     pub struct ReportParams {
@@ -457,7 +458,24 @@ fn table1(doc: &mut Doc, ctx: &StageContext, eval: &Artifact, summary: &mut Summ
         summary.insert(format!("{m}.miou"), serde_json::json!(t.f("miou", i)));
     }
     doc.table(&head, &rows);
+    input_scaling(doc, ctx, &models)?;
     Ok(models)
+}
+
+/// Which input scaling each model uses, with its statistics, from its card.
+fn input_scaling(doc: &mut Doc, ctx: &StageContext, models: &[String]) -> Result<()> {
+    let mut items = Vec::new();
+    for m in models {
+        let Some(a) = ctx.upstream.get(m) else { continue };
+        let card: crate::train::ModelCard = serde_json::from_slice(&std::fs::read(a.file("model.json"))?).with_context(|| format!("{}: model.json", a.dir.display()))?;
+        let window = (card.unit == "HU" && card.window.len() == 2).then(|| (card.window[0], card.window[1]));
+        items.push(plain(format!("{m}: {}", card.scaling.describe(window))));
+    }
+    if !items.is_empty() {
+        doc.para(&[plain("Input scaling (from each model's card):")]);
+        doc.list(&items);
+    }
+    Ok(())
 }
 
 /// Loss, pixel accuracy and mIoU per epoch of every trained model upstream.

@@ -11,7 +11,8 @@
 use anyhow::{bail, Context, Result};
 use liverseg_engine::params::{ParamSpec, Params};
 use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary};
-use liverseg_recipe::{Arch, Device, Encoder, Loss, Objective, Optimizer, Schedule};
+use liverseg_recipe::scaling::InputScaling;
+use liverseg_recipe::{Arch, Device, Encoder, InputScheme, Loss, Objective, Optimizer, Schedule};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::LazyLock;
@@ -40,6 +41,7 @@ liverseg_engine::params! {
         schedule: Schedule = choice "constant", "learning-rate schedule (poly: lr·(1 − epoch/epochs)^0.9, nnU-Net's)";
         online_flip: bool = bool "false", "also mirror training batches at random (online augmentation; online_augment {mirror: 0.5})";
         online_augment: serde_json::Value = any "null", "online augmentation of training batches, a fresh draw per slice and epoch on the loader thread: null, nnunet (nnU-Net's 2D set), or {rotation: [p, lo, hi], scale: [p, lo, hi], mirror: p, gamma: ...} (see README)";
+        input_scaling: InputScheme = choice "fixed", "how stored slices become model input: fixed (/255 of the window or 8-bit export), percentile (each image clipped to its 0.5–99.5 percentiles and z-scored; for exports of unknown window), ct (clipped to the training liver's 0.5–99.5 percentiles, z-scored with their mean and std; HU data)";
         steps_per_epoch: usize = int "0", "optimizer steps per epoch (nnU-Net: 250); 0 = one pass over the training slices";
         use_augmented: bool = bool "true", "train on the augment stage's copies too";
         max_train_slices: usize = int "0", "use at most this many training slices (0 = all), spread evenly over the training patients, with their augmented copies; for cheap trials";
@@ -174,6 +176,9 @@ pub struct ModelCard {
     /// 8-bit export was scaled differently (absent in older cards).
     #[serde(default)]
     pub input_stats: Option<InputStats>,
+    /// How the stored slices become model input (absent in older cards: fixed).
+    #[serde(default)]
+    pub scaling: InputScaling,
 }
 
 /// Percentiles of the nonzero (body) pixels of model inputs, 0..255.
@@ -266,7 +271,7 @@ mod training {
     //! The training loop: data, model, epochs with early stopping and
     //! checkpoints, and the artifact.
 
-    use super::{InputStats, ModelCard, ModelSpecCard, StopReason, TrainParams, CARD_METADATA};
+    use super::{InputScaling, InputScheme, InputStats, ModelCard, ModelSpecCard, StopReason, TrainParams, CARD_METADATA};
     use crate::augment::AugmentedSet;
     use crate::normalise::NormalisedSet;
     use crate::split::{Part, SplitAssignment};
@@ -282,7 +287,6 @@ mod training {
     use liverseg_model::optim::{OptKind, Optimizer};
     use liverseg_model::{device_for, trainable_parameters, weights, ModelSpec, SegmentationModel};
     use liverseg_recipe::{Objective, Schedule};
-    use liverseg_rng::Rng;
     use polars::prelude::{Column, DataFrame};
     use serde::{Deserialize, Serialize};
     use std::collections::BTreeMap;
@@ -352,7 +356,7 @@ mod training {
             run.epoch(&train_set, &val_set)?;
         }
         run.say_why_it_stopped();
-        run.finish(&data.norm, data.input_stats, started)
+        run.finish(&data.norm, data.input_stats, train_set.scaling, started)
     }
 
     /// The stage's params, with an upstream tune stage's best ones in place.
@@ -404,12 +408,25 @@ mod training {
                     }
                 }
             }
-            let (train, val) = (SliceSet { images: ti, masks: tm, size }, SliceSet { images: vi, masks: vm, size });
+            let scaling = input_scaling(p.input_scaling, &norm, &train_rows)?;
+            let (train, val) = (SliceSet { images: ti, masks: tm, size, scaling }, SliceSet { images: vi, masks: vm, size, scaling });
             if train.len() < 2 || val.is_empty() {
                 bail!("training needs at least 2 training and 1 validation slice (got {} and {})", train.len(), val.len());
             }
             Ok(TrainingData { train, val, size, norm, input_stats })
         }
+    }
+
+    /// The scheme's statistics: for `ct`, of the liver pixels of the chosen
+    /// training slices (before augmentation), which must be CT.
+    fn input_scaling(scheme: InputScheme, norm: &NormalisedSet, train_rows: &[usize]) -> Result<InputScaling> {
+        if scheme == InputScheme::Ct && norm.unit() != "HU" {
+            bail!("input_scaling ct is nnU-Net's CT scheme and needs HU data; these slices are {} (use percentile for 8-bit exports)", norm.unit());
+        }
+        let px = norm.size * norm.size;
+        let (images, masks) = (norm.images(), norm.masks());
+        let liver = train_rows.iter().flat_map(|&r| images[r * px..(r + 1) * px].iter().zip(&masks[r * px..(r + 1) * px]).filter(|(_, &m)| m == 1).map(|(&v, _)| v));
+        InputScaling::fit(scheme, liver)
     }
 
     /// At most `max` of `rows` (0 = all), evenly spaced, so that a subset of
@@ -599,7 +616,7 @@ mod training {
 
         /// The artifact: the best epoch's weights, the per-epoch table, the
         /// model card and the summary.
-        fn finish(self, norm: &NormalisedSet, input_stats: InputStats, started: Instant) -> Result<Summary> {
+        fn finish(self, norm: &NormalisedSet, input_stats: InputStats, scaling: InputScaling, started: Instant) -> Result<Summary> {
             let ctx = self.ctx;
             fit::restore(&self.vs, &self.best, "")?;
             let stop = self.stop_reason().unwrap_or(StopReason::MaxEpochs);
@@ -617,6 +634,7 @@ mod training {
                 best_val_loss: self.progress.best_loss,
                 train_stage_key: ctx.key.to_owned(),
                 input_stats: Some(input_stats),
+                scaling,
             };
             std::fs::write(ctx.out("model.json"), serde_json::to_vec_pretty(&card)?)?;
             if self.p.save_model {
@@ -667,7 +685,9 @@ mod training {
             meta.insert("input_unit".into(), card.unit.clone());
             meta.insert("window".into(), serde_json::to_string(&card.window)?);
             meta.insert("minmax_8bit".into(), card.minmax_8bit.to_string());
-            meta.insert("scaling".into(), "HU window mapped to [0, 1] (8-bit: /255, or each image's min..max when minmax_8bit), bilinear resize into input_size², aspect kept (non-square slices padded with 0)".into());
+            meta.insert("scaling".into(), "HU window mapped to 0..255 (8-bit: as is, or each image's min..max when minmax_8bit), bilinear resize into input_size², aspect kept (non-square slices padded with 0); then input_scaling".into());
+            let window = (card.unit == "HU").then(|| (card.window[0], card.window[1]));
+            meta.insert("input_scaling".into(), card.scaling.describe(window));
             write_with_metadata(&ctx.out("model.safetensors"), &tensors, &meta)
         }
     }

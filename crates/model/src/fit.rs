@@ -4,6 +4,7 @@
 use crate::confusion::{confusion, Confusion};
 use crate::loader::{batches, Online, SliceSet};
 use crate::optim::{OptKind, Optimizer};
+use crate::scaling::InputScaling;
 use crate::{loss, ModelSpec, SegmentationModel};
 use anyhow::{anyhow, Result};
 use liverseg_recipe::{Arch, Encoder, Loss};
@@ -86,10 +87,10 @@ pub fn restore(vs: &nn::VarStore, tensors: &BTreeMap<String, Tensor>, prefix: &s
     })
 }
 
-/// Predict `images` ([n, size, size] u8, scaled by /255); returns the masks
+/// Predict `images` ([n, size, size] u8, scaled by `scaling`); returns the masks
 /// and, with `masks`, the mean cross-entropy against them.
 #[allow(clippy::too_many_arguments)]
-pub fn predict_u8(net: &SegmentationModel, images: &[u8], masks: Option<&[u8]>, n: usize, size: usize, batch: usize, device: Device) -> Result<(Vec<u8>, f64)> {
+pub fn predict_u8(net: &SegmentationModel, images: &[u8], masks: Option<&[u8]>, n: usize, size: usize, batch: usize, device: Device, scaling: &InputScaling) -> Result<(Vec<u8>, f64)> {
     let px = size * size;
     let mut out = vec![0u8; n * px];
     let mut loss_sum = 0.0;
@@ -97,7 +98,7 @@ pub fn predict_u8(net: &SegmentationModel, images: &[u8], masks: Option<&[u8]>, 
         for start in (0..n).step_by(batch.max(1)) {
             let end = (start + batch).min(n);
             let b = (end - start) as i64;
-            let x = to_input(&images[start * px..end * px], end - start, size, device);
+            let x = to_input(&images[start * px..end * px], end - start, size, device, scaling);
             let logits = net.forward(&x, false).to_kind(Kind::Float);
             if let Some(masks) = masks {
                 let y = Tensor::from_slice(&masks[start * px..end * px]).view([b, size as i64, size as i64]).to_kind(Kind::Int64).to_device(device);
@@ -137,12 +138,14 @@ pub struct Inference {
     pub kind: Kind,
     /// Inputs in channels-last layout (for nets prepared by [`for_inference`]).
     pub channels_last: bool,
+    /// How the u8 slices become input (every net of an ensemble shares it).
+    pub scaling: InputScaling,
 }
 
 impl Inference {
     /// fp32 on `device`.
     pub fn fp32(batch: usize, device: Device, mirror: bool) -> Self {
-        Inference { batch, device, mirror, kind: Kind::Float, channels_last: false }
+        Inference { batch, device, mirror, kind: Kind::Float, channels_last: false, scaling: InputScaling::Fixed }
     }
 }
 
@@ -165,7 +168,7 @@ fn channels_last(t: &Tensor) -> Tensor {
     t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
-/// Liver probabilities of `images` ([n, S, S] u8, scaled by /255): the
+/// Liver probabilities of `images` ([n, S, S] u8, scaled by `how.scaling`): the
 /// softmax averaged over `nets` (an ensemble) and, with `mirror`, over the
 /// four flips of every slice, each flipped back first (nnU-Net's
 /// test-time mirroring). With `masks`, the first net's plain cross-entropy.
@@ -178,7 +181,7 @@ pub fn liver_probabilities(nets: &[&SegmentationModel], images: &[u8], masks: Op
         for start in (0..n).step_by(batch) {
             let end = (start + batch).min(n);
             let b = (end - start) as i64;
-            let mut x = to_input(&images[start * px..end * px], end - start, size, device);
+            let mut x = to_input(&images[start * px..end * px], end - start, size, device, &how.scaling);
             if how.kind != Kind::Float {
                 x = x.to_kind(how.kind);
             }
@@ -209,14 +212,22 @@ pub fn liver_probabilities(nets: &[&SegmentationModel], images: &[u8], masks: Op
 }
 
 /// Liver-class Grad-CAM maps of `images` ([n, size, size] u8), as u8 (255 = the image's maximum).
-pub fn grad_cam_u8(net: &SegmentationModel, images: &[u8], n: usize, size: usize, device: Device) -> Result<Vec<u8>> {
-    let cam = net.grad_cam(&to_input(images, n, size, device), 1);
+pub fn grad_cam_u8(net: &SegmentationModel, images: &[u8], n: usize, size: usize, device: Device, scaling: &InputScaling) -> Result<Vec<u8>> {
+    let cam = net.grad_cam(&to_input(images, n, size, device, scaling), 1);
     let cam = (cam * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8).to_device(Device::Cpu).flatten(0, -1);
     Vec::try_from(&cam).map_err(|e| anyhow!("{e}"))
 }
 
-fn to_input(images: &[u8], b: usize, size: usize, device: Device) -> Tensor {
-    Tensor::from_slice(images).view([b as i64, 1, size as i64, size as i64]).to_kind(Kind::Float).to_device(device) / 255.0
+/// Images [b, size, size] u8 as model input [b, 1, size, size], scaled.
+fn to_input(images: &[u8], b: usize, size: usize, device: Device, scaling: &InputScaling) -> Tensor {
+    let x: Vec<f32> = images
+        .chunks_exact(size * size)
+        .flat_map(|img| {
+            let a = scaling.affine(img);
+            img.iter().map(move |&v| a.apply(v as f32))
+        })
+        .collect();
+    Tensor::from_slice(&x).view([b as i64, 1, size as i64, size as i64]).to_device(device)
 }
 
 /// Images/s for training steps (forward, CE loss, backward, Adam) and for
@@ -271,7 +282,7 @@ mod tests {
         let plain = liver_probabilities(&[&m], &images, None, 2, 32, &Inference::fp32(2, Device::Cpu, false)).unwrap().liver;
         let mirrored = liver_probabilities(&[&m], &images, None, 2, 32, &Inference::fp32(2, Device::Cpu, true)).unwrap().liver;
         // By hand: the mean of the four flipped predictions, flipped back.
-        let x = to_input(&images, 2, 32, Device::Cpu);
+        let x = to_input(&images, 2, 32, Device::Cpu, &InputScaling::Fixed);
         let by_hand = tch::no_grad(|| {
             let sum = FLIPS.iter().fold(Tensor::zeros([2, 32, 32], (Kind::Float, Device::Cpu)), |acc, d| {
                 let xf = if d.is_empty() { x.shallow_clone() } else { x.flip(*d) };

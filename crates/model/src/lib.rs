@@ -13,6 +13,7 @@ pub mod loader;
 pub mod loss;
 pub mod network;
 pub mod optim;
+pub use liverseg_recipe::scaling;
 pub mod summary;
 pub mod weights;
 

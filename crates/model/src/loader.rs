@@ -1,17 +1,20 @@
 //! Batches assembled ahead of the model on another thread, from slices held
 //! in memory as uint8, so the model never waits on data.
 
+use crate::scaling::{Affine, InputScaling};
 use liverseg_imaging::augment::{self, Transform, Transforms};
 use liverseg_rng::Rng;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use tch::{Kind, Tensor};
 
-/// Square uint8 images and 0/1 masks, `n` of `size`×`size`.
+/// Square uint8 images and 0/1 masks, `n` of `size`×`size`, and how the
+/// images become model input.
 pub struct SliceSet {
     pub images: Vec<u8>,
     pub masks: Vec<u8>,
     pub size: usize,
+    pub scaling: InputScaling,
 }
 
 impl SliceSet {
@@ -57,13 +60,16 @@ pub fn batches(set: Arc<SliceSet>, order: Vec<usize>, batch: usize, drop_singlet
                 let (src_x, src_y) = (&set.images[i * px..(i + 1) * px], &set.masks[i * px..(i + 1) * px]);
                 let t = online.as_ref().map(|o| augment::draw(&o.transforms, &mut Rng::derive(o.seed, (b * batch + k) as u64), s));
                 let (out_x, out_y) = (&mut xs[k * px..(k + 1) * px], &mut ys[k * px..(k + 1) * px]);
+                // Statistics of the stored slice, so that z-scoring does not undo
+                // the intensity transforms.
+                let scale = set.scaling.affine(src_x);
                 match t {
                     Some(t) if !is_flip_only(&t) => {
                         let (ax, ay) = augment::apply_f32(&t, src_x, src_y, s);
-                        out_x.iter_mut().zip(&ax).for_each(|(o, v)| *o = v / 255.0);
+                        out_x.iter_mut().zip(&ax).for_each(|(o, &v)| *o = scale.apply(v));
                         out_y.copy_from_slice(&ay);
                     }
-                    t => copy(src_x, src_y, out_x, out_y, s, t.is_some_and(|t| t.mirror)),
+                    t => copy(src_x, src_y, out_x, out_y, s, t.is_some_and(|t| t.mirror), &scale),
                 }
             }
             let n = chunk.len() as i64;
@@ -82,12 +88,12 @@ fn is_flip_only(t: &Transform) -> bool {
     Transform { mirror: false, ..t.clone() } == Transform::IDENTITY
 }
 
-/// One sample as it is, or mirrored left-right, scaled to [0, 1].
-fn copy(src_x: &[u8], src_y: &[u8], out_x: &mut [f32], out_y: &mut [u8], s: usize, mirror: bool) {
+/// One sample as it is, or mirrored left-right, scaled.
+fn copy(src_x: &[u8], src_y: &[u8], out_x: &mut [f32], out_y: &mut [u8], s: usize, mirror: bool, scale: &Affine) {
     for r in 0..s {
         for c in 0..s {
             let from = r * s + if mirror { s - 1 - c } else { c };
-            out_x[r * s + c] = src_x[from] as f32 / 255.0;
+            out_x[r * s + c] = scale.apply(src_x[from] as f32);
             out_y[r * s + c] = src_y[from];
         }
     }
@@ -101,7 +107,7 @@ mod tests {
         let size = 32;
         let images: Vec<u8> = (0..6 * size * size).map(|i| (i * 31 % 253) as u8).collect();
         let masks: Vec<u8> = (0..6 * size * size).map(|i| ((i % size) > 12 && (i / size % size) > 9) as u8).collect();
-        Arc::new(SliceSet { images, masks, size })
+        Arc::new(SliceSet { images, masks, size, scaling: InputScaling::Fixed })
     }
 
     fn collect(online: Option<Online>) -> Vec<(Vec<f32>, Vec<i64>)> {

@@ -3,6 +3,8 @@
 //! Each is a closed set of names: parsed once, then matched, never compared
 //! as strings.
 
+pub mod scaling;
+
 use std::fmt;
 
 /// An enum of named choices: `NAMES` in declaration order, `name()`,
@@ -95,6 +97,11 @@ choices!(
 choices!(
     /// The optimizer (PyTorch's formulas and defaults).
     Optimizer { Adam = "adam", AdamW = "adamw", Sgd = "sgd", RmsProp = "rmsprop" }
+);
+
+choices!(
+    /// How stored uint8 slices become model input (see liverseg_model::scaling).
+    InputScheme { Fixed = "fixed", Percentile = "percentile", Ct = "ct" }
 );
 
 choices!(

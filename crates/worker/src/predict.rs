@@ -73,6 +73,9 @@ fn same_preprocessing(models: &[Loaded]) -> Result<ModelCard> {
         if (c.size, &c.window, c.minmax_8bit, &c.unit) != (first.size, &first.window, first.minmax_8bit, &first.unit) {
             bail!("the models of an ensemble must share their preprocessing: {}² window {:?} ({}) against {}² window {:?} ({})", first.size, first.window, first.unit, c.size, c.window, c.unit);
         }
+        if c.scaling != first.scaling {
+            bail!("the models of an ensemble must share their input scaling: {:?} against {:?}", first.scaling, c.scaling);
+        }
     }
     Ok(first.clone())
 }
@@ -138,7 +141,7 @@ fn segment_slices(o: &Options, nets: &[&SegmentationModel], card: &ModelCard, im
     let bar = liverseg_engine::progress::bar(n.div_ceil(o.batch) as u64, label, true);
     let mut probs = Vec::with_capacity(n * fit.h * fit.w);
     let kind = if o.bf16 { tch::Kind::BFloat16 } else { tch::Kind::Float };
-    let how = infer::Inference { batch: o.batch, device: o.device, mirror: o.mirror, kind, channels_last: true };
+    let how = infer::Inference { batch: o.batch, device: o.device, mirror: o.mirror, kind, channels_last: true, scaling: card.scaling };
     for start in (0..n).step_by(o.batch) {
         let end = (start + o.batch).min(n);
         let p = infer::liver_probabilities(nets, &images[start * size * size..end * size * size], None, end - start, size, &how)?;

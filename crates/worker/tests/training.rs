@@ -337,3 +337,32 @@ fn check_resume(a: &Path) {
     // Checkpoints are scratch: gone once the artifact exists, and not part of it.
     assert!(!artifact(&b, "train").join("checkpoint.safetensors").exists());
 }
+
+/// nnU-Net's recipe options end to end: CT z-scoring with the training
+/// liver's statistics in the card and the weights, online nnU-Net
+/// augmentation, a fixed number of steps per epoch, SGD with Nesterov
+/// momentum on the poly schedule; evaluate scales inputs as the card says.
+#[test]
+fn nnunet_recipe_options_train_and_evaluate() {
+    let a = project("train_recipe");
+    let recipe = ["-P", "train.input_scaling=ct", "-P", "train.online_augment=nnunet", "-P", "train.steps_per_epoch=3", "-P", "train.schedule=poly", "-P", "train.optimizer=sgd", "-P", "train.nesterov=true", "-P", "train.momentum=0.99", "-P", "train.lr=0.01", "-P", "train.epochs=2"];
+    let mut args = vec!["run", "evaluate", "-q"];
+    args.extend(recipe);
+    run(&a, &args);
+    let lr = column(&metrics(&a), "lr");
+    assert_eq!(lr.len(), 2);
+    assert!((lr[0] - 0.01).abs() < 1e-12 && (lr[1] - 0.01 * 0.5f64.powf(0.9)).abs() < 1e-12, "poly schedule: {lr:?}");
+    let card: serde_json::Value = serde_json::from_slice(&std::fs::read(artifact(&a, "train").join("model.json")).unwrap()).unwrap();
+    let s = &card["scaling"];
+    assert_eq!(s["scheme"], "ct", "{card}");
+    let (lo, hi, mean, std) = (s["clip"][0].as_f64().unwrap(), s["clip"][1].as_f64().unwrap(), s["mean"].as_f64().unwrap(), s["std"].as_f64().unwrap());
+    assert!(lo < mean && mean < hi && std > 0.0 && hi <= 255.0, "{s}");
+    let meta = liverseg_engine::tensors::metadata(&artifact(&a, "train").join("model.safetensors")).unwrap();
+    assert!(meta["input_scaling"].starts_with("ct: clipped to [") && meta["input_scaling"].contains("HU"), "{meta:?}");
+    let manifest = liverseg_engine::store::read_manifest(&artifact(&a, "evaluate").join("manifest.json")).unwrap();
+    assert!(manifest.metrics["train.dice_per_case"].as_f64().unwrap().is_finite());
+    // Per-image percentile z-scoring trains and evaluates too; a bad preset names itself.
+    run(&a, &["run", "evaluate", "-q", "-P", "train.input_scaling=percentile", "-P", "train.epochs=1"]);
+    let err = fails(&a, &["run", "train", "-q", "-P", "train.online_augment=heavy"]);
+    assert!(err.contains("online_augment") && err.contains("heavy"), "{err}");
+}
