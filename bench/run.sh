@@ -3,9 +3,10 @@
 # one invocation, so ratios are measured under the same machine load.
 #   engine: no-op `liverseg run` over >= 1,000 raw files (target < 50 ms)
 #   data:   ingest + normalise slices/s vs a plain Python reference (target >= 4x)
-#   train:  DeepLabV3+ResNet34 images/s vs segmentation_models_pytorch (target >= 1x)
+#   train:  DeepLabV3+ResNet34 images/s vs segmentation_models_pytorch, medians of 5 pairs (target >= 1x)
 #   predict: slices/s of a 512x512x100 volume vs smp, fp32 and bf16 (target >= 1x)
-# `bash bench/run.sh accuracy` trains msd.yaml (about 1.5 hours on 2 cores).
+# `bash bench/run.sh accuracy` trains msd.yaml (about 1.5 hours on 2 cores;
+#   ACCURACY_MODELS=train for DeepLabV3+ alone, ACCURACY_SET for -P overrides).
 # `bash bench/run.sh tune` compares random search, TPE and a Gaussian process
 #   on the MSD slices, 3 seeds each (TUNE_NO_PRUNE=1 adds a study without
 #   pruning; TUNE_BUDGET trials per strategy, default 12).
@@ -99,12 +100,23 @@ YAML
 fi
 
 if [ "$what" = all ] || [ "$what" = train ]; then
-  echo "## train: DeepLabV3+ResNet34, Adam, CPU images/s (train / inference)"
+  echo "## train: DeepLabV3+ResNet34, Adam, fp32, CPU images/s (train / inference)"
+  # TRAIN_PAIRS back-to-back pairs (liverseg, then smp) per configuration;
+  # the medians of each side are compared, so one noisy run moves nothing.
+  PAIRS=${TRAIN_PAIRS:-5}
+  median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
   for cfg in "224 8 8" "128 16 8"; do
     set -- $cfg
-    read -r rt ri < <("$WORKER" bench-train --size $1 --batch $2 --steps $3)
-    read -r pt pi < <("$PY" bench/py_train_speed.py $1 $2 $3 2>/dev/null)
-    echo "${1}x${1} batch $2: liverseg $rt / $ri | smp $pt / $pi | train ratio $(echo "scale=2; $rt/$pt" | bc)x, inference ratio $(echo "scale=2; $ri/$pi" | bc)x"
+    rts=(); ris=(); pts=(); pis=()
+    for i in $(seq 1 "$PAIRS"); do
+      read -r rt ri < <("$WORKER" bench-train --size $1 --batch $2 --steps $3)
+      read -r pt pi < <("$PY" bench/py_train_speed.py $1 $2 $3 2>/dev/null)
+      rts+=("$rt"); ris+=("$ri"); pts+=("$pt"); pis+=("$pi")
+    done
+    rt=$(printf '%s\n' "${rts[@]}" | median); ri=$(printf '%s\n' "${ris[@]}" | median)
+    pt=$(printf '%s\n' "${pts[@]}" | median); pi=$(printf '%s\n' "${pis[@]}" | median)
+    echo "${1}x${1} batch $2, medians of $PAIRS pairs: liverseg $rt / $ri | smp $pt / $pi | train ratio $(echo "scale=2; $rt/$pt" | bc)x, inference ratio $(echo "scale=2; $ri/$pi" | bc)x"
+    echo "${1}x${1} runs: liverseg train ${rts[*]} inference ${ris[*]} | smp train ${pts[*]} inference ${pis[*]}"
   done
 fi
 
@@ -167,8 +179,24 @@ YAML
 fi
 
 if [ "$what" = accuracy ]; then
-  echo "## accuracy: msd.yaml (DeepLabV3+ and the ResNet baseline), test patients"
+  # msd.yaml as it is, or with ACCURACY_MODELS=train the DeepLabV3+ alone
+  # (baseline removed); ACCURACY_SET adds -P overrides, e.g. a candidate recipe:
+  #   ACCURACY_SET="train.online_augment=nnunet train.input_scaling=percentile"
+  echo "## accuracy: msd.yaml, test patients (models: ${ACCURACY_MODELS:-train baseline}; overrides: ${ACCURACY_SET:-none})"
   A=$OUT/accuracy; mkdir -p "$A"
-  sed "s|data.root: ../shared/data/msd-liver-2d|data.root: $SHARED/msd-liver-2d|" msd.yaml > "$A/pipeline.yaml"
-  (cd "$A" && /usr/bin/time -v "$BIN" run) 2>&1 | tee "$A/log.txt" | grep -E "^(ran|Epoch|early|time budget|train:|baseline:)"
+  "$PY" - "$SHARED/msd-liver-2d" "${ACCURACY_MODELS:-train baseline}" > "$A/pipeline.yaml" <<'PYEOF'
+import sys, yaml
+root, models = sys.argv[1], sys.argv[2].split()
+d = yaml.safe_load(open("msd.yaml"))
+d["profiles"]["msd"]["data.root"] = root
+for m in ("train", "baseline"):
+    if m not in models:
+        del d["stages"][m]
+        d["stages"]["evaluate"]["deps"].remove(m)
+        d["profiles"]["msd"] = {k: v for k, v in d["profiles"]["msd"].items() if not k.startswith(m + ".")}
+print(yaml.safe_dump(d, sort_keys=False))
+PYEOF
+  SETS=(); for s in ${ACCURACY_SET:-}; do SETS+=(-P "$s"); done
+  (cd "$A" && /usr/bin/time -v "$BIN" run "${SETS[@]}") 2>&1 | tee "$A/log.txt" | grep -E "^(ran|Epoch|early|train:|baseline:|Loss)|Dice per case|rror"
+  (cd "$A" && "$BIN" lineage evaluate "${SETS[@]}" | head -40)
 fi

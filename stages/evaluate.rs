@@ -130,48 +130,71 @@ pub mod measure {
     use std::path::{Path, PathBuf};
     use tch::nn;
 
-    /// A trained model, loaded once: its card, network and the manifest of
+    /// A trained model, loaded once: its card, its network (the folds of a
+    /// cross-validated model, used as their ensemble) and the manifest of
     /// the artifact it came from (how it was trained), where there is one.
     pub struct Loaded {
         pub name: String,
         pub card: ModelCard,
-        pub net: SegmentationModel,
+        pub nets: Vec<SegmentationModel>,
         pub manifest: Option<Manifest>,
+        /// Where its training figures sit in the manifest's metrics: "" or `fold<k>.`.
+        pub metrics_prefix: String,
         pub dir: PathBuf,
-        /// Owns the weights `net` uses.
-        _vs: nn::VarStore,
+        /// Own the weights `nets` use.
+        _vs: Vec<nn::VarStore>,
     }
 
-    /// Load the trained model in `dir` (model.safetensors and its card).
+    /// Load the trained model in `dir`: model.safetensors and its card, or
+    /// for a cross-validated one every `folds/fold<k>/model.safetensors`.
     pub fn load_model(name: &str, dir: &Path, device: tch::Device) -> Result<Loaded> {
         let card = ModelCard::read(dir)?;
-        let mut vs = nn::VarStore::new(device);
-        let net = SegmentationModel::new(&vs.root(), &ModelSpec::from(&card.spec))?;
-        weights::load(&mut vs, &dir.join("model.safetensors"), true)?;
+        let files: Vec<PathBuf> = if card.folds > 0 { (0..card.folds).map(|k| dir.join(format!("folds/fold{k}/model.safetensors"))).collect() } else { vec![dir.join("model.safetensors")] };
+        let (mut nets, mut stores) = (Vec::new(), Vec::new());
+        for file in &files {
+            let mut vs = nn::VarStore::new(device);
+            nets.push(SegmentationModel::new(&vs.root(), &ModelSpec::from(&card.spec))?);
+            weights::load(&mut vs, file, true)?;
+            stores.push(vs);
+        }
         let manifest = read_manifest(&dir.join(MANIFEST)).ok();
-        Ok(Loaded { name: name.to_owned(), card, net, manifest, dir: dir.to_path_buf(), _vs: vs })
+        Ok(Loaded { name: name.to_owned(), card, nets, manifest, metrics_prefix: String::new(), dir: dir.to_path_buf(), _vs: stores })
+    }
+
+    /// Fold `k` of the cross-validated model in `dir`, on its own, named `name`.
+    fn load_fold(name: &str, dir: &Path, k: usize, device: tch::Device) -> Result<Loaded> {
+        let mut fold = load_model(name, &dir.join(format!("folds/fold{k}")), device)?;
+        fold.manifest = read_manifest(&dir.join(MANIFEST)).ok();
+        fold.metrics_prefix = format!("fold{k}.");
+        Ok(fold)
     }
 
     impl Loaded {
         /// A second copy of the model, prepared for inference in `kind`.
         pub fn reloaded(&self, kind: tch::Kind, device: tch::Device) -> Result<Loaded> {
             let mut copy = load_model(&self.name, &self.dir, device)?;
+            (copy.manifest, copy.metrics_prefix) = (self.manifest.clone(), self.metrics_prefix.clone());
             copy.for_inference(kind);
             Ok(copy)
         }
 
         /// Cast the weights for inference in `kind` (see `fit::for_inference`).
         pub fn for_inference(&mut self, kind: tch::Kind) {
-            fit::for_inference(&mut self._vs, kind);
+            self._vs.iter_mut().for_each(|vs| fit::for_inference(vs, kind));
         }
 
         /// Predict `images` ([n, size, size] u8) at the model's size; returns
-        /// the masks on the model's grid.
+        /// the masks on the model's grid (an ensemble's mean softmax above 0.5).
         pub fn predict(&self, images: &[u8], n: usize, size: usize, batch: usize, device: tch::Device) -> Result<Vec<u8>> {
             if self.card.size as usize != size {
                 bail!("model {} was trained at {}×{}, data is {size}×{size}", self.name, self.card.size, self.card.size);
             }
-            Ok(fit::predict_u8(&self.net, images, None, n, size, batch, device, &self.card.scaling)?.0)
+            if let [net] = &self.nets[..] {
+                return Ok(fit::predict_u8(net, images, None, n, size, batch, device, &self.card.scaling)?.0);
+            }
+            let how = fit::Inference { scaling: self.card.scaling, ..fit::Inference::fp32(batch, device, false) };
+            let nets: Vec<&SegmentationModel> = self.nets.iter().collect();
+            Ok(fit::liver_probabilities(&nets, images, None, n, size, &how)?.liver.iter().map(|&v| u8::from(v > 0.5)).collect())
         }
 
         /// The model's preprocessing must be the data's, and so must its unit
@@ -310,7 +333,7 @@ pub mod measure {
     fn probabilities(nets: &[&Loaded], input: &CaseInput, size: usize, how: &fit::Inference) -> Result<fit::Probabilities> {
         let run = |models: &[&Loaded]| {
             let how = fit::Inference { scaling: models[0].card.scaling, ..*how };
-            let nets: Vec<&SegmentationModel> = models.iter().map(|m| &m.net).collect();
+            let nets: Vec<&SegmentationModel> = models.iter().flat_map(|m| &m.nets).collect();
             fit::liver_probabilities(&nets, &input.images, Some(&input.grid_masks), input.n, size, &how)
         };
         if nets.iter().all(|m| m.card.scaling == nets[0].card.scaling) {
@@ -390,7 +413,7 @@ pub mod measure {
             let hd: Vec<f64> = self.cases.iter().map(|c| c.hd95.value).collect();
             let (lo, hi) = if case_dice.len() >= MIN_CASES_FOR_CI { bootstrap_ci(&case_dice, p.bootstrap, p.seed) } else { (f64::NAN, f64::NAN) };
             let trained = model.manifest.as_ref().map(|m| &m.metrics);
-            let got = |k: &str| trained.and_then(|m| m.get(k)).cloned().unwrap_or(serde_json::Value::Null);
+            let got = |k: &str| trained.and_then(|m| m.get(&format!("{}{k}", model.metrics_prefix))).cloned().unwrap_or(serde_json::Value::Null);
             let mut row: BTreeMap<&'static str, serde_json::Value> = BTreeMap::new();
             row.insert("model", model.name.clone().into());
             row.insert("arch", model.card.spec.arch.name().into());
@@ -570,10 +593,16 @@ pub mod measure {
     /// with only the largest component kept, and both; each in fp32 and
     /// bf16, with bf16's masks compared to fp32's (options.parquet).
     fn inference_options(ctx: &StageContext, ds: &Dataset, models: &[Loaded], p: &EvaluateParams, device: tch::Device) -> Result<()> {
+        // Cross-validated models trained on the validation patients: measured
+        // there, they would not be held out.
+        let models: Vec<&Loaded> = models.iter().filter(|m| m.card.folds == 0 && m.metrics_prefix.is_empty()).collect();
+        if models.is_empty() {
+            return Ok(());
+        }
         let bf16_models = models.iter().map(|m| m.reloaded(tch::Kind::BFloat16, device)).collect::<Result<Vec<_>>>()?;
-        let mut variants: Vec<(String, Vec<&Loaded>, Vec<&Loaded>)> = models.iter().zip(&bf16_models).map(|(m, b)| (m.name.clone(), vec![m], vec![b])).collect();
+        let mut variants: Vec<(String, Vec<&Loaded>, Vec<&Loaded>)> = models.iter().zip(&bf16_models).map(|(m, b)| (m.name.clone(), vec![*m], vec![b])).collect();
         if models.len() > 1 {
-            variants.push(("ensemble".into(), models.iter().collect(), bf16_models.iter().collect()));
+            variants.push(("ensemble".into(), models.clone(), bf16_models.iter().collect()));
         }
         let mut scores: BTreeMap<OptionKey, (Vec<CaseScore>, Confusion)> = BTreeMap::new();
         let bar = liverseg_engine::progress::bar(ds.selected.len() as u64, "inference options (val)", ctx.show_progress);
@@ -648,7 +677,8 @@ pub mod measure {
                 t[0].extend_from_slice(image);
                 t[1].extend_from_slice(&input.grid_masks[k * plane..(k + 1) * plane]);
                 t[2].extend(model.predict(image, 1, size, p.batch_size, device)?);
-                t[3].extend(fit::grad_cam_u8(&model.net, image, 1, size, device, &model.card.scaling)?);
+                // An ensemble's map is its first fold's.
+                t[3].extend(fit::grad_cam_u8(&model.nets[0], image, 1, size, device, &model.card.scaling)?);
                 rows.push((model.name.clone(), label, case.to_owned(), input.slice_index.get(k).copied().unwrap_or(-1), dice));
             }
             let n = t[0].len() / plane;
@@ -682,9 +712,25 @@ pub mod measure {
         out
     }
 
+    /// Every model of `dirs`; a cross-validated one as its ensemble, followed
+    /// by each fold on its own (`train.fold0`, …).
+    fn load_models(dirs: &[(String, PathBuf)], device: tch::Device) -> Result<Vec<Loaded>> {
+        let mut models = Vec::new();
+        for (name, dir) in dirs {
+            let m = load_model(name, dir, device)?;
+            let folds = m.card.folds;
+            models.push(m);
+            for k in 0..folds {
+                models.push(load_fold(&format!("{name}.fold{k}"), dir, k, device)?);
+            }
+        }
+        Ok(models)
+    }
+
     /// Every upstream that holds a trained model, and the extra models named by params.
     fn model_dirs(ctx: &StageContext, p: &EvaluateParams) -> Vec<(String, PathBuf)> {
-        let mut dirs: Vec<(String, PathBuf)> = ctx.upstream.iter().filter(|(_, a)| a.manifest.outputs.contains_key("model.safetensors")).map(|(n, a)| (n.clone(), a.dir.clone())).collect();
+        let has_model = |a: &&liverseg_engine::store::Artifact| a.manifest.outputs.contains_key("model.safetensors") || a.manifest.outputs.contains_key("folds/fold0/model.safetensors");
+        let mut dirs: Vec<(String, PathBuf)> = ctx.upstream.iter().filter(|(_, a)| has_model(a)).map(|(n, a)| (n.clone(), a.dir.clone())).collect();
         for m in &p.models {
             let dir = ctx.project_root.join(m);
             let name = dir.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| m.clone());
@@ -709,9 +755,12 @@ pub mod measure {
         let p: EvaluateParams = ctx.params.typed()?;
         let device = device_for(p.device)?;
         // Each model is loaded once and serves every dataset and the examples.
-        let models: Vec<Loaded> = model_dirs(ctx, &p).iter().map(|(name, dir)| load_model(name, dir, device)).collect::<Result<_>>()?;
+        let models = load_models(&model_dirs(ctx, &p), device)?;
         if models.is_empty() {
             bail!("evaluate: no upstream stage holds a trained model");
+        }
+        if let (EvalSplit::Val, Some(m)) = (p.split, models.iter().find(|m| m.card.folds > 0)) {
+            bail!("evaluate.split val: model {} is cross-validated ({} folds of train+validation), so the validation patients are not held out from it; evaluate it on test", m.name, m.card.folds);
         }
         let mut summary = Summary::new();
         let norm = NormalisedSet::open(ctx.upstream("normalise")?)?;

@@ -486,9 +486,23 @@ fn curves(doc: &mut Doc, ctx: &StageContext, models: &[String]) -> Result<()> {
             continue;
         };
         let df = read_parquet(&a.file("metrics.parquet"))?;
+        // A cross-validated model's table holds every fold, told apart by `fold`.
+        let fold: Vec<i64> = match df.column("fold") {
+            Ok(c) => c.i64()?.iter().map(|v| v.unwrap_or(0)).collect(),
+            Err(_) => vec![0; df.height()],
+        };
+        let folds = fold.iter().max().map_or(0, |k| k + 1);
         doc.heading(3, &format!("{m} ({})", key_line(a)));
         for (name, tr, va) in [("loss", "train_loss", "val_loss"), ("pixel accuracy", "train_pa", "val_pa"), ("mIoU", "train_miou", "val_miou")] {
-            let svg = line_chart(&format!("{m}: {name}"), "epoch", &[("train", "#1f77b4", f64s(&df, tr)?), ("validation", "#d62728", f64s(&df, va)?)]);
+            let (train, val) = (f64s(&df, tr)?, f64s(&df, va)?);
+            let of_fold = |v: &[f64], k: i64| v.iter().zip(&fold).filter(|(_, f)| **f == k).map(|(x, _)| *x).collect::<Vec<f64>>();
+            let labels: Vec<(String, String)> = (0..folds).map(|k| if folds > 1 { (format!("fold {k} train"), format!("fold {k} validation")) } else { ("train".into(), "validation".into()) }).collect();
+            let mut series = Vec::new();
+            for k in 0..folds {
+                series.push((labels[k as usize].0.as_str(), "#1f77b4", of_fold(&train, k)));
+                series.push((labels[k as usize].1.as_str(), "#d62728", of_fold(&val, k)));
+            }
+            let svg = line_chart(&format!("{m}: {name}"), "epoch", &series);
             let file = format!("{m}_{}.svg", tr.trim_start_matches("train_"));
             doc.figure(&file, svg.as_bytes(), "image/svg+xml", &format!("{m} {name}"), None, None)?;
         }

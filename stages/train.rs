@@ -43,6 +43,7 @@ liverseg_engine::params! {
         online_augment: serde_json::Value = any "null", "online augmentation of training batches, a fresh draw per slice and epoch on the loader thread: null, nnunet (nnU-Net's 2D set), or {rotation: [p, lo, hi], scale: [p, lo, hi], mirror: p, gamma: ...} (see README)";
         input_scaling: InputScheme = choice "fixed", "how stored slices become model input: fixed (/255 of the window or 8-bit export), percentile (each image clipped to its 0.5–99.5 percentiles and z-scored; for exports of unknown window), ct (clipped to the training liver's 0.5–99.5 percentiles, z-scored with their mean and std; HU data)";
         steps_per_epoch: usize = int "0", "optimizer steps per epoch (nnU-Net: 250); 0 = one pass over the training slices";
+        folds: usize = int "0", "cross-validation: K models on K patient-level folds of train+validation (each fold's validation for its early stopping; the test split untouched), used as their ensemble (mean softmax); 0 = one model on the split's train/validation";
         use_augmented: bool = bool "true", "train on the augment stage's copies too";
         max_train_slices: usize = int "0", "use at most this many training slices (0 = all), spread evenly over the training patients, with their augmented copies; for cheap trials";
         init_weights: String = str "''", "safetensors file (smp names) to start from, e.g. exported ImageNet encoder weights";
@@ -63,6 +64,9 @@ impl TrainParams {
         if self.batch_size < 2 || self.epochs < 1 || self.patience < 1 {
             bail!("batch_size must be ≥ 2, epochs and patience ≥ 1");
         }
+        if self.folds == 1 {
+            bail!("folds must be 0 (no cross-validation) or at least 2");
+        }
         if self.online_flip && !self.online_augment.is_null() {
             bail!("online_flip and online_augment both set: online_flip is online_augment {{mirror: 0.5}}; set one");
         }
@@ -79,7 +83,9 @@ impl TrainParams {
     }
 }
 
-const OUTPUTS: &[&str] = &["model.safetensors?", "metrics.parquet", "model.json"];
+/// A cross-validated model has `folds/fold<k>/` (each a model.safetensors,
+/// metrics.parquet and model.json) instead of a top-level model.safetensors.
+const OUTPUTS: &[&str] = &["model.safetensors?", "metrics.parquet", "model.json", "folds/?"];
 
 pub static TRAIN: StageInfo = StageInfo {
     name: "train",
@@ -179,6 +185,9 @@ pub struct ModelCard {
     /// How the stored slices become model input (absent in older cards: fixed).
     #[serde(default)]
     pub scaling: InputScaling,
+    /// Cross-validation folds whose ensemble this is (0: a single model).
+    #[serde(default)]
+    pub folds: usize,
 }
 
 /// Percentiles of the nonzero (body) pixels of model inputs, 0..255.
@@ -287,6 +296,8 @@ mod training {
     use liverseg_model::optim::{OptKind, Optimizer};
     use liverseg_model::{device_for, trainable_parameters, weights, ModelSpec, SegmentationModel};
     use liverseg_recipe::{Objective, Schedule};
+    use liverseg_rng::Rng;
+    use std::path::PathBuf;
     use polars::prelude::{Column, DataFrame};
     use serde::{Deserialize, Serialize};
     use std::collections::BTreeMap;
@@ -339,6 +350,10 @@ mod training {
         progress: Progress,
         pruned: bool,
         online: Option<Arc<Transforms>>,
+        /// Where this model's files go, its checkpoint, and its name in progress output.
+        out: PathBuf,
+        scratch: PathBuf,
+        label: String,
     }
 
     pub fn train(ctx: &StageContext) -> Result<Summary> {
@@ -347,16 +362,83 @@ mod training {
         if p.threads > 0 {
             tch::set_num_threads(p.threads as i32);
         }
-        let data = TrainingData::load(ctx, &p)?;
-        let mut run = Run::new(ctx, p, data.size)?;
-        run.resume()?;
-        let started = Instant::now();
-        let (train_set, val_set) = (Arc::new(data.train), Arc::new(data.val));
-        while run.stop_reason().is_none() {
-            run.epoch(&train_set, &val_set)?;
+        let norm = NormalisedSet::open(ctx.upstream("normalise")?)?;
+        let assignment = SplitAssignment::read(ctx.upstream("split")?)?;
+        assignment.check_covers(&norm)?;
+        let (train_rows, val_rows) = (assignment.rows(Part::Train), assignment.rows(Part::Val));
+        if p.folds == 0 {
+            let data = TrainingData::load(ctx, &p, &norm, &train_rows, &train_rows, &val_rows)?;
+            let run = Run::new(ctx, p, norm.size, ctx.out_dir.to_path_buf(), ctx.scratch_dir.clone(), ctx.stage.name.to_owned())?;
+            return Ok(run.train(data, &norm)?.0);
         }
-        run.say_why_it_stopped();
-        run.finish(&data.norm, data.input_stats, train_set.scaling, started)
+        // The folds share one input scaling, from all of their training data
+        // (nnU-Net computes it before splitting into folds).
+        let pool: Vec<usize> = train_rows.iter().chain(&val_rows).copied().collect();
+        let mut fold_summaries = Vec::new();
+        for (k, (fold_train, fold_val)) in patient_folds(&norm, &pool, p.folds, p.seed as u64)?.into_iter().enumerate() {
+            let data = TrainingData::load(ctx, &p, &norm, &pool, &fold_train, &fold_val)?;
+            let out = ctx.out(&format!("folds/fold{k}"));
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let label = format!("{} fold {}/{}", ctx.stage.name, k + 1, p.folds);
+            let run = Run::new(ctx, p.clone(), norm.size, out, ctx.scratch_dir.join(format!("fold{k}")), label)?;
+            let (mut summary, card, rows) = run.train(data, &norm)?;
+            let patients: std::collections::BTreeSet<&str> = fold_val.iter().map(|&r| norm.case_id[r].as_str()).collect();
+            summary.insert("val_patients".into(), patients.into_iter().collect::<Vec<_>>().into());
+            fold_summaries.push((summary, card, rows));
+        }
+        ensemble_artifact(ctx, fold_summaries)
+    }
+
+    /// Patient-level folds of `pool` (rows of the normalised set): patients
+    /// shuffled with `seed` and dealt round-robin; each fold is (train rows,
+    /// validation rows).
+    fn patient_folds(norm: &NormalisedSet, pool: &[usize], k: usize, seed: u64) -> Result<Vec<(Vec<usize>, Vec<usize>)>> {
+        let mut patients: Vec<&str> = pool.iter().map(|&r| norm.case_id[r].as_str()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        if patients.len() < k {
+            bail!("train.folds {k}: train and validation hold only {} patients", patients.len());
+        }
+        Rng::new(seed).shuffle(&mut patients);
+        let fold_of: BTreeMap<&str, usize> = patients.iter().enumerate().map(|(i, &c)| (c, i % k)).collect();
+        Ok((0..k).map(|f| pool.iter().copied().partition(|&r| fold_of[norm.case_id[r].as_str()] != f)).collect())
+    }
+
+    /// The top-level files of a cross-validated model: a card naming the
+    /// folds, every fold's epochs (with a `fold` column), and a summary with
+    /// each fold's figures (`fold<k>.…`) beside their mean.
+    fn ensemble_artifact(ctx: &StageContext, folds: Vec<(Summary, ModelCard, Vec<EpochRow>)>) -> Result<Summary> {
+        let k = folds.len();
+        let mut card = folds[0].1.clone();
+        card.folds = k;
+        card.best_epoch = 0;
+        card.best_val_loss = folds.iter().map(|f| f.1.best_val_loss).sum::<f64>() / k as f64;
+        std::fs::write(ctx.out("model.json"), serde_json::to_vec_pretty(&card)?)?;
+        let rows: Vec<(usize, &EpochRow)> = folds.iter().enumerate().flat_map(|(i, f)| f.2.iter().map(move |r| (i, r))).collect();
+        let mut df = metrics_frame(&rows.iter().map(|r| r.1.clone()).collect::<Vec<_>>(), None)?;
+        df.with_column(Column::new("fold".into(), rows.iter().map(|r| r.0 as i64).collect::<Vec<_>>()))?;
+        write_parquet(&ctx.out("metrics.parquet"), &mut df, &ctx.provenance())?;
+        let mut s = Summary::new();
+        let mean = |key: &str| json_f(folds.iter().filter_map(|f| f.0.get(key).and_then(|v| v.as_f64())).sum::<f64>() / k as f64);
+        for key in ["train_loss", "val_dice", "val_miou", "val_pa", "val_liver_iou", "best_val_loss"] {
+            s.insert(key.into(), mean(key));
+        }
+        let total = |key: &str| json_f(folds.iter().filter_map(|f| f.0.get(key).and_then(|v| v.as_f64())).sum::<f64>());
+        s.insert("epochs_run".into(), total("epochs_run"));
+        s.insert("train_seconds".into(), total("train_seconds"));
+        s.insert("stop_reason".into(), format!("{k} folds").into());
+        s.insert("folds".into(), k.into());
+        for (i, (fs, _, _)) in folds.iter().enumerate() {
+            for (key, v) in fs {
+                if !key.starts_with("used.") {
+                    s.insert(format!("fold{i}.{key}"), v.clone());
+                }
+            }
+        }
+        for (key, v) in &folds[0].0 {
+            if key.starts_with("used.") || matches!(key.as_str(), "parameters" | "device") {
+                s.insert(key.clone(), v.clone());
+            }
+        }
+        Ok(s)
     }
 
     /// The stage's params, with an upstream tune stage's best ones in place.
@@ -374,30 +456,27 @@ mod training {
         Ok(typed)
     }
 
-    /// The slices training reads: the train split (at most max_train_slices)
-    /// and its augmented copies, and the validation split. Test slices are
-    /// never read.
+    /// The slices one model trains on: its training rows (at most
+    /// max_train_slices, spread over the patients) with their augmented
+    /// copies, and its validation rows. Test slices are never read.
     struct TrainingData {
         train: SliceSet,
         val: SliceSet,
-        size: usize,
-        norm: NormalisedSet,
-        /// Of the training split's own slices, before augmentation.
+        /// Of the training rows' own slices, before augmentation.
         input_stats: InputStats,
     }
 
     impl TrainingData {
-        fn load(ctx: &StageContext, p: &TrainParams) -> Result<Self> {
-            let norm = NormalisedSet::open(ctx.upstream("normalise")?)?;
-            let assignment = SplitAssignment::read(ctx.upstream("split")?)?;
-            assignment.check_covers(&norm)?;
-            let train_rows = spread(assignment.rows(Part::Train), p.max_train_slices);
+        /// `scaling_rows`: the rows the input scaling's statistics come from.
+        fn load(ctx: &StageContext, p: &TrainParams, norm: &NormalisedSet, scaling_rows: &[usize], train_rows: &[usize], val_rows: &[usize]) -> Result<Self> {
+            let train_rows = spread(train_rows.to_vec(), p.max_train_slices);
             let (mut ti, mut tm) = norm.select(&train_rows);
-            let (vi, vm) = norm.select(&assignment.rows(Part::Val));
+            let (vi, vm) = norm.select(val_rows);
             let input_stats = InputStats::of(&ti);
             let size = norm.size;
             if p.use_augmented {
-                // The augmented copies of the chosen slices, by their source row.
+                // The augmented copies of the chosen slices, by their source row
+                // (augment copies the split's training part only).
                 let aug = AugmentedSet::open(ctx.upstream("augment")?)?;
                 let chosen: std::collections::BTreeSet<usize> = train_rows.iter().copied().collect();
                 let px = size * size;
@@ -408,17 +487,17 @@ mod training {
                     }
                 }
             }
-            let scaling = input_scaling(p.input_scaling, &norm, &train_rows)?;
+            let scaling = input_scaling(p.input_scaling, norm, scaling_rows)?;
             let (train, val) = (SliceSet { images: ti, masks: tm, size, scaling }, SliceSet { images: vi, masks: vm, size, scaling });
             if train.len() < 2 || val.is_empty() {
                 bail!("training needs at least 2 training and 1 validation slice (got {} and {})", train.len(), val.len());
             }
-            Ok(TrainingData { train, val, size, norm, input_stats })
+            Ok(TrainingData { train, val, input_stats })
         }
     }
 
-    /// The scheme's statistics: for `ct`, of the liver pixels of the chosen
-    /// training slices (before augmentation), which must be CT.
+    /// The scheme's statistics: for `ct`, of the liver pixels of `train_rows`
+    /// (every training slice, before augmentation), which must be CT.
     fn input_scaling(scheme: InputScheme, norm: &NormalisedSet, train_rows: &[usize]) -> Result<InputScaling> {
         if scheme == InputScheme::Ct && norm.unit() != "HU" {
             bail!("input_scaling ct is nnU-Net's CT scheme and needs HU data; these slices are {} (use percentile for 8-bit exports)", norm.unit());
@@ -439,7 +518,7 @@ mod training {
     }
 
     impl<'a> Run<'a> {
-        fn new(ctx: &'a StageContext<'a>, p: TrainParams, size: usize) -> Result<Self> {
+        fn new(ctx: &'a StageContext<'a>, p: TrainParams, size: usize, out: PathBuf, scratch: PathBuf, label: String) -> Result<Self> {
             let spec = ModelSpec { arch: p.arch, encoder: p.encoder, in_channels: 1, classes: 2 };
             let device = device_for(p.device)?;
             let bf16 = p.bf16 && device.is_cuda();
@@ -457,12 +536,25 @@ mod training {
             let best = fit::snapshot(&vs);
             let progress = Progress { epochs_done: 0, best_loss: f64::INFINITY, best_epoch: 0, bad_epochs: 0, lr: p.lr, plateau_bad: 0, step: 0, rows: Vec::new() };
             let online = p.online_transforms()?.map(Arc::new);
-            Ok(Run { ctx, p, device, bf16, vs, model, opt, best, progress, pruned: false, online })
+            Ok(Run { ctx, p, device, bf16, vs, model, opt, best, progress, pruned: false, online, out, scratch, label })
+        }
+
+        /// Train to a stop (resuming a checkpoint of this key) and write the
+        /// model's files; returns its summary, card and epochs.
+        fn train(mut self, data: TrainingData, norm: &NormalisedSet) -> Result<(Summary, ModelCard, Vec<EpochRow>)> {
+            self.resume()?;
+            let started = Instant::now();
+            let (train_set, val_set) = (Arc::new(data.train), Arc::new(data.val));
+            while self.stop_reason().is_none() {
+                self.epoch(&train_set, &val_set)?;
+            }
+            self.say_why_it_stopped();
+            self.finish(norm, data.input_stats, train_set.scaling, started)
         }
 
         /// Resume an interrupted run of this very key from its checkpoint.
         fn resume(&mut self) -> Result<()> {
-            let scratch = &self.ctx.scratch_dir;
+            let scratch = &self.scratch;
             let (ckpt, prog) = (scratch.join("checkpoint.safetensors"), scratch.join("progress.json"));
             if ckpt.is_file() && prog.is_file() {
                 let saved: Progress = serde_json::from_slice(&std::fs::read(&prog)?).context("corrupt progress.json in scratch")?;
@@ -473,7 +565,7 @@ mod training {
                 self.opt.step = saved.step;
                 self.progress = saved;
                 if self.ctx.show_progress {
-                    eprintln!("resuming {} from epoch {} (checkpoint in {})", self.ctx.stage.name, self.progress.epochs_done + 1, scratch.display());
+                    eprintln!("resuming {} from epoch {} (checkpoint in {})", self.label, self.progress.epochs_done + 1, scratch.display());
                 }
             }
             // A resumed trial that had already been pruned stays pruned.
@@ -515,7 +607,7 @@ mod training {
         /// One epoch: train, validate, keep the best weights, schedule the
         /// learning rate, checkpoint, and prune.
         fn epoch(&mut self, train_set: &Arc<SliceSet>, val_set: &Arc<SliceSet>) -> Result<()> {
-            let (p, name) = (&self.p, self.ctx.stage.name);
+            let (p, name) = (&self.p, self.label.as_str());
             let epoch = self.progress.epochs_done + 1;
             let lr = match p.schedule {
                 Schedule::Cosine => p.lr * 0.5 * (1.0 + (std::f64::consts::PI * (epoch - 1) as f64 / p.epochs as f64).cos()),
@@ -541,7 +633,7 @@ mod training {
             self.progress.step = self.opt.step;
             self.pruned = self.prunes(&row);
             self.progress.rows.push(row);
-            write_checkpoint(&self.ctx.scratch_dir, &self.vs, &self.best, &self.opt, &self.progress)?;
+            write_checkpoint(&self.scratch, &self.vs, &self.best, &self.opt, &self.progress)?;
             if self.pruned && self.ctx.show_progress {
                 eprintln!("pruned at epoch {epoch}: {} worse than the median of completed trials", self.p.prune_metric);
             }
@@ -554,7 +646,7 @@ mod training {
                     "Epoch {}/{} [{}] Train Loss: {:.4}, Train PA: {:.4}, Train IoU: {:.4} | Validation Loss: {:.4}, Validation PA: {:.4}, Validation IoU: {:.4} | Dice {:.4} | {:.1} s, {:.1} img/s",
                     row.epoch,
                     self.p.epochs,
-                    self.ctx.stage.name,
+                    self.label,
                     row.train_loss,
                     row.train_pa,
                     row.train_miou,
@@ -616,12 +708,12 @@ mod training {
 
         /// The artifact: the best epoch's weights, the per-epoch table, the
         /// model card and the summary.
-        fn finish(self, norm: &NormalisedSet, input_stats: InputStats, scaling: InputScaling, started: Instant) -> Result<Summary> {
+        fn finish(self, norm: &NormalisedSet, input_stats: InputStats, scaling: InputScaling, started: Instant) -> Result<(Summary, ModelCard, Vec<EpochRow>)> {
             let ctx = self.ctx;
             fit::restore(&self.vs, &self.best, "")?;
             let stop = self.stop_reason().unwrap_or(StopReason::MaxEpochs);
             let rows = &self.progress.rows;
-            write_metrics(ctx, rows, stop)?;
+            write_parquet(&self.out.join("metrics.parquet"), &mut metrics_frame(rows, Some(stop))?, &ctx.provenance())?;
             let parameters = trainable_parameters(&self.vs);
             let card = ModelCard {
                 spec: ModelSpecCard { arch: self.p.arch, encoder: self.p.encoder, in_channels: 1, classes: 2 },
@@ -635,8 +727,9 @@ mod training {
                 train_stage_key: ctx.key.to_owned(),
                 input_stats: Some(input_stats),
                 scaling,
+                folds: 0,
             };
-            std::fs::write(ctx.out("model.json"), serde_json::to_vec_pretty(&card)?)?;
+            std::fs::write(self.out.join("model.json"), serde_json::to_vec_pretty(&card)?)?;
             if self.p.save_model {
                 self.save_weights(&card)?;
             }
@@ -661,7 +754,7 @@ mod training {
             for k in ["lr", "batch_size", "optimizer", "weight_decay", "loss"] {
                 s.insert(format!("used.{k}"), used[k].clone());
             }
-            Ok(s)
+            Ok((s, card, self.progress.rows.clone()))
         }
     }
 
@@ -688,7 +781,7 @@ mod training {
             meta.insert("scaling".into(), "HU window mapped to 0..255 (8-bit: as is, or each image's min..max when minmax_8bit), bilinear resize into input_size², aspect kept (non-square slices padded with 0); then input_scaling".into());
             let window = (card.unit == "HU").then(|| (card.window[0], card.window[1]));
             meta.insert("input_scaling".into(), card.scaling.describe(window));
-            write_with_metadata(&ctx.out("model.safetensors"), &tensors, &meta)
+            write_with_metadata(&self.out.join("model.safetensors"), &tensors, &meta)
         }
     }
 
@@ -712,9 +805,10 @@ mod training {
         }
     }
 
-    fn write_metrics(ctx: &StageContext, rows: &[EpochRow], stop: StopReason) -> Result<()> {
+    /// The per-epoch table; `stop` goes on the last row.
+    fn metrics_frame(rows: &[EpochRow], stop: Option<StopReason>) -> Result<DataFrame> {
         let col_f = |f: fn(&EpochRow) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
-        let mut df = DataFrame::new_infer_height(vec![
+        let df = DataFrame::new_infer_height(vec![
             Column::new("epoch".into(), rows.iter().map(|r| r.epoch).collect::<Vec<_>>()),
             Column::new("lr".into(), col_f(|r| r.lr)),
             Column::new("train_loss".into(), col_f(|r| r.train_loss)),
@@ -730,9 +824,9 @@ mod training {
             Column::new("seconds".into(), col_f(|r| r.seconds)),
             Column::new("train_images_per_s".into(), col_f(|r| r.train_images_per_s)),
             // Why training stopped, on the last epoch's row.
-            Column::new("stop_reason".into(), (0..rows.len()).map(|i| (i + 1 == rows.len()).then(|| stop.name())).collect::<Vec<_>>()),
+            Column::new("stop_reason".into(), (0..rows.len()).map(|i| stop.filter(|_| i + 1 == rows.len()).map(|s| s.name())).collect::<Vec<_>>()),
         ])?;
-        write_parquet(&ctx.out("metrics.parquet"), &mut df, &ctx.provenance())
+        Ok(df)
     }
 
     fn write_checkpoint(dir: &Path, vs: &nn::VarStore, best: &BTreeMap<String, Tensor>, opt: &Optimizer, progress: &Progress) -> Result<()> {

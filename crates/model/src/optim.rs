@@ -33,6 +33,9 @@ pub struct Optimizer {
     pub step: i64,
     pub lr: f64,
     pub weight_decay: f64,
+    /// Room for the largest parameter, viewed per parameter as Adam's
+    /// temporary (g², then the scaled denominator): no allocation per step.
+    scratch: Tensor,
 }
 
 const BETA1: f64 = 0.9;
@@ -48,7 +51,12 @@ impl Optimizer {
             OptKind::Sgd { .. } => 1,
         };
         let state = params.iter().map(|p| (0..slots).map(|_| p.zeros_like()).collect()).collect();
-        Optimizer { kind, params, state, step: 0, lr, weight_decay }
+        let largest = params.iter().map(Tensor::numel).max().unwrap_or(0) as i64;
+        let scratch = match params.first() {
+            Some(p) if matches!(kind, OptKind::Adam | OptKind::AdamW) => Tensor::zeros([largest], (p.kind(), p.device())),
+            _ => Tensor::zeros([0], (Kind::Float, tch::Device::Cpu)),
+        };
+        Optimizer { kind, params, state, step: 0, lr, weight_decay, scratch }
     }
 
     pub fn zero_grad(&mut self) {
@@ -75,12 +83,21 @@ impl Optimizer {
                         }
                         let (m, v) = st.split_at_mut(1);
                         let _ = m[0].lerp_(&g, 1.0 - BETA1);
-                        let _ = v[0].g_mul_scalar_(BETA2);
-                        let _ = v[0].addcmul_(&g, &(&g * (1.0 - BETA2)));
+                        // In place, as torch.optim's single-tensor Adam: v ← β2·v + (1−β2)·g².
+                        let mut tmp = self.scratch.narrow(0, 0, p.numel() as i64).view(p.size().as_slice());
+                        let _ = g.mul_out(&tmp, &g);
+                        let _ = v[0].lerp_(&tmp, 1.0 - BETA2);
+                        if lr == 0.0 {
+                            continue;
+                        }
                         let bc1 = 1.0 - BETA1.powf(t);
                         let bc2 = 1.0 - BETA2.powf(t);
-                        let denom = v[0].sqrt() / bc2.sqrt() + EPS_ADAM;
-                        let _ = p.addcdiv_(&(&m[0] * (-lr / bc1)), &denom);
+                        // p ← p − lr/bc1 · m / (√v/√bc2 + ε), the step size folded into the denominator.
+                        let k = -bc1 / lr;
+                        let _ = v[0].sqrt_out(&tmp);
+                        let _ = tmp.g_mul_scalar_(k / bc2.sqrt());
+                        let _ = tmp.g_add_scalar_(EPS_ADAM * k);
+                        let _ = p.addcdiv_(&m[0], &tmp);
                     }
                     OptKind::Sgd { momentum, nesterov } => {
                         let mut g = if wd != 0.0 { &grad + &*p * wd } else { grad.shallow_clone() };
@@ -142,6 +159,28 @@ impl Optimizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Three Adam steps equal torch.optim.Adam's formulas, computed in f64.
+    #[test]
+    fn adam_follows_torch_formulas() {
+        let x = Tensor::from_slice(&[0.5f32, -1.5, 2.0]).set_requires_grad(true);
+        let mut opt = Optimizer::new(OptKind::Adam, vec![x.shallow_clone()], 0.01, 0.0);
+        let (mut p, mut m, mut v) = ([0.5f64, -1.5, 2.0], [0f64; 3], [0f64; 3]);
+        for t in 1..=3 {
+            opt.zero_grad();
+            (&x * &x * 0.5 * t as f64).sum(Kind::Float).backward();
+            opt.step();
+            for i in 0..3 {
+                let g = p[i] * t as f64;
+                m[i] = BETA1 * m[i] + (1.0 - BETA1) * g;
+                v[i] = BETA2 * v[i] + (1.0 - BETA2) * g * g;
+                let (mh, vh) = (m[i] / (1.0 - BETA1.powi(t)), v[i] / (1.0 - BETA2.powi(t)));
+                p[i] -= 0.01 * mh / (vh.sqrt() + EPS_ADAM);
+            }
+        }
+        let got: Vec<f32> = Vec::try_from(x.detach()).unwrap();
+        assert!(got.iter().zip(&p).all(|(a, b)| (*a as f64 - b).abs() < 1e-6), "{got:?} vs {p:?}");
+    }
 
     /// Each optimizer drives a quadratic towards its minimum.
     #[test]

@@ -34,13 +34,14 @@ pub struct Options {
 }
 
 /// The model folder (model.safetensors, and model.json or the card in the
-/// weights' metadata) for a folder or a weights file.
+/// weights' metadata; or a cross-validated model's folds/) for a folder or
+/// a weights file.
 fn model_dir(model: &Path) -> Result<PathBuf> {
     if !model.exists() {
         bail!("no model at {}", model.display());
     }
     let dir = if model.is_dir() { model.to_path_buf() } else { model.parent().map(Path::to_path_buf).unwrap_or_default() };
-    if !dir.join("model.safetensors").is_file() {
+    if !dir.join("model.safetensors").is_file() && !dir.join("folds/fold0/model.safetensors").is_file() {
         bail!("no model at {} (no model.safetensors there)", model.display());
     }
     Ok(dir)
@@ -53,7 +54,7 @@ pub fn predict(o: &Options) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(&o.output).with_context(|| format!("cannot create the output folder {}", o.output.display()))?;
     let kind = if o.bf16 { tch::Kind::BFloat16 } else { tch::Kind::Float };
     models.iter_mut().for_each(|m| m.for_inference(kind));
-    let nets: Vec<&SegmentationModel> = models.iter().map(|m| &m.net).collect();
+    let nets: Vec<&SegmentationModel> = models.iter().flat_map(|m| &m.nets).collect();
     let mut written = Vec::new();
     for (case, scan) in cases {
         let scan = match scan {

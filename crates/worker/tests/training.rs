@@ -366,3 +366,59 @@ fn nnunet_recipe_options_train_and_evaluate() {
     let err = fails(&a, &["run", "train", "-q", "-P", "train.online_augment=heavy"]);
     assert!(err.contains("online_augment") && err.contains("heavy"), "{err}");
 }
+
+/// Cross-validation: K models on patient-level folds of train+validation
+/// (every such patient validates exactly one fold; no test patient is
+/// read), their ensemble evaluated beside each fold on the test split, and
+/// predict takes the ensemble.
+#[test]
+fn folds_train_an_ensemble_that_evaluate_and_predict_take() {
+    let a = project("train_folds");
+    let cv = ["-P", "train.folds=3", "-P", "train.epochs=1", "-P", "train.max_train_slices=16", "-P", "evaluate.split=test"];
+    let mut args = vec!["run", "report", "-q"];
+    args.extend(cv);
+    run(&a, &args);
+    let dir = artifact(&a, "train");
+    for k in 0..3 {
+        for f in ["model.safetensors", "metrics.parquet", "model.json"] {
+            assert!(dir.join(format!("folds/fold{k}/{f}")).is_file(), "fold {k}: no {f}");
+        }
+    }
+    assert!(!dir.join("model.safetensors").exists(), "an ensemble has no single model file");
+    let card: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("model.json")).unwrap()).unwrap();
+    assert_eq!(card["folds"], 3);
+    let folds: Vec<i64> = liverseg_engine::tables::read_parquet(&dir.join("metrics.parquet")).unwrap().column("fold").unwrap().i64().unwrap().iter().map(|v| v.unwrap()).collect();
+    assert_eq!(folds, [0, 1, 2], "one epoch per fold");
+    // Each train+validation patient validates one fold; test patients none.
+    let m = liverseg_engine::store::read_manifest(&dir.join("manifest.json")).unwrap();
+    let mut seen: Vec<String> = (0..3).flat_map(|k| m.metrics[&format!("fold{k}.val_patients")].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect::<Vec<_>>()).collect();
+    let split = liverseg_engine::tables::read_parquet(&artifact(&a, "split").join("assignment.parquet")).unwrap();
+    let (ids, parts) = (split.column("case_id").unwrap().str().unwrap(), split.column("split").unwrap().str().unwrap());
+    let mut pool: Vec<String> = ids.iter().zip(parts.iter()).filter(|(_, p)| *p != Some("test")).map(|(c, _)| c.unwrap().to_owned()).collect();
+    pool.sort();
+    pool.dedup();
+    seen.sort();
+    assert_eq!(seen, pool, "the folds' validation patients partition train+validation");
+    let eval = artifact(&a, "evaluate");
+    let t1 = liverseg_engine::tables::read_parquet(&eval.join("table1.parquet")).unwrap();
+    let models: Vec<&str> = t1.column("model").unwrap().str().unwrap().iter().map(|v| v.unwrap()).collect();
+    assert_eq!(models, ["train", "train.fold0", "train.fold1", "train.fold2"]);
+    let stops: Vec<&str> = t1.column("stop_reason").unwrap().str().unwrap().iter().map(|v| v.unwrap_or("")).collect();
+    assert_eq!(stops[0], "3 folds");
+    assert!(["early_stop", "max_epochs"].contains(&stops[1]), "{stops:?}");
+    let report = std::fs::read_dir(a.join("artifacts/report")).unwrap().flatten().next().unwrap().path();
+    assert!(std::fs::read_to_string(report.join("report.html")).unwrap().contains("train.fold2"), "Table 1 in the report has each fold");
+    assert!(std::fs::read_to_string(report.join("figures/train_loss.svg")).unwrap().contains("fold 2 validation"), "the curves show each fold");
+    // predict takes the ensemble; evaluating it on its own training patients is refused.
+    run(&a, &["synth", "scan", "--cases", "1", "--size", "64", "--slices", "4", "--seed", "5"]);
+    let scan = std::fs::read_dir(a.join("scan")).unwrap().flatten().map(|e| e.path()).find(|p| p.to_string_lossy().ends_with(".nii.gz") && !p.to_string_lossy().contains("seg")).unwrap();
+    let mut args = vec!["predict", "--model", "train", "-i", scan.to_str().unwrap(), "-o", "pred", "--no-mirror"];
+    args.extend(&cv[..6]);
+    run(&a, &args);
+    assert_eq!(std::fs::read_dir(a.join("pred")).unwrap().count(), 1);
+    let mut args = vec!["run", "evaluate", "-q"];
+    args.extend(&cv[..6]);
+    args.extend(["-P", "evaluate.split=val"]);
+    let err = fails(&a, &args);
+    assert!(err.contains("cross-validated") && err.contains("not held out"), "{err}");
+}
