@@ -55,3 +55,17 @@ fn every_command_survives_a_closed_pipe() {
         }
     }
 }
+
+/// `--pipeline`, `-P` and `-q` work before the subcommand as after it
+/// (`liverseg --pipeline msd.yaml run`, as the README says).
+#[test]
+fn pipeline_options_go_before_or_after_the_command() {
+    let dir = project("cli_global", DATA_PIPELINE);
+    std::fs::rename(dir.join("pipeline.yaml"), dir.join("other.yaml")).unwrap();
+    let before = ok(&dir, &["--pipeline", "other.yaml", "-q", "-P", "split.seed=5", "run", "split", "--json"]);
+    assert!(before.contains("\"ran\":[\"ingest\""), "{before}");
+    let after = ok(&dir, &["run", "split", "--json", "--pipeline", "other.yaml", "-q", "-P", "split.seed=5"]);
+    assert!(after.contains("\"ran\":[]"), "the same run, so nothing is left to run: {after}");
+    let moved = ok(&dir, &["--pipeline", "other.yaml", "status", "-P", "split.seed=6"]);
+    assert!(moved.contains("split.seed"), "{moved}");
+}
