@@ -26,14 +26,19 @@ impl Block {
         for (i, (c, bn)) in self.convs.iter().enumerate() {
             h = h.apply(c).apply_t(bn, train);
             if i < last {
-                h = h.relu();
+                let _ = h.relu_();
             }
         }
         let shortcut = match &self.downsample {
             Some((c, bn)) => xs.apply(c).apply_t(bn, train),
             None => xs.shallow_clone(),
         };
-        (h + shortcut).relu()
+        // In place, as torchvision's `out += identity; relu(inplace=True)`:
+        // BatchNorm's backward does not read its output, and ReLU's reads
+        // only its result, so the values and gradients are the same, with
+        // two fewer full-size allocations per block.
+        let _ = h.g_add_(&shortcut);
+        h.relu_()
     }
 }
 
@@ -105,7 +110,7 @@ impl ResNetEncoder {
 
     /// Features at strides 2, 4, 8, 16 and 16 or 32.
     pub fn forward(&self, xs: &Tensor, train: bool) -> Vec<Tensor> {
-        let stem = xs.apply(&self.conv1).apply_t(&self.bn1, train).relu();
+        let stem = xs.apply(&self.conv1).apply_t(&self.bn1, train).relu_();
         let mut h = stem.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         let mut feats = vec![stem];
         for layer in &self.layers {
