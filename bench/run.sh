@@ -104,13 +104,17 @@ if [ "$what" = all ] || [ "$what" = train ]; then
   # TRAIN_PAIRS back-to-back pairs (liverseg, then smp) per configuration;
   # the medians of each side are compared, so one noisy run moves nothing.
   PAIRS=${TRAIN_PAIRS:-5}
+  PHASES=$OUT/train_phases.txt; : > "$PHASES"
   median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
   for cfg in "224 8 8" "128 16 8"; do
     set -- $cfg
     rts=(); ris=(); pts=(); pis=()
     for i in $(seq 1 "$PAIRS"); do
-      read -r rt ri < <("$WORKER" bench-train --size $1 --batch $2 --steps $3)
-      read -r pt pi < <("$PY" bench/py_train_speed.py $1 $2 $3 2>/dev/null)
+      # Each side's seconds per step in forward, backward and the optimizer go to the phases file.
+      echo "${1}x${1} pair $i liverseg" >> "$PHASES"
+      read -r rt ri < <("$WORKER" bench-train --size $1 --batch $2 --steps $3 2>>"$PHASES")
+      echo "${1}x${1} pair $i smp" >> "$PHASES"
+      read -r pt pi < <("$PY" -W ignore bench/py_train_speed.py $1 $2 $3 2>>"$PHASES")
       rts+=("$rt"); ris+=("$ri"); pts+=("$pt"); pis+=("$pi")
     done
     rt=$(printf '%s\n' "${rts[@]}" | median); ri=$(printf '%s\n' "${ris[@]}" | median)
@@ -118,6 +122,7 @@ if [ "$what" = all ] || [ "$what" = train ]; then
     echo "${1}x${1} batch $2, medians of $PAIRS pairs: liverseg $rt / $ri | smp $pt / $pi | train ratio $(echo "scale=2; $rt/$pt" | bc)x, inference ratio $(echo "scale=2; $ri/$pi" | bc)x"
     echo "${1}x${1} runs: liverseg train ${rts[*]} inference ${ris[*]} | smp train ${pts[*]} inference ${pis[*]}"
   done
+  echo "seconds per training step by phase, every run: $PHASES"
 fi
 
 if [ "$what" = all ] || [ "$what" = predict ]; then

@@ -621,7 +621,7 @@ mod training {
             let online = self.online.clone().map(|transforms| Online { transforms, seed: (p.seed as u64) << 20 | epoch as u64 });
             let t0 = Instant::now();
             let bar = liverseg_engine::progress::bar(order.len().div_ceil(p.batch_size) as u64, &format!("{name} {epoch}/{}", p.epochs), self.ctx.show_progress);
-            let stats = fit::train_epoch(&self.model, &mut self.opt, train_set.clone(), order, p.batch_size, self.device, p.loss, self.bf16, online, &mut || bar.inc(1));
+            let stats = fit::train_epoch(&self.model, &mut self.opt, train_set.clone(), order, p.batch_size, self.device, p.loss, self.bf16, online, &mut || bar.inc(1))?;
             bar.finish_and_clear();
             let train_secs = t0.elapsed().as_secs_f64();
             let (val_loss, vconf) = fit::evaluate(&self.model, val_set, p.batch_size, self.device, p.loss, self.bf16);
