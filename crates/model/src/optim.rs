@@ -185,6 +185,25 @@ mod tests {
         assert!(got.iter().zip(&p).all(|(a, b)| (*a as f64 - b).abs() < 1e-6), "{got:?} vs {p:?}");
     }
 
+    /// `gradients` gives exactly what `backward` accumulates into empty
+    /// `.grad`s, without touching them; a parameter the loss does not reach
+    /// gets an undefined tensor, which `step` skips.
+    #[test]
+    fn gradients_equal_backward_and_leave_grad_alone() {
+        let a = Tensor::from_slice(&[0.5f32, -1.5]).set_requires_grad(true);
+        let b = Tensor::from_slice(&[2.0f32]).set_requires_grad(true);
+        let unused = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
+        let mut opt = Optimizer::new(OptKind::Adam, vec![a.shallow_clone(), b.shallow_clone(), unused.shallow_clone()], 0.01, 0.0);
+        let loss = || ((&a * &b).sin() * &a).sum(Kind::Float);
+        let grads = opt.gradients(&loss()).unwrap();
+        assert!(!a.grad().defined() && !b.grad().defined(), "gradients wrote into .grad");
+        assert!(!grads[2].defined(), "an unused parameter got a gradient");
+        loss().backward();
+        assert!(grads[0].equal(&a.grad()) && grads[1].equal(&b.grad()));
+        opt.step(&grads);
+        assert!(unused.equal(&Tensor::from_slice(&[1.0f32])), "step moved a parameter without a gradient");
+    }
+
     /// Each optimizer drives a quadratic towards its minimum.
     #[test]
     fn optimizers_minimise_a_quadratic() {
