@@ -128,13 +128,14 @@ fn repair_store(e: &Engine, problems: &[store::Problem]) -> Result<()> {
     let mut moved = std::collections::BTreeSet::new();
     for problem in problems {
         if let store::Problem::Leftover(path) = problem {
+            e.store.clear_leftover(path, &lock)?;
             say!("cleared {}", path.display());
             continue;
         }
         // The artifact folder: artifacts/<stage>/<key>/, whatever file the problem names.
         let rel = problem.path().strip_prefix(&e.store.root).unwrap_or(problem.path());
         let dir = e.store.root.join(rel.iter().take(2).collect::<PathBuf>());
-        if dir.is_dir() && moved.insert(dir.clone()) {
+        if std::fs::symlink_metadata(&dir).is_ok() && moved.insert(dir.clone()) {
             say!("moved {} to {}", dir.display(), e.store.set_aside(&dir, &lock)?.display());
         }
     }

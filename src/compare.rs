@@ -238,7 +238,11 @@ pub fn push(p: &PipelineArgs, target: Option<&str>) -> Result<()> {
 }
 
 fn resumed_note(n: usize) -> String {
-    if n == 0 { String::new() } else { format!("; {n} file(s) of an interrupted transfer kept") }
+    if n == 0 {
+        String::new()
+    } else {
+        format!("; {n} file(s) of an interrupted transfer kept")
+    }
 }
 
 pub fn pull(p: &PipelineArgs, target: Option<&str>) -> Result<()> {
@@ -249,24 +253,13 @@ pub fn pull(p: &PipelineArgs, target: Option<&str>) -> Result<()> {
     let bar = transfer_bar(0, "pull", p.quiet);
     let (mut total, mut absent) = (liverseg_remote::Moved::default(), Vec::new());
     for (stage, key) in &keys {
-        if e.store.get(stage, key)?.is_some() {
+        // A present artifact may still lack a child (one set aside as damaged).
+        if let Some(a) = e.store.get(stage, key)? {
+            total.add(remote.pull_children(&e.store, &a.manifest, &lock, &bar).with_context(|| format!("cannot pull the sub-artifacts of {stage}@{key}"))?);
             continue;
         }
-        match remote.pull(&e.store, stage, key, &lock, &bar)? {
-            Some((a, m)) => {
-                total.artifacts += 1;
-                total.files += m.files;
-                total.bytes += m.bytes;
-                total.resumed += m.resumed;
-                for (kind, ks) in &a.manifest.children {
-                    for k in ks {
-                        let sub = store::sub_stage(stage, kind);
-                        if e.store.get(&sub, k)?.is_none() {
-                            remote.pull(&e.store, &sub, k, &lock, &bar)?;
-                        }
-                    }
-                }
-            }
+        match remote.pull(&e.store, stage, key, &lock, &bar).with_context(|| format!("cannot pull {stage}@{key}"))? {
+            Some((_, m)) => total.add(m),
             None => absent.push(stage.as_str()),
         }
     }

@@ -23,6 +23,11 @@ use rayon::prelude::*;
 
 pub const VERSION: u32 = 1;
 
+/// The most copies per training slice.
+const MAX_COPIES: usize = 100;
+/// The most memory the augmented set may take (images and masks).
+const MAX_AUGMENTED_BYTES: u64 = 8 << 30;
+
 liverseg_engine::params! {
     pub struct AugmentParams {
         copies: usize = int "2", "augmented copies per training slice";
@@ -63,6 +68,9 @@ impl Stage for Augment {
             bail!("shift must be in [0, 0.5] and rotation_deg, intensity_jitter, elastic_alpha ≥ 0");
         }
         extra_transforms(&p.transforms)?;
+        if p.copies > MAX_COPIES {
+            bail!("copies must be at most {MAX_COPIES}, got {} (each copy is a full training set in memory and on disk)", p.copies);
+        }
         Ok(())
     }
 
@@ -73,6 +81,11 @@ impl Stage for Augment {
         assignment.check_covers(&set)?;
         let train = assignment.rows(Part::Train);
         let (images, masks, size) = (set.images(), set.masks(), set.size);
+        // Refused before allocating: what the copies would take in memory.
+        let bytes = (train.len() as u128) * (p.copies as u128) * (size as u128).pow(2) * 5;
+        if bytes > MAX_AUGMENTED_BYTES as u128 {
+            bail!("{} training slices × {} copies at {size}² would take {} MiB; the limit is {} MiB (lower augment.copies)", train.len(), p.copies, bytes >> 20, MAX_AUGMENTED_BYTES >> 20);
+        }
         let extra = extra_transforms(&p.transforms)?;
         let jobs: Vec<(usize, usize)> = train.iter().flat_map(|&i| (0..p.copies).map(move |k| (i, k))).collect();
         let out: Vec<(Vec<u8>, Vec<u8>)> = jobs

@@ -232,6 +232,12 @@ fn discover_items(p: &IngestParams, root: &Path, files: &[PathBuf], all: &[PathB
     Ok((items, bad))
 }
 
+/// The first entry where two affines differ by more than a thousandth of a
+/// voxel (or of a millimetre at the origin): (row, column).
+fn affine_mismatch(a: &[[f64; 4]; 4], b: &[[f64; 4]; 4]) -> Option<(usize, usize)> {
+    (0..3).flat_map(|r| (0..4).map(move |c| (r, c))).find(|&(r, c)| (a[r][c] - b[r][c]).abs() > 1e-3 * a[r][c].abs().max(1.0))
+}
+
 /// LiTS (`volume-N` beside `segmentation-N`) and MSD (`imagesTr/X` with `labelsTr/X`) layouts.
 fn discover_nifti(root: &Path, files: &[PathBuf], all: &[PathBuf]) -> Discovered {
     let present: std::collections::HashSet<&Path> = all.iter().map(PathBuf::as_path).collect();
@@ -256,6 +262,22 @@ fn discover_nifti(root: &Path, files: &[PathBuf], all: &[PathBuf]) -> Discovered
             items.push(Item::Nifti { case: stem.to_owned(), image: path.clone(), mask });
         } else if !(stem.starts_with("segmentation-") || parent.file_name().is_some_and(|d| d == "labelsTr")) {
             bad.push((name.clone(), "NIfTI file that is neither volume-N nor imagesTr/X (no way to pair it with a mask)".to_owned()));
+        }
+    }
+    // Two files for one case id (volume-1.nii beside volume-1.nii.gz): which
+    // is the case is not ours to guess, so neither is used.
+    let mut by_case: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    for item in &items {
+        if let Item::Nifti { case, image, .. } = item {
+            by_case.entry(case.clone()).or_default().push(image.clone());
+        }
+    }
+    let twice: BTreeMap<String, Vec<PathBuf>> = by_case.into_iter().filter(|(_, v)| v.len() > 1).collect();
+    items.retain(|item| !matches!(item, Item::Nifti { case, .. } if twice.contains_key(case)));
+    for (case, paths) in twice {
+        let names: Vec<String> = paths.iter().map(|p| rel(root, p)).collect();
+        for name in &names {
+            bad.push((name.clone(), format!("case id `{case}` is given by {} files ({}); keep one", names.len(), names.join(", "))));
         }
     }
     (items, bad)
@@ -433,6 +455,14 @@ impl Stage for Ingest {
     fn check(&self, params: &Params) -> Result<()> {
         let p: IngestParams = params.typed()?;
         p.mask_rule()?;
+        if p.source == DataSource::Synthetic && (!(16..=1024).contains(&p.synthetic_size) || !(1..=1000).contains(&p.synthetic_slices) || p.synthetic_cases > 10_000) {
+            bail!(
+                "data.synthetic_size must be 16 to 1024 (got {}), data.synthetic_slices 1 to 1000 (got {}), data.synthetic_cases at most 10000 (got {})",
+                p.synthetic_size,
+                p.synthetic_slices,
+                p.synthetic_cases
+            );
+        }
         if p.source == DataSource::Slices2d {
             p.case_regex()?;
         }
@@ -614,10 +644,25 @@ impl<'a> Reader<'a> {
             Ok(bytes) => (bytes, vec![0; grid.num_slices()]),
             Err(raw) => hu_tensor(&grid, native_hu(raw.into_native().map_err(|e| (self.rel(image), e))?)),
         };
-        let m = ctx.read_raw(mask).and_then(|b| imaging::nifti::read_raw_from(mask, b)).and_then(|m| m.into_native()).map_err(|e| (self.rel(mask), e))?;
-        if grid.dims != m.dims() {
-            return Err((self.rel(mask), anyhow!("{}: image is {:?} voxels but mask is {:?}", mask.display(), grid.dims, m.dims())));
+        let m = ctx.read_raw(mask).and_then(|b| imaging::nifti::read_raw_from(mask, b)).map_err(|e| (self.rel(mask), e))?;
+        if grid.dims != m.grid.dims {
+            return Err((self.rel(mask), anyhow!("{}: image is {:?} voxels but mask is {:?}", mask.display(), grid.dims, m.grid.dims)));
         }
+        // Voxel (i, j, k) of the mask must be voxel (i, j, k) of the image: a
+        // mask written with another orientation (a mirrored axis) is not.
+        if let Some((r, c)) = affine_mismatch(&grid.affine, &m.grid.affine) {
+            return Err((
+                self.rel(mask),
+                anyhow!(
+                    "{}: its affine differs from the image's at row {r}, column {c} ({:.3} vs {:.3}): the mask is not aligned with {} voxel for voxel (resample it onto the image's grid)",
+                    mask.display(),
+                    m.grid.affine[r][c],
+                    grid.affine[r][c],
+                    image.display()
+                ),
+            ));
+        }
+        let m = m.into_native().map_err(|e| (self.rel(mask), e))?;
         let bin = native_liver_mask(&m, &p.liver_labels, p.max_label, &mask.display().to_string()).map_err(|e| (self.rel(mask), e))?;
         volume_case(case, &grid, hu, bin, self.source(image)).map_err(|e| (self.rel(image), e))
     }

@@ -22,6 +22,9 @@ use rayon::prelude::*;
 /// 2: a slice whose field of view is not square keeps its aspect (letterboxed).
 pub const VERSION: u32 = 2;
 
+/// The largest `size`: a 1024² slice is four times a CT's native 512².
+const MAX_SIZE: usize = 1024;
+
 choices!(
     /// Which slices normalise keeps.
     SlicePolicy { All = "all", Liver = "liver", LiverPlusEmpty = "liver_plus_empty" }
@@ -71,8 +74,8 @@ impl Stage for Normalise {
 
     fn check(&self, params: &Params) -> Result<()> {
         let p: NormaliseParams = params.typed()?;
-        if p.size == 0 || p.size % 16 != 0 {
-            bail!("size must be a positive multiple of 16 (DeepLabV3+ has output stride 16), got {}", p.size);
+        if p.size == 0 || p.size % 16 != 0 || p.size > MAX_SIZE {
+            bail!("size must be a positive multiple of 16 (DeepLabV3+ has output stride 16) up to {MAX_SIZE}, got {}", p.size);
         }
         p.window()?;
         if !(0.0..=1.0).contains(&p.empty_fraction) {

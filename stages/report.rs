@@ -496,7 +496,8 @@ fn curves(doc: &mut Doc, ctx: &StageContext, models: &[String]) -> Result<()> {
         for (name, tr, va) in [("loss", "train_loss", "val_loss"), ("pixel accuracy", "train_pa", "val_pa"), ("mIoU", "train_miou", "val_miou")] {
             let (train, val) = (f64s(&df, tr)?, f64s(&df, va)?);
             let of_fold = |v: &[f64], k: i64| v.iter().zip(&fold).filter(|(_, f)| **f == k).map(|(x, _)| *x).collect::<Vec<f64>>();
-            let labels: Vec<(String, String)> = (0..folds).map(|k| if folds > 1 { (format!("fold {k} train"), format!("fold {k} validation")) } else { ("train".into(), "validation".into()) }).collect();
+            let labels: Vec<(String, String)> =
+                (0..folds).map(|k| if folds > 1 { (format!("fold {k} train"), format!("fold {k} validation")) } else { ("train".into(), "validation".into()) }).collect();
             let mut series = Vec::new();
             for k in 0..folds {
                 series.push((labels[k as usize].0.as_str(), "#1f77b4", of_fold(&train, k)));
@@ -741,7 +742,8 @@ const RUN_COLOURS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff
 pub fn plots_page(runs: &[(String, Artifact)]) -> Result<String> {
     let colour = |i: usize| RUN_COLOURS[i % RUN_COLOURS.len()];
     let mut figures: Vec<(String, String)> = Vec::new();
-    let curves: Vec<(usize, DataFrame)> = runs.iter().enumerate().filter(|(_, r)| r.1.file("metrics.parquet").is_file()).map(|(i, r)| Ok((i, read_parquet(&r.1.file("metrics.parquet"))?))).collect::<Result<_>>()?;
+    let curves: Vec<(usize, DataFrame)> =
+        runs.iter().enumerate().filter(|(_, r)| r.1.file("metrics.parquet").is_file()).map(|(i, r)| Ok((i, read_parquet(&r.1.file("metrics.parquet"))?))).collect::<Result<_>>()?;
     for (title, col) in [("validation loss", "val_loss"), ("validation Dice", "val_dice")] {
         let series: Vec<(&str, &str, Vec<f64>)> = curves.iter().map(|(i, df)| Ok((runs[*i].0.as_str(), colour(*i), f64s(df, col)?))).collect::<Result<_>>()?;
         if !series.is_empty() {

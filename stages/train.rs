@@ -64,6 +64,9 @@ impl TrainParams {
         if self.batch_size < 2 || self.epochs < 1 || self.patience < 1 {
             bail!("batch_size must be ≥ 2, epochs and patience ≥ 1");
         }
+        if !(self.lr.is_finite() && self.lr > 0.0) || !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!("lr must be a positive number and weight_decay ≥ 0, got lr {} and weight_decay {}", self.lr, self.weight_decay);
+        }
         if self.folds == 1 {
             bail!("folds must be 0 (no cross-validation) or at least 2");
         }
@@ -151,13 +154,27 @@ mod tests {
     #[test]
     fn epoch_orders_cover_every_slice_and_fill_fixed_steps() {
         let one = super::epoch_order(10, 3, 1, 0);
-        assert_eq!({ let mut o = one.clone(); o.sort(); o }, (0..10).collect::<Vec<_>>());
+        assert_eq!(
+            {
+                let mut o = one.clone();
+                o.sort();
+                o
+            },
+            (0..10).collect::<Vec<_>>()
+        );
         assert_eq!(one, super::epoch_order(10, 3, 1, 0));
         assert_ne!(one, super::epoch_order(10, 3, 2, 0));
         let long = super::epoch_order(10, 3, 1, 25);
         assert_eq!(long.len(), 25);
         assert_eq!(long[..10], one[..]);
-        assert_eq!({ let mut o = long[10..20].to_vec(); o.sort(); o }, (0..10).collect::<Vec<_>>());
+        assert_eq!(
+            {
+                let mut o = long[10..20].to_vec();
+                o.sort();
+                o
+            },
+            (0..10).collect::<Vec<_>>()
+        );
         assert_eq!(super::epoch_order(10, 3, 1, 4), one[..4]);
     }
 }
@@ -289,19 +306,19 @@ mod training {
     use liverseg_engine::stage::{StageContext, Summary};
     use liverseg_engine::tables::write_parquet;
     use liverseg_engine::tensors::{write_with_metadata, NamedTensor};
+    use liverseg_imaging::augment::Transforms;
     use liverseg_model::confusion::Confusion;
     use liverseg_model::fit::{self, EpochStats};
-    use liverseg_imaging::augment::Transforms;
     use liverseg_model::loader::{Online, SliceSet};
     use liverseg_model::optim::{OptKind, Optimizer};
     use liverseg_model::{device_for, trainable_parameters, weights, ModelSpec, SegmentationModel};
     use liverseg_recipe::{Objective, Schedule};
     use liverseg_rng::Rng;
-    use std::path::PathBuf;
     use polars::prelude::{Column, DataFrame};
     use serde::{Deserialize, Serialize};
     use std::collections::BTreeMap;
     use std::path::Path;
+    use std::path::PathBuf;
     use std::sync::Arc;
     use std::time::Instant;
     use tch::{nn, Device, Tensor};
@@ -644,18 +661,7 @@ mod training {
             if self.ctx.show_progress {
                 eprintln!(
                     "Epoch {}/{} [{}] Train Loss: {:.4}, Train PA: {:.4}, Train IoU: {:.4} | Validation Loss: {:.4}, Validation PA: {:.4}, Validation IoU: {:.4} | Dice {:.4} | {:.1} s, {:.1} img/s",
-                    row.epoch,
-                    self.p.epochs,
-                    self.label,
-                    row.train_loss,
-                    row.train_pa,
-                    row.train_miou,
-                    row.val_loss,
-                    row.val_pa,
-                    row.val_miou,
-                    row.val_dice,
-                    row.seconds,
-                    row.train_images_per_s
+                    row.epoch, self.p.epochs, self.label, row.train_loss, row.train_pa, row.train_miou, row.val_loss, row.val_pa, row.val_miou, row.val_dice, row.seconds, row.train_images_per_s
                 );
             }
         }

@@ -11,7 +11,6 @@
 
 use crate::train::TrainParams;
 use anyhow::{bail, Context, Result};
-use liverseg_engine::hash::{stage_key, KeyInputs};
 use liverseg_engine::params::Params;
 use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary};
 use liverseg_engine::store::Artifact;
@@ -270,7 +269,7 @@ impl Study<'_> {
         let mut todo = Vec::new();
         for pt in batch {
             let params = self.trial_params(pt, &prune)?;
-            let key = stage_key(&KeyInputs { stage: "trial", version: TRIAL_VERSION, params_json: &params.canonical_json(), upstream: &self.upstream, raw_files: &[] });
+            let key = trials.key(TRIAL_VERSION, &params, &self.upstream);
             match trials.get(&key)? {
                 Some(a) => out.push(Some((read_result(&a)?, true))),
                 None => {
@@ -288,7 +287,7 @@ impl Study<'_> {
                 trial: true,
                 key: key.clone(),
                 params: params.0.clone(),
-                summary_path: build.with_extension("summary.json"),
+                summary_path: liverseg_engine::worker::beside(&build, "summary.json"),
                 out_dir: build,
                 scratch_dir: trials.scratch_dir(key),
                 upstream: ctx.upstream.iter().map(|(k, a)| (k.clone(), a.dir.clone())).collect(),

@@ -20,6 +20,40 @@ struct Expect {
     slices: u64,
 }
 
+/// Address space for every corpus run, as `ulimit -v 8000000` (KiB): a
+/// declared size that is not checked aborts on allocation under it.
+const ADDRESS_SPACE: u64 = 8_000_000 * 1024;
+
+/// liverseg in `dir` under the address-space limit (as `user`, when given).
+fn limited(dir: &Path, args: &[&str], as_user: Option<&str>) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = match as_user {
+        Some(u) => {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", u, "--"]).arg(bin());
+            c
+        }
+        None => std::process::Command::new(bin()),
+    };
+    cmd.args(args).current_dir(dir);
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: ADDRESS_SPACE, rlim_max: ADDRESS_SPACE };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().unwrap()
+}
+
+/// Neither a panic (exit 101) nor an abort (a signal, as on a failed allocation).
+fn no_panic_or_abort(out: &std::process::Output, what: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && out.status.code().is_some_and(|c| c != 101), "{what} panicked or aborted ({}):\n{err}", out.status);
+}
+
 fn nothing_half_written(dir: &Path, what: &str) {
     assert!(artifacts_of(dir, "ingest").is_empty(), "{what}: an ingest artifact was written");
     let tmp = dir.join("artifacts/.tmp");
@@ -29,13 +63,10 @@ fn nothing_half_written(dir: &Path, what: &str) {
 /// Run one case both ways: `fail` (the default) and `skip`.
 fn check(dir: &Path, what: &str, e: &Expect, as_user: Option<&str>) {
     let _ = std::fs::remove_dir_all(dir.join("artifacts"));
-    let run = |args: &[&str]| match as_user {
-        Some(u) => std::process::Command::new("runuser").args(["-u", u, "--"]).arg(bin()).args(args).current_dir(dir).output().unwrap(),
-        None => run(dir, args),
-    };
+    let run = |args: &[&str]| limited(dir, args, as_user);
     let out = run(&["run", "-q"]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!err.contains("panicked"), "{what} panicked:\n{err}");
+    no_panic_or_abort(&out, what);
     match e.fails {
         Some(name) => {
             assert!(!out.status.success(), "{what}: should have failed");
@@ -47,6 +78,7 @@ fn check(dir: &Path, what: &str, e: &Expect, as_user: Option<&str>) {
     }
     let _ = std::fs::remove_dir_all(dir.join("artifacts"));
     let out = run(&["run", "-q", "-P", "ingest.on_error=skip"]);
+    no_panic_or_abort(&out, what);
     assert!(out.status.success(), "{what} with skip: {}", String::from_utf8_lossy(&out.stderr));
     let a = artifacts_of(dir, "ingest").pop().unwrap();
     let q = read_parquet(&a.join("quarantine.parquet")).unwrap();
@@ -82,7 +114,20 @@ fn nifti_cases(good: &nifti::NiftiFile) -> Vec<(&'static str, Make, Expect)> {
         }
         std::fs::write(raw.join("volume-9.nii"), bytes).unwrap();
     };
-    let (hu1, hu2, hu3) = (hu.clone(), hu.clone(), hu);
+    let (hu1, hu2, hu3, hu4, hu5) = (hu.clone(), hu.clone(), hu.clone(), hu.clone(), hu);
+    let header_of = {
+        let header = good.header.clone();
+        move |dims: [i16; 3], datatype: i16, vox_offset: f32| {
+            let mut h = header.clone();
+            for (i, d) in dims.iter().enumerate() {
+                h[42 + 2 * i..44 + 2 * i].copy_from_slice(&d.to_le_bytes());
+            }
+            h[70..72].copy_from_slice(&datatype.to_le_bytes());
+            h[108..112].copy_from_slice(&vox_offset.to_le_bytes());
+            h
+        }
+    };
+    let header_of2 = header_of.clone();
     let fv = float_volume.clone();
     vec![
         (
@@ -143,6 +188,54 @@ fn nifti_cases(good: &nifti::NiftiFile) -> Vec<(&'static str, Make, Expect)> {
             "missing mask",
             Box::new(move |raw: &Path| write(raw, "volume-9.nii", nifti::VoxelData::I16(&hu_for(dims)))),
             Expect { fails: Some("volume-9.nii: missing mask"), quarantined: 1, cases: 2, slices: 8 },
+        ),
+        (
+            "vox_offset 1e30",
+            Box::new(move |raw: &Path| {
+                let mut b = header_of(dims.map(|d| d as i16), 4, 1e30);
+                b.resize(352 + 2 * dims.iter().product::<usize>(), 0);
+                std::fs::write(raw.join("volume-9.nii"), b).unwrap();
+                seg(raw, "segmentation-9.nii.gz");
+            }),
+            Expect { fails: Some("volume-9.nii: vox_offset 1000000000000000000000000000000 is not a plausible byte offset"), quarantined: 1, cases: 2, slices: 8 },
+        ),
+        (
+            "gzip bomb: a header declaring 3 GiB, and a stream that inflates to it",
+            Box::new(move |raw: &Path| {
+                use std::io::Write;
+                // One gzip member of 32 MiB of zeros (about 32 KiB), repeated:
+                // MultiGzDecoder would inflate all 96 of them.
+                let mut first = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                first.write_all(&header_of2([2048, 2048, 384], 4, 352.0)).unwrap();
+                first.write_all(&[0u8; 4]).unwrap();
+                let mut zeros = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                zeros.write_all(&vec![0u8; 32 << 20]).unwrap();
+                let zeros = zeros.finish().unwrap();
+                let mut file = first.finish().unwrap();
+                for _ in 0..96 {
+                    file.extend_from_slice(&zeros);
+                }
+                std::fs::write(raw.join("volume-9.nii.gz"), file).unwrap();
+                seg(raw, "segmentation-9.nii.gz");
+            }),
+            Expect { fails: Some("volume-9.nii.gz: the header declares 2048×2048×384 voxels of 2 bytes (3072 MiB); volumes over 1024 MiB are refused"), quarantined: 1, cases: 2, slices: 8 },
+        ),
+        (
+            "mask with a mirrored affine",
+            Box::new(move |raw: &Path| {
+                write(raw, "volume-9.nii", nifti::VoxelData::I16(&hu4));
+                let mut mirrored = affine;
+                mirrored[0][0] = -mirrored[0][0];
+                nifti::write_u8_or_i16(&raw.join("segmentation-9.nii"), dims, &mirrored, nifti::VoxelData::U8(&vec![0u8; dims.iter().product()]), None).unwrap();
+            }),
+            Expect { fails: Some("segmentation-9.nii: its affine differs from the image's at row 0, column 0"), quarantined: 1, cases: 2, slices: 8 },
+        ),
+        (
+            "two files for one case id",
+            Box::new(move |raw: &Path| {
+                write(raw, "volume-1.nii", nifti::VoxelData::I16(&hu5));
+            }),
+            Expect { fails: Some("case id `1` is given by 2 files (volume-1.nii, volume-1.nii.gz)"), quarantined: 2, cases: 1, slices: 4 },
         ),
         (
             "out-of-range floats are kept and counted",
@@ -220,6 +313,27 @@ fn slices2d_cases() -> Vec<(&'static str, Make, Expect)> {
                 write_png(&raw.join("masks/flipped_2_5.png"), grey(32, 32, 0));
             }),
             Expect { fails: Some("flipped_2_5.png: not a decodable PNG/JPEG image"), quarantined: 1, cases: 1, slices: 4 },
+        ),
+        (
+            "truncated jpeg",
+            Box::new(|raw: &Path| {
+                let mut jpeg = Vec::new();
+                grey(32, 32, 90).write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+                std::fs::write(raw.join("images/flipped_1_9.jpg"), &jpeg[..jpeg.len() * 2 / 3]).unwrap();
+                write_png(&raw.join("masks/flipped_1_9.jpg.png"), grey(32, 32, 0));
+                std::fs::rename(raw.join("masks/flipped_1_9.jpg.png"), raw.join("masks/flipped_1_9.jpg")).unwrap();
+            }),
+            Expect { fails: Some("flipped_1_9.jpg: not a decodable PNG/JPEG image (truncated JPEG"), quarantined: 1, cases: 1, slices: 4 },
+        ),
+        (
+            "png mask of labels 0 and 1",
+            Box::new(|raw: &Path| {
+                write_png(&raw.join("images/flipped_1_9.png"), grey(32, 32, 90));
+                let mut m = image::GrayImage::new(32, 32);
+                m.put_pixel(5, 5, image::Luma([1]));
+                write_png(&raw.join("masks/flipped_1_9.png"), image::DynamicImage::ImageLuma8(m));
+            }),
+            Expect { fails: Some("flipped_1_9.png: a label map (pixel values 0 and 1 only)"), quarantined: 1, cases: 1, slices: 4 },
         ),
         (
             "zero-byte image",
@@ -340,4 +454,95 @@ fn an_unreadable_file_is_reported() {
     }
     check(&dir, "chmod 000", &Expect { fails: Some("flipped_1_9.png"), quarantined: 1, cases: 1, slices: 4 }, user);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// DICOM series edited file by file from the shared TotalSegmentator
+/// series: each bad file is named with its reason, never a panic.
+#[test]
+fn malformed_dicom_series() {
+    let Some(shared) = shared_data() else { return };
+    let source = shared.join("formats/totalsegmentator");
+    let dir = project("corpus_dicom", "data: {source: dicom, root: raw, liver_labels: [5], max_label: 117, dicom_pairs: [{series: ct, mask: seg.nii.gz}]}\nstages:\n  ingest: {}\n");
+    let raw = dir.join("raw");
+    type Edit = fn(&mut dicom_object::FileDicomObject<dicom_object::InMemDicomObject>);
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_object::Tag;
+    let cases: Vec<(&str, &str, Edit)> = vec![
+        ("rows 0", "Rows × Columns is 0×0", |o| {
+            o.put(DataElement::new(Tag(0x0028, 0x0010), VR::US, PrimitiveValue::from(0u16)));
+            o.put(DataElement::new(Tag(0x0028, 0x0011), VR::US, PrimitiveValue::from(0u16)));
+        }),
+        ("rescale slope 0", "RescaleSlope is 0", |o| {
+            o.put(DataElement::new(Tag(0x0028, 0x1053), VR::DS, PrimitiveValue::from("0")));
+        }),
+        ("multi-frame", "a multi-frame object (2 frames)", |o| {
+            o.put(DataElement::new(Tag(0x0028, 0x0008), VR::IS, PrimitiveValue::from("2")));
+        }),
+        ("no pixel data", "missing PixelData", |o| {
+            o.remove_element(Tag(0x7FE0, 0x0010));
+        }),
+    ];
+    let files = || {
+        let mut f: Vec<PathBuf> = std::fs::read_dir(raw.join("ct")).unwrap().map(|e| e.unwrap().path()).collect();
+        f.sort();
+        f
+    };
+    let fresh = || {
+        let _ = std::fs::remove_dir_all(&raw);
+        std::fs::create_dir_all(raw.join("ct")).unwrap();
+        for e in std::fs::read_dir(source.join("example_ct_dicom")).unwrap().flatten() {
+            std::fs::copy(e.path(), raw.join("ct").join(e.file_name())).unwrap();
+        }
+        std::fs::copy(source.join("example_seg_dicom.nii.gz"), raw.join("seg.nii.gz")).unwrap();
+    };
+    let expect_failure = |what: &str, file: &str, reason: &str| {
+        let _ = std::fs::remove_dir_all(dir.join("artifacts"));
+        let out = limited(&dir, &["run", "-q"], None);
+        no_panic_or_abort(&out, what);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert!(err.contains(file) && err.contains(reason), "{what}: the error does not name {file} and `{reason}`:\n{err}");
+        nothing_half_written(&dir, what);
+    };
+    fresh();
+    let out = limited(&dir, &["run", "-q"], None);
+    assert!(out.status.success(), "the unedited series: {}", String::from_utf8_lossy(&out.stderr));
+    for (what, reason, edit) in cases {
+        fresh();
+        let victim = files()[10].clone();
+        let mut obj = dicom_object::open_file(&victim).unwrap();
+        edit(&mut obj);
+        obj.write_to_file(&victim).unwrap();
+        expect_failure(what, &victim.file_name().unwrap().to_string_lossy(), reason);
+    }
+    // Two series in one folder: the last five files get another SeriesInstanceUID.
+    fresh();
+    for f in files().iter().rev().take(5) {
+        let mut obj = dicom_object::open_file(f).unwrap();
+        obj.put(DataElement::new(Tag(0x0020, 0x000E), VR::UI, PrimitiveValue::from("1.2.826.0.1.3680043.8.498.1")));
+        obj.write_to_file(f).unwrap();
+    }
+    expect_failure("two series", "ct", "holds 2 DICOM series");
+}
+
+/// Params whose size would exhaust memory, and a negative learning rate,
+/// are refused when the pipeline loads, naming the key.
+#[test]
+fn bad_params_are_refused_before_anything_runs() {
+    let pipeline = format!("{DATA_PIPELINE}  train:\n    deps: [normalise, split, augment]\n");
+    let dir = project("corpus_params", &pipeline);
+    for (set, want) in [
+        ("normalise.size=1000000", "size must be a positive multiple of 16 (DeepLabV3+ has output stride 16) up to 1024"),
+        ("augment.copies=100000000", "copies must be at most 100"),
+        ("data.synthetic_size=0", "data.synthetic_size must be 16 to 1024 (got 0)"),
+        ("data.synthetic_size=100000", "data.synthetic_size must be 16 to 1024 (got 100000)"),
+        ("train.lr=-0.001", "lr must be a positive number"),
+    ] {
+        let out = limited(&dir, &["run", "-q", "-P", set], None);
+        no_panic_or_abort(&out, set);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{set}: {err}");
+        assert!(err.contains(want), "{set}: wanted `{want}` in:\n{err}");
+        assert!(!dir.join("artifacts/ingest").exists(), "{set}: something ran");
+    }
 }

@@ -69,7 +69,11 @@ pub fn cell(v: &Value) -> String {
 fn format_float(f: f64) -> String {
     if f == 0.0 || !f.is_finite() || f.abs() >= 1e-3 && f.abs() < 1e6 {
         let s = format!("{f:.4}");
-        if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_owned() } else { s }
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_owned()
+        } else {
+            s
+        }
     } else {
         format!("{f:.4e}")
     }

@@ -187,12 +187,11 @@ impl Slurm {
         std::fs::write(batch.join("requests.txt"), list)?;
         let script = batch.join("job.sh");
         std::fs::write(&script, job_script(&worker_binary()?, &batch.join("requests.txt")))?;
-        let log = batch.join("slurm-%A_%a.log");
         let mut cmd = Command::new("sbatch");
         cmd.arg("--parsable")
             .arg(format!("--job-name=liverseg-{}", first.label))
             .arg(format!("--array=0-{}%{}", reqs.len() - 1, parallel.max(1)))
-            .arg(format!("--output={}", log.display()))
+            .arg(format!("--output={}/slurm-%A_%a.log", escape_percent(&batch.display().to_string())))
             .arg(format!("--chdir={}", std::path::absolute(&first.project_root)?.display()))
             .args(self.config.resources(first).sbatch_args())
             .arg(&script);
@@ -285,15 +284,27 @@ fn job_script(worker: &Path, list: &Path) -> String {
     format!(
         r#"#!/bin/bash
 # liverseg: one worker request per array task.
-dir=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" '{list}')
-'{worker}' stage "$dir/request.json"
+dir=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {list})
+[ -n "$dir" ] || {{ echo "liverseg: no request for task $SLURM_ARRAY_TASK_ID in "{list} >&2; exit 2; }}
+{worker} stage "$dir/request.json"
 rc=$?
 printf '%s %s_%s\n' "$rc" "$SLURM_ARRAY_JOB_ID" "$SLURM_ARRAY_TASK_ID" > "$dir/exit.tmp" && mv "$dir/exit.tmp" "$dir/exit"
 exit $rc
 "#,
-        list = list.display(),
-        worker = worker.display()
+        list = shell_quote(&list.display().to_string()),
+        worker = shell_quote(&worker.display().to_string())
     )
+}
+
+/// `s` as one word to a POSIX shell, whatever it holds: single-quoted, each
+/// `'` closed, escaped and reopened. No expansion happens inside.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// sbatch's `--output` expands `%` patterns; `%%` is a literal `%`.
+fn escape_percent(s: &str) -> String {
+    s.replace('%', "%%")
 }
 
 /// A job's exit code from its record, if it has written one.
@@ -554,6 +565,18 @@ impl Drop for Reaper {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn job_script_paths_are_single_words_to_the_shell() {
+        for path in ["/p'$(touch x)'/a b", "/100%/x", "/plain"] {
+            let script = super::job_script(std::path::Path::new(path), std::path::Path::new(&format!("{path}/requests.txt")));
+            let out = std::process::Command::new("bash").arg("-n").arg("-c").arg(&script).output().unwrap();
+            assert!(out.status.success(), "{script}");
+            let quoted = super::shell_quote(path);
+            let echoed = std::process::Command::new("bash").arg("-c").arg(format!("printf %s {quoted}")).output().unwrap();
+            assert_eq!(String::from_utf8_lossy(&echoed.stdout), path);
+        }
+    }
+
     use super::*;
 
     fn request(label: &str, trial: bool) -> WorkerRequest {

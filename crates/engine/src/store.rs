@@ -76,13 +76,22 @@ pub enum Problem {
     BadManifest(PathBuf, String),
     #[error("{0}: left over from an interrupted build")]
     Leftover(PathBuf),
+    #[error("{0}: a symbolic link inside the store (never followed; `verify --repair` moves the link aside)")]
+    Symlink(PathBuf),
 }
 
 impl Problem {
     /// The artifact (or folder) the problem makes unusable.
     pub fn path(&self) -> &Path {
         match self {
-            Problem::Missing(p) | Problem::Extra(p) | Problem::ManifestEdited(p) | Problem::NotIndexed(p) | Problem::NoManifest(p) | Problem::BadManifest(p, _) | Problem::Leftover(p) => p,
+            Problem::Missing(p)
+            | Problem::Extra(p)
+            | Problem::ManifestEdited(p)
+            | Problem::NotIndexed(p)
+            | Problem::NoManifest(p)
+            | Problem::BadManifest(p, _)
+            | Problem::Leftover(p)
+            | Problem::Symlink(p) => p,
             Problem::Resized { path, .. } | Problem::Changed { path, .. } => path,
         }
     }
@@ -91,16 +100,117 @@ impl Problem {
 /// How closely to look at an artifact before trusting it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Depth {
-    /// Manifest against the index, every output's size, and the small
-    /// metadata files (JSON, Parquet) re-hashed: what every use costs.
+    /// Manifest against the index, and every output either re-hashed or
+    /// unchanged since it was last hashed (its size, mtime, ctime and inode
+    /// as recorded then): what every use costs. A write to a file, even
+    /// one that restores its mtime, moves its ctime, so it is re-hashed.
     Quick,
     /// Every file re-hashed, nothing extra: `verify` and `run --verify`.
     Full,
 }
 
-/// Files re-hashed on every use: small, and what stages read whole.
-fn rehashed_on_use(name: &str, size: u64) -> bool {
-    (name.ends_with(".json") || name.ends_with(".parquet")) && size <= 4 << 20
+/// A file's identity when it was last hashed: any write moves its ctime
+/// (which no user can set), a replacement changes its inode. Not the
+/// device number: on a cluster's shared file system it differs by node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(m: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
+        Stamp { size: m.len(), mtime_ns: ns(m.mtime(), m.mtime_nsec()), ctime_ns: ns(m.ctime(), m.ctime_nsec()), inode: m.ino() }
+    }
+}
+
+/// The verified stamps of an artifact's outputs, by name.
+type Stamps = BTreeMap<String, Stamp>;
+
+/// Why `name` cannot be a single folder name in the store: empty, `.`,
+/// `..`, hidden (the store's own folders start with a dot), or holding a
+/// separator or NUL.
+pub fn bad_component(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("empty")
+    } else if name == "." || name == ".." {
+        Some("a relative step")
+    } else if name.starts_with('.') {
+        Some("hidden (starts with a dot)")
+    } else if name.contains(['/', '\\', '\0']) {
+        Some("holds a path separator or NUL")
+    } else {
+        None
+    }
+}
+
+/// Why `name` cannot be a file inside an artifact: it must be relative,
+/// of plain components, never `..`, and not the manifest itself.
+pub fn bad_relative(name: &str) -> Option<String> {
+    if name.starts_with('/') {
+        return Some("an absolute path".into());
+    }
+    if name == MANIFEST {
+        return Some("the manifest's own name".into());
+    }
+    name.split('/').find_map(|c| match c {
+        "" => Some("an empty component".into()),
+        "." | ".." => Some(format!("a `{c}` component")),
+        _ if c.contains(['\\', '\0']) => Some("a backslash or NUL".into()),
+        _ => None,
+    })
+}
+
+/// Whether `key` looks like a stage key (hex, as `stage_key` makes them).
+fn is_key(key: &str) -> bool {
+    key.len() == super::hash::KEY_HEX_LEN && key.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+impl Manifest {
+    /// Every name the store would turn into a path (stage, key, output
+    /// files, upstream and child keys) is safe, so no manifest, local or
+    /// pulled, can make the store touch anything outside its folder.
+    pub fn check_names(&self) -> Result<(), String> {
+        if let Some(why) = bad_component(&self.stage) {
+            return Err(format!("stage name `{}` is {why}", self.stage));
+        }
+        if !is_key(&self.key) {
+            return Err(format!("key `{}` is not a stage key", self.key));
+        }
+        for name in self.outputs.keys() {
+            if let Some(why) = bad_relative(name) {
+                return Err(format!("output `{name}` is {why}"));
+            }
+        }
+        for (stage, key) in &self.upstream {
+            if bad_component(stage).is_some() || !is_key(key) {
+                return Err(format!("upstream `{stage}` → `{key}` is not a stage and key"));
+            }
+        }
+        for (kind, keys) in &self.children {
+            if let Some(why) = bad_component(kind) {
+                return Err(format!("child kind `{kind}` is {why}"));
+            }
+            if let Some(k) = keys.iter().find(|k| !is_key(k)) {
+                return Err(format!("child key `{k}` of kind `{kind}` is not a stage key"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The key this manifest's declared inputs (stage, version, params,
+    /// upstream keys, raw file hashes) hash to. A sub-artifact's key is
+    /// hashed under its kind (`trial` for `tune.train+trial`).
+    pub fn declared_key(&self) -> String {
+        let stage = self.stage.split_once('+').map_or(self.stage.as_str(), |(_, kind)| kind);
+        let raw: Vec<(String, String)> = self.raw_inputs.iter().map(|r| (r.path.clone(), r.blake3.clone())).collect();
+        let params = serde_json::to_string(&self.params).unwrap_or_default();
+        super::hash::stage_key(&super::hash::KeyInputs { stage, version: self.version, params_json: &params, upstream: &self.upstream, raw_files: &raw })
+    }
 }
 
 impl Artifact {
@@ -149,16 +259,83 @@ impl Store {
         self.root.join(".index").join(stage).join(key)
     }
 
+    /// The stamps of an artifact's files when they were last hashed and
+    /// found equal to the manifest, beside its index entry.
+    fn stamps_file(&self, stage: &str, key: &str) -> PathBuf {
+        self.root.join(".index").join(stage).join(format!("{key}.stamps"))
+    }
+
+    fn read_stamps(&self, a: &Artifact) -> Stamps {
+        // The manifest's hash heads the file: stamps of another build of the same key never count.
+        let Ok(text) = fs::read_to_string(self.stamps_file(&a.stage, &a.key)) else { return Stamps::new() };
+        match text.split_once('\n') {
+            Some((head, body)) if head == a.manifest_blake3 => serde_json::from_str(body).unwrap_or_default(),
+            _ => Stamps::new(),
+        }
+    }
+
+    /// Record `stamps` as verified. A cache: failing to write it costs a re-hash next time.
+    fn write_stamps(&self, a: &Artifact, stamps: &Stamps) {
+        let path = self.stamps_file(&a.stage, &a.key);
+        if self.symlink_in(&path).is_some() {
+            return;
+        }
+        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_file_name(format!("{}.stamps.tmp{}-{n}", a.key, std::process::id()));
+        let text = format!("{}\n{}", a.manifest_blake3, serde_json::to_string(stamps).unwrap_or_default());
+        if fs::write(&tmp, text).and_then(|_| fs::rename(&tmp, &path)).is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+    }
+
+    /// Stamp every output of `a` as it is now (just hashed, or just written).
+    fn stamp_all(&self, a: &Artifact) {
+        let stamps: Option<Stamps> = a.manifest.outputs.keys().map(|name| fs::symlink_metadata(a.dir.join(name)).ok().map(|m| (name.clone(), Stamp::of(&m)))).collect();
+        if let Some(stamps) = stamps {
+            self.write_stamps(a, &stamps);
+        }
+    }
+
+    /// The first symbolic link on the way from the store's root down to
+    /// `path` (the root itself may be one: a store on another disk).
+    pub fn symlink_in(&self, path: &Path) -> Option<PathBuf> {
+        let rel = path.strip_prefix(&self.root).ok()?;
+        let mut at = self.root.clone();
+        for c in rel.components() {
+            at.push(c);
+            match fs::symlink_metadata(&at) {
+                Ok(m) if m.file_type().is_symlink() => return Some(at),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Refuse to write at `path` when a symbolic link would take the write out of the store.
+    fn contained(&self, path: &Path) -> Result<()> {
+        match self.symlink_in(path) {
+            Some(link) => anyhow::bail!("{} is a symbolic link; the store never writes through one (`liverseg verify --repair` moves it aside)", link.display()),
+            None => Ok(()),
+        }
+    }
+
     /// The complete artifact for (stage, key), if any. An artifact directory
     /// only ever appears by rename after its manifest was written.
     pub fn get(&self, stage: &str, key: &str) -> Result<Option<Artifact>> {
+        for name in [stage, key] {
+            if let Some(why) = bad_component(name) {
+                anyhow::bail!("`{name}` cannot name an artifact in {}: it is {why}", self.root.display());
+            }
+        }
         let dir = self.artifact_dir(stage, key);
         let mpath = dir.join(MANIFEST);
         if !mpath.is_file() {
             return Ok(None);
         }
         let bytes = fs::read(&mpath).with_context(|| format!("cannot read {}", mpath.display()))?;
-        let manifest = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a liverseg manifest", mpath.display()))?;
+        let manifest: Manifest = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a liverseg manifest", mpath.display()))?;
         Ok(Some(Artifact { stage: stage.to_owned(), key: key.to_owned(), dir, manifest, manifest_blake3: blake3::hash(&bytes).to_hex().to_string() }))
     }
 
@@ -169,29 +346,59 @@ impl Store {
         if a.manifest.key != a.key || a.manifest.stage != a.stage {
             problems.push(Problem::BadManifest(mpath.clone(), format!("names {}/{}", a.manifest.stage, a.manifest.key)));
         }
+        if let Err(why) = a.manifest.check_names() {
+            // Its names cannot be trusted as paths: nothing more is looked at.
+            problems.push(Problem::BadManifest(mpath, why));
+            return problems;
+        }
+        if let Some(link) = self.symlink_in(&mpath) {
+            problems.push(Problem::Symlink(link));
+            return problems;
+        }
         match fs::read_to_string(self.index_file(&a.stage, &a.key)) {
             Ok(h) if h.trim() == a.manifest_blake3 => {}
             Ok(_) => problems.push(Problem::ManifestEdited(mpath)),
             Err(_) => problems.push(Problem::NotIndexed(mpath)),
         }
         if depth == Depth::Full {
-            return match verify_files(a) {
-                Ok(p) => problems.into_iter().chain(p).collect(),
-                Err(e) => problems.into_iter().chain([Problem::BadManifest(a.dir.clone(), format!("{e:#}"))]).collect(),
-            };
+            let found = verify_files(a).unwrap_or_else(|e| vec![Problem::BadManifest(a.dir.clone(), format!("{e:#}"))]);
+            if problems.is_empty() && found.is_empty() {
+                self.stamp_all(a);
+            }
+            return problems.into_iter().chain(found).collect();
         }
+        let stamps = self.read_stamps(a);
+        let mut now = Stamps::new();
+        let mut rehashed = false;
         for (name, want) in &a.manifest.outputs {
             let path = a.dir.join(name);
-            match fs::metadata(&path) {
-                Err(_) => problems.push(Problem::Missing(path)),
-                Ok(m) if m.len() != want.size => problems.push(Problem::Resized { path, want: want.size, got: m.len() }),
-                Ok(m) if rehashed_on_use(name, m.len()) => match hash_file(&path) {
-                    Ok(h) if h == want.blake3 => {}
+            let meta = match fs::symlink_metadata(&path) {
+                Err(_) => {
+                    problems.push(Problem::Missing(path));
+                    continue;
+                }
+                Ok(m) => m,
+            };
+            // The artifact's own folder was checked above; a nested name's folders are checked here.
+            if meta.file_type().is_symlink() || (name.contains('/') && self.symlink_in(&path).is_some()) {
+                problems.push(Problem::Symlink(path));
+            } else if meta.len() != want.size {
+                problems.push(Problem::Resized { path, want: want.size, got: meta.len() });
+            } else if stamps.get(name) == Some(&Stamp::of(&meta)) {
+                now.insert(name.clone(), Stamp::of(&meta));
+            } else {
+                match hash_file(&path) {
+                    Ok(h) if h == want.blake3 => {
+                        rehashed = true;
+                        now.insert(name.clone(), Stamp::of(&meta));
+                    }
                     Ok(h) => problems.push(Problem::Changed { path, want: want.blake3[..16].to_owned(), got: h[..16].to_owned() }),
                     Err(_) => problems.push(Problem::Missing(path)),
-                },
-                Ok(_) => {}
+                }
             }
+        }
+        if problems.is_empty() && rehashed {
+            self.write_stamps(a, &now);
         }
         problems
     }
@@ -207,11 +414,19 @@ impl Store {
         };
         for s in stages.flatten() {
             let name = s.file_name().to_string_lossy().into_owned();
+            if s.file_type().is_ok_and(|t| t.is_symlink()) {
+                problems.push(Problem::Symlink(s.path()));
+                continue;
+            }
             if name.starts_with('.') || !s.path().is_dir() {
                 continue;
             }
             for k in fs::read_dir(s.path()).with_context(|| format!("cannot list {}", s.path().display()))?.flatten() {
                 let dir = k.path();
+                if k.file_type().is_ok_and(|t| t.is_symlink()) {
+                    problems.push(Problem::Symlink(dir));
+                    continue;
+                }
                 if !dir.join(MANIFEST).is_file() {
                     problems.push(Problem::NoManifest(dir));
                     continue;
@@ -227,11 +442,32 @@ impl Store {
             }
         }
         if !self.locked_by_another()? {
-            if let Ok(left) = fs::read_dir(self.root.join(".tmp")) {
-                problems.extend(left.flatten().map(|e| Problem::Leftover(e.path())));
+            for leftovers in [".tmp", ".pull"] {
+                let folder = self.root.join(leftovers);
+                if self.symlink_in(&folder).is_some() {
+                    continue; // reported as a link above
+                }
+                if let Ok(left) = fs::read_dir(&folder) {
+                    problems.extend(left.flatten().map(|e| Problem::Leftover(e.path())));
+                }
             }
         }
         Ok((artifacts, problems))
+    }
+
+    /// Remove what an interrupted build or pull left in `.tmp/` or `.pull/`.
+    pub fn clear_leftover(&self, path: &Path, _lock: &StoreLock) -> Result<()> {
+        let parent = path.parent().and_then(|p| p.strip_prefix(&self.root).ok());
+        if !matches!(parent.and_then(|p| p.to_str()), Some(".tmp" | ".pull")) {
+            anyhow::bail!("{} is not a leftover of the store", path.display());
+        }
+        self.contained(path)?;
+        match fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+            Ok(_) => fs::remove_file(path),
+            Err(_) => return Ok(()),
+        }
+        .with_context(|| format!("cannot remove {}", path.display()))
     }
 
     /// Whether another process holds the write lock (a run in progress).
@@ -250,13 +486,20 @@ impl Store {
     /// Move an artifact (or a folder that is not one) aside, to
     /// `.damaged/`, so the next run rebuilds it and nothing is lost.
     pub fn set_aside(&self, dir: &Path, _lock: &StoreLock) -> Result<PathBuf> {
+        // A link on the way is what gets moved: never what it points to.
+        let dir = &self.symlink_in(dir).unwrap_or_else(|| dir.to_path_buf());
+        self.contained(&self.root.join(".damaged").join("x"))?;
         let rel = dir.strip_prefix(&self.root).unwrap_or(dir);
         let base = format!("{}-{}", rel.to_string_lossy().replace('/', "__"), (now_unix() * 1e6) as u64);
         let dest = (0..).map(|n| self.root.join(".damaged").join(format!("{base}.{n}"))).find(|d| !d.exists()).expect("a free name");
         fs::create_dir_all(dest.parent().expect("under .damaged")).with_context(|| format!("cannot create {}", dest.display()))?;
         fs::rename(dir, &dest).with_context(|| format!("cannot move {} aside", dir.display()))?;
         if let (Some(stage), Some(key)) = (rel.parent(), rel.file_name()) {
-            let _ = fs::remove_file(self.index_file(&stage.to_string_lossy(), &key.to_string_lossy()));
+            let (stage, key) = (stage.to_string_lossy(), key.to_string_lossy());
+            if bad_component(&stage).is_none() && bad_component(&key).is_none() {
+                let _ = fs::remove_file(self.index_file(&stage, &key));
+                let _ = fs::remove_file(self.stamps_file(&stage, &key));
+            }
         }
         Ok(dest)
     }
@@ -269,11 +512,15 @@ impl Store {
         };
         for s in stages.flatten() {
             let stage = s.file_name().to_string_lossy().into_owned();
-            if stage.starts_with('.') || !s.path().is_dir() {
+            // A linked folder is not the store's (`verify` names it).
+            if stage.starts_with('.') || !s.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
             for k in fs::read_dir(s.path()).with_context(|| format!("cannot list {}", s.path().display()))?.flatten() {
                 let key = k.file_name().to_string_lossy().into_owned();
+                if !k.file_type().is_ok_and(|t| t.is_dir()) || bad_component(&key).is_some() {
+                    continue;
+                }
                 if let Some(a) = self.get(&stage, &key)? {
                     out.push(a);
                 }
@@ -332,12 +579,19 @@ impl Store {
     pub fn install(&self, build: &Path, text: &str, manifest: Manifest, _lock: &StoreLock) -> Result<Artifact> {
         // The index records the manifest's hash before the artifact appears:
         // an artifact is never visible without its entry.
+        manifest.check_names().map_err(|why| anyhow::anyhow!("{}: refusing a manifest whose {why}", build.display()))?;
         let manifest_blake3 = blake3::hash(text.as_bytes()).to_hex().to_string();
         let index = self.index_file(&manifest.stage, &manifest.key);
+        let dest = self.artifact_dir(&manifest.stage, &manifest.key);
+        for path in [&index, &dest] {
+            self.contained(path)?;
+        }
+        if let Some(link) = walkdir::WalkDir::new(build).into_iter().flatten().find(|e| e.path_is_symlink()) {
+            anyhow::bail!("{}: a symbolic link in a build; refusing to install it", link.path().display());
+        }
         fs::create_dir_all(index.parent().expect("under .index")).with_context(|| format!("cannot create {}", index.display()))?;
         let tmp = index.with_extension(format!("tmp{}", std::process::id()));
         fs::write(&tmp, &manifest_blake3).and_then(|_| fs::rename(&tmp, &index)).with_context(|| format!("cannot write {}", index.display()))?;
-        let dest = self.artifact_dir(&manifest.stage, &manifest.key);
         fs::create_dir_all(dest.parent().expect("has parent")).with_context(|| format!("cannot create {}", dest.display()))?;
         if dest.exists() {
             let trash = self.root.join(".tmp").join(format!("old-{}-{}", manifest.stage, manifest.key));
@@ -347,10 +601,15 @@ impl Store {
         } else {
             fs::rename(build, &dest).with_context(|| format!("cannot move build into {}", dest.display()))?;
         }
-        Ok(Artifact { stage: manifest.stage.clone(), key: manifest.key.clone(), dir: dest, manifest, manifest_blake3 })
+        // Old stamps of this key describe other files: cleared, then written for these.
+        let _ = fs::remove_file(self.stamps_file(&manifest.stage, &manifest.key));
+        let a = Artifact { stage: manifest.stage.clone(), key: manifest.key.clone(), dir: dest, manifest, manifest_blake3 };
+        self.stamp_all(&a);
+        Ok(a)
     }
 
     pub fn remove(&self, a: &Artifact, _lock: &StoreLock) -> Result<()> {
+        self.contained(&a.dir)?;
         fs::remove_dir_all(&a.dir).with_context(|| format!("cannot remove {}", a.dir.display()))?;
         let scratch = self.scratch_dir(&a.stage, &a.key);
         if scratch.exists() {
@@ -404,6 +663,13 @@ impl<'a> SubArtifacts<'a> {
         }
         self.note(key);
         Ok(Some(a))
+    }
+
+    /// The key of a sub-artifact made by `version` of its producer from
+    /// `params` and `upstream`: hashed under the kind, as
+    /// `Manifest::declared_key` checks it.
+    pub fn key(&self, version: u32, params: &super::params::Params, upstream: &BTreeMap<String, String>) -> String {
+        super::hash::stage_key(&super::hash::KeyInputs { stage: &self.kind, version, params_json: &params.canonical_json(), upstream, raw_files: &[] })
     }
 
     /// A fresh build folder for `key`.
@@ -479,7 +745,7 @@ pub fn hash_tree(dir: &Path, hash: fn(&Path) -> Result<String>) -> Result<BTreeM
 /// Differences between an artifact's files and its manifest, every file re-hashed.
 fn verify_files(a: &Artifact) -> Result<Vec<Problem>> {
     let actual = hash_tree(&a.dir, hash_file)?;
-    let mut problems = Vec::new();
+    let mut problems: Vec<Problem> = walkdir::WalkDir::new(&a.dir).into_iter().flatten().filter(|e| e.path_is_symlink()).map(|e| Problem::Symlink(e.into_path())).collect();
     for (name, want) in &a.manifest.outputs {
         let path = a.dir.join(name);
         match actual.get(name) {

@@ -52,13 +52,13 @@ impl WorkerRequest {
             project_root: ctx.project_root.to_path_buf(),
             store_root: ctx.store.root.clone(),
             show_progress: ctx.show_progress,
-            summary_path: ctx.out_dir.with_extension("summary.json"),
+            summary_path: beside(ctx.out_dir, "summary.json"),
         }
     }
 
     /// Write the request beside its build folder; returns the file.
     pub fn write(&self) -> Result<PathBuf> {
-        let path = self.out_dir.with_extension("request.json");
+        let path = beside(&self.out_dir, "request.json");
         std::fs::write(&path, serde_json::to_vec_pretty(self)?).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(path)
     }
@@ -69,6 +69,16 @@ impl WorkerRequest {
         std::fs::remove_file(&self.summary_path).ok();
         serde_json::from_slice(&bytes).with_context(|| format!("{}: not a worker summary", self.summary_path.display()))
     }
+}
+
+/// `dir.SUFFIX` beside the build folder `dir`. Not `with_extension`, which
+/// cuts at the name's last dot: every build of `tune.train+trial-KEY-PID`
+/// would share `tune.request.json`.
+pub fn beside(dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = dir.as_os_str().to_os_string();
+    name.push(".");
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 /// What a worker hands back: the stage's summary, and the params it
@@ -101,11 +111,19 @@ impl WorkerJob {
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let req: WorkerRequest = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a worker request", path.display()))?;
+        let store = Store::new(req.store_root.clone());
         let mut upstream = BTreeMap::new();
         for (name, dir) in &req.upstream {
-            upstream.insert(name.clone(), Artifact::load(dir)?);
+            // Checked here too: a job may start long after the engine looked.
+            let a = Artifact::load(dir)?;
+            let problems = store.check(&a, super::store::Depth::Quick);
+            if !problems.is_empty() {
+                let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+                anyhow::bail!("upstream artifact {}@{} is damaged ({}); nothing was run", a.stage, a.key, list.join("; "));
+            }
+            upstream.insert(name.clone(), a);
         }
-        Ok(WorkerJob { params: Params(req.params.clone()), upstream, store: Store::new(req.store_root.clone()), req })
+        Ok(WorkerJob { params: Params(req.params.clone()), upstream, store, req })
     }
 
     pub fn context<'a>(&'a self, stage: &'static StageInfo) -> StageContext<'a> {

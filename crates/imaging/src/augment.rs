@@ -150,7 +150,10 @@ impl Transforms {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Intensity {
     /// Std as a fraction of the slice's std, and the noise stream's seed.
-    Noise { relative_std: f32, seed: u64 },
+    Noise {
+        relative_std: f32,
+        seed: u64,
+    },
     Blur(f32),
     Brightness(f32),
     Contrast(f32),

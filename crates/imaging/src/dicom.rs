@@ -6,8 +6,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use dicom_object::{open_file, InMemDicomObject, Tag};
 use std::path::{Path, PathBuf};
 
+/// The largest Rows or Columns a slice may have.
+const MAX_SIDE: i64 = 8192;
+
 struct Slice {
     path: PathBuf,
+    series_uid: Option<String>,
     uids: SliceRef,
     position: [f64; 3],
     hu: Vec<f32>,
@@ -77,8 +81,15 @@ fn read_slice(path: &Path) -> Result<Slice> {
     let int = |tag: Tag, name: &str| -> Result<i64> { get(tag, name)?.to_int::<i64>().map_err(|e| anyhow!("{p}: bad {name}: {e}")) };
     let ts = obj.meta().transfer_syntax().trim_end_matches('\0').to_owned();
     let native = matches!(ts.as_str(), "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1" | "1.2.840.10008.1.2.2");
-    let rows = int(Tag(0x0028, 0x0010), "Rows")? as usize;
-    let cols = int(Tag(0x0028, 0x0011), "Columns")? as usize;
+    let (rows, cols) = (int(Tag(0x0028, 0x0010), "Rows")?, int(Tag(0x0028, 0x0011), "Columns")?);
+    if !(1..=MAX_SIDE).contains(&rows) || !(1..=MAX_SIDE).contains(&cols) {
+        bail!("{p}: Rows × Columns is {rows}×{cols}; a CT slice has 1 to {MAX_SIDE} of each");
+    }
+    let (rows, cols) = (rows as usize, cols as usize);
+    let frames = text(&obj, Tag(0x0028, 0x0008)).and_then(|v| v.trim().parse::<i64>().ok()).unwrap_or(1);
+    if frames > 1 {
+        bail!("{p}: a multi-frame object ({frames} frames); liverseg reads one slice per file (export the series as single-frame CT images)");
+    }
     let bits = int(Tag(0x0028, 0x0100), "BitsAllocated")?;
     let signed = int(Tag(0x0028, 0x0103), "PixelRepresentation").unwrap_or(0) == 1;
     let samples = int(Tag(0x0028, 0x0002), "SamplesPerPixel").unwrap_or(1);
@@ -86,6 +97,9 @@ fn read_slice(path: &Path) -> Result<Slice> {
         bail!("{p}: {samples} samples per pixel; a CT slice has one");
     }
     let slope = floats(Tag(0x0028, 0x1053), "RescaleSlope").ok().and_then(|v| v.first().copied()).unwrap_or(1.0);
+    if slope == 0.0 || !slope.is_finite() {
+        bail!("{p}: RescaleSlope is {slope}: every pixel would become the intercept");
+    }
     let intercept = floats(Tag(0x0028, 0x1052), "RescaleIntercept").ok().and_then(|v| v.first().copied()).unwrap_or(0.0);
     let position: Vec<f64> = floats(Tag(0x0020, 0x0032), "ImagePositionPatient")?;
     let orientation: Vec<f64> = floats(Tag(0x0020, 0x0037), "ImageOrientationPatient")?;
@@ -95,6 +109,7 @@ fn read_slice(path: &Path) -> Result<Slice> {
     }
     // Native pixel data is read as is; compressed syntaxes (JPEG, JPEG 2000,
     // RLE) go through dicom-pixeldata's decoders.
+    get(Tag(0x7FE0, 0x0010), "PixelData")?;
     let pixels: Vec<u8> = if native {
         get(Tag(0x7FE0, 0x0010), "PixelData")?.to_bytes().map_err(|e| anyhow!("{p}: unreadable PixelData: {e}"))?.into_owned()
     } else {
@@ -117,6 +132,7 @@ fn read_slice(path: &Path) -> Result<Slice> {
     };
     Ok(Slice {
         path: path.to_path_buf(),
+        series_uid: text(&obj, Tag(0x0020, 0x000E)).filter(|s| !s.is_empty()),
         uids,
         position: [position[0], position[1], position[2]],
         hu,
@@ -168,6 +184,7 @@ pub fn read_series_files(files: &[PathBuf], label: &Path) -> Result<(Volume, Ser
             Err(e) => bad.push((f.clone(), e)),
         }
     }
+    check_one_series(&slices, dir)?;
     // The series' geometry is its majority's: size and orientation.
     let key = |s: &Slice| (s.rows, s.cols, s.orientation.map(|v| (v * 1e4).round() as i64));
     let common = {
@@ -203,7 +220,11 @@ pub fn read_series_files(files: &[PathBuf], label: &Path) -> Result<(Volume, Ser
         }
     }
     let slices = unique;
-    check_even(&slices, &along, dir)?;
+    // A gap is most often a file left out above: name it first.
+    check_even(&slices, &along, dir).map_err(|e| match bad.first() {
+        Some((f, why)) => anyhow!("{why:#}; without {}, {e:#}", f.display()),
+        None => e,
+    })?;
     let gap = if slices.len() > 1 { (along(&slices[slices.len() - 1]) - along(&slices[0])) / (slices.len() - 1) as f64 } else { 1.0 };
     let gap = if gap.abs() < 1e-6 { 1.0 } else { gap };
     let (row_sp, col_sp) = (slices[0].spacing[0], slices[0].spacing[1]);
@@ -233,6 +254,21 @@ pub fn read_series_files(files: &[PathBuf], label: &Path) -> Result<(Volume, Ser
         spacing_between_slices: gap.abs(),
     };
     Ok((Volume { dims: [cols, rows, slices.len()], spacing: [col_sp, row_sp, gap.abs()], affine, data }, info, bad))
+}
+
+/// Every slice of one folder must belong to one series: two series
+/// (another reconstruction, a scout) would be merged into one volume.
+fn check_one_series(slices: &[Slice], dir: &Path) -> Result<()> {
+    // A blank UID (an anonymised export) is a series of its own beside a set one.
+    let mut counts: std::collections::BTreeMap<&str, (usize, &Path)> = Default::default();
+    for s in slices {
+        counts.entry(s.series_uid.as_deref().unwrap_or("(blank)")).or_insert((0, &s.path)).0 += 1;
+    }
+    if counts.len() > 1 {
+        let list: Vec<String> = counts.iter().map(|(uid, (n, first))| format!("{uid} ({n} files, e.g. {})", first.display())).collect();
+        bail!("{}: holds {} DICOM series: {}; give each series its own folder", dir.display(), counts.len(), list.join(", "));
+    }
+    Ok(())
 }
 
 /// Slices must lie evenly along the normal: a missing one would shift every

@@ -15,17 +15,88 @@ pub struct NiftiFile {
     pub datatype: i16,
 }
 
-/// The file's bytes, inflated if gzipped.
+/// The most voxel bytes a volume may declare: 1 GiB, a 512×512×2048 int16
+/// CT. A header asking for more (or a gzip stream inflating past what its
+/// header declares) is refused before anything that size is allocated.
+pub const MAX_VOXEL_BYTES: usize = 1 << 30;
+
+/// The file's bytes, inflated if gzipped: the header first, then no more
+/// than the header declares, so a gzip bomb cannot inflate past it.
 fn inflated(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>> {
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        // The gzip trailer holds the inflated size (mod 2^32): reserve it so
-        // the buffer is not regrown and copied several times over.
-        let hint = raw.len().checked_sub(4).map(|i| u32::from_le_bytes([raw[i], raw[i + 1], raw[i + 2], raw[i + 3]]) as usize).unwrap_or(0);
-        let mut out = Vec::with_capacity(hint.clamp(raw.len(), 1 << 31) + 1);
-        flate2::read::MultiGzDecoder::new(&raw[..]).read_to_end(&mut out).with_context(|| format!("{}: truncated or corrupt gzip stream", path.display()))?;
-        Ok(out)
-    } else {
-        Ok(raw)
+    if !raw.starts_with(&[0x1f, 0x8b]) {
+        return Ok(raw);
+    }
+    let corrupt = || format!("{}: truncated or corrupt gzip stream", path.display());
+    let mut dec = flate2::read::MultiGzDecoder::new(&raw[..]);
+    let mut out = Vec::with_capacity(HEADER_LEN);
+    (&mut dec).take(HEADER_LEN as u64).read_to_end(&mut out).with_context(corrupt)?;
+    if out.len() < HEADER_LEN {
+        return Ok(out); // the caller reports the short header
+    }
+    let need = Layout::of(path, &out)?.need;
+    out.reserve_exact(need - HEADER_LEN);
+    dec.take((need - HEADER_LEN) as u64).read_to_end(&mut out).with_context(corrupt)?;
+    Ok(out)
+}
+
+/// Where a header puts its voxels, checked against every bound before use.
+struct Layout {
+    e: Endian,
+    dims: [usize; 3],
+    datatype: i16,
+    vox_offset: usize,
+    /// vox_offset plus the voxel bytes: the file's least length.
+    need: usize,
+}
+
+impl Layout {
+    fn of(path: &Path, bytes: &[u8]) -> Result<Layout> {
+        let p = path.display();
+        if bytes.len() < HEADER_LEN {
+            bail!("{p}: truncated: {} bytes, a NIfTI-1 header alone is 348", bytes.len());
+        }
+        let e = if i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) == 348 {
+            Endian(true)
+        } else if i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) == 348 {
+            Endian(false)
+        } else {
+            bail!("{p}: not a NIfTI-1 file (sizeof_hdr is not 348)");
+        };
+        let ndim = e.i16(bytes, 40);
+        if !(2..=7).contains(&ndim) {
+            bail!("{p}: unsupported number of dimensions {ndim}");
+        }
+        let mut dims = [1usize; 3];
+        for (i, d) in dims.iter_mut().enumerate().take(ndim.min(3) as usize) {
+            let v = e.i16(bytes, 42 + 2 * i);
+            if v <= 0 {
+                bail!("{p}: dimension {} is {v}", i + 1);
+            }
+            *d = v as usize;
+        }
+        for i in 3..ndim as usize {
+            if e.i16(bytes, 42 + 2 * i) > 1 {
+                bail!("{p}: a 4D or higher volume is not a CT scan with one value per voxel");
+            }
+        }
+        let datatype = e.i16(bytes, 70);
+        let bpv = match datatype {
+            2 | 256 => 1,
+            4 | 512 => 2,
+            8 | 16 | 768 => 4,
+            64 => 8,
+            other => bail!("{p}: unsupported NIfTI datatype code {other}"),
+        };
+        let offset = e.f32(bytes, 108);
+        if !offset.is_finite() || offset < 0.0 || offset > (64 << 20) as f32 {
+            bail!("{p}: vox_offset {offset} is not a plausible byte offset (0 to 64 MiB)");
+        }
+        let vox_offset = (offset as usize).max(352);
+        let voxel_bytes = dims[0] * dims[1] * dims[2] * bpv; // each dim < 2^15: no overflow
+        if voxel_bytes > MAX_VOXEL_BYTES {
+            bail!("{p}: the header declares {}×{}×{} voxels of {bpv} bytes ({} MiB); volumes over {} MiB are refused", dims[0], dims[1], dims[2], voxel_bytes >> 20, MAX_VOXEL_BYTES >> 20);
+        }
+        Ok(Layout { e, dims, datatype, vox_offset, need: vox_offset + voxel_bytes })
     }
 }
 
@@ -168,52 +239,15 @@ pub fn read_raw(path: &Path) -> Result<RawNifti> {
 pub fn read_raw_from(path: &Path, file: Vec<u8>) -> Result<RawNifti> {
     let p = path.display();
     let mut bytes = inflated(path, file)?;
-    if bytes.len() < HEADER_LEN {
-        bail!("{p}: truncated: {} bytes, a NIfTI-1 header alone is 348", bytes.len());
-    }
-    let e = if i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) == 348 {
-        Endian(true)
-    } else if i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) == 348 {
-        Endian(false)
-    } else {
-        bail!("{p}: not a NIfTI-1 file (sizeof_hdr is not 348)");
-    };
-    let ndim = e.i16(&bytes, 40);
-    if !(2..=7).contains(&ndim) {
-        bail!("{p}: unsupported number of dimensions {ndim}");
-    }
-    let mut dims = [1usize; 3];
-    for (i, d) in dims.iter_mut().enumerate().take(ndim.min(3) as usize) {
-        let v = e.i16(&bytes, 42 + 2 * i);
-        if v <= 0 {
-            bail!("{p}: dimension {} is {v}", i + 1);
-        }
-        *d = v as usize;
-    }
-    for i in 3..ndim as usize {
-        if e.i16(&bytes, 42 + 2 * i) > 1 {
-            bail!("{p}: a 4D or higher volume is not a CT scan with one value per voxel");
-        }
-    }
-    let datatype = e.i16(&bytes, 70);
+    let Layout { e, dims, datatype, vox_offset, need } = Layout::of(path, &bytes)?;
     let pix: Vec<f64> = (0..3).map(|i| e.f32(&bytes, 80 + 4 * i).abs() as f64).collect();
     let spacing = [pix[0].max(1e-6), pix[1].max(1e-6), pix[2].max(1e-6)];
-    let vox_offset = e.f32(&bytes, 108).max(352.0) as usize;
     let (mut slope, inter) = (e.f32(&bytes, 112), e.f32(&bytes, 116));
     if slope == 0.0 || !slope.is_finite() {
         slope = 1.0;
     }
-    let n = dims[0] * dims[1] * dims[2];
-    let bpv = match datatype {
-        2 | 256 => 1,
-        4 | 512 => 2,
-        8 | 16 | 768 => 4,
-        64 => 8,
-        other => bail!("{p}: unsupported NIfTI datatype code {other}"),
-    };
-    let need = vox_offset + n * bpv;
     if bytes.len() < need {
-        bail!("{p}: truncated: {} bytes, header says {need} ({}×{}×{} voxels of {bpv} bytes at offset {vox_offset})", bytes.len(), dims[0], dims[1], dims[2]);
+        bail!("{p}: truncated: {} bytes, header says {need} ({}×{}×{} voxels of type {datatype} at offset {vox_offset})", bytes.len(), dims[0], dims[1], dims[2]);
     }
     let affine = header_affine(&bytes, &e, spacing);
     let header = bytes[..HEADER_LEN].to_vec();

@@ -33,6 +33,12 @@ pub fn grey(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
 /// pixels to `out` (a JPEG is decoded in place there).
 pub fn grey_from_bytes(path: &Path, bytes: Vec<u8>, out: &mut Vec<u8>) -> Result<(usize, usize)> {
     if bytes.starts_with(&[0xFF, 0xD8]) {
+        // zune-jpeg fills a cut-off scan with grey rather than failing: a
+        // complete JPEG ends with its EOI marker (some writers pad with zeros).
+        let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        if !bytes[..end].ends_with(&[0xFF, 0xD9]) {
+            bail!("{}: not a decodable PNG/JPEG image (truncated JPEG: no end-of-image marker)", path.display());
+        }
         use zune_core::{bytestream::ZCursor, colorspace::ColorSpace, options::DecoderOptions};
         let bad = |e| anyhow::anyhow!("{}: not a decodable PNG/JPEG image (truncated or corrupt?): {e:?}", path.display());
         let opts = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::Luma);
@@ -77,6 +83,17 @@ fn open_any(path: &Path, bytes: Vec<u8>) -> Result<image::DynamicImage> {
         .with_context(|| format!("{}: not a decodable PNG/JPEG image (truncated or corrupt?)", path.display()))
 }
 
+/// A lossless mask holding only 0 and 1 is a label map (liver = 1), which
+/// `threshold:T` with T ≥ 1 would read as empty. JPEG masks are left alone:
+/// their compression noise near 0 is no label.
+fn check_not_a_label_map(mask_path: &Path, grey: &[u8], t: u8) -> Result<()> {
+    let lossless = mask_path.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if lossless && t >= 1 && grey.iter().all(|&v| v <= 1) && grey.contains(&1) {
+        bail!("{}: a label map (pixel values 0 and 1 only), which data.mask_rule threshold:{t} reads as empty; set data.mask_rule to threshold:0", mask_path.display());
+    }
+    Ok(())
+}
+
 pub fn read_pair(image_path: &Path, mask_path: &Path, rule: MaskRule) -> Result<Pair> {
     let (mut image, mut mask) = (Vec::new(), Vec::new());
     let read = |p: &Path| std::fs::read(p).with_context(|| format!("{}: cannot read", p.display()));
@@ -103,6 +120,7 @@ pub fn read_pair_into(
             scratch.clear();
             let shape = read(mask_path).and_then(|bytes| grey_from_bytes(mask_path, bytes, scratch)).inspect_err(|_| image.truncate(start))?;
             if shape == (h, w) {
+                check_not_a_label_map(mask_path, scratch, t).inspect_err(|_| image.truncate(start))?;
                 mask.extend(scratch.iter().map(|&v| u8::from(v > t)));
             }
             shape

@@ -86,7 +86,9 @@ impl InputScaling {
         match *self {
             InputScaling::Fixed => "fixed: window (or 8-bit) mapped to [0, 1]".into(),
             InputScaling::Percentile { lo_pct, hi_pct } => format!("percentile: each image clipped to its {lo_pct}–{hi_pct} percentiles and z-scored (nnU-Net's non-CT scheme)"),
-            InputScaling::Ct { clip, mean, std } => format!("ct: clipped to [{}, {}] (training liver 0.5–99.5 percentiles), z-scored with mean {} and std {} (nnU-Net's CT scheme)", hu(clip[0]), hu(clip[1]), hu(mean), hu_scale(std)),
+            InputScaling::Ct { clip, mean, std } => {
+                format!("ct: clipped to [{}, {}] (training liver 0.5–99.5 percentiles), z-scored with mean {} and std {} (nnU-Net's CT scheme)", hu(clip[0]), hu(clip[1]), hu(mean), hu_scale(std))
+            }
         }
     }
 }
@@ -156,7 +158,10 @@ mod tests {
         let image: Vec<u8> = (0..4096u32).map(|i| ((i * 7919) % 180 + 20) as u8).collect();
         let narrower: Vec<u8> = image.iter().map(|&v| (v as f32 * 0.5 + 40.0) as u8).collect();
         let per = InputScaling::Percentile { lo_pct: 0.5, hi_pct: 99.5 };
-        let z = |img: &[u8]| -> Vec<f32> { let a = per.affine(img); img.iter().map(|&v| a.apply(v as f32)).collect() };
+        let z = |img: &[u8]| -> Vec<f32> {
+            let a = per.affine(img);
+            img.iter().map(|&v| a.apply(v as f32)).collect()
+        };
         let (za, zb) = (z(&image), z(&narrower));
         let mean = za.iter().sum::<f32>() / za.len() as f32;
         let std = (za.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / za.len() as f32).sqrt();

@@ -14,7 +14,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::{StreamExt, TryStreamExt};
-use liverseg_engine::store::{Artifact, FileEntry, Manifest, Store, StoreLock, MANIFEST};
+use liverseg_engine::store::{sub_stage, Artifact, FileEntry, Manifest, Store, StoreLock, MANIFEST};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutPayload};
 use std::path::{Path, PathBuf};
@@ -39,6 +39,15 @@ pub struct Moved {
     pub bytes: u64,
     /// Files already in place from an interrupted transfer.
     pub resumed: usize,
+}
+
+impl Moved {
+    pub fn add(&mut self, other: Moved) {
+        self.artifacts += other.artifacts;
+        self.files += other.files;
+        self.bytes += other.bytes;
+        self.resumed += other.resumed;
+    }
 }
 
 impl Remote {
@@ -149,20 +158,75 @@ impl Remote {
         Ok(moved)
     }
 
-    /// Fetch stage@key into `store` if the remote has it; None if it does not.
-    /// Every file is checked against the manifest before it is kept.
-    pub fn pull(&self, store: &Store, stage: &str, key: &str, lock: &StoreLock, bar: &indicatif::ProgressBar) -> Result<Option<(Artifact, Moved)>> {
+    /// The remote's manifest of stage@key, if it has one, refused unless
+    /// it is for that stage and key, every name in it is a safe path, and
+    /// its declared inputs (version, params, upstream keys, raw file
+    /// hashes) hash to the key, as they did where it was made.
+    fn checked_manifest(&self, stage: &str, key: &str) -> Result<Option<(String, Manifest)>> {
         let Some(text) = self.manifest(stage, key)? else { return Ok(None) };
         let text = String::from_utf8(text).map_err(|_| anyhow!("{}: the manifest of {stage}@{key} is not UTF-8", self.url))?;
         let manifest: Manifest = serde_json::from_str(&text).with_context(|| format!("{}: the manifest of {stage}@{key} is not a liverseg manifest", self.url))?;
         if manifest.stage != stage || manifest.key != key {
             bail!("{}: the manifest at {stage}/{key} is for {}@{}; refusing it", self.url, manifest.stage, manifest.key);
         }
+        if let Err(why) = manifest.check_names() {
+            bail!("{}: the manifest of {stage}@{key} is unsafe: its {why}; refusing it", self.url);
+        }
+        let declared = manifest.declared_key();
+        if declared != key {
+            bail!("{}: the manifest of {stage}@{key} declares inputs whose key is {declared}; refusing it", self.url);
+        }
+        Ok(Some((text, manifest)))
+    }
+
+    /// Fetch stage@key into `store` if the remote has it; None if it does
+    /// not. Its sub-artifacts (a search's trials) are installed first, so an
+    /// interrupted pull never leaves a parent without its children. Every
+    /// file is checked against the manifest before it is kept.
+    pub fn pull(&self, store: &Store, stage: &str, key: &str, lock: &StoreLock, bar: &indicatif::ProgressBar) -> Result<Option<(Artifact, Moved)>> {
+        let Some((text, manifest)) = self.checked_manifest(stage, key)? else { return Ok(None) };
+        let mut moved = self.pull_children(store, &manifest, lock, bar)?;
+        let (artifact, m) = self.pull_files(store, &text, manifest, lock, bar)?;
+        moved.add(m);
+        Ok(Some((artifact, moved)))
+    }
+
+    /// The sub-artifacts `parent` lists that the local store lacks.
+    pub fn pull_children(&self, store: &Store, parent: &Manifest, lock: &StoreLock, bar: &indicatif::ProgressBar) -> Result<Moved> {
+        let mut moved = Moved::default();
+        for (kind, keys) in &parent.children {
+            let sub = sub_stage(&parent.stage, kind);
+            for key in keys {
+                if store.get(&sub, key)?.is_some() {
+                    continue;
+                }
+                let Some((text, child)) = self.checked_manifest(&sub, key)? else {
+                    bail!("{}: {}@{} lists {sub}@{key}, which the remote lacks; refusing an incomplete artifact", self.url, parent.stage, parent.key);
+                };
+                if !child.children.is_empty() {
+                    bail!("{}: {sub}@{key} lists sub-artifacts of its own; refusing it", self.url);
+                }
+                moved.add(self.pull_files(store, &text, child, lock, bar)?.1);
+            }
+        }
+        Ok(moved)
+    }
+
+    /// One artifact's files through the staging folder into the store.
+    fn pull_files(&self, store: &Store, text: &str, manifest: Manifest, lock: &StoreLock, bar: &indicatif::ProgressBar) -> Result<(Artifact, Moved)> {
+        let (stage, key) = (manifest.stage.clone(), manifest.key.clone());
         let staging = store.root.join(".pull").join(format!("{stage}-{key}"));
+        if let Some(link) = store.symlink_in(&staging) {
+            bail!("{} is a symbolic link; the store never writes through one", link.display());
+        }
+        // Files kept from an interrupted pull are resumed, but never through a link.
+        if walkdir::WalkDir::new(&staging).into_iter().flatten().any(|e| e.path_is_symlink()) {
+            std::fs::remove_dir_all(&staging).with_context(|| format!("cannot clear {}", staging.display()))?;
+        }
         std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
         bar.inc_length(manifest.outputs.len() as u64);
         let moved = self.runtime.block_on(async {
-            let results: Vec<Result<(bool, u64)>> = futures::stream::iter(manifest.outputs.iter().map(|(name, entry)| self.fetch_file(stage, key, name, entry, &staging)))
+            let results: Vec<Result<(bool, u64)>> = futures::stream::iter(manifest.outputs.iter().map(|(name, entry)| self.fetch_file(&stage, &key, name, entry, &staging)))
                 .buffer_unordered(CONCURRENCY)
                 .inspect(|_| bar.inc(1))
                 .collect()
@@ -184,9 +248,9 @@ impl Remote {
             }
             Ok(moved)
         })?;
-        std::fs::write(staging.join(MANIFEST), &text).with_context(|| format!("cannot write {}", staging.join(MANIFEST).display()))?;
-        let artifact = store.install(&staging, &text, manifest, lock)?;
-        Ok(Some((artifact, moved)))
+        std::fs::write(staging.join(MANIFEST), text).with_context(|| format!("cannot write {}", staging.join(MANIFEST).display()))?;
+        let artifact = store.install(&staging, text, manifest, lock)?;
+        Ok((artifact, moved))
     }
 
     /// One file into the staging folder, checked; (already there, bytes).
@@ -196,7 +260,14 @@ impl Remote {
             return Ok((true, 0));
         }
         let location = self.object(stage, key, name);
-        let bytes = self.store.get(&location).await.map_err(|e| anyhow!("{}: cannot download {location}: {e}", self.url))?.bytes().await.map_err(|e| anyhow!("{}: cannot download {location}: {e}", self.url))?;
+        let bytes = self
+            .store
+            .get(&location)
+            .await
+            .map_err(|e| anyhow!("{}: cannot download {location}: {e}", self.url))?
+            .bytes()
+            .await
+            .map_err(|e| anyhow!("{}: cannot download {location}: {e}", self.url))?;
         let got = blake3::hash(&bytes).to_hex().to_string();
         if bytes.len() as u64 != entry.size || got != entry.blake3 {
             bail!(

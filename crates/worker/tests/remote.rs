@@ -67,7 +67,8 @@ fn start_s3() -> Option<S3> {
 impl S3 {
     /// Run a line of boto3 against the server (`s3` is the client).
     fn boto(&self, code: &str) -> String {
-        let script = format!("import boto3\ns3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\nr = {code}\nprint(r)", self.endpoint);
+        let script =
+            format!("import boto3\ns3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\nr = {code}\nprint(r)", self.endpoint);
         let out = Command::new(python()).args(["-c", &script]).output().unwrap();
         assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -127,7 +128,7 @@ fn push_and_pull_through_s3() {
     // Into an empty clone: the same bytes, verify passes, and nothing is left to run.
     let b = project("remote_b");
     let pulled = s3.ok(&b, &["pull"]);
-    assert!(pulled.starts_with("pulled 7 artifact(s)"), "{pulled}");
+    assert!(pulled.starts_with("pulled 9 artifact(s)"), "7 stages and their 2 trials: {pulled}");
     assert_eq!(artifact_files(&a), artifact_files(&b), "pulled artifacts are byte-identical");
     s3.ok(&b, &["verify"]);
     assert!(s3.ok(&b, &["run", "--json", "-q"]).contains("\"ran\":[]"));
@@ -164,4 +165,60 @@ fn push_and_pull_through_s3() {
     s3.boto(&format!("s3.delete_object(Bucket='liverseg-test', Key='cache/split/{split_key}/manifest.json')"));
     let again = s3.ok(&a, &["push", "split"]);
     assert!(again.starts_with("pushed 1 artifact(s), 0 file(s)") && again.contains("kept"), "{again}");
+
+    crafted_manifests_are_refused(&s3, &a, &split_key);
+    an_interrupted_pull_never_leaves_a_parent_without_its_trials(&s3, &a);
+}
+
+/// Replace the remote manifest of stage@key by `manifest` (a file).
+fn upload_manifest(s3: &S3, stage: &str, key: &str, manifest: &Path) {
+    s3.boto(&format!("s3.upload_file('{}', 'liverseg-test', 'cache/{stage}/{key}/manifest.json')", manifest.display()));
+}
+
+/// Over S3 too: names that would leave the store are refused before anything is written.
+fn crafted_manifests_are_refused(s3: &S3, a: &Path, split_key: &str) {
+    let original = a.join(format!("artifacts/split/{split_key}/manifest.json"));
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&original).unwrap()).unwrap();
+    let payload = b"escaped";
+    let entry = serde_json::json!({"size": payload.len(), "blake3": blake3::hash(payload).to_hex().to_string()});
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    for (what, field, value) in [("escape", "outputs", serde_json::json!({"../../../../escaped.txt": entry})), ("child", "children", serde_json::json!({"trial": ["../../../escaped"]}))] {
+        let mut crafted = m.clone();
+        crafted[field] = value;
+        let file = tmp.join(format!("crafted-{what}.json"));
+        std::fs::write(&file, serde_json::to_vec_pretty(&crafted).unwrap()).unwrap();
+        upload_manifest(s3, "split", split_key, &file);
+        s3.boto(&format!("s3.put_object(Bucket='liverseg-test', Key='cache/split/{split_key}/../../../../escaped.txt', Body=b'escaped')"));
+        let g = project(&format!("remote_crafted_{what}"));
+        let out = s3.liverseg(&g, &["pull", "split"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("is unsafe") && err.contains("refusing"), "{what}: {err}");
+        let escaped: Vec<PathBuf> = walkdir::WalkDir::new(&tmp).into_iter().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("escaped")).map(|e| e.into_path()).collect();
+        assert!(escaped.is_empty(), "{what}: a pull wrote outside its store: {escaped:?}");
+        assert!(!g.join("artifacts/split").exists(), "{what}");
+    }
+    upload_manifest(s3, "split", split_key, &original);
+}
+
+/// Trials are installed before their search: a pull cut off at a missing
+/// trial leaves no tune artifact, and a later pull completes it; a trial
+/// lost locally is fetched again even though its search is present.
+fn an_interrupted_pull_never_leaves_a_parent_without_its_trials(s3: &S3, a: &Path) {
+    let trials: Vec<String> = std::fs::read_dir(a.join("artifacts/tune+trial")).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
+    assert_eq!(trials.len(), 2);
+    s3.boto(&format!("s3.delete_object(Bucket='liverseg-test', Key='cache/tune+trial/{}/manifest.json')", trials[1]));
+    let h = project("remote_h");
+    let out = s3.liverseg(&h, &["pull", "tune"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&format!("lists tune+trial@{}, which the remote lacks", trials[1])), "{err}");
+    assert!(!h.join("artifacts/tune").exists(), "the search was installed without its trials");
+    s3.ok(a, &["push", "tune"]);
+    s3.ok(&h, &["pull", "tune"]);
+    let count = || std::fs::read_dir(h.join("artifacts/tune+trial")).unwrap().flatten().count();
+    assert_eq!((count(), std::fs::read_dir(h.join("artifacts/tune")).unwrap().count()), (2, 1));
+    std::fs::remove_dir_all(h.join("artifacts/tune+trial").join(&trials[0])).unwrap();
+    let again = s3.ok(&h, &["pull", "tune"]);
+    assert!(again.starts_with("pulled 1 artifact(s)"), "{again}");
+    assert_eq!(count(), 2);
+    s3.ok(&h, &["verify"]);
 }

@@ -126,6 +126,7 @@ fn slurm_executor_on_a_real_cluster() {
         return;
     }
     same_keys_and_bytes_as_local();
+    hostile_project_paths_are_quoted();
     cancelled_trial_is_named_and_rerun_alone();
     killed_engine_cancels_its_jobs_and_finished_jobs_are_adopted();
 }
@@ -156,6 +157,24 @@ fn same_keys_and_bytes_as_local() {
     let array = |l: &str| l.split_whitespace().find_map(|w| w.strip_prefix("ArrayJobId=")).unwrap().to_owned();
     assert_eq!(array(trials[0]), array(trials[1]), "{comp}");
     assert!(trials.iter().all(|l| l.contains("JobState=COMPLETED")));
+}
+
+/// A project folder whose name holds a quote, a command substitution,
+/// spaces and `%`: the job runs the worker on the right request, the
+/// substitution never runs, and the exit record lands in the job's folder.
+fn hostile_project_paths_are_quoted() {
+    let parent = project("slurm_quoting", "");
+    let dir = parent.join("p'$(touch pwned)' 100% \"x\"");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("pipeline.yaml"), pipeline(1, 1)).unwrap();
+    let log = ok(&dir, &["run", "augment", "-q", "--executor", "slurm"]);
+    assert!(log.contains("normalise: submitted 1 Slurm job(s)"), "{log}");
+    assert_eq!(std::fs::read_dir(dir.join("artifacts/normalise")).unwrap().flatten().count(), 1, "the job's build was committed");
+    let pwned: Vec<_> = walkdir::WalkDir::new(&parent).into_iter().flatten().filter(|e| e.file_name() == "pwned").map(|e| e.into_path()).collect();
+    assert!(pwned.is_empty() && !Path::new("/pwned").exists(), "the command substitution ran: {pwned:?}");
+    assert!(!Path::new("/exit").exists(), "an exit record escaped the job's folder");
+    let logs: Vec<_> = walkdir::WalkDir::new(dir.join("artifacts/.slurm/batches")).into_iter().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".log")).collect();
+    assert!(!logs.is_empty(), "sbatch --output with a `%` in the path wrote no log in the batch folder");
 }
 
 fn cancelled_trial_is_named_and_rerun_alone() {

@@ -345,7 +345,26 @@ fn check_resume(a: &Path) {
 #[test]
 fn nnunet_recipe_options_train_and_evaluate() {
     let a = project("train_recipe");
-    let recipe = ["-P", "train.input_scaling=ct", "-P", "train.online_augment=nnunet", "-P", "train.steps_per_epoch=3", "-P", "train.schedule=poly", "-P", "train.optimizer=sgd", "-P", "train.nesterov=true", "-P", "train.momentum=0.99", "-P", "train.lr=0.01", "-P", "train.epochs=2"];
+    let recipe = [
+        "-P",
+        "train.input_scaling=ct",
+        "-P",
+        "train.online_augment=nnunet",
+        "-P",
+        "train.steps_per_epoch=3",
+        "-P",
+        "train.schedule=poly",
+        "-P",
+        "train.optimizer=sgd",
+        "-P",
+        "train.nesterov=true",
+        "-P",
+        "train.momentum=0.99",
+        "-P",
+        "train.lr=0.01",
+        "-P",
+        "train.epochs=2",
+    ];
     let mut args = vec!["run", "evaluate", "-q"];
     args.extend(recipe);
     run(&a, &args);

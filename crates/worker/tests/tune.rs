@@ -97,3 +97,30 @@ fn a_bad_search_space_names_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("tune.budget (3) must exceed tune.startup (3)"), "{err}");
 }
+
+/// Two trials at once under an instance name with a dot (`tune.train`):
+/// each has its own request and summary beside its build folder, so both
+/// finish, and the search equals the one run a trial at a time.
+#[test]
+fn parallel_trials_of_an_instance_each_have_their_own_request() {
+    let yaml = |parallel: u32| {
+        format!(
+            "data: {{source: synthetic, synthetic_cases: 10, synthetic_size: 32, synthetic_slices: 6}}\nstages:\n  ingest: {{}}\n  normalise: {{deps: [ingest], params: {{size: 32}}}}\n  split: {{deps: [normalise]}}\n  augment: {{deps: [normalise, split], params: {{copies: 1}}}}\n  tune:\n    deps: [normalise, split, augment]\n    params: {{{BASE}, trial_epochs: 1, budget: 2, prune: none, parallel: {parallel}}}\n    foreach: {{train: {{}}}}\n"
+        )
+    };
+    let mut bests = Vec::new();
+    for parallel in [2, 1] {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tune_parallel_{parallel}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pipeline.yaml"), yaml(parallel)).unwrap();
+        let out = Command::new(liverseg()).args(["run", "-q"]).current_dir(&dir).output().unwrap();
+        assert!(out.status.success(), "tune.parallel={parallel}: {}", String::from_utf8_lossy(&out.stderr));
+        let trials = std::fs::read_dir(dir.join("artifacts/tune.train+trial")).unwrap().flatten().count();
+        assert_eq!(trials, 2, "tune.parallel={parallel}");
+        let tune = std::fs::read_dir(dir.join("artifacts/tune.train")).unwrap().flatten().next().unwrap().path();
+        let best: serde_json::Value = serde_json::from_slice(&std::fs::read(tune.join("best.json")).unwrap()).unwrap();
+        bests.push(best["params"].clone());
+    }
+    assert_eq!(bests[0], bests[1], "the same trials choose the same params, one or two at a time");
+}

@@ -44,7 +44,21 @@ fn image_and_mask_stay_aligned_under_every_spatial_transform() {
         ("shift", one(|t| (t.dx, t.dy) = (9.5, -6.25))),
         ("mirror", one(|t| t.mirror = true)),
         ("elastic", one(|t| t.elastic = Some(elastic_grid(&mut r, 4.0)))),
-        ("all", draw(&Transforms { rotation: Chance { p: 1.0, lo: 20.0, hi: 20.0 }, scale: Chance { p: 1.0, lo: 1.2, hi: 1.2 }, shift: Chance { p: 1.0, lo: -0.05, hi: 0.05 }, elastic: Chance { p: 1.0, lo: 3.0, hi: 3.0 }, mirror: 1.0, ..Default::default() }, &mut Rng::new(9), S)),
+        (
+            "all",
+            draw(
+                &Transforms {
+                    rotation: Chance { p: 1.0, lo: 20.0, hi: 20.0 },
+                    scale: Chance { p: 1.0, lo: 1.2, hi: 1.2 },
+                    shift: Chance { p: 1.0, lo: -0.05, hi: 0.05 },
+                    elastic: Chance { p: 1.0, lo: 3.0, hi: 3.0 },
+                    mirror: 1.0,
+                    ..Default::default()
+                },
+                &mut Rng::new(9),
+                S,
+            ),
+        ),
     ];
     for (name, t) in cases {
         let (x, m) = spatial(&t, &img, &mask, S);
@@ -60,7 +74,15 @@ fn image_and_mask_stay_aligned_under_every_spatial_transform() {
 fn intensity_transforms_leave_the_mask_alone_and_keep_their_invariants() {
     let (img, mask) = phantom();
     let noisy: Vec<u8> = img.iter().enumerate().map(|(i, &v)| v / 2 + (i % 7) as u8 * 9).collect();
-    let cfg = Transforms { noise: Chance { p: 1.0, lo: 0.05, hi: 0.05 }, blur: Chance { p: 1.0, lo: 1.0, hi: 1.0 }, brightness: Chance { p: 1.0, lo: 1.1, hi: 1.1 }, contrast: Chance { p: 1.0, lo: 0.8, hi: 0.8 }, low_res: Chance { p: 1.0, lo: 0.5, hi: 0.5 }, gamma: Chance { p: 1.0, lo: 1.4, hi: 1.4 }, ..Default::default() };
+    let cfg = Transforms {
+        noise: Chance { p: 1.0, lo: 0.05, hi: 0.05 },
+        blur: Chance { p: 1.0, lo: 1.0, hi: 1.0 },
+        brightness: Chance { p: 1.0, lo: 1.1, hi: 1.1 },
+        contrast: Chance { p: 1.0, lo: 0.8, hi: 0.8 },
+        low_res: Chance { p: 1.0, lo: 0.5, hi: 0.5 },
+        gamma: Chance { p: 1.0, lo: 1.4, hi: 1.4 },
+        ..Default::default()
+    };
     let t = draw(&cfg, &mut Rng::new(1), S);
     assert_eq!(t.intensity.len(), 6, "every transform with p = 1 is drawn: {t:?}");
     let (x, m) = apply_f32(&t, &noisy, &mask, S);
