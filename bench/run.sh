@@ -51,6 +51,17 @@ if [ "$what" = all ] || [ "$what" = engine ]; then
   done
   median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 11p)
   echo "no-op run: median of 21 = $(echo "scale=1; $median/1000" | bc) ms (stat cache: $(ls -l "$P/artifacts/.cache/stat-cache.json" | awk '{print $5}') bytes)"
+  # ENGINE_BASELINE=/path/to/an/older/liverseg: both binaries on the same
+  # store in alternating pairs, so the ratio sees the same machine load.
+  if [ -n "${ENGINE_BASELINE:-}" ]; then
+    base=(); new=()
+    for i in $(seq 1 21); do
+      s=$(date +%s%N); (cd "$P" && "$ENGINE_BASELINE" run -q "${CHEAP[@]}" >/dev/null); e=$(date +%s%N); base+=($(( (e - s) / 1000 )))
+      s=$(date +%s%N); (cd "$P" && "$BIN" run -q "${CHEAP[@]}" >/dev/null); e=$(date +%s%N); new+=($(( (e - s) / 1000 )))
+    done
+    mb=$(printf '%s\n' "${base[@]}" | sort -n | sed -n 11p); mn=$(printf '%s\n' "${new[@]}" | sort -n | sed -n 11p)
+    echo "no-op run, 21 alternating pairs: baseline $(echo "scale=1; $mb/1000" | bc) ms, this build $(echo "scale=1; $mn/1000" | bc) ms, ratio $(echo "scale=2; $mn/$mb" | bc)"
+  fi
 fi
 
 if [ "$what" = all ] || [ "$what" = data ]; then

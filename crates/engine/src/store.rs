@@ -181,9 +181,12 @@ impl Manifest {
         if !is_key(&self.key) {
             return Err(format!("key `{}` is not a stage key", self.key));
         }
-        for name in self.outputs.keys() {
+        for (name, entry) in &self.outputs {
             if let Some(why) = bad_relative(name) {
                 return Err(format!("output `{name}` is {why}"));
+            }
+            if entry.blake3.len() != 64 || !entry.blake3.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("output `{name}` has no blake3 hash (`{}`)", entry.blake3));
             }
         }
         for (stage, key) in &self.upstream {
@@ -367,6 +370,14 @@ impl Store {
             }
             return problems.into_iter().chain(found).collect();
         }
+        problems.extend(self.check_outputs_quickly(a));
+        problems
+    }
+
+    /// Each output re-hashed, unless its stamp says it is untouched since it
+    /// was last hashed; the stamps of what was re-hashed are recorded.
+    fn check_outputs_quickly(&self, a: &Artifact) -> Vec<Problem> {
+        let mut problems = Vec::new();
         let stamps = self.read_stamps(a);
         let mut now = Stamps::new();
         let mut rehashed = false;
