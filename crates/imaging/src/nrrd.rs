@@ -51,17 +51,6 @@ pub fn read(path: &Path) -> Result<Volume> {
     if sizes.len() != 3 {
         bail!("{p}: sizes must list 3 dimensions");
     }
-    let body = &bytes[header_end + 2..];
-    let data = match encoding.as_str() {
-        "raw" => body.to_vec(),
-        "gzip" | "gz" => {
-            let mut out = Vec::new();
-            flate2::read::GzDecoder::new(body).read_to_end(&mut out).with_context(|| format!("{p}: truncated or corrupt gzip data"))?;
-            out
-        }
-        other => bail!("{p}: unsupported encoding `{other}`"),
-    };
-    let n = sizes[0] * sizes[1] * sizes[2];
     let (bpv, conv): (usize, fn(&[u8], bool) -> f32) = match kind.as_str() {
         "uchar" | "unsigned char" | "uint8" | "uint8_t" => (1, |b, _| b[0] as f32),
         "signed char" | "int8" | "int8_t" => (1, |b, _| b[0] as i8 as f32),
@@ -81,6 +70,21 @@ pub fn read(path: &Path) -> Result<Volume> {
         }),
         other => bail!("{p}: unsupported type `{other}`"),
     };
+    // Bounded before anything that size is allocated or inflated.
+    let n = sizes.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).filter(|&n| n.checked_mul(bpv).is_some_and(|b| b <= super::nifti::MAX_VOXEL_BYTES));
+    let Some(n) = n else {
+        bail!("{p}: sizes {sizes:?} of {bpv}-byte values exceed {} MiB; refused", super::nifti::MAX_VOXEL_BYTES >> 20);
+    };
+    let body = &bytes[header_end + 2..];
+    let data = match encoding.as_str() {
+        "raw" => body.to_vec(),
+        "gzip" | "gz" => {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(body).take((n * bpv) as u64).read_to_end(&mut out).with_context(|| format!("{p}: truncated or corrupt gzip data"))?;
+            out
+        }
+        other => bail!("{p}: unsupported encoding `{other}`"),
+    };
     if data.len() < n * bpv {
         bail!("{p}: truncated: {} data bytes, sizes need {}", data.len(), n * bpv);
     }
@@ -99,4 +103,32 @@ pub fn read(path: &Path) -> Result<Volume> {
     affine[3][3] = 1.0;
     let spacing = [0, 1, 2].map(|j| (d[j][0].powi(2) + d[j][1].powi(2) + d[j][2].powi(2)).sqrt());
     Ok(Volume { dims: [sizes[0], sizes[1], sizes[2]], spacing, affine, data: values })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    /// A header declaring more than the voxel limit is refused before its
+    /// gzip body is inflated, whatever that body holds; one that declares
+    /// less than its body reads only what it declares.
+    #[test]
+    fn declared_sizes_bound_what_is_read() {
+        let dir = std::env::temp_dir().join(format!("liverseg-nrrd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut zeros = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        zeros.write_all(&vec![0u8; 8 << 20]).unwrap();
+        let body = zeros.finish().unwrap();
+        for (sizes, ok) in [("100000 100000 100000", false), ("18446744073709551615 2 1", false), ("4 4 2", true)] {
+            let path = dir.join("mask.nrrd");
+            let mut file = format!("NRRD0004\ntype: uchar\ndimension: 3\nsizes: {sizes}\nencoding: gzip\n\n").into_bytes();
+            file.extend_from_slice(&body);
+            std::fs::write(&path, file).unwrap();
+            match super::read(&path) {
+                Ok(v) => assert!(ok && v.data.len() == 32, "{sizes}: read {} voxels", v.data.len()),
+                Err(e) => assert!(!ok && format!("{e:#}").contains("refused"), "{sizes}: {e:#}"),
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
