@@ -182,7 +182,13 @@ fn crafted_manifests_are_refused(s3: &S3, a: &Path, split_key: &str) {
     let payload = b"escaped";
     let entry = serde_json::json!({"size": payload.len(), "blake3": blake3::hash(payload).to_hex().to_string()});
     let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    for (what, field, value) in [("escape", "outputs", serde_json::json!({"../../../../escaped.txt": entry})), ("child", "children", serde_json::json!({"trial": ["../../../escaped"]}))] {
+    let absolute = tmp.join("escaped-absolute.txt").display().to_string();
+    let cases = [
+        ("escape", "outputs", serde_json::json!({"../../../../escaped.txt": entry})),
+        ("absolute", "outputs", serde_json::json!({ absolute.as_str(): entry })),
+        ("child", "children", serde_json::json!({"trial": ["../../../escaped"]})),
+    ];
+    for (what, field, value) in cases {
         let mut crafted = m.clone();
         crafted[field] = value;
         let file = tmp.join(format!("crafted-{what}.json"));
