@@ -81,8 +81,9 @@ impl Stage for Augment {
         assignment.check_covers(&set)?;
         let train = assignment.rows(Part::Train);
         let (images, masks, size) = (set.images(), set.masks(), set.size);
-        // Refused before allocating: what the copies would take in memory.
-        let bytes = (train.len() as u128) * (p.copies as u128) * (size as u128).pow(2) * 5;
+        // Refused before allocating: a u8 image and mask per copy, held twice
+        // while the copies are gathered into one tensor each.
+        let bytes = (train.len() as u128) * (p.copies as u128) * (size as u128).pow(2) * 4;
         if bytes > MAX_AUGMENTED_BYTES as u128 {
             bail!("{} training slices × {} copies at {size}² would take {} MiB; the limit is {} MiB (lower augment.copies)", train.len(), p.copies, bytes >> 20, MAX_AUGMENTED_BYTES >> 20);
         }

@@ -298,7 +298,7 @@ exit $rc
 
 /// `s` as one word to a POSIX shell, whatever it holds: single-quoted, each
 /// `'` closed, escaped and reopened. No expansion happens inside.
-pub fn shell_quote(s: &str) -> String {
+fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 

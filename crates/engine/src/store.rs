@@ -499,7 +499,7 @@ impl Store {
     pub fn set_aside(&self, dir: &Path, _lock: &StoreLock) -> Result<PathBuf> {
         // A link on the way is what gets moved: never what it points to.
         let dir = &self.symlink_in(dir).unwrap_or_else(|| dir.to_path_buf());
-        self.contained(&self.root.join(".damaged").join("x"))?;
+        self.contained(&self.root.join(".damaged"))?;
         let rel = dir.strip_prefix(&self.root).unwrap_or(dir);
         let base = format!("{}-{}", rel.to_string_lossy().replace('/', "__"), (now_unix() * 1e6) as u64);
         let dest = (0..).map(|n| self.root.join(".damaged").join(format!("{base}.{n}"))).find(|d| !d.exists()).expect("a free name");
