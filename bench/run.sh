@@ -5,6 +5,8 @@
 #   data:   ingest + normalise slices/s vs a plain Python reference (target >= 4x)
 #   train:  DeepLabV3+ResNet34 images/s vs segmentation_models_pytorch, medians of 5 pairs (target >= 1x)
 #   predict: slices/s of a 512x512x100 volume vs smp, fp32 and bf16 (target >= 1x)
+# `bash bench/run.sh engine-scale` times no-op runs over 1k-1M hard-linked raw
+#   files beside DVC (SCALE_SIZES, SCALE_PAIRS; raw_scan stat and folders).
 # `bash bench/run.sh accuracy` trains msd.yaml (about 1.5 hours on 2 cores;
 #   ACCURACY_MODELS=train for DeepLabV3+ alone, ACCURACY_SET for -P overrides).
 # `bash bench/run.sh tune` compares random search, TPE and a Gaussian process
@@ -24,11 +26,15 @@ if [ ! -d "$SHARED/msd-liver-2d" ]; then
   echo "SKIPPED: $SHARED/msd-liver-2d is absent; the benchmarks run on the shared MSD slices"
   exit 0
 fi
+# oneDNN picks kernels by CPU model and ISA: every figure goes with its CPU.
+echo "CPU: $(lscpu | sed -n 's/^Model name: *//p') (family $(lscpu | sed -n 's/^CPU family: *//p'), model $(lscpu | sed -n 's/^Model: *//p')), $(nproc) cores; $(grep -o -w -m1 -E 'avx512f|avx512_bf16|amx_tile|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+# Needs no torch: DVC goes into its own throwaway venv.
+if [ "$what" = engine-scale ]; then
+  exec bash bench/engine_scale.sh "$SHARED/msd-liver-2d" "$OUT/scale"
+fi
 "$PY" -c "import numpy, PIL, nibabel, safetensors, segmentation_models_pytorch" 2>/dev/null || \
   .venv/bin/pip install --quiet numpy pillow nibabel segmentation-models-pytorch torch==2.13.0
 
-# oneDNN picks kernels by CPU model and ISA: every figure goes with its CPU.
-echo "CPU: $(lscpu | sed -n 's/^Model name: *//p') (family $(lscpu | sed -n 's/^CPU family: *//p'), model $(lscpu | sed -n 's/^Model: *//p')), $(nproc) cores; $(grep -o -w -m1 -E 'avx512f|avx512_bf16|amx_tile|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 
 peak_kb() { /usr/bin/time -f "%M" "$@" 2>&1 >/dev/null | tail -1; }
 
@@ -50,7 +56,7 @@ if [ "$what" = all ] || [ "$what" = engine ]; then
     times+=($(( (e - s) / 1000 )))
   done
   median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 11p)
-  echo "no-op run: median of 21 = $(echo "scale=1; $median/1000" | bc) ms (stat cache: $(ls -l "$P/artifacts/.cache/stat-cache.json" | awk '{print $5}') bytes)"
+  echo "no-op run: median of 21 = $(echo "scale=1; $median/1000" | bc) ms (scan cache: $(ls -l "$P/artifacts/.cache/scan.bin" | awk '{print $5}') bytes)"
   # ENGINE_BASELINE=/path/to/an/older/liverseg: both binaries on the same
   # store in alternating pairs, so the ratio sees the same machine load.
   if [ -n "${ENGINE_BASELINE:-}" ]; then

@@ -10,6 +10,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use liverseg_engine::params::Params;
+use liverseg_engine::scan::RawSource;
 use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary};
 use liverseg_engine::store::Artifact;
 use liverseg_engine::tables::{read_parquet, write_parquet};
@@ -154,32 +155,13 @@ fn nifti_stem(name: &str) -> &str {
     name.trim_end_matches(".gz").trim_end_matches(".nii")
 }
 
-/// Every file under `dir`, symlinks followed. What cannot be walked into (a
-/// symlink loop, an unreadable folder) and folders named like input files
-/// are listed too: hashing them fails, and the stage reports them by name
-/// instead of skipping them.
-fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for e in walkdir::WalkDir::new(dir).follow_links(true).sort_by_file_name() {
-        let e = match e {
-            Ok(e) => e,
-            Err(err) => match err.path() {
-                Some(p) if p != dir => {
-                    out.push(p.to_path_buf());
-                    continue;
-                }
-                _ => return Err(err).with_context(|| format!("cannot walk {}", dir.display())),
-            },
-        };
-        let name = e.file_name().to_string_lossy();
-        if name.starts_with('.') {
-            continue;
-        }
-        if e.file_type().is_file() || (e.file_type().is_dir() && e.depth() > 0 && looks_like_input(&name)) {
-            out.push(e.into_path());
-        }
-    }
-    Ok(out)
+/// Every file under `dir` (symlinks followed, hidden names skipped), named
+/// relative to `root`. What cannot be walked into (a symlink loop, an
+/// unreadable folder) and folders named like input files are listed too:
+/// hashing them fails, and the stage reports them by name instead of
+/// skipping them.
+fn tree(dir: PathBuf, root: &Path) -> RawSource {
+    RawSource::Tree { dir, base: root.to_path_buf(), list_folder_if: looks_like_input }
 }
 
 /// Input items found among the raw files, and files quarantined on the way
@@ -469,16 +451,17 @@ impl Stage for Ingest {
         Ok(())
     }
 
-    fn raw_inputs(&self, params: &Params, project_root: &Path) -> Result<Vec<(String, PathBuf)>> {
+    fn raw_inputs(&self, params: &Params, project_root: &Path) -> Result<Vec<RawSource>> {
         let p: IngestParams = params.typed()?;
         let root = p.root(project_root);
-        let files = match p.source {
-            DataSource::Synthetic => return Ok(Vec::new()),
+        Ok(match p.source {
+            DataSource::Synthetic => Vec::new(),
             DataSource::Dicom => {
                 let mut f = Vec::new();
                 for d in &p.dicom_pairs {
-                    f.extend(list_files(&root.join(&d.series))?);
-                    f.push(root.join(&d.mask));
+                    f.push(tree(root.join(&d.series), &root));
+                    let mask = root.join(&d.mask);
+                    f.push(RawSource::File { rel: rel(&root, &mask), path: mask });
                 }
                 f
             }
@@ -487,10 +470,10 @@ impl Stage for Ingest {
                 if !images.is_dir() {
                     bail!("{}: image folder not found (data.image_dir)", images.display());
                 }
-                let mut f = list_files(&images)?;
                 let masks = root.join(&p.mask_dir);
+                let mut f = vec![tree(images, &root)];
                 if masks.is_dir() {
-                    f.extend(list_files(&masks)?);
+                    f.push(tree(masks, &root));
                 }
                 f
             }
@@ -498,10 +481,9 @@ impl Stage for Ingest {
                 if !root.is_dir() {
                     bail!("{}: data.root is not a folder", root.display());
                 }
-                list_files(&root)?
+                vec![tree(root.clone(), &root)]
             }
-        };
-        Ok(files.into_iter().map(|f| (rel(&root, &f), f)).collect())
+        })
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Summary> {

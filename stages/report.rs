@@ -717,15 +717,16 @@ fn lineage(doc: &mut Doc, ctx: &StageContext) -> Result<()> {
     let all = ctx.lineage()?;
     let mut items: Vec<Text> = all.iter().map(|a| serde_json::to_string(&a.manifest.params).map(|p| code(format!("{} (params {p})", chain(a))))).collect::<std::result::Result<_, _>>()?;
     for a in all.iter().filter(|a| a.manifest.upstream.is_empty()) {
+        let raw_inputs = a.raw_inputs()?;
         let mut h = blake3::Hasher::new();
-        for r in &a.manifest.raw_inputs {
+        for r in &raw_inputs {
             h.update(r.path.as_bytes());
             h.update(r.blake3.as_bytes());
         }
-        items.push(plain(if a.manifest.raw_inputs.is_empty() {
+        items.push(plain(if raw_inputs.is_empty() {
             format!("raw data of {}: none; generated from its params (synthetic phantoms)", key_line(a))
         } else {
-            format!("raw data of {}: {} files, combined blake3 {}", key_line(a), a.manifest.raw_inputs.len(), &h.finalize().to_hex()[..16])
+            format!("raw data of {}: {} files, combined blake3 {}", key_line(a), raw_inputs.len(), &h.finalize().to_hex()[..16])
         }));
     }
     doc.list(&items);

@@ -150,3 +150,58 @@ fn gc_verify_and_repair_never_follow_a_symlink_out_of_the_store() {
     assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains(".pull/split-0123: left over"));
 }
+
+/// Ingest's raw-file list lives beside its manifest (`raw_inputs.json`, an
+/// output with its own size and hash), so a no-op need not parse it. A remote
+/// that rewrites the list, its manifest entry updated to match, still cannot
+/// pass off an artifact built from other files: the list must give the key.
+#[test]
+fn a_forged_raw_file_list_on_a_remote_is_refused() {
+    let outside = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("store_safety_raw_list");
+    let _ = std::fs::remove_dir_all(&outside);
+    let a = outside.join("a");
+    let pipeline = "data: {source: nifti, root: raw}\nstages:\n  ingest: {}\n";
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::write(a.join("pipeline.yaml"), pipeline).unwrap();
+    ok(&a, &["synth", "raw", "--cases", "2", "--size", "32", "--slices", "4"]);
+    ok(&a, &["run", "-q"]);
+    let ingest = artifacts_of(&a, "ingest").pop().unwrap();
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(ingest.join("raw_inputs.json")).unwrap()).unwrap();
+    assert_eq!(list.len(), 4, "two volumes and two masks: {list:?}");
+    let (_, local) = remote_manifest(&a.join("artifacts"), "ingest");
+    assert!(local.get("raw_inputs").map_or(true, |r| r.as_array().is_some_and(|r| r.is_empty())), "the list is not in the manifest: {local}");
+
+    let remote = outside.join("remote");
+    let remote_arg = remote.to_str().unwrap();
+    ok(&a, &["push", "--remote", remote_arg]);
+    let (path, original) = remote_manifest(&remote, "ingest");
+    let list_path = path.with_file_name("raw_inputs.json");
+    let genuine = std::fs::read(&list_path).unwrap();
+    let mut forged = list.clone();
+    forged[0]["blake3"] = serde_json::json!(blake3::hash(b"another volume").to_hex().to_string());
+    let bytes = serde_json::to_vec(&forged).unwrap();
+    let cases: [(&str, bool, &str); 2] = [("list only", false, "is damaged"), ("list and manifest", true, "declares inputs whose key is")];
+    for (what, update_manifest, want) in cases {
+        std::fs::write(&list_path, &bytes).unwrap();
+        let mut m = original.clone();
+        if update_manifest {
+            m["outputs"]["raw_inputs.json"] = serde_json::json!({"size": bytes.len(), "blake3": blake3::hash(&bytes).to_hex().to_string()});
+        }
+        std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+        let b = outside.join(format!("b-{}", what.replace(' ', "-")));
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(b.join("pipeline.yaml"), pipeline).unwrap();
+        // A clone holding the same raw files: the pull is for their artifact.
+        ok(&b, &["synth", "raw", "--cases", "2", "--size", "32", "--slices", "4"]);
+        let err = fails(&b, &["pull", "--remote", remote_arg]);
+        assert!(err.contains(want) && err.contains("ingest@"), "{what}: {err}");
+        assert!(artifacts_of(&b, "ingest").is_empty(), "{what}: the forged artifact entered the store");
+    }
+    // The genuine list and manifest pull, and nothing is left to run.
+    std::fs::write(&list_path, genuine).unwrap();
+    std::fs::write(&path, serde_json::to_vec_pretty(&original).unwrap()).unwrap();
+    let b = outside.join("b-list-and-manifest");
+    ok(&b, &["pull", "--remote", remote_arg]);
+    let (ran, _) = run_json(&b, &[]);
+    assert!(ran.is_empty(), "the pulled ingest is the one its raw files key: ran {ran:?}");
+}

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 /// belongs to the source stage, whatever its name.
 pub const DATA_PREFIX: &str = "data.";
 
-const TOP_KEYS: &[&str] = &["stages", "profiles", "default_profile", "data", "external", "description", "verify_on_use", "executor", "slurm", "remote"];
+const TOP_KEYS: &[&str] = &["stages", "profiles", "default_profile", "data", "external", "description", "verify_on_use", "raw_scan", "executor", "slurm", "remote"];
 const STAGE_KEYS: &[&str] = &["deps", "params", "uses", "foreach"];
 
 /// A stage as declared, before params are typed.
@@ -84,6 +84,11 @@ pub fn parse(text: &str, file: &Path, root: &Path, registry: &[Box<dyn Stage>], 
         Some(Y::Bool(b)) => *b,
         Some(other) => bail!("{f}: verify_on_use: expected true or false, got {other:?}"),
     };
+    let raw_scan = match top.get("raw_scan") {
+        None => Default::default(),
+        Some(Y::String(s)) => s.parse().map_err(|e| anyhow!("{f}: raw_scan: {e}"))?,
+        Some(other) => bail!("{f}: raw_scan: expected stat, folders or full, got {other:?}"),
+    };
     let slurm = top.get("slurm").map(|v| super::slurm::SlurmConfig::parse(v, &format!("{f}: slurm"))).transpose()?.unwrap_or_default();
     for name in slurm.submit.iter().chain(slurm.stages.keys()) {
         if !stages.iter().any(|s| &s.name == name) {
@@ -100,7 +105,7 @@ pub fn parse(text: &str, file: &Path, root: &Path, registry: &[Box<dyn Stage>], 
         Some(Y::String(s)) if !s.trim().is_empty() => Some(s.trim().to_owned()),
         Some(other) => bail!("{f}: remote: expected s3://bucket/prefix or a folder, got {other:?}"),
     };
-    Ok(Pipeline { file: file.to_path_buf(), root: root.to_path_buf(), profile: profile_name, stages, verify_on_use, executor, slurm, remote })
+    Ok(Pipeline { file: file.to_path_buf(), root: root.to_path_buf(), profile: profile_name, stages, verify_on_use, raw_scan, executor, slurm, remote })
 }
 
 /// The registered stage `name`.

@@ -2,7 +2,6 @@
 //! and stage keys.
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -135,15 +134,45 @@ pub struct KeyInputs<'a> {
     pub version: u32,
     pub params_json: &'a str,
     pub upstream: &'a BTreeMap<String, String>,
-    pub raw_files: &'a [(String, String)],
+    pub raw_files: &'a dyn RawPairs,
+}
+
+/// Raw files as (path, hash) pairs, in the order the key hashes them.
+pub trait RawPairs {
+    fn for_each_pair(&self, f: &mut dyn FnMut(&str, &str));
+}
+
+impl RawPairs for &[(String, String)] {
+    fn for_each_pair(&self, f: &mut dyn FnMut(&str, &str)) {
+        self.iter().for_each(|(p, h)| f(p, h));
+    }
+}
+
+impl RawPairs for &[super::stage::RawFile] {
+    fn for_each_pair(&self, f: &mut dyn FnMut(&str, &str)) {
+        self.iter().for_each(|r| f(&r.path, &r.blake3));
+    }
+}
+
+impl RawPairs for super::scan::RawList {
+    fn for_each_pair(&self, f: &mut dyn FnMut(&str, &str)) {
+        super::scan::RawList::for_each_pair(self, f)
+    }
 }
 
 pub fn stage_key(k: &KeyInputs) -> String {
     let mut h = blake3::Hasher::new();
+    // Fields go through a buffer: a million small updates would cost more
+    // than the hashing (blake3 is fastest on large slices).
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
     let mut field = |tag: &str, s: &str| {
-        h.update(tag.as_bytes());
-        h.update(&(s.len() as u64).to_le_bytes());
-        h.update(s.as_bytes());
+        buf.extend_from_slice(tag.as_bytes());
+        buf.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        buf.extend_from_slice(s.as_bytes());
+        if buf.len() >= 1 << 20 {
+            h.update(&buf);
+            buf.clear();
+        }
     };
     field("stage", k.stage);
     field("version", &k.version.to_string());
@@ -152,28 +181,20 @@ pub fn stage_key(k: &KeyInputs) -> String {
         field("upstream", name);
         field("key", key);
     }
-    for (path, hash) in k.raw_files {
+    k.raw_files.for_each_pair(&mut |path, hash| {
         field("raw", path);
         field("hash", hash);
-    }
+    });
+    h.update(&buf);
     h.finalize().to_hex()[..KEY_HEX_LEN].to_string()
 }
 
-#[derive(Serialize, Deserialize, Clone, PartialEq, Debug)]
+#[derive(Clone, PartialEq, Debug)]
 struct StatEntry {
     size: u64,
     mtime_ns: i128,
     inode: u64,
     blake3: String,
-}
-
-/// (path, size, mtime, inode) → blake3. A file whose stat matches is not re-read;
-/// touching it changes the mtime, so it is re-hashed, but the hash (and hence
-/// the stage key) is unchanged unless the content changed.
-pub struct StatCache {
-    file: PathBuf,
-    entries: BTreeMap<String, StatEntry>,
-    dirty: bool,
 }
 
 fn stat_of(meta: &std::fs::Metadata) -> (u64, i128, u64) {
@@ -182,85 +203,14 @@ fn stat_of(meta: &std::fs::Metadata) -> (u64, i128, u64) {
     (meta.len(), mtime_ns, meta.ino())
 }
 
-impl StatCache {
-    pub fn open(file: PathBuf) -> Self {
-        // A missing or unreadable cache only costs re-hashing, never correctness.
-        let entries = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        StatCache { file, entries, dirty: false }
-    }
-
-    /// (size, hash) of each path, in order; files whose stat changed are
-    /// re-hashed in parallel. A file that cannot be read (no permission, a
-    /// folder, a symlink loop) gets size 0 and the hash `unreadable: REASON`,
-    /// so the stage that reads it can quarantine it or fail naming it; the
-    /// key still changes when it becomes readable.
-    /// With `keep`, files that have to be read are kept there for the stage.
-    pub fn hash_many(&mut self, paths: &[std::path::PathBuf], show_progress: bool, keep: Option<&RawBytes>) -> Result<Vec<(u64, String)>> {
-        use rayon::prelude::*;
-        // Stat in parallel too: on a first run over many small files the
-        // system calls are most of the cost.
-        let stats: Vec<std::io::Result<(u64, i128, u64)>> = paths.par_iter().map(|path| std::fs::metadata(path).map(|m| stat_of(&m))).collect();
-        let mut out: Vec<Option<(u64, String)>> = Vec::with_capacity(paths.len());
-        let mut misses = Vec::new();
-        for (i, (path, stat)) in paths.iter().zip(&stats).enumerate() {
-            match (stat, self.entries.get(&super::paths::encode(path))) {
-                (Err(e), _) => out.push(Some((0, unreadable(e)))),
-                (Ok((size, mtime_ns, inode)), Some(e)) if e.size == *size && e.mtime_ns == *mtime_ns && e.inode == *inode => out.push(Some((*size, e.blake3.clone()))),
-                (Ok(_), _) => {
-                    out.push(None);
-                    misses.push(i);
-                }
-            }
-        }
-        if misses.is_empty() {
-            return Ok(out.into_iter().map(|o| o.expect("filled")).collect());
-        }
-        let bar = crate::progress::bar(misses.len() as u64, "hashing", show_progress && misses.len() > 200);
-        let hashed: Vec<Result<String>> = misses
-            .par_iter()
-            .map(|&i| {
-                let (path, len) = (&paths[i], stats[i].as_ref().map(|s| s.0).unwrap_or(0));
-                let h = match keep {
-                    Some(k) if k.reserve(len) => read_and_hash(path, len).map(|(h, bytes)| {
-                        k.keep(path, bytes);
-                        h
-                    }),
-                    _ => hash_file_of_len(path, len),
-                };
-                bar.inc(1);
-                h
-            })
-            .collect();
-        bar.finish_and_clear();
-        for (i, h) in misses.into_iter().zip(hashed) {
-            let Ok((size, mtime_ns, inode)) = stats[i] else {
-                continue;
-            };
-            match h {
-                Ok(blake3) => {
-                    self.entries.insert(super::paths::encode(&paths[i]), StatEntry { size, mtime_ns, inode, blake3: blake3.clone() });
-                    out[i] = Some((size, blake3));
-                }
-                // Not cached: it is read again next time, when it may have become readable.
-                Err(e) => out[i] = Some((0, unreadable(e.root_cause()))),
-            }
-        }
-        self.dirty = true;
-        Ok(out.into_iter().map(|o| o.expect("filled")).collect())
-    }
-
-    pub fn save(&mut self) -> Result<()> {
-        if !self.dirty {
-            return Ok(());
-        }
-        if let Some(dir) = self.file.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        let tmp = self.file.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, serde_json::to_vec(&self.entries)?).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.file).with_context(|| format!("cannot replace {}", self.file.display()))?;
-        self.dirty = false;
-        Ok(())
+/// Hash the `len` bytes of a raw file, keeping them in `keep` when it has room.
+pub fn hash_raw_file(path: &Path, len: u64, keep: Option<&RawBytes>) -> Result<String> {
+    match keep {
+        Some(k) if k.reserve(len) => read_and_hash(path, len).map(|(h, bytes)| {
+            k.keep(path, bytes);
+            h
+        }),
+        _ => hash_file_of_len(path, len),
     }
 }
 
@@ -276,9 +226,11 @@ mod tests {
         std::fs::write(&a, b"first file").unwrap();
         std::fs::write(&b, b"second").unwrap();
         std::fs::write(&big, vec![7u8; MAX_KEPT_FILE as usize + 1]).unwrap();
-        let mut cache = StatCache::open(dir.join("stat-cache.json"));
+        let mut scanner = crate::scan::Scanner::open(dir.join("scan.bin"), crate::scan::ScanMode::Stat);
         let keep = RawBytes::new(12); // room for `a` (10 bytes), not also `b` (6)
-        let hashes = cache.hash_many(&[a.clone(), b.clone(), big.clone()], false, Some(&keep)).unwrap();
+        let sources: Vec<crate::scan::RawSource> = [&a, &b, &big].iter().map(|p| crate::scan::RawSource::File { rel: String::new(), path: p.to_path_buf() }).collect();
+        let list = scanner.scan(&sources, false, Some(&keep)).unwrap();
+        let hashes: Vec<(u64, String)> = list.to_raw_files().into_iter().map(|r| (r.size, r.blake3)).collect();
         assert_eq!(hashes[0], (10, hash_bytes(b"first file")));
         assert_eq!(hashes[2].1, hash_file(&big).unwrap());
         let kept: Vec<bool> = [&a, &b].iter().map(|p| keep.files.lock().unwrap().contains_key(*p)).collect();
@@ -294,14 +246,14 @@ mod tests {
     fn key_depends_on_every_input() {
         let up = BTreeMap::from([("a".to_owned(), "k1".to_owned())]);
         let raw = vec![("f".to_owned(), "h".to_owned())];
-        let base = KeyInputs { stage: "s", version: 1, params_json: "{}", upstream: &up, raw_files: &raw };
+        let base = KeyInputs { stage: "s", version: 1, params_json: "{}", upstream: &up, raw_files: &raw.as_slice() };
         let k0 = stage_key(&base);
         assert_eq!(k0, stage_key(&base));
         assert_ne!(k0, stage_key(&KeyInputs { version: 2, ..base }));
-        let base = KeyInputs { stage: "s", version: 1, params_json: "{}", upstream: &up, raw_files: &raw };
+        let base = KeyInputs { stage: "s", version: 1, params_json: "{}", upstream: &up, raw_files: &raw.as_slice() };
         assert_ne!(k0, stage_key(&KeyInputs { params_json: "{\"a\":1}", ..base }));
         let raw2 = vec![("f".to_owned(), "h2".to_owned())];
-        let base = KeyInputs { stage: "s", version: 1, params_json: "{}", upstream: &up, raw_files: &raw };
-        assert_ne!(k0, stage_key(&KeyInputs { raw_files: &raw2, ..base }));
+        let base = KeyInputs { stage: "s", version: 1, params_json: "{}", upstream: &up, raw_files: &raw.as_slice() };
+        assert_ne!(k0, stage_key(&KeyInputs { raw_files: &raw2.as_slice(), ..base }));
     }
 }

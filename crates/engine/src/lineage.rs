@@ -53,18 +53,20 @@ fn render(store: &Store, a: &Artifact, depth: usize, out: &mut String) -> Result
     for (name, f) in &m.outputs {
         writeln!(out, "{pad}  output {name}  {} B  blake3 {}", f.size, &f.blake3[..16])?;
     }
-    if !m.raw_inputs.is_empty() {
+    let raw_inputs = a.raw_inputs()?;
+    if !raw_inputs.is_empty() {
         let mut h = blake3::Hasher::new();
-        for r in &m.raw_inputs {
+        for r in &raw_inputs {
             h.update(r.path.as_bytes());
             h.update(r.blake3.as_bytes());
         }
-        writeln!(out, "{pad}  raw inputs: {} files, combined blake3 {}", m.raw_inputs.len(), &h.finalize().to_hex()[..16])?;
-        for r in m.raw_inputs.iter().take(5) {
+        writeln!(out, "{pad}  raw inputs: {} files, combined blake3 {}", raw_inputs.len(), &h.finalize().to_hex()[..16])?;
+        for r in raw_inputs.iter().take(5) {
             writeln!(out, "{pad}    {}  {} B  blake3 {}", r.path, r.size, &r.blake3[..16])?;
         }
-        if m.raw_inputs.len() > 5 {
-            writeln!(out, "{pad}    … {} more (all listed in {})", m.raw_inputs.len() - 5, a.dir.join(super::store::MANIFEST).display())?;
+        if raw_inputs.len() > 5 {
+            let list = if m.raw_inputs_beside() { super::store::RAW_INPUTS } else { super::store::MANIFEST };
+            writeln!(out, "{pad}    … {} more (all listed in {})", raw_inputs.len() - 5, a.dir.join(list).display())?;
         }
     }
     for (d, key) in &m.upstream {

@@ -11,16 +11,22 @@ use std::path::{Path, PathBuf};
 pub fn encode(path: &Path) -> String {
     let bytes = path.as_os_str().as_bytes();
     let mut out = String::with_capacity(bytes.len());
+    encode_into(&mut out, bytes);
+    out
+}
+
+/// `encode` of `bytes`, appended to `out` (no allocation for a plain name).
+pub fn encode_into(out: &mut String, bytes: &[u8]) {
     let mut rest = bytes;
     while !rest.is_empty() {
         match std::str::from_utf8(rest) {
             Ok(s) => {
-                push_escaped(&mut out, s);
+                push_escaped(out, s);
                 break;
             }
             Err(e) => {
                 let (good, bad) = rest.split_at(e.valid_up_to());
-                push_escaped(&mut out, std::str::from_utf8(good).unwrap_or_default());
+                push_escaped(out, std::str::from_utf8(good).unwrap_or_default());
                 let n = e.error_len().unwrap_or(bad.len());
                 for b in &bad[..n] {
                     out.push_str(&format!("%{b:02X}"));
@@ -29,10 +35,13 @@ pub fn encode(path: &Path) -> String {
             }
         }
     }
-    out
 }
 
 fn push_escaped(out: &mut String, s: &str) {
+    if !s.contains('%') {
+        out.push_str(s);
+        return;
+    }
     for c in s.chars() {
         if c == '%' {
             out.push_str("%25")

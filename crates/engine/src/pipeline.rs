@@ -37,6 +37,8 @@ pub struct Pipeline {
     pub stages: Vec<ResolvedStage>,
     /// Re-hash every file a run reuses or reads (pipeline.yaml `verify_on_use`).
     pub verify_on_use: bool,
+    /// How far a no-op trusts the raw-file cache (pipeline.yaml `raw_scan`).
+    pub raw_scan: super::scan::ScanMode,
     /// Where worker requests run (`executor:`, or `--executor`); never part of a key.
     pub executor: ExecutorKind,
     /// Job resources when they run on Slurm (`slurm:`).

@@ -1,7 +1,8 @@
 //! Runs the DAG: computes stage keys, reuses complete artifacts, runs the rest.
 
 use super::executor::{Executor, Local};
-use super::hash::{stage_key, KeyInputs, StatCache};
+use super::hash::{stage_key, KeyInputs};
+use super::scan::{RawList, Scanner};
 use super::pipeline::{ExecutorKind, Pipeline, ResolvedStage};
 use super::stage::{Placement, RawFile, Stage, StageContext, StageInfo};
 use super::store::{now_unix, utc_string, Artifact, Depth, Manifest, Store};
@@ -40,7 +41,15 @@ pub struct Engine<'r> {
 pub struct Planned {
     pub key: String,
     pub upstream: BTreeMap<String, String>,
-    pub raw_files: Vec<RawFile>,
+    /// The raw files in the key (a source stage's), compactly.
+    pub raw: std::sync::Arc<RawList>,
+}
+
+impl Planned {
+    /// The raw files, one record each (for a stage about to run).
+    pub fn raw_files(&self) -> Vec<RawFile> {
+        self.raw.to_raw_files()
+    }
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -90,22 +99,19 @@ impl<'r> Engine<'r> {
 
     /// `plan`, keeping the raw files it reads in `keep` (when about to run).
     fn plan_keeping(&self, stages: &[&ResolvedStage], keep: Option<&super::hash::RawBytes>) -> Result<BTreeMap<String, Planned>> {
-        let mut cache = StatCache::open(self.store.stat_cache_file());
+        let mut scanner = Scanner::open(self.store.scan_cache_file(), self.pipeline.raw_scan);
         let mut planned: BTreeMap<String, Planned> = BTreeMap::new();
         for s in stages {
             let imp = self.stage_impl(&s.uses)?;
-            let inputs = imp.raw_inputs(&s.params, &self.pipeline.root)?;
-            let paths: Vec<std::path::PathBuf> = inputs.iter().map(|(_, p)| p.clone()).collect();
-            let hashes = cache.hash_many(&paths, self.show_progress, keep)?;
-            let raw_files: Vec<RawFile> = inputs.into_iter().zip(hashes).map(|((rel, _), (size, blake3))| RawFile { path: rel, size, blake3 }).collect();
+            let sources = imp.raw_inputs(&s.params, &self.pipeline.root)?;
+            let raw = if sources.is_empty() { RawList::default() } else { scanner.scan(&sources, self.show_progress, keep)? };
             let upstream: BTreeMap<String, String> =
                 s.deps.iter().map(|d| planned.get(d).map(|p| (d.clone(), p.key.clone())).ok_or_else(|| anyhow!("internal: {d} planned after {}", s.name))).collect::<Result<_>>()?;
-            let raw_pairs: Vec<(String, String)> = raw_files.iter().map(|r| (r.path.clone(), r.blake3.clone())).collect();
-            let key = stage_key(&KeyInputs { stage: &s.name, version: imp.info().version, params_json: &s.params.canonical_json(), upstream: &upstream, raw_files: &raw_pairs });
-            planned.insert(s.name.clone(), Planned { key, upstream, raw_files });
+            let key = stage_key(&KeyInputs { stage: &s.name, version: imp.info().version, params_json: &s.params.canonical_json(), upstream: &upstream, raw_files: &raw });
+            planned.insert(s.name.clone(), Planned { key, upstream, raw: std::sync::Arc::new(raw) });
         }
         // Hashing is the slow part of a no-op; keep what we learnt even if the run fails later.
-        cache.save()?;
+        scanner.save()?;
         Ok(planned)
     }
 
@@ -231,6 +237,7 @@ impl<'r> Engine<'r> {
             upstream.insert(s.upstream_name(d).to_owned(), a);
         }
         let build = self.store.begin(&s.name, &p.key, lock)?;
+        let raw_files = p.raw_files();
         let ctx = StageContext {
             stage: imp.info(),
             instance: &s.name,
@@ -239,7 +246,7 @@ impl<'r> Engine<'r> {
             out_dir: &build,
             scratch_dir: self.store.scratch_dir(&s.name, &p.key),
             upstream,
-            raw_files: &p.raw_files,
+            raw_files: &raw_files,
             raw_bytes: Some(&self.raw_bytes),
             project_root: &self.pipeline.root,
             show_progress: self.show_progress,
@@ -276,7 +283,7 @@ impl<'r> Engine<'r> {
             effective_params: ctx.effective().map(|e| serde_json::to_value(&e.0)).transpose()?,
             upstream: p.upstream.clone(),
             outputs: BTreeMap::new(),
-            raw_inputs: p.raw_files.clone(),
+            raw_inputs: raw_files.clone(),
             started_unix: started,
             finished_unix: now_unix(),
             started_utc: utc_string(started),

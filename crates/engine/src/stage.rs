@@ -68,11 +68,10 @@ pub trait Stage: Send + Sync {
         Ok(())
     }
 
-    /// Files outside the store that a source stage reads. Their content hashes
-    /// enter the stage key.
-    /// Each is (path relative to the dataset root, path to read): moving the
-    /// dataset elsewhere does not change the key.
-    fn raw_inputs(&self, _params: &Params, _project_root: &Path) -> Result<Vec<(String, PathBuf)>> {
+    /// Files and folders outside the store that a source stage reads. The
+    /// content hash of every file enters the stage key, under its path
+    /// relative to the dataset root: moving the dataset does not change it.
+    fn raw_inputs(&self, _params: &Params, _project_root: &Path) -> Result<Vec<super::scan::RawSource>> {
         Ok(Vec::new())
     }
 

@@ -38,7 +38,8 @@ pub struct StageStatus {
 
 pub fn status(engine: &Engine) -> Result<Vec<StageStatus>> {
     let planned = engine.plan_all()?;
-    let all = engine.store.list()?;
+    // Read every manifest only when a stage is not fresh: a no-op status costs what a no-op run does.
+    let mut all: Option<Vec<Artifact>> = None;
     let mut out = Vec::new();
     for s in &engine.pipeline.stages {
         let p = &planned[&s.name];
@@ -55,7 +56,10 @@ pub fn status(engine: &Engine) -> Result<Vec<StageStatus>> {
             Found::Missing => {}
         }
         // Compare with the most recent artifact of this stage.
-        let last: Option<&Artifact> = all.iter().rev().find(|a| a.stage == s.name);
+        if all.is_none() {
+            all = Some(engine.store.list()?);
+        }
+        let last: Option<&Artifact> = all.as_ref().and_then(|all| all.iter().rev().find(|a| a.stage == s.name));
         let Some(last) = last else {
             out.push(StageStatus { stage: s.name.clone(), key: p.key.clone(), state: StageState::Missing, reasons: vec!["never run".into()] });
             continue;
@@ -80,9 +84,11 @@ pub fn status(engine: &Engine) -> Result<Vec<StageStatus>> {
                 reasons.push(format!("upstream {d} changed ({} -> {key})", m.upstream.get(d).map(String::as_str).unwrap_or("none")));
             }
         }
-        if !p.raw_files.is_empty() || !m.raw_inputs.is_empty() {
-            let old: std::collections::BTreeMap<&str, &str> = m.raw_inputs.iter().map(|r| (r.path.as_str(), r.blake3.as_str())).collect();
-            let new: std::collections::BTreeMap<&str, &str> = p.raw_files.iter().map(|r| (r.path.as_str(), r.blake3.as_str())).collect();
+        let old_raw = last.raw_inputs()?;
+        let new_raw = p.raw_files();
+        if !new_raw.is_empty() || !old_raw.is_empty() {
+            let old: std::collections::BTreeMap<&str, &str> = old_raw.iter().map(|r| (r.path.as_str(), r.blake3.as_str())).collect();
+            let new: std::collections::BTreeMap<&str, &str> = new_raw.iter().map(|r| (r.path.as_str(), r.blake3.as_str())).collect();
             let changed: Vec<&str> = new.iter().filter(|(k, v)| old.get(*k).is_some_and(|o| o != *v)).map(|(k, _)| *k).collect();
             let added: Vec<&str> = new.keys().filter(|k| !old.contains_key(*k)).copied().collect();
             let removed: Vec<&str> = old.keys().filter(|k| !new.contains_key(*k)).copied().collect();

@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 
 pub const MANIFEST: &str = "manifest.json";
 
+/// The raw files in a source stage's key, beside its manifest: a no-op run
+/// reads the manifest, and a million raw files would make it 180 MB.
+pub const RAW_INPUTS: &str = "raw_inputs.json";
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FileEntry {
     pub size: u64,
@@ -205,12 +209,16 @@ impl Manifest {
         Ok(())
     }
 
+    /// Whether the raw files are in `RAW_INPUTS` rather than the manifest.
+    pub fn raw_inputs_beside(&self) -> bool {
+        self.outputs.contains_key(RAW_INPUTS)
+    }
+
     /// The key this manifest's declared inputs (stage, version, params,
-    /// upstream keys, raw file hashes) hash to. A sub-artifact's key is
-    /// hashed under its kind (`trial` for `tune.train+trial`).
-    pub fn declared_key(&self) -> String {
+    /// upstream keys, the hashes of `raw`, its raw files) hash to. A
+    /// sub-artifact's key is hashed under its kind (`trial` for `tune.train+trial`).
+    pub fn declared_key(&self, raw: &[RawFile]) -> String {
         let stage = self.stage.split_once('+').map_or(self.stage.as_str(), |(_, kind)| kind);
-        let raw: Vec<(String, String)> = self.raw_inputs.iter().map(|r| (r.path.clone(), r.blake3.clone())).collect();
         let params = serde_json::to_string(&self.params).unwrap_or_default();
         super::hash::stage_key(&super::hash::KeyInputs { stage, version: self.version, params_json: &params, upstream: &self.upstream, raw_files: &raw })
     }
@@ -221,6 +229,15 @@ impl Artifact {
         self.dir.join(name)
     }
 
+    /// The raw files in this artifact's key: from `RAW_INPUTS`, or the
+    /// manifest of an artifact made before it.
+    pub fn raw_inputs(&self) -> Result<Vec<RawFile>> {
+        if !self.manifest.raw_inputs_beside() {
+            return Ok(self.manifest.raw_inputs.clone());
+        }
+        read_raw_inputs(&self.file(RAW_INPUTS))
+    }
+
     /// The artifact in `dir`, from its manifest.
     pub fn load(dir: &Path) -> Result<Self> {
         let mpath = dir.join(MANIFEST);
@@ -228,6 +245,12 @@ impl Artifact {
         let manifest: Manifest = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a liverseg manifest", mpath.display()))?;
         Ok(Artifact { stage: manifest.stage.clone(), key: manifest.key.clone(), dir: dir.to_path_buf(), manifest, manifest_blake3: blake3::hash(&bytes).to_hex().to_string() })
     }
+}
+
+/// A `RAW_INPUTS` file's list.
+pub fn read_raw_inputs(path: &Path) -> Result<Vec<RawFile>> {
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{}: not a list of raw files", path.display()))
 }
 
 pub struct Store {
@@ -252,8 +275,8 @@ impl Store {
         self.root.join(".scratch").join(stage).join(key)
     }
 
-    pub fn stat_cache_file(&self) -> PathBuf {
-        self.root.join(".cache").join("stat-cache.json")
+    pub fn scan_cache_file(&self) -> PathBuf {
+        self.root.join(".cache").join("scan.bin")
     }
 
     /// The index entry of an artifact: the blake3 of its manifest, recorded
@@ -579,6 +602,10 @@ impl Store {
     /// Hash the outputs, write the manifest, and rename the build into place,
     /// replacing an existing artifact of the same key (for `stage --force`).
     pub fn commit(&self, build: &Path, mut manifest: Manifest, lock: &StoreLock) -> Result<Artifact> {
+        if !manifest.raw_inputs.is_empty() {
+            let path = build.join(RAW_INPUTS);
+            fs::write(&path, serde_json::to_vec(&std::mem::take(&mut manifest.raw_inputs))?).with_context(|| format!("cannot write {}", path.display()))?;
+        }
         manifest.outputs = hash_tree(build, hash_written_file)?;
         let text = serde_json::to_string_pretty(&manifest)?;
         fs::write(build.join(MANIFEST), &text).with_context(|| format!("cannot write manifest in {}", build.display()))?;
@@ -680,7 +707,7 @@ impl<'a> SubArtifacts<'a> {
     /// `params` and `upstream`: hashed under the kind, as
     /// `Manifest::declared_key` checks it.
     pub fn key(&self, version: u32, params: &super::params::Params, upstream: &BTreeMap<String, String>) -> String {
-        super::hash::stage_key(&super::hash::KeyInputs { stage: &self.kind, version, params_json: &params.canonical_json(), upstream, raw_files: &[] })
+        super::hash::stage_key(&super::hash::KeyInputs { stage: &self.kind, version, params_json: &params.canonical_json(), upstream, raw_files: &(&[] as &[(String, String)]) })
     }
 
     /// A fresh build folder for `key`.

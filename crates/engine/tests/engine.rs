@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use liverseg_engine::config;
 use liverseg_engine::params::Params;
 use liverseg_engine::runner::Engine;
+use liverseg_engine::scan::RawSource;
 use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary};
 use liverseg_engine::store::{Depth, Problem};
 use std::path::{Path, PathBuf};
@@ -54,12 +55,10 @@ impl Stage for Letters {
     fn info(&self) -> &'static StageInfo {
         &LETTERS
     }
-    fn raw_inputs(&self, params: &Params, root: &Path) -> Result<Vec<(String, PathBuf)>> {
+    fn raw_inputs(&self, params: &Params, root: &Path) -> Result<Vec<RawSource>> {
         let p: LettersParams = params.typed()?;
         let dir = root.join(&p.root);
-        let mut files: Vec<(String, PathBuf)> = std::fs::read_dir(&dir)?.flatten().map(|e| (e.file_name().to_string_lossy().into_owned(), e.path())).collect();
-        files.sort();
-        Ok(files)
+        Ok(vec![RawSource::Tree { base: dir.clone(), dir, list_folder_if: |_| false }])
     }
     fn run(&self, ctx: &StageContext) -> Result<Summary> {
         let p: LettersParams = ctx.params.typed()?;

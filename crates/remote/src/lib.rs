@@ -172,11 +172,20 @@ impl Remote {
         if let Err(why) = manifest.check_names() {
             bail!("{}: the manifest of {stage}@{key} is unsafe: its {why}; refusing it", self.url);
         }
-        let declared = manifest.declared_key();
-        if declared != key {
-            bail!("{}: the manifest of {stage}@{key} declares inputs whose key is {declared}; refusing it", self.url);
+        // Raw files listed beside the manifest are checked once fetched (`pull_files`).
+        if !manifest.raw_inputs_beside() {
+            self.check_declared_key(&manifest, &manifest.raw_inputs)?;
         }
         Ok(Some((text, manifest)))
+    }
+
+    fn check_declared_key(&self, manifest: &Manifest, raw: &[liverseg_engine::stage::RawFile]) -> Result<()> {
+        let (stage, key) = (&manifest.stage, &manifest.key);
+        let declared = manifest.declared_key(raw);
+        if &declared != key {
+            bail!("{}: the manifest of {stage}@{key} declares inputs whose key is {declared}; refusing it", self.url);
+        }
+        Ok(())
     }
 
     /// Fetch stage@key into `store` if the remote has it; None if it does
@@ -248,6 +257,10 @@ impl Remote {
             }
             Ok(moved)
         })?;
+        if manifest.raw_inputs_beside() {
+            // Its size and hash matched the manifest's when it was fetched.
+            self.check_declared_key(&manifest, &liverseg_engine::store::read_raw_inputs(&staging.join(liverseg_engine::store::RAW_INPUTS))?)?;
+        }
         std::fs::write(staging.join(MANIFEST), text).with_context(|| format!("cannot write {}", staging.join(MANIFEST).display()))?;
         let artifact = store.install(&staging, text, manifest, lock)?;
         Ok((artifact, moved))
