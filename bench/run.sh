@@ -7,6 +7,8 @@
 #   predict: slices/s of a 512x512x100 volume vs smp, fp32 and bf16 (target >= 1x)
 # `bash bench/run.sh engine-scale` times no-op runs over 1k-1M hard-linked raw
 #   files beside DVC (SCALE_SIZES, SCALE_PAIRS; raw_scan stat and folders).
+# `bash bench/run.sh pipeline-parallel` times the quick pipeline with -j 1
+#   and -j 2 (PARALLEL_REPS alternating pairs, default 3).
 # `bash bench/run.sh accuracy` trains msd.yaml (about 1.5 hours on 2 cores;
 #   ACCURACY_MODELS=train for DeepLabV3+ alone, ACCURACY_SET for -P overrides).
 # `bash bench/run.sh tune` compares random search, TPE and a Gaussian process
@@ -170,6 +172,25 @@ if [ "$what" = all ] || [ "$what" = predict ]; then
   done
   read -r same dice < <("$PY" bench/py_predict_speed.py agree "$PR/liverseg_bf16.nii.gz" "$PR/liverseg_fp32.nii.gz")
   echo "liverseg bf16 against fp32 masks: agree on $same of voxels, Dice $dice (random-init weights; see README for a trained model)"
+fi
+
+if [ "$what" = pipeline-parallel ]; then
+  # The quick pipeline from an empty store, `-j 1` and `-j 2` alternating,
+  # PARALLEL_REPS pairs (default 3; about 12 minutes a run on 2 cores).
+  echo "## pipeline-parallel: make reproduce's pipeline, -j 1 against -j 2"
+  P=$OUT/parallel; one=(); two=()
+  for i in $(seq "${PARALLEL_REPS:-3}"); do
+    for j in 1 2; do
+      rm -rf "$P" && mkdir -p "$P" && cp pipeline.yaml "$P/"
+      s=$(date +%s%N); (cd "$P" && "$BIN" run -q -j "$j"); e=$(date +%s%N)
+      t=$(( (e - s) / 1000000 ))
+      echo "run $i, -j $j: $(awk -v t="$t" 'BEGIN { printf "%.1f", t / 1000 }') s"
+      if [ "$j" = 1 ]; then one+=("$t"); else two+=("$t"); fi
+    done
+  done
+  m1=$(printf '%s\n' "${one[@]}" | sort -n | sed -n "$(( (${#one[@]} + 1) / 2 ))p")
+  m2=$(printf '%s\n' "${two[@]}" | sort -n | sed -n "$(( (${#two[@]} + 1) / 2 ))p")
+  awk -v a="$m1" -v b="$m2" -v n="${#one[@]}" 'BEGIN { printf "median of %d: -j 1 %.1f s, -j 2 %.1f s, -j 1 / -j 2 = %.2f\n", n, a / 1000, b / 1000, a / b }'
 fi
 
 if [ "$what" = tune ]; then

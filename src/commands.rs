@@ -32,9 +32,10 @@ pub(crate) fn engine(p: &PipelineArgs) -> Result<Engine<'static>> {
     Ok(e)
 }
 
-pub fn run(p: &PipelineArgs, target: Option<&str>, json: bool, verify: bool, pull: bool) -> Result<()> {
+pub fn run(p: &PipelineArgs, target: Option<&str>, json: bool, verify: bool, pull: bool, jobs: Option<usize>) -> Result<()> {
     let mut e = engine(p)?;
     e.verify_on_use |= verify;
+    e.jobs = jobs;
     if pull {
         e.remote = Some(Box::new(crate::compare::remote(p, &e)?));
     }

@@ -76,6 +76,11 @@ enum Command {
         /// Fetch from the remote cache any stage whose key it holds, instead of running it.
         #[arg(long)]
         pull: bool,
+        /// Stages run at once, each as soon as its upstreams are done
+        /// (default: as many as the cores allow for their declared threads;
+        /// under Slurm, as many as the cluster takes). Never part of a key.
+        #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        jobs: Option<u16>,
     },
     /// Upload the current pipeline's artifacts (up to TARGET) to the remote cache.
     Push { target: Option<String> },
@@ -255,7 +260,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     use commands as c;
     let p = &cli.p;
     match cli.command {
-        Command::Run { target, json, verify, pull } => c::run(p, target.as_deref(), json, verify, pull),
+        Command::Run { target, json, verify, pull, jobs } => c::run(p, target.as_deref(), json, verify, pull, jobs.map(usize::from)),
         Command::Push { target } => compare::push(p, target.as_deref()),
         Command::Pull { target } => compare::pull(p, target.as_deref()),
         Command::Stage { name, force } => c::stage(p, &name, force),

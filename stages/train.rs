@@ -121,6 +121,10 @@ impl Stage for Train {
         params.typed::<TrainParams>()?.validate()
     }
 
+    fn threads(&self, params: &Params) -> usize {
+        params.typed::<TrainParams>().map_or(0, |p| p.threads.max(0) as usize)
+    }
+
     fn run(&self, ctx: &StageContext) -> Result<Summary> {
         #[cfg(feature = "torch")]
         return training::train(ctx);
@@ -451,7 +455,7 @@ mod training {
             }
         }
         for (key, v) in &folds[0].0 {
-            if key.starts_with("used.") || matches!(key.as_str(), "parameters" | "device") {
+            if key.starts_with("used.") || matches!(key.as_str(), "parameters" | "device" | "cpu_threads") {
                 s.insert(key.clone(), v.clone());
             }
         }
@@ -466,7 +470,7 @@ mod training {
         let mut merged = ctx.params.clone();
         merged.0.extend(TuneBest::read(t)?.params);
         if ctx.show_progress {
-            eprintln!("{}: using tuned parameters from tune@{}", ctx.stage.name, t.key);
+            eprintln!("{}: using tuned parameters from {}@{}", ctx.instance, t.stage, t.key);
         }
         let typed = merged.typed()?;
         ctx.record_effective_params(merged);
@@ -755,6 +759,8 @@ mod training {
             s.insert("train_seconds".into(), json_f(rows.iter().map(|r| r.seconds).sum::<f64>()));
             s.insert("wall_seconds_this_run".into(), json_f(started.elapsed().as_secs_f64()));
             s.insert("device".into(), format!("{:?}", self.device).into());
+            // Out of the key when `threads` is 0 (the allocation decides): recorded here.
+            s.insert("cpu_threads".into(), tch::get_num_threads().into());
             s.insert("pruned".into(), self.pruned.into());
             let used = serde_json::to_value(&self.p)?;
             for k in ["lr", "batch_size", "optimizer", "weight_decay", "loss"] {

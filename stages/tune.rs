@@ -114,18 +114,22 @@ impl TuneParams {
         Ok(space)
     }
 
-    /// CPU threads per trial.
-    fn trial_threads(&self) -> i64 {
-        match self.threads {
-            0 => (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / self.parallel.max(1)).max(1) as i64,
-            t => t,
-        }
+    /// CPU threads a local trial gets when `threads` is 0: this machine's
+    /// share per trial. Not in the trial's params (its key): under Slurm the
+    /// job's allocation decides instead.
+    fn trial_cpus(&self) -> Option<usize> {
+        (self.threads == 0).then(|| (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / self.parallel.max(1)).max(1))
     }
 }
 
 impl Stage for Tune {
     fn info(&self) -> &'static StageInfo {
         &INFO
+    }
+
+    /// Its trials' threads: `parallel` trials at once, each with `threads`.
+    fn threads(&self, params: &Params) -> usize {
+        params.typed::<TuneParams>().map_or(0, |p| if p.threads > 0 { p.threads as usize * p.parallel.max(1) } else { 0 })
     }
 
     fn check(&self, params: &Params) -> Result<()> {
@@ -205,7 +209,8 @@ impl Study<'_> {
                 }
                 if self.ctx.show_progress {
                     eprintln!(
-                        "tune {strategy} trial {}: {} {:.4}{}{}  {}",
+                        "{} {strategy} trial {}: {} {:.4}{}{}  {}",
+                        self.ctx.instance,
                         done.len(),
                         p.objective,
                         p.objective.reported(t.best),
@@ -247,7 +252,7 @@ impl Study<'_> {
         tp.0.insert("epochs".into(), p.trial_epochs.into());
         tp.0.insert("max_train_slices".into(), p.trial_max_slices.into());
         tp.0.insert("seed".into(), p.seed.into());
-        tp.0.insert("threads".into(), p.trial_threads().into());
+        tp.0.insert("threads".into(), p.threads.into());
         tp.0.insert("device".into(), "auto".into());
         tp.0.insert("save_model".into(), false.into());
         tp.0.insert("prune_metric".into(), json!(p.objective));
@@ -295,6 +300,7 @@ impl Study<'_> {
                 project_root: ctx.project_root.to_path_buf(),
                 store_root: ctx.store.root.clone(),
                 show_progress: false,
+                cpus: self.p.trial_cpus(),
             });
         }
         let started = liverseg_engine::store::now_unix();

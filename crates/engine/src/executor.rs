@@ -8,12 +8,17 @@
 use super::worker::{WorkerOutput, WorkerRequest};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub trait Executor: Send + Sync {
     /// Whether requests run elsewhere (a cluster), not as children of the engine.
     fn is_remote(&self) -> bool {
         false
     }
+
+    /// Stages may run side by side from now on: label what their requests
+    /// print so each line says whose it is.
+    fn label_output(&self, _on: bool) {}
 
     /// Run one request to completion and return what it wrote.
     fn run(&self, req: &WorkerRequest) -> Result<WorkerOutput>;
@@ -34,18 +39,49 @@ pub trait Executor: Send + Sync {
 }
 
 /// Worker processes on this machine, children of the engine.
-pub struct Local;
+#[derive(Default)]
+pub struct Local {
+    /// Prefix each line a worker prints with its label (stages run side by side).
+    labelled: AtomicBool,
+}
+
+impl Local {
+    pub const fn new() -> Self {
+        Local { labelled: AtomicBool::new(false) }
+    }
+}
 
 impl Executor for Local {
+    fn label_output(&self, on: bool) {
+        self.labelled.store(on, Ordering::Relaxed);
+    }
+
     fn run(&self, req: &WorkerRequest) -> Result<WorkerOutput> {
         let req_path = req.write()?;
-        let status = worker_command()?.arg("stage").arg(&req_path).status().context("cannot start the liverseg-torch worker")?;
+        let mut cmd = worker_command()?;
+        cmd.arg("stage").arg(&req_path);
+        if let Some(n) = req.cpus {
+            cmd.env(super::worker::CPUS_ENV, n.to_string());
+        }
+        let status = if self.labelled.load(Ordering::Relaxed) { run_labelled(cmd, &req.label) } else { cmd.status() };
+        let status = status.context("cannot start the liverseg-torch worker")?;
         std::fs::remove_file(&req_path).ok();
         if !status.success() {
             bail!("worker for stage `{}` failed ({status})", req.stage);
         }
         req.take_output()
     }
+}
+
+/// Run `cmd` with each line of its stderr printed as `[label] line`.
+fn run_labelled(mut cmd: std::process::Command, label: &str) -> std::io::Result<std::process::ExitStatus> {
+    use std::io::BufRead;
+    let mut child = cmd.stderr(std::process::Stdio::piped()).spawn()?;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    for line in std::io::BufReader::new(stderr).split(b'\n').map_while(std::result::Result::ok) {
+        eprintln!("[{label}] {}", String::from_utf8_lossy(&line).trim_end_matches('\r'));
+    }
+    child.wait()
 }
 
 /// The worker binary next to the running one.

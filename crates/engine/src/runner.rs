@@ -15,7 +15,7 @@ const RAW_BYTES_BUDGET: u64 = 256 << 20;
 
 /// Where a run may fetch a missing artifact instead of computing it
 /// (`run --pull` with a remote cache).
-pub trait RemoteCache {
+pub trait RemoteCache: Send + Sync {
     /// Fetch stage@key into `store` if the remote has it; true when it did.
     fn fetch(&self, store: &Store, stage: &str, key: &str, lock: &super::store::StoreLock) -> Result<bool>;
 }
@@ -34,6 +34,9 @@ pub struct Engine<'r> {
     raw_bytes: super::hash::RawBytes,
     /// `run --pull`: missing artifacts come from here when it has them.
     pub remote: Option<Box<dyn RemoteCache>>,
+    /// Stages run at once (`run -j N`); None: as many as the machine's cores
+    /// allow for the stages' declared threads (unbounded on a cluster).
+    pub jobs: Option<usize>,
 }
 
 /// A stage's key for the current pipeline, and the raw files it covers.
@@ -64,6 +67,56 @@ pub struct RunReport {
     pub pulled: Vec<String>,
 }
 
+/// How `run` brought a stage up to date.
+enum Outcome {
+    Reused,
+    Pulled,
+    Ran,
+}
+
+enum Limit {
+    Stages(usize),
+    Cores(usize),
+}
+
+/// Stages running and the cores they claim.
+struct Slots {
+    limit: Limit,
+    /// Cores each stage claims: its declared threads, at most every core.
+    cost: BTreeMap<String, usize>,
+    running: usize,
+    cores_in_use: usize,
+}
+
+impl Slots {
+    /// Whether `stage` may start now. Alone it always may.
+    fn fits(&self, stage: &str) -> bool {
+        match self.limit {
+            Limit::Stages(n) => self.running < n,
+            Limit::Cores(cores) => self.running == 0 || self.cores_in_use + self.cost[stage] <= cores,
+        }
+    }
+    fn take(&mut self, stage: &str) {
+        self.running += 1;
+        self.cores_in_use += self.cost[stage];
+    }
+    fn give_back(&mut self, stage: &str) {
+        self.running -= 1;
+        self.cores_in_use -= self.cost[stage];
+    }
+    /// Whether two stages may ever run at once.
+    fn concurrent(&self) -> bool {
+        match self.limit {
+            Limit::Stages(n) => n > 1,
+            Limit::Cores(cores) => {
+                let mut costs: Vec<usize> = self.cost.values().copied().collect();
+                costs.sort_unstable();
+                costs.len() > 1 && costs[0] + costs[1] <= cores
+            }
+        }
+    }
+}
+
 /// An artifact as a run finds it.
 pub enum Found {
     Fresh(Artifact),
@@ -76,13 +129,13 @@ impl<'r> Engine<'r> {
     pub fn new(pipeline: Pipeline, registry: &'r [Box<dyn Stage>]) -> Self {
         let store = Store::new(pipeline.root.join("artifacts"));
         let verify_on_use = pipeline.verify_on_use;
-        Engine { pipeline, registry, store, show_progress: true, executor: Box::new(Local), verify_on_use, raw_bytes: super::hash::RawBytes::new(RAW_BYTES_BUDGET), remote: None }
+        Engine { pipeline, registry, store, show_progress: true, executor: Box::new(Local::new()), verify_on_use, raw_bytes: super::hash::RawBytes::new(RAW_BYTES_BUDGET), remote: None, jobs: None }
     }
 
     /// Run worker requests where `kind` says (the pipeline's `executor:` unless overridden).
     pub fn use_executor(&mut self, kind: ExecutorKind) -> Result<()> {
         self.executor = match kind {
-            ExecutorKind::Local => Box::new(Local),
+            ExecutorKind::Local => Box::new(Local::new()),
             ExecutorKind::Slurm => Box::new(super::slurm::Slurm::new(self.pipeline.slurm.clone(), &self.store.root)?),
         };
         Ok(())
@@ -151,33 +204,116 @@ impl<'r> Engine<'r> {
             return Ok(report);
         }
         let lock = self.store.lock()?;
+        let outcomes = self.run_scheduled(&stages, &planned, &lock)?;
+        // In pipeline order, whatever order they finished in.
         for s in &stages {
-            let p = &planned[&s.name];
-            // Another process may have built it while we waited for the lock.
-            match self.find(&s.name, &p.key)? {
-                Found::Fresh(_) => {
-                    self.say(&format!("reused  {:<10} {}", s.name, p.key));
-                    report.reused.push(s.name.clone());
-                    continue;
-                }
-                Found::Damaged(a, problems) => {
-                    self.set_aside_damaged(&a, &problems, &lock)?;
-                    report.rebuilt_damaged.push(s.name.clone());
-                }
-                Found::Missing => {}
+            let (outcome, rebuilt) = &outcomes[&s.name];
+            if *rebuilt {
+                report.rebuilt_damaged.push(s.name.clone());
             }
-            if let Some(remote) = &self.remote {
-                if remote.fetch(&self.store, &s.name, &p.key, &lock).with_context(|| format!("cannot pull {}@{}", s.name, p.key))? {
-                    self.say(&format!("pulled  {:<10} {}", s.name, p.key));
-                    report.pulled.push(s.name.clone());
-                    continue;
-                }
+            match outcome {
+                Outcome::Reused => report.reused.push(s.name.clone()),
+                Outcome::Pulled => report.pulled.push(s.name.clone()),
+                Outcome::Ran => report.ran.push(s.name.clone()),
             }
-            let secs = self.execute(s, p, &lock)?;
-            self.say(&format!("ran     {:<10} {}  ({secs:.1} s)", s.name, p.key));
-            report.ran.push(s.name.clone());
         }
         Ok(report)
+    }
+
+    /// Run each stage once its upstreams are done, as many at once as
+    /// `slots` allows; the lock, commit and lineage are as for one at a time.
+    /// After a failure nothing new starts; running stages finish (and commit).
+    fn run_scheduled(&self, stages: &[&ResolvedStage], planned: &BTreeMap<String, Planned>, lock: &super::store::StoreLock) -> Result<BTreeMap<String, (Outcome, bool)>> {
+        let mut slots = self.slots(stages)?;
+        self.executor.label_output(slots.concurrent());
+        let mut waiting: Vec<&ResolvedStage> = stages.to_vec();
+        let mut outcomes: BTreeMap<String, (Outcome, bool)> = BTreeMap::new();
+        let mut failures: Vec<anyhow::Error> = Vec::new();
+        std::thread::scope(|scope| {
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let mut running = 0;
+            loop {
+                while failures.is_empty() {
+                    let ready = waiting.iter().position(|s| s.deps.iter().all(|d| outcomes.contains_key(d)) && slots.fits(&s.name));
+                    let Some(i) = ready else { break };
+                    let s = waiting.remove(i);
+                    slots.take(&s.name);
+                    running += 1;
+                    let done_tx = done_tx.clone();
+                    scope.spawn(move || {
+                        let result = self.bring_up(s, &planned[&s.name], lock);
+                        let _ = done_tx.send((s, result));
+                    });
+                }
+                if running == 0 {
+                    break;
+                }
+                let (s, result) = done_rx.recv().expect("a running stage always reports");
+                running -= 1;
+                slots.give_back(&s.name);
+                match result {
+                    Ok(o) => {
+                        outcomes.insert(s.name.clone(), o);
+                    }
+                    Err(e) => failures.push(e),
+                }
+            }
+        });
+        let mut failures = failures.into_iter();
+        match failures.next() {
+            None => Ok(outcomes),
+            Some(first) => {
+                for other in failures {
+                    eprintln!("error (also): {other:#}");
+                }
+                Err(first)
+            }
+        }
+    }
+
+    /// What may run at once: `jobs` stages, or by default the stages'
+    /// declared threads within this machine's cores (any number when worker
+    /// stages go to a cluster).
+    fn slots(&self, stages: &[&ResolvedStage]) -> Result<Slots> {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let mut cost = BTreeMap::new();
+        for s in stages {
+            let threads = self.stage_impl(&s.uses)?.threads(&s.params);
+            cost.insert(s.name.clone(), if threads == 0 { cores } else { threads.min(cores) });
+        }
+        let limit = match self.jobs {
+            Some(n) => Limit::Stages(n.max(1)),
+            None if self.executor.is_remote() => Limit::Stages(usize::MAX),
+            None => Limit::Cores(cores),
+        };
+        Ok(Slots { limit, cost, running: 0, cores_in_use: 0 })
+    }
+
+    /// Bring one stage up to date under the lock: reuse it, set a damaged
+    /// artifact aside (the bool) and rebuild it, pull it, or run it.
+    fn bring_up(&self, s: &ResolvedStage, p: &Planned, lock: &super::store::StoreLock) -> Result<(Outcome, bool)> {
+        let mut rebuilt = false;
+        // Another process may have built it while we waited for the lock.
+        match self.find(&s.name, &p.key)? {
+            Found::Fresh(_) => {
+                self.say(&format!("reused  {:<10} {}", s.name, p.key));
+                return Ok((Outcome::Reused, false));
+            }
+            Found::Damaged(a, problems) => {
+                self.set_aside_damaged(&a, &problems, lock)?;
+                rebuilt = true;
+            }
+            Found::Missing => {}
+        }
+        if let Some(remote) = &self.remote {
+            if remote.fetch(&self.store, &s.name, &p.key, lock).with_context(|| format!("cannot pull {}@{}", s.name, p.key))? {
+                self.say(&format!("pulled  {:<10} {}", s.name, p.key));
+                return Ok((Outcome::Pulled, rebuilt));
+            }
+        }
+        let secs = self.execute(s, p, lock)?;
+        self.say(&format!("ran     {:<10} {}  ({secs:.1} s)", s.name, p.key));
+        Ok((Outcome::Ran, rebuilt))
     }
 
     fn set_aside_damaged(&self, a: &Artifact, problems: &[super::store::Problem], lock: &super::store::StoreLock) -> Result<()> {
@@ -338,4 +474,39 @@ fn check_outputs(info: &StageInfo, build: &std::path::Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(limit: Limit, costs: &[(&str, usize)]) -> Slots {
+        Slots { limit, cost: costs.iter().map(|(n, c)| (n.to_string(), *c)).collect(), running: 0, cores_in_use: 0 }
+    }
+
+    #[test]
+    fn stages_share_the_cores_by_their_declared_threads() {
+        let mut s = slots(Limit::Cores(2), &[("a", 1), ("b", 1), ("all", 2)]);
+        assert!(s.concurrent());
+        s.take("a");
+        assert!(s.fits("b") && !s.fits("all"), "one core left: a 1-thread stage fits, an every-core one waits");
+        s.take("b");
+        assert!(!s.fits("a"));
+        s.give_back("a");
+        s.give_back("b");
+        assert!(s.fits("all"), "alone, any stage may start");
+        s.take("all");
+        assert!(!s.fits("a"));
+        assert!(!slots(Limit::Cores(2), &[("x", 2), ("y", 1)]).concurrent(), "no two fit side by side: worker output stays unlabelled");
+    }
+
+    #[test]
+    fn jobs_count_stages_whatever_their_threads() {
+        let mut s = slots(Limit::Stages(2), &[("a", 2), ("b", 2), ("c", 2)]);
+        s.take("a");
+        assert!(s.fits("b"));
+        s.take("b");
+        assert!(!s.fits("c"));
+        assert!(!slots(Limit::Stages(1), &[("a", 1), ("b", 1)]).concurrent());
+    }
 }

@@ -165,13 +165,16 @@ pub struct Slurm {
     /// `artifacts/.slurm`.
     root: PathBuf,
     reaper: Mutex<Option<Reaper>>,
+    /// Every job this run waits on, by id, with its last state: stages
+    /// waiting side by side share one `status.json`.
+    states: Mutex<BTreeMap<String, serde_json::Value>>,
 }
 
 impl Slurm {
     pub fn new(config: SlurmConfig, store_root: &Path) -> Result<Self> {
         // The project's own paths must mean the same on every node.
         let root = std::path::absolute(store_root.join(".slurm")).context("cannot resolve the store's path")?;
-        Ok(Slurm { config, root, reaper: Mutex::new(None) })
+        Ok(Slurm { config, root, reaper: Mutex::new(None), states: Mutex::new(BTreeMap::new()) })
     }
 
     fn job_dir(&self, req: &WorkerRequest) -> JobDir {
@@ -327,7 +330,13 @@ enum State {
 fn queue(ids: &[&str]) -> Result<BTreeMap<String, (String, String)>> {
     let jobs: Vec<&str> = ids.iter().map(|id| id.split('_').next().unwrap_or(id)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     let out = Command::new("squeue").args(["-h", "-r", "-o", "%i %T %r", "-j", &jobs.join(",")]).output().context("cannot run squeue")?;
-    // squeue names a job it no longer knows an error; that is an empty queue for us.
+    // squeue calls a job it no longer knows an error; that is an empty queue
+    // for us. Any other failure (a controller that does not answer) says
+    // nothing about the jobs.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && !stderr.contains("Invalid job id") {
+        bail!("squeue failed ({}): {}", out.status, stderr.trim());
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     Ok(text
         .lines()
@@ -337,6 +346,9 @@ fn queue(ids: &[&str]) -> Result<BTreeMap<String, (String, String)>> {
         })
         .collect())
 }
+
+/// How long squeue may fail in a row before the run gives up waiting.
+const SQUEUE_PATIENCE: Duration = Duration::from_secs(1800);
 
 /// Reasons a pending job waits for something that will never come: the
 /// request exceeds what the partition has, or names what does not exist.
@@ -373,21 +385,19 @@ pub fn jobs_of_running_run(store: &super::store::Store) -> Vec<(String, String, 
 }
 
 /// Where this run's jobs stand, for `liverseg status` (`.slurm/status.json`).
-fn write_status(root: &Path, jobs: &[(String, JobDir, JobRecord)], states: &[State]) {
-    let rows: Vec<serde_json::Value> = jobs
-        .iter()
-        .zip(states)
-        .map(|((label, _, rec), st)| {
-            let state = match st {
-                State::Pending => "PENDING".to_owned(),
-                State::Running => "RUNNING".to_owned(),
-                State::Exited(0) => "COMPLETED".to_owned(),
-                State::Exited(rc) => format!("FAILED (exit {rc})"),
-                State::Ended(s) => s.clone(),
-            };
-            serde_json::json!({"stage": label, "job": rec.id, "state": state})
-        })
-        .collect();
+fn write_status(root: &Path, all: &Mutex<BTreeMap<String, serde_json::Value>>, jobs: &[(String, JobDir, JobRecord)], states: &[State]) {
+    let mut all = all.lock().unwrap_or_else(|e| e.into_inner());
+    for ((label, _, rec), st) in jobs.iter().zip(states) {
+        let state = match st {
+            State::Pending => "PENDING".to_owned(),
+            State::Running => "RUNNING".to_owned(),
+            State::Exited(0) => "COMPLETED".to_owned(),
+            State::Exited(rc) => format!("FAILED (exit {rc})"),
+            State::Ended(s) => s.clone(),
+        };
+        all.insert(rec.id.clone(), serde_json::json!({"stage": label, "job": rec.id, "state": state}));
+    }
+    let rows: Vec<&serde_json::Value> = all.values().collect();
     let tmp = root.join("status.json.tmp");
     if std::fs::write(&tmp, serde_json::to_vec_pretty(&rows).unwrap_or_default()).is_ok() {
         std::fs::rename(&tmp, root.join("status.json")).ok();
@@ -412,17 +422,19 @@ impl Slurm {
         let bar = super::progress::bar(jobs.len() as u64, "slurm jobs", true);
         let mut poll = self.config.poll_seconds;
         let mut missing_since: BTreeMap<usize, Instant> = BTreeMap::new();
+        let mut squeue_failing: Option<Instant> = None;
         loop {
             let open: Vec<usize> = (0..jobs.len()).filter(|&i| matches!(states[i], State::Pending | State::Running)).collect();
             let before = states.clone();
             let ids: Vec<&str> = open.iter().map(|&i| jobs[i].2.id.as_str()).collect();
-            let queued = if ids.is_empty() { BTreeMap::new() } else { queue(&ids)? };
+            let queued = if ids.is_empty() { Some(BTreeMap::new()) } else { self.ask_queue(&ids, &mut squeue_failing)? };
             for &i in &open {
                 let (_, dir, rec) = &jobs[i];
                 if let Some(rc) = exit_code(dir) {
                     states[i] = State::Exited(rc);
                     continue;
                 }
+                let Some(queued) = &queued else { continue };
                 match queued.get(&rec.id).map(|(s, r)| (s.as_str(), r.as_str())) {
                     Some(("PENDING", reason)) if HOPELESS.contains(&reason) => {
                         let _ = Command::new("scancel").arg(&rec.id).status();
@@ -444,27 +456,61 @@ impl Slurm {
             let running = states.iter().filter(|s| **s == State::Running).count();
             bar.set_position(done as u64);
             bar.set_message(format!("{} pending, {running} running, {done} done", jobs.len() - done - running));
-            write_status(&self.root, jobs, &states);
+            write_status(&self.root, &self.states, jobs, &states);
             if done == jobs.len() {
                 break;
             }
             poll = if states == before { (poll * 1.5).min(15.0) } else { self.config.poll_seconds };
+            if squeue_failing.is_some() {
+                poll = poll.max(2.0);
+            }
             std::thread::sleep(Duration::from_secs_f64(if missing_since.is_empty() { poll } else { poll.min(2.0) }));
         }
         bar.finish_and_clear();
         Ok(states)
     }
 
-    /// A job left by an earlier run for the same request: finished (adopt
-    /// it), still queued (wait for it), or neither (None: submit anew).
-    fn earlier_job(&self, req: &WorkerRequest) -> Option<(JobDir, JobRecord, bool)> {
-        let dir = self.job_dir(req);
-        let record: JobRecord = serde_json::from_slice(&std::fs::read(dir.job()).ok()?).ok()?;
-        if exit_code(&dir) == Some(0) && dir.out().is_dir() {
-            return Some((dir, record, true));
+    /// The queue, or None while squeue fails (a stalled controller): retried
+    /// at the next poll, never read as the jobs' end, and an error only after
+    /// `SQUEUE_PATIENCE` of failures in a row. The jobs stay queued then; a
+    /// rerun adopts them.
+    fn ask_queue(&self, ids: &[&str], failing: &mut Option<Instant>) -> Result<Option<BTreeMap<String, (String, String)>>> {
+        match queue(ids) {
+            Ok(q) => {
+                if failing.take().is_some() {
+                    eprintln!("squeue answers again");
+                }
+                Ok(Some(q))
+            }
+            Err(e) => {
+                let since = *failing.get_or_insert_with(|| {
+                    eprintln!("warning: {e:#}; retrying (the jobs are not taken as ended)");
+                    Instant::now()
+                });
+                if since.elapsed() > SQUEUE_PATIENCE {
+                    bail!("squeue has failed for {} s ({e:#}); Slurm job(s) {} may still run: a rerun adopts them", since.elapsed().as_secs(), ids.join(", "));
+                }
+                Ok(None)
+            }
         }
-        let queued = queue(&[record.id.as_str()]).ok()?;
-        queued.contains_key(&record.id).then_some((dir, record, false))
+    }
+
+    /// Jobs left by an earlier run for these requests: finished (adopt it),
+    /// still queued (wait for it), or neither (None: submit anew). One
+    /// squeue call for all of them, however many.
+    fn earlier_jobs(&self, reqs: &[WorkerRequest]) -> Vec<Option<(JobDir, JobRecord, bool)>> {
+        let recorded: Vec<Option<(JobDir, JobRecord, bool)>> = reqs
+            .iter()
+            .map(|req| {
+                let dir = self.job_dir(req);
+                let record: JobRecord = serde_json::from_slice(&std::fs::read(dir.job()).ok()?).ok()?;
+                let finished = exit_code(&dir) == Some(0) && dir.out().is_dir();
+                Some((dir, record, finished))
+            })
+            .collect();
+        let open: Vec<&str> = recorded.iter().flatten().filter(|(_, _, finished)| !finished).map(|(_, r, _)| r.id.as_str()).collect();
+        let queued = if open.is_empty() { BTreeMap::new() } else { queue(&open).unwrap_or_default() };
+        recorded.into_iter().map(|r| r.filter(|(_, rec, finished)| *finished || queued.contains_key(&rec.id))).collect()
     }
 }
 
@@ -492,11 +538,15 @@ impl Slurm {
     fn run_all(&self, reqs: &[WorkerRequest], parallel: usize) -> Result<Vec<Result<WorkerOutput>>> {
         let mut jobs: Vec<Option<(String, JobDir, JobRecord)>> = Vec::new();
         let mut fresh: Vec<(usize, WorkerRequest, JobDir)> = Vec::new();
-        for (i, req) in reqs.iter().enumerate() {
-            match self.earlier_job(req) {
+        for (i, (req, earlier)) in reqs.iter().zip(self.earlier_jobs(reqs)).enumerate() {
+            match earlier {
                 Some((dir, record, finished)) => {
                     let how = if finished { "finished while liverseg was away; adopting it" } else { "still queued; waiting for it" };
                     eprintln!("{}: Slurm job {} of an earlier run {how}", req.label, record.id);
+                    if !finished {
+                        // Ours now: cancelled if this run dies, as its own jobs are.
+                        self.reaper()?.as_mut().context("no job reaper")?.watch(&record.id)?;
+                    }
                     jobs.push(Some((req.label.clone(), dir, record)));
                 }
                 None => {

@@ -75,6 +75,12 @@ pub trait Stage: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// CPU threads the stage keeps busy where it runs (0: every core), so
+    /// the scheduler can run stages side by side within the machine's cores.
+    fn threads(&self, _params: &Params) -> usize {
+        0
+    }
+
     fn run(&self, ctx: &StageContext) -> Result<Summary>;
 }
 

@@ -34,6 +34,29 @@ pub struct WorkerRequest {
     pub show_progress: bool,
     /// Where the worker writes the stage's summary metrics (JSON).
     pub summary_path: PathBuf,
+    /// CPU threads for a stage that declares none (`threads: 0`) when it
+    /// shares this machine with siblings (parallel trials). A Slurm job's
+    /// allocation wins over it; never part of a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<usize>,
+}
+
+/// Set by the local executor from `WorkerRequest::cpus`.
+pub const CPUS_ENV: &str = "LIVERSEG_CPUS";
+
+/// CPU threads for a worker whose stage declares none: the Slurm job's
+/// allocation (`SLURM_CPUS_PER_TASK`, else the CPUs the job may run on),
+/// else the share the engine gave (`LIVERSEG_CPUS`); None: libtorch's default.
+/// Never the engine host's core count, which says nothing about a job's node.
+pub fn allocated_threads() -> Option<usize> {
+    let from_env = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| n > 0);
+    if let Some(n) = from_env("SLURM_CPUS_PER_TASK") {
+        return Some(n);
+    }
+    if std::env::var_os("SLURM_JOB_ID").is_some() {
+        return std::thread::available_parallelism().ok().map(|n| n.get());
+    }
+    from_env(CPUS_ENV)
 }
 
 impl WorkerRequest {
@@ -53,6 +76,7 @@ impl WorkerRequest {
             store_root: ctx.store.root.clone(),
             show_progress: ctx.show_progress,
             summary_path: beside(ctx.out_dir, "summary.json"),
+            cpus: None,
         }
     }
 
@@ -127,7 +151,7 @@ impl WorkerJob {
     }
 
     pub fn context<'a>(&'a self, stage: &'static StageInfo) -> StageContext<'a> {
-        static LOCAL: Local = Local;
+        static LOCAL: Local = Local::new();
         StageContext {
             stage,
             instance: if self.req.label.is_empty() { stage.name } else { &self.req.label },

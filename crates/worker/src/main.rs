@@ -125,6 +125,10 @@ fn predict_options(args: &[OsString]) -> Result<predict::Options> {
 /// Run one stage request: the stage named in it, from the registry.
 fn stage(request: &OsString) -> Result<()> {
     let job = WorkerJob::load(&PathBuf::from(request))?;
+    // A stage's declared `threads` overrides this where it has one.
+    if let Some(n) = liverseg_engine::worker::allocated_threads() {
+        tch::set_num_threads(n as i32);
+    }
     let registry = liverseg_stages::registry();
     let stage = registry.iter().find(|s| s.info().name == job.req.stage).with_context(|| format!("the worker has no stage `{}`", job.req.stage))?;
     let ctx = job.context(stage.info());

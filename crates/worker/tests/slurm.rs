@@ -129,6 +129,8 @@ fn slurm_executor_on_a_real_cluster() {
     hostile_project_paths_are_quoted();
     cancelled_trial_is_named_and_rerun_alone();
     killed_engine_cancels_its_jobs_and_finished_jobs_are_adopted();
+    threads_come_from_the_allocation();
+    a_stalled_controller_is_waited_out();
 }
 
 fn same_keys_and_bytes_as_local() {
@@ -205,17 +207,76 @@ fn killed_engine_cancels_its_jobs_and_finished_jobs_are_adopted() {
     child.kill().unwrap();
     child.wait().unwrap();
     wait_for("the killed engine's job to be cancelled", 15, || queue().is_empty());
-    // The engine and its reaper gone at once (a crashed host): the job runs
-    // on, and the next run adopts its result instead of training again.
-    let mut child = spawn(&dir, &["run", "train", "--executor", "slurm"]);
+    // A rerun that adopts a running job of a crashed engine watches it as its
+    // own: killed in turn, it cancels that job too.
+    orphan_a_running_job(&dir);
+    let reaper_file = dir.join("artifacts/.slurm/reaper.pid");
+    let crashed_reaper = std::fs::read_to_string(&reaper_file).unwrap();
+    let mut adopter = spawn(&dir, &["run", "train", "--executor", "slurm"]);
+    wait_for("the rerun to adopt the job", 60, || std::fs::read_to_string(&reaper_file).is_ok_and(|p| p != crashed_reaper));
+    std::thread::sleep(Duration::from_secs(1));
+    adopter.kill().unwrap();
+    adopter.wait().unwrap();
+    wait_for("the adopted job to be cancelled with its adopter", 15, || queue().is_empty());
+    // A job that finished while no engine watched is adopted, not rerun.
+    orphan_a_running_job(&dir);
+    wait_for("the orphaned job to finish", 600, || queue().is_empty());
+    let log = ok(&dir, &["run", "train", "--executor", "slurm"]);
+    assert!(log.contains("finished while liverseg was away; adopting it") && !log.contains("submitted"), "{log}");
+    assert_eq!(std::fs::read_dir(dir.join("artifacts/train")).unwrap().flatten().count(), 1);
+}
+
+/// The engine and its reaper gone at once (a crashed host) while train's
+/// job runs: the job runs on.
+fn orphan_a_running_job(dir: &Path) {
+    let mut child = spawn(dir, &["run", "train", "--executor", "slurm"]);
     wait_for("train to run again", 120, || queue().iter().any(|(_, s)| s == "RUNNING"));
     let reaper: i32 = std::fs::read_to_string(dir.join("artifacts/.slurm/reaper.pid")).unwrap().trim().parse().unwrap();
     unsafe { libc::kill(reaper, libc::SIGKILL) };
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(!queue().is_empty(), "the job outlives a crashed engine");
-    wait_for("the orphaned job to finish", 600, || queue().is_empty());
-    let log = ok(&dir, &["run", "train", "--executor", "slurm"]);
-    assert!(log.contains("finished while liverseg was away; adopting it") && !log.contains("submitted"), "{log}");
+}
+
+/// A trial that declares no threads runs with its job's allocation
+/// (`trial: {cpus: 1}`), not the engine host's cores, and its key keeps 0.
+fn threads_come_from_the_allocation() {
+    let dir = project("slurm_threads", &pipeline(1, 1).replace("parallel: 2", "parallel: 1"));
+    ok(&dir, &["run", "tune", "-q", "--executor", "slurm"]);
+    let trials: Vec<PathBuf> = std::fs::read_dir(dir.join("artifacts/tune+trial")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(trials.len(), 2);
+    for t in trials {
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(t.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!((&m["params"]["threads"], m["metrics"]["cpu_threads"].as_u64()), (&serde_json::json!(0), Some(1)), "{}", t.display());
+    }
+}
+
+/// Resumes slurmctld however the test ends.
+struct Stopped(i32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// slurmctld stopped for 45 s while a job runs: squeue fails meanwhile,
+/// which is retried and never read as the job's end; the run finishes.
+fn a_stalled_controller_is_waited_out() {
+    let dir = project("slurm_stall", &pipeline(1, 8));
+    ok(&dir, &["run", "tune", "-q", "--executor", "slurm"]);
+    let child = spawn(&dir, &["run", "train", "--executor", "slurm"]);
+    wait_for("train to run", 120, || queue().iter().any(|(_, s)| s == "RUNNING"));
+    let state = PathBuf::from(std::env::var("LIVERSEG_SLURM_STATE").unwrap());
+    let ctld: i32 = std::fs::read_to_string(state.join("slurmctld.pid")).unwrap().trim().parse().unwrap();
+    {
+        let _stopped = Stopped(ctld);
+        unsafe { libc::kill(ctld, libc::SIGSTOP) };
+        std::thread::sleep(Duration::from_secs(45));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("squeue failed") && stderr.contains("retrying"), "squeue never failed during the stall:\n{stderr}");
     assert_eq!(std::fs::read_dir(dir.join("artifacts/train")).unwrap().flatten().count(), 1);
 }

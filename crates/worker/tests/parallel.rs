@@ -1,0 +1,141 @@
+//! The scheduler runs independent stages side by side: with `-j 4`,
+//! tune.train and tune.baseline, then train and baseline, overlap in time
+//! (by their manifests), and the store holds the same bytes as a `-j 1` run,
+//! timing aside, with 1 and with 2 threads per stage.
+
+use liverseg_engine::tables::{parquet_metadata, read_parquet};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn liverseg() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_liverseg-torch")).with_file_name("liverseg")
+}
+
+const PIPELINE: &str = r#"
+data: {source: synthetic, synthetic_cases: 8, synthetic_size: 64, synthetic_slices: 6}
+stages:
+  ingest: {}
+  normalise: {deps: [ingest], params: {size: 64}}
+  split: {deps: [normalise]}
+  augment: {deps: [normalise, split], params: {copies: 1}}
+  tune:
+    deps: [normalise, split, augment]
+    foreach: {train: {arch: deeplabv3plus}, baseline: {arch: resnet}}
+    params: {strategies: [random], budget: 2, trial_epochs: 1, trial_max_slices: 8, trial_encoder: resnet18, threads: THREADS}
+  train: {deps: [normalise, split, augment, tune.train], params: {encoder: resnet18, epochs: 1, batch_size: 8, threads: THREADS, seed: 3}}
+  baseline:
+    deps: [normalise, split, augment, tune.baseline]
+    params: {arch: resnet, encoder: resnet18, epochs: 1, batch_size: 8, threads: THREADS, seed: 3}
+  evaluate: {deps: [ingest, normalise, split, train, baseline], params: {split: val, bootstrap: 100}}
+"#;
+
+/// A fresh project run with `-j jobs`.
+fn run_with(name: &str, threads: usize, jobs: usize) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("pipeline.yaml"), PIPELINE.replace("THREADS", &threads.to_string())).unwrap();
+    let out = Command::new(liverseg()).args(["run", "-j", &jobs.to_string()]).current_dir(&dir).output().unwrap();
+    assert!(out.status.success(), "run -j {jobs}: {}", String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
+/// A name for run time, not for what was computed.
+fn is_timing(name: &str) -> bool {
+    name.contains("seconds") || name.ends_with("_per_s") || ["started_unix", "finished_unix", "started_utc", "duration_s"].contains(&name)
+}
+
+/// JSON without timing keys (and without output hashes, which cover timing columns).
+fn without_timing(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.retain(|k, _| !is_timing(k));
+            if let Some(serde_json::Value::Object(outputs)) = m.get_mut("outputs") {
+                outputs.values_mut().for_each(|o| *o = serde_json::Value::Null);
+            }
+            m.values_mut().for_each(without_timing);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(without_timing),
+        _ => {}
+    }
+}
+
+/// Every artifact file of a store, as comparable text: tables without
+/// timing columns, JSON without timing keys, anything else by its hash.
+fn store_contents(dir: &Path) -> BTreeMap<String, String> {
+    let root = dir.join("artifacts");
+    let files = walkdir::WalkDir::new(&root).into_iter().flatten().filter(|e| e.file_type().is_file());
+    files
+        .filter_map(|e| {
+            let rel = e.path().strip_prefix(&root).unwrap().to_string_lossy().into_owned();
+            if rel.split('/').any(|c| c.starts_with('.')) {
+                return None;
+            }
+            let text = match e.path().extension().and_then(|x| x.to_str()) {
+                Some("parquet") => {
+                    let df = read_parquet(e.path()).unwrap();
+                    let timing: Vec<String> = df.get_column_names().iter().map(|c| c.to_string()).filter(|c| is_timing(c)).collect();
+                    format!("{:?}\n{:?}", df.drop_many(timing), parquet_metadata(e.path()).unwrap())
+                }
+                Some("json") => {
+                    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+                    without_timing(&mut v);
+                    v.to_string()
+                }
+                _ => blake3::hash(&std::fs::read(e.path()).unwrap()).to_hex().to_string(),
+            };
+            Some((rel, text))
+        })
+        .collect()
+}
+
+/// (started, finished) of the one artifact of `stage`.
+fn span(dir: &Path, stage: &str) -> (f64, f64) {
+    let key = std::fs::read_dir(dir.join("artifacts").join(stage)).unwrap().flatten().next().unwrap().path();
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(key.join("manifest.json")).unwrap()).unwrap();
+    (m["started_unix"].as_f64().unwrap(), m["finished_unix"].as_f64().unwrap())
+}
+
+fn overlap(dir: &Path, a: &str, b: &str) -> bool {
+    let ((s1, e1), (s2, e2)) = (span(dir, a), span(dir, b));
+    s1 < e2 && s2 < e1
+}
+
+#[test]
+fn independent_stages_overlap_and_give_the_same_bytes() {
+    for threads in [1, 2] {
+        let one = run_with(&format!("parallel_t{threads}_j1"), threads, 1);
+        let four = run_with(&format!("parallel_t{threads}_j4"), threads, 4);
+        for (a, b) in [("tune.train", "tune.baseline"), ("train", "baseline")] {
+            assert!(!overlap(&one, a, b), "threads {threads}: {a} and {b} overlapped under -j 1");
+            assert!(overlap(&four, a, b), "threads {threads}: {a} and {b} did not overlap under -j 4: {:?} {:?}", span(&four, a), span(&four, b));
+        }
+        let (x, y) = (store_contents(&one), store_contents(&four));
+        assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>(), "threads {threads}: the same artifacts");
+        let differ: Vec<&String> = x.keys().filter(|k| x[*k] != y[*k]).collect();
+        assert!(differ.is_empty(), "threads {threads}: -j 1 and -j 4 differ in {differ:?}");
+        assert!(x.keys().any(|k| k.ends_with("model.safetensors")), "models are compared");
+    }
+}
+
+/// `threads: 0` is resolved where a trial runs, never written into its key:
+/// two trials side by side on this machine get half its cores each.
+#[test]
+fn trial_threads_come_from_the_share_not_the_key() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("parallel_threads");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pipeline = PIPELINE.replace("threads: THREADS}", "threads: 0, parallel: 2}").replace("THREADS", "1");
+    std::fs::write(dir.join("pipeline.yaml"), pipeline).unwrap();
+    let out = Command::new(liverseg()).args(["run", "-q", "tune.train"]).env_remove("SLURM_CPUS_PER_TASK").env_remove("SLURM_JOB_ID").current_dir(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let share = (std::thread::available_parallelism().unwrap().get() / 2).max(1);
+    let trials: Vec<PathBuf> = std::fs::read_dir(dir.join("artifacts/tune.train+trial")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(trials.len(), 2);
+    for t in trials {
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(t.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(m["params"]["threads"], 0, "the key holds what was declared: {}", m["params"]);
+        assert_eq!(m["metrics"]["cpu_threads"].as_u64(), Some(share as u64), "{}", m["metrics"]);
+    }
+}
