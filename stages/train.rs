@@ -52,7 +52,7 @@ liverseg_engine::params! {
         prune_medians: Vec<f64> = floats "[]", "median pruning (set by tune): the median objective of completed trials after each epoch; worse than it, a trial stops";
         prune_warmup: i64 = int "0", "median pruning: epochs a trial runs before it can be pruned (Optuna's n_warmup_steps)";
         prune_metric: Objective = choice "val_loss", "objective checked by pruning (val_dice is maximised)";
-        threads: i64 = int "0", "CPU threads (0 = all cores)";
+        threads: i64 = int "0", "CPU threads (0 = the Slurm job's allocation, else all cores; the count used is then not in the key)";
         device: Device = choice "auto", "auto = CUDA when available";
         bf16: bool = bool "false", "CUDA only: bf16 autocast";
     }

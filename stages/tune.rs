@@ -52,7 +52,7 @@ liverseg_engine::params! {
         prune_startup: usize = int "2", "completed trials before pruning starts (n_startup_trials)";
         prune_warmup: i64 = int "0", "epochs a trial runs before it can be pruned (n_warmup_steps)";
         parallel: usize = int "1", "trials run at once (each a worker process)";
-        threads: i64 = int "0", "CPU threads per trial (0 = all cores / parallel)";
+        threads: i64 = int "0", "CPU threads per trial (0 = the Slurm job's allocation, else cores / parallel; the count used is then not in the key)";
     }
 }
 
