@@ -45,12 +45,12 @@ build: venv
 	cargo build $(CARGO_FLAGS) -p liverseg-torch
 
 # The torch wheel carries libtorch; pip pulls it from PyPI once.
-venv: $(VENV)/.ready-torch-$(TORCH_VERSION)-dicom-s3-st-smp
+venv: $(VENV)/.ready-torch-$(TORCH_VERSION)-dicom-s3-st-smp-pa
 
-$(VENV)/.ready-torch-$(TORCH_VERSION)-dicom-s3-st-smp:
+$(VENV)/.ready-torch-$(TORCH_VERSION)-dicom-s3-st-smp-pa:
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION) nibabel highdicom safetensors "moto[server]" segmentation-models-pytorch==0.6.0
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION) nibabel highdicom safetensors "moto[server]" segmentation-models-pytorch==0.6.0 pyarrow
 	touch $@
 
 bench: build

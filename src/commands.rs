@@ -32,7 +32,10 @@ pub(crate) fn engine(p: &PipelineArgs) -> Result<Engine<'static>> {
     Ok(e)
 }
 
-pub fn run(p: &PipelineArgs, target: Option<&str>, json: bool, verify: bool, pull: bool, jobs: Option<usize>) -> Result<()> {
+pub fn run(p: &PipelineArgs, target: Option<&str>, json: bool, verify: bool, pull: bool, jobs: Option<usize>, name: Option<&str>) -> Result<()> {
+    if let Some(n) = name {
+        liverseg_engine::runs::check_name(n)?;
+    }
     let mut e = engine(p)?;
     e.verify_on_use |= verify;
     e.jobs = jobs;
@@ -42,6 +45,44 @@ pub fn run(p: &PipelineArgs, target: Option<&str>, json: bool, verify: bool, pul
     let report = e.run(target)?;
     if json {
         say!("{}", serde_json::to_string(&report)?);
+    }
+    let planned = e.plan_all()?;
+    let stages = report.ran.iter().chain(&report.reused).filter_map(|s| planned.get(s).map(|plan| (s.clone(), plan.key.clone()))).collect();
+    let overrides = p.set.iter().map(|o| format!("{}={}", o.key, serde_yaml::to_string(&o.value).unwrap_or_default().trim())).collect();
+    let rec = liverseg_engine::runs::record(&e.store, name, overrides, &e.pipeline.profile, stages)?;
+    if !p.quiet && !json {
+        eprintln!("recorded as run `{}` (`liverseg exp show` lists the runs)", rec.name);
+    }
+    tell_replaced_params(p, &e, report.ran.iter().chain(&report.reused))
+}
+
+/// Say which declared params did not run because an upstream stage (a
+/// search) replaced them: a note per stage, and a warning for every -P that
+/// set one of them, since that override had no effect.
+fn tell_replaced_params<'a>(p: &PipelineArgs, e: &Engine, stages: impl Iterator<Item = &'a String>) -> Result<()> {
+    let planned = e.plan_all()?;
+    for stage in stages {
+        let Some(a) = planned.get(stage).map(|plan| e.store.get(stage, &plan.key)).transpose()?.flatten() else {
+            continue;
+        };
+        let replaced = liverseg_engine::experiments::replaced_params(&a);
+        if replaced.is_empty() {
+            continue;
+        }
+        for (name, _, used) in &replaced {
+            if let Some(o) = p.set.iter().find(|o| o.key == format!("{stage}.{name}")) {
+                let set = serde_yaml::to_string(&o.value).unwrap_or_default();
+                eprintln!(
+                    "warning: -P {}={} had no effect: {stage} ran with {name}={} from its upstream (`liverseg lineage {stage}` shows where)",
+                    o.key,
+                    set.trim(),
+                    liverseg_engine::experiments::cell(used)
+                );
+            }
+        }
+        if !p.quiet {
+            eprintln!("note: {stage} ran with params its upstream chose, not the declared ones: {}", liverseg_engine::experiments::describe_replaced(&replaced));
+        }
     }
     Ok(())
 }
@@ -61,7 +102,14 @@ pub fn status(p: &PipelineArgs, json: bool) -> Result<()> {
     }
     let width = st.iter().map(|s| s.stage.len()).max().unwrap_or(0);
     for s in st {
-        say!("{:<width$} {:<7} {}  {}", s.stage, s.state, s.key, s.reasons.join("; "));
+        let mut reasons = s.reasons.clone();
+        if let Some(a) = e.store.get(&s.stage, &s.key)? {
+            let replaced = liverseg_engine::experiments::replaced_params(&a);
+            if !replaced.is_empty() {
+                reasons.push(format!("ran with upstream-chosen {}", liverseg_engine::experiments::describe_replaced(&replaced)));
+            }
+        }
+        say!("{:<width$} {:<7} {}  {}", s.stage, s.state, s.key, reasons.join("; "));
     }
     if !jobs.is_empty() {
         say!("Slurm jobs of the run in progress:");
@@ -144,22 +192,37 @@ fn repair_store(e: &Engine, problems: &[store::Problem]) -> Result<()> {
     Ok(())
 }
 
-pub fn gc(p: &PipelineArgs, apply: bool) -> Result<()> {
+pub fn gc(p: &PipelineArgs, apply: bool, workspace_only: bool) -> Result<()> {
     let e = engine(p)?;
-    let dead = collect::unreachable(&e)?;
+    let dead = collect::unreachable(&e, workspace_only)?;
     let lock = if apply { Some(e.store.lock()?) } else { None };
+    let mut total = 0;
     for a in &dead {
-        say!("{} {}/{}", if apply { "removed" } else { "unreachable" }, a.stage, a.key);
+        let size = collect::size(a);
+        total += size;
+        say!("{} {}/{}  {}", if apply { "removed" } else { "would remove" }, a.stage, a.key, human_bytes(size));
         if let Some(l) = &lock {
             e.store.remove(a, l)?;
         }
     }
+    let kept = if workspace_only { "the current pipeline's artifacts and their lineage" } else { "the current pipeline's and every recorded run's artifacts (`exp show`) and their lineage" };
     if dead.is_empty() {
-        say!("nothing to collect");
+        say!("nothing to collect: everything in the store belongs to {kept}");
     } else if !apply {
-        say!("{} artifact(s); rerun with --apply to remove them", dead.len());
+        say!("{} artifact(s), {}, outside {kept}; rerun with --apply to remove them", dead.len(), human_bytes(total));
+    } else {
+        say!("removed {} artifact(s), {}", dead.len(), human_bytes(total));
     }
     Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
 }
 
 pub fn params(markdown: bool) -> Result<()> {
@@ -209,10 +272,12 @@ pub struct PredictArgs {
     /// A NIfTI file, a DICOM series folder, a PNG/JPEG, or a folder of any mix.
     #[arg(long, short = 'i')]
     input: PathBuf,
-    /// The output folder (created): `<case>_liver.nii.gz` (or `.png` for images).
+    /// The output folder (created): `<case>_liver.nii.gz` (or `.png` for images) and
+    /// `<case>_liver.json`, its provenance (model key, params, input and output hashes).
     #[arg(long, short = 'o')]
     output: PathBuf,
-    /// `nifti`, or `dicom-seg` (a DICOM Segmentation object per DICOM series, besides the NIfTI).
+    /// `nifti`, or `dicom-seg` (a DICOM Segmentation object per DICOM series, besides the NIfTI;
+    /// other inputs of a mixed folder get their NIfTI or PNG only).
     #[arg(long, default_value = "nifti", value_parser = ["nifti", "dicom-seg"])]
     format: String,
     /// Also write the liver probability (softmax) as a float NIfTI.
@@ -230,11 +295,18 @@ pub struct PredictArgs {
     #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
     precision: String,
     /// Slices per forward pass.
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    batch: u32,
     /// Predict even when the input's unit (HU or 8-bit) is not the model's.
     #[arg(long)]
     force: bool,
+    /// Skip cases an earlier run finished (their outputs and sidecar exist);
+    /// redo the ones it left unfinished.
+    #[arg(long = "continue", conflicts_with = "overwrite")]
+    resume: bool,
+    /// Replace existing outputs (without it, or --continue, they are an error).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 pub fn predict(p: &PipelineArgs, a: &PredictArgs) -> Result<()> {
@@ -245,7 +317,14 @@ pub fn predict(p: &PipelineArgs, a: &PredictArgs) -> Result<()> {
     }
     cmd.arg("--input").arg(&a.input).arg("--output").arg(&a.output);
     cmd.args(["--format", &a.format, "--device", &a.device, "--precision", &a.precision, "--batch", &a.batch.to_string()]);
-    for (set, flag) in [(a.probabilities, "--probabilities"), (a.no_mirror, "--no-mirror"), (a.no_largest_component, "--no-largest-component"), (a.force, "--force")] {
+    for (set, flag) in [
+        (a.probabilities, "--probabilities"),
+        (a.no_mirror, "--no-mirror"),
+        (a.no_largest_component, "--no-largest-component"),
+        (a.force, "--force"),
+        (a.resume, "--continue"),
+        (a.overwrite, "--overwrite"),
+    ] {
         if set {
             cmd.arg(flag);
         }
@@ -324,6 +403,9 @@ pub fn evaluate_external(p: &PipelineArgs, e: ExternalEval) -> Result<()> {
     let dir = model_dir(p, &e.model)?;
     let dir = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
     let card = ModelCard::read(&dir)?;
+    if let Some(w) = card.data_warning() {
+        eprintln!("warning: {}: {w}", dir.display());
+    }
     let weights = liverseg_engine::hash::hash_file(&dir.join("model.safetensors"))?;
     let data = e.data.canonicalize().with_context(|| format!("cannot resolve {}", e.data.display()))?;
     std::fs::create_dir_all(&e.out).with_context(|| format!("cannot create {}", e.out.display()))?;

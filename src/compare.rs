@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct ShowArgs {
-    /// The stage whose artifacts to list (default: the last stage with metrics in the store).
+    /// List this stage's artifacts instead (default: every recorded run, over the whole pipeline).
     #[arg(long)]
     stage: Option<String>,
     /// Only metrics whose names contain one of these (comma-separated).
@@ -79,19 +79,30 @@ pub struct PlotsArgs {
 
 pub fn show(p: &PipelineArgs, a: &ShowArgs) -> Result<()> {
     let e = engine(p)?;
-    let all = e.store.list()?;
-    let stage = match &a.stage {
-        Some(s) => s.clone(),
-        None => {
-            let with_metrics = |name: &str| all.iter().any(|x| x.stage == name && !x.manifest.metrics.is_empty());
-            e.pipeline.stages.iter().rev().map(|s| s.name.clone()).find(|n| with_metrics(n)).context("no artifact with metrics in the store yet; run the pipeline first")?
+    let Some(stage) = &a.stage else {
+        let runs = liverseg_engine::runs::list(&e.store)?;
+        if runs.is_empty() {
+            bail!("no recorded run in {} yet: `liverseg run` records one (`exp show --stage STAGE` lists a stage's artifacts)", e.store.root.display());
         }
+        let sides: Vec<Side> = runs.iter().map(|r| exp::of_run(&e, r)).collect::<Result<_>>()?;
+        let order: Vec<String> = e.pipeline.stages.iter().map(|s| s.name.clone()).collect();
+        return a.format.print(&exp::show_runs(&sides, &order, &a.metrics, a.sort.as_deref(), a.reverse)?);
     };
-    let artifacts: Vec<Artifact> = all.into_iter().filter(|x| x.stage == stage).collect();
+    let everything = e.store.list()?;
+    let artifacts: Vec<Artifact> = everything.iter().filter(|x| &x.stage == stage).cloned().collect();
     if artifacts.is_empty() {
         bail!("no artifact of stage `{stage}` in {}", e.store.root.display());
     }
-    a.format.print(&exp::show(&artifacts, &a.metrics, a.sort.as_deref(), a.reverse)?)
+    let mut t = exp::show(&artifacts, &a.metrics, a.sort.as_deref(), a.reverse)?;
+    if !a.format.json {
+        // Keys as their shortest unique prefixes in the store: what `metrics diff` takes.
+        let all: Vec<&str> = everything.iter().map(|x| x.key.as_str()).collect();
+        let full: Vec<String> = t.rows.iter().map(|r| r[0].as_str().unwrap_or_default().to_owned()).collect();
+        for (row, short) in t.rows.iter_mut().zip(exp::short_keys(full.iter().map(String::as_str), &all)) {
+            row[0] = Value::from(short);
+        }
+    }
+    a.format.print(&t)
 }
 
 /// The current pipeline, as a side of a diff.
@@ -146,8 +157,32 @@ pub fn metrics_diff(p: &PipelineArgs, a: &DiffArgs) -> Result<bool> {
 
 pub fn params_diff(p: &PipelineArgs, a: &DiffArgs) -> Result<bool> {
     let (x, y) = sides(p, &a.a, a.b.as_deref())?;
-    let t = exp::diff(&x.params, &y.params, a.all);
+    let mut t = exp::diff(&x.params, &y.params, a.all);
+    mark_replaced(&mut t, &x, &y);
     print_diff(&x, &y, t, &a.format)
+}
+
+/// A declared param that both runs replaced by the same upstream value
+/// (`used.NAME`) changed nothing that ran: say so in its change column.
+fn mark_replaced(t: &mut Table, x: &Side, y: &Side) {
+    let single = x.params.len() == 1 && y.params.len() == 1;
+    for row in &mut t.rows {
+        let (Some(stage), Some(name)) = (row[0].as_str(), row[1].as_str()) else {
+            continue;
+        };
+        if name.starts_with("used.") {
+            continue;
+        }
+        let used = |s: &Side| {
+            let params = if single { s.params.values().next() } else { s.params.get(stage) };
+            params.and_then(|p| p.get(&format!("used.{name}"))).cloned()
+        };
+        match (used(x), used(y)) {
+            (Some(u), Some(v)) if u == v => row[4] = Value::from(format!("no effect: both ran {}", exp::cell(&u))),
+            (Some(_), Some(_)) => row[4] = Value::from(format!("{}; replaced upstream (see used.{name})", exp::cell(&row[4]))),
+            _ => {}
+        }
+    }
 }
 
 /// `plots diff`: learning curves and per-case Dice of several runs on one page.

@@ -81,6 +81,10 @@ enum Command {
         /// under Slurm, as many as the cluster takes). Never part of a key.
         #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
         jobs: Option<u16>,
+        /// Name this run (an experiment): `exp show` lists it by name and
+        /// `gc` keeps its artifacts. A name used before now names this run.
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Upload the current pipeline's artifacts (up to TARGET) to the remote cache.
     Push { target: Option<String> },
@@ -122,10 +126,14 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
-    /// List (or with --apply remove) artifacts the current pipeline no longer reaches.
+    /// List, with sizes, the artifacts that neither the current pipeline nor
+    /// any recorded run (`exp show`) needs; --apply removes them.
     Gc {
         #[arg(long)]
         apply: bool,
+        /// Keep only what the current pipeline needs: experiments' artifacts go too.
+        #[arg(long)]
+        workspace_only: bool,
     },
     /// List every stage's parameters: name, type, default and meaning; or
     /// `params diff A B`: the params two runs differ in.
@@ -260,7 +268,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     use commands as c;
     let p = &cli.p;
     match cli.command {
-        Command::Run { target, json, verify, pull, jobs } => c::run(p, target.as_deref(), json, verify, pull, jobs.map(usize::from)),
+        Command::Run { target, json, verify, pull, jobs, name } => c::run(p, target.as_deref(), json, verify, pull, jobs.map(usize::from), name.as_deref()),
         Command::Push { target } => compare::push(p, target.as_deref()),
         Command::Pull { target } => compare::pull(p, target.as_deref()),
         Command::Stage { name, force } => c::stage(p, &name, force),
@@ -270,7 +278,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Path { stage } => c::path(p, &stage),
         Command::Trial { request } => c::trial(&request),
         Command::Verify { repair } => c::verify(p, repair),
-        Command::Gc { apply } => c::gc(p, apply),
+        Command::Gc { apply, workspace_only } => c::gc(p, apply, workspace_only),
         Command::Params { cmd: Some(ParamsCmd::Diff(a)), .. } => diff_exit(compare::params_diff(p, &a)),
         Command::Params { markdown, cmd: None } => c::params(markdown),
         Command::Exp { cmd: ExpCmd::Show(a) } => compare::show(p, &a),

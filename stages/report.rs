@@ -19,7 +19,8 @@ use std::fmt::Write;
 /// 4: Table 1 with n, CI rule, HD95 rule, training columns; one search per tuned model.
 /// 6: Table 1's params as wrapping text (the JSON ran off the page).
 /// 7: each model's input scaling under Table 1.
-pub const VERSION: u32 = 7;
+/// 8: a banner at the top when the models learnt from synthetic phantoms.
+pub const VERSION: u32 = 8;
 
 liverseg_engine::params! {
     pub struct ReportParams {
@@ -306,6 +307,12 @@ impl Doc {
         self.html.push_str("</ul>");
     }
 
+    /// A warning box above everything else.
+    fn banner(&mut self, text: &str) {
+        let _ = write!(self.html, "<div role='alert' style='border:2px solid #c00;background:#fee;padding:0.6em 1em;margin:1em 0;font-weight:bold'>{}</div>", esc(text));
+        let _ = writeln!(self.md, "> **Warning:** {text}\n");
+    }
+
     fn finish(mut self, out: &std::path::Path) -> Result<()> {
         self.html.push_str("</body></html>");
         std::fs::write(out.join("report.html"), self.html).context("cannot write report.html")?;
@@ -349,6 +356,12 @@ impl Stage for Report {
         let eval = ctx.upstream("evaluate")?;
         std::fs::create_dir_all(ctx.out("figures"))?;
         let mut doc = Doc::new(&p.title, ctx.out("figures"));
+        if let Some(d) = crate::train::TrainingData::from_lineage(ctx)?.filter(|d| d.phantoms()) {
+            doc.banner(&format!(
+                "These models were trained and evaluated on synthetic phantoms ({} generated cases), not on CT. The figures below test the pipeline, not liver segmentation; do not use these models on real scans.",
+                d.cases
+            ));
+        }
         let mut summary = Summary::new();
         let models = table1(&mut doc, ctx, eval, &mut summary)?;
         if models.is_empty() {

@@ -23,7 +23,8 @@ use std::sync::LazyLock;
 /// 4: the weights' `scaling` metadata describes the aspect-keeping fit.
 /// 5: the model starts from smp's initialisation (BatchNorm weight 1, not
 /// uniform in [0, 1]; torchvision's encoder convs; PyTorch's decoder and head).
-pub const VERSION: u32 = 5;
+/// 6: the model card names its training data (source, root hash, cases).
+pub const VERSION: u32 = 6;
 
 liverseg_engine::params! {
     pub struct TrainParams {
@@ -209,6 +210,69 @@ pub struct ModelCard {
     /// Cross-validation folds whose ensemble this is (0: a single model).
     #[serde(default)]
     pub folds: usize,
+    /// The data it learnt from (absent in older cards).
+    #[serde(default)]
+    pub training_data: Option<TrainingData>,
+}
+
+/// Where a model's training data came from, from its lineage: enough to
+/// tell phantoms from CT, and to check a data folder is the one it saw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingData {
+    /// `data.source` of ingest: synthetic, nifti, dicom or slices2d.
+    pub source: String,
+    /// `data.root`, relative to the pipeline file (empty for phantoms).
+    pub root: String,
+    /// blake3 over the raw files' paths and hashes, as `lineage` prints it
+    /// (absent for phantoms, which have no raw files).
+    pub root_blake3: Option<String>,
+    pub raw_files: usize,
+    pub cases: u64,
+    pub ingest_key: String,
+}
+
+impl TrainingData {
+    /// From the ingest artifact behind a stage.
+    pub fn from_lineage(ctx: &liverseg_engine::stage::StageContext) -> Result<Option<Self>> {
+        let Some(ingest) = ctx.lineage()?.into_iter().find(|a| a.stage == "ingest") else {
+            return Ok(None);
+        };
+        let m = &ingest.manifest;
+        let text = |k: &str| m.params.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        let raw = ingest.raw_inputs()?;
+        let root_blake3 = (!raw.is_empty()).then(|| {
+            let mut h = blake3::Hasher::new();
+            raw.iter().for_each(|r| {
+                h.update(r.path.as_bytes());
+                h.update(r.blake3.as_bytes());
+            });
+            h.finalize().to_hex().to_string()
+        });
+        let source = text("data.source");
+        let root = if source == "synthetic" { String::new() } else { text("data.root") };
+        let cases = m.metrics.get("cases").and_then(|v| v.as_u64()).unwrap_or(0);
+        Ok(Some(TrainingData { source, root, root_blake3, raw_files: raw.len(), cases, ingest_key: m.key.clone() }))
+    }
+
+    pub fn phantoms(&self) -> bool {
+        self.source == "synthetic"
+    }
+}
+
+impl ModelCard {
+    /// A warning for anyone about to use the model on real scans: it learnt
+    /// from synthetic phantoms, or its card does not say what it learnt from.
+    pub fn data_warning(&self) -> Option<String> {
+        match &self.training_data {
+            Some(d) if d.phantoms() => Some(format!(
+                "this model was trained on synthetic phantoms ({} generated cases, ingest {}), not on CT; its masks of real scans are not to be trusted. Train on your data first (README: \"Your own data\")",
+                d.cases,
+                &d.ingest_key[..d.ingest_key.len().min(12)]
+            )),
+            Some(_) => None,
+            None => Some("this model's card does not name its training data (it predates liverseg recording it); check its lineage before trusting its masks".to_owned()),
+        }
+    }
 }
 
 /// Percentiles of the nonzero (body) pixels of model inputs, 0..255.
@@ -738,6 +802,7 @@ mod training {
                 input_stats: Some(input_stats),
                 scaling,
                 folds: 0,
+                training_data: super::TrainingData::from_lineage(ctx)?,
             };
             std::fs::write(self.out.join("model.json"), serde_json::to_vec_pretty(&card)?)?;
             if self.p.save_model {

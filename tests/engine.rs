@@ -82,12 +82,21 @@ fn verify_names_a_tampered_file_and_lineage_reaches_the_source() {
     for stage in ["split @", "normalise @", "ingest @", "params:"] {
         assert!(lineage.contains(stage), "lineage lacks {stage}:\n{lineage}");
     }
+    // augment reads normalise directly and through split: each artifact is
+    // printed once, the second path names it as a reference.
+    let lineage = ok(&dir, &["lineage", "augment"]);
+    for stage in ["augment", "split", "normalise", "ingest"] {
+        let printed = lineage.lines().filter(|l| l.trim_start().starts_with(&format!("{stage} @")) && !l.ends_with("(see above)")).count();
+        assert_eq!(printed, 1, "{stage} printed {printed} times:\n{lineage}");
+    }
+    assert_eq!(lineage.matches("(see above)").count(), 1, "{lineage}");
     let by_path = ok(&dir, &["lineage", norm.join("index.parquet").to_str().unwrap()]);
     assert!(by_path.starts_with("normalise @"), "{by_path}");
     // The table itself carries its provenance.
     let meta = liverseg_engine::tables::parquet_metadata(&norm.join("index.parquet")).unwrap();
     assert_eq!(meta["liverseg.stage"], "normalise");
     assert!(meta["liverseg.upstream"].contains("ingest"));
+    arrow_readers_see_the_provenance(&norm.join("index.parquet"));
 
     let target = norm.join("data.safetensors");
     let mut bytes = std::fs::read(&target).unwrap();
@@ -162,10 +171,23 @@ fn stage_command_and_gc() {
     let out = run(&dir, &["stage", "split", "--force"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("ran     split"));
-    ok(&dir, &["run", "-q", "-P", "augment.copies=2"]);
+    // An experiment (-P, named): gc keeps what any recorded run needs.
+    let out = run(&dir, &["run", "-P", "augment.copies=2", "--name", "two-copies"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("recorded as run `two-copies`"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(fails(&dir, &["run", "--name", "../x"]).contains("run name `../x`"));
     let listed = ok(&dir, &["gc"]);
-    assert!(listed.contains("unreachable augment/"), "{listed}");
+    assert!(listed.starts_with("nothing to collect"), "{listed}");
     ok(&dir, &["gc", "--apply"]);
+    assert_eq!(artifacts_of(&dir, "augment").len(), 2, "gc --apply removed an experiment");
+    // A stage run on its own with another param is recorded by no run: it goes, with its size.
+    ok(&dir, &["stage", "split", "-P", "split.seed=99"]);
+    let listed = ok(&dir, &["gc"]);
+    assert!(listed.lines().next().is_some_and(|l| l.starts_with("would remove split/") && l.ends_with("KiB")), "{listed}");
+    ok(&dir, &["gc", "--apply"]);
+    // --workspace-only lets the experiment's augment go too, and says how much.
+    let listed = ok(&dir, &["gc", "--workspace-only"]);
+    assert!(listed.contains("would remove augment/") && listed.contains("1 artifact(s), "), "{listed}");
+    ok(&dir, &["gc", "--apply", "--workspace-only"]);
     assert_eq!(artifacts_of(&dir, "augment").len(), 1);
     let dag = ok(&dir, &["dag", "--dot"]);
     assert!(dag.contains("\"split\" -> \"augment\""));
@@ -228,4 +250,21 @@ fn bad_pipeline_files_get_one_clear_error() {
         assert!(err.contains(want), "case {i}: wanted `{want}` in:\n{err}");
         assert_eq!(err.lines().filter(|l| l.starts_with("error")).count(), 1, "one error:\n{err}");
     }
+}
+
+/// pyarrow takes a table's schema metadata from the footer's ARROW:schema,
+/// not from the footer's key-value pairs: both must carry the provenance.
+fn arrow_readers_see_the_provenance(table: &std::path::Path) {
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let has_pyarrow = std::process::Command::new(&python).args(["-c", "import pyarrow"]).output().is_ok_and(|o| o.status.success());
+    if !has_pyarrow {
+        eprintln!("SKIPPED the pyarrow metadata check: pyarrow is not in .venv (make test installs it)");
+        return;
+    }
+    let script = "import sys, pyarrow.parquet as pq\nt = pq.read_table(sys.argv[1])\nm = t.schema.metadata or {}\nprint(m.get(b'liverseg.stage', b'').decode(), t.num_rows)";
+    let out = std::process::Command::new(&python).args(["-c", script]).arg(table).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let rows = liverseg_engine::tables::read_parquet(table).unwrap().height();
+    assert_eq!(printed.trim(), format!("normalise {rows}"), "pyarrow read {printed}");
 }

@@ -64,7 +64,25 @@ def main(series_dir, reference, out_nifti, out_seg):
         # Our NIfTI stores a DICOM slice's columns along x and rows along y.
         if not np.array_equal(frames[k], mask[:, :, slice_k].T):
             fail(f"frame {k} differs from NIfTI slice {slice_k}")
-    print(f"check_predict: grid matches, SEG valid, {len(frames)} frames equal the NIfTI mask ({int(mask.sum())} liver voxels)")
+    check_provenance(img, ds, out_nifti)
+    print(f"check_predict: grid matches, SEG valid, {len(frames)} frames equal the NIfTI mask ({int(mask.sum())} liver voxels), provenance in all three")
+
+
+def check_provenance(img, ds, out_nifti):
+    """The model key is in the NIfTI's descrip and comment extension, the
+    SEG's algorithm name and the sidecar (whose hashes the Rust test checks)."""
+    import json
+    sidecar = json.loads(Path(str(out_nifti).replace("_liver.nii.gz", "_liver.json")).read_text())
+    key = sidecar["models"][0]["train_stage_key"]
+    descrip = img.header["descrip"].tobytes().decode().rstrip("\0")
+    if key[:16] not in descrip:
+        fail(f"NIfTI descrip {descrip!r} lacks the model key {key}")
+    comments = [json.loads(e.get_content()) for e in img.header.extensions if e.get_code() == 6]
+    if len(comments) != 1 or comments[0]["models"][0]["train_stage_key"] != key:
+        fail(f"NIfTI comment extension: {comments}")
+    algorithm = ds.SegmentSequence[0].SegmentAlgorithmName
+    if key[:16] not in algorithm:
+        fail(f"SEG SegmentAlgorithmName {algorithm!r} lacks the model key {key}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,23 @@ pub fn params_of(a: &Artifact) -> BTreeMap<String, Value> {
     out
 }
 
+/// Declared params an artifact did not run with, because an upstream result
+/// replaced them (a model trained with searched values): name, declared, used.
+pub fn replaced_params(a: &Artifact) -> Vec<(String, Value, Value)> {
+    let Some(effective) = &a.manifest.effective_params else {
+        return vec![];
+    };
+    let (mut declared, mut used) = (BTreeMap::new(), BTreeMap::new());
+    flatten(&a.manifest.params, "", &mut declared);
+    flatten(effective, "", &mut used);
+    declared.into_iter().filter_map(|(k, d)| used.get(&k).filter(|u| **u != d).map(|u| (k, d, u.clone()))).collect()
+}
+
+/// `lr=0.001 (declared 0.0003), batch_size=8 (declared 4)`.
+pub fn describe_replaced(replaced: &[(String, Value, Value)]) -> String {
+    replaced.iter().map(|(k, d, u)| format!("{k}={} (declared {})", cell(u), cell(d))).collect::<Vec<_>>().join(", ")
+}
+
 pub fn metrics_of(a: &Artifact) -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
     flatten(&Value::Object(a.manifest.metrics.clone().into_iter().collect()), "", &mut out);
@@ -75,7 +92,12 @@ fn format_float(f: f64) -> String {
             s
         }
     } else {
-        format!("{f:.4e}")
+        // 3e-4, not 3.0000e-4.
+        let s = format!("{f:.4e}");
+        match s.split_once('e') {
+            Some((m, e)) if m.contains('.') => format!("{}e{e}", m.trim_end_matches('0').trim_end_matches('.')),
+            _ => s,
+        }
     }
 }
 
@@ -174,19 +196,51 @@ pub fn resolve(engine: &Engine, registry: &[Box<dyn Stage>], spec: &str) -> Resu
         let params = BTreeMap::from([(spec.to_owned(), params_of(&a))]);
         return Ok(Side { label: format!("{spec}@{}", a.key), artifacts: BTreeMap::from([(spec.to_owned(), a)]), missing: vec![], params });
     }
-    if spec.len() >= 6 && spec.chars().all(|c| c.is_ascii_hexdigit()) {
+    if let Some(run) = super::runs::find(&engine.store, spec)? {
+        return of_run(engine, &run);
+    }
+    if spec.chars().all(|c| c.is_ascii_hexdigit()) && !spec.is_empty() {
         let hits: Vec<Artifact> = engine.store.list()?.into_iter().filter(|a| a.key.starts_with(spec)).collect();
         match hits.len() {
+            _ if spec.len() < MIN_PREFIX => bail!("`{spec}`: a key prefix needs at least {MIN_PREFIX} characters (`exp show` prints the shortest unique ones)"),
             1 => {
                 let a = hits.into_iter().next().expect("one");
                 let params = BTreeMap::from([(a.stage.clone(), params_of(&a))]);
                 return Ok(Side { label: format!("{}@{}", a.stage, a.key), artifacts: BTreeMap::from([(a.stage.clone(), a)]), missing: vec![], params });
             }
-            n if n > 1 => bail!("`{spec}` matches {n} artifacts; give more of the key"),
+            n if n > 1 => bail!("`{spec}` matches {n} artifacts ({}); give more of the key", hits.iter().map(|a| format!("{}@{}", a.stage, a.key)).collect::<Vec<_>>().join(", ")),
             _ => {}
         }
     }
     at_revision(engine, registry, spec)
+}
+
+/// The shortest key prefix `resolve` takes.
+pub const MIN_PREFIX: usize = 4;
+
+/// The shortest prefix of each key (at least 8 characters, as git's short
+/// hashes) that no other key in `all` shares.
+pub fn short_keys<'a>(keys: impl Iterator<Item = &'a str>, all: &[&str]) -> Vec<String> {
+    keys.map(|k| {
+        let n = (8..=k.len()).find(|&n| all.iter().filter(|o| o.starts_with(&k[..n])).count() <= 1).unwrap_or(k.len());
+        k[..n.min(k.len())].to_owned()
+    })
+    .collect()
+}
+
+/// A recorded run as a side: the artifacts of its stages that the store still holds.
+pub fn of_run(engine: &Engine, run: &super::runs::RunRecord) -> Result<Side> {
+    let mut side = Side { label: run.name.clone(), artifacts: BTreeMap::new(), missing: vec![], params: BTreeMap::new() };
+    for (stage, key) in &run.stages {
+        match engine.store.get(stage, key)? {
+            Some(a) => {
+                side.params.insert(stage.clone(), params_of(&a));
+                side.artifacts.insert(stage.clone(), a);
+            }
+            None => side.missing.push(stage.clone()),
+        }
+    }
+    Ok(side)
 }
 
 /// The pipeline at git revision `rev`, planned against today's store.
@@ -226,6 +280,53 @@ fn git_show(file: &Path, rev: &str) -> Result<String> {
         bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `exp show` over the whole pipeline: one row per recorded run, with the
+/// params (of every stage, `stage.param`) that differ between runs, and the
+/// metrics of the last stage that has any, or with `metric_filters`, every
+/// stage's metrics whose names contain one (`stage.metric`).
+pub fn show_runs(sides: &[Side], stage_order: &[String], metric_filters: &[String], sort: Option<&str>, reverse: bool) -> Result<Table> {
+    let prefixed =
+        |by_stage: &BTreeMap<String, BTreeMap<String, Value>>| -> BTreeMap<String, Value> { by_stage.iter().flat_map(|(s, m)| m.iter().map(move |(k, v)| (format!("{s}.{k}"), v.clone()))).collect() };
+    let params: Vec<BTreeMap<String, Value>> = sides.iter().map(|s| prefixed(&s.params)).collect();
+    let names: BTreeSet<&String> = params.iter().flat_map(|p| p.keys()).collect();
+    let differing: Vec<&String> = names.into_iter().filter(|k| params.iter().any(|p| p.get(*k) != params[0].get(*k))).collect();
+    let metrics_by_stage: Vec<BTreeMap<String, BTreeMap<String, Value>>> = sides.iter().map(|s| s.artifacts.iter().map(|(st, a)| (st.clone(), metrics_of(a))).collect()).collect();
+    let last_with_metrics = stage_order.iter().rev().find(|st| metrics_by_stage.iter().any(|m| m.get(*st).is_some_and(|x| !x.is_empty())));
+    let metrics: Vec<BTreeMap<String, Value>> = metrics_by_stage
+        .iter()
+        .map(|m| {
+            let all = prefixed(m);
+            match metric_filters {
+                [] => all.into_iter().filter(|(k, _)| last_with_metrics.is_some_and(|st| k.starts_with(&format!("{st}.")))).collect(),
+                f => all.into_iter().filter(|(k, _)| f.iter().any(|x| k.contains(x.as_str()))).collect(),
+            }
+        })
+        .collect();
+    let metric_names: BTreeSet<&String> = metrics.iter().flat_map(|m| m.keys()).collect();
+    let mut header = vec!["run".to_owned(), "finished (UTC)".to_owned()];
+    header.extend(differing.iter().map(|k| format!("param.{k}")));
+    header.extend(metric_names.iter().map(|m| m.to_string()));
+    let mut rows: Vec<Vec<Value>> = sides
+        .iter()
+        .zip(params.iter().zip(&metrics))
+        .map(|(s, (p, m))| {
+            let finished = s.artifacts.values().map(|a| a.manifest.finished_unix).fold(0.0, f64::max);
+            let mut row = vec![Value::from(s.label.clone()), Value::from(super::store::utc_string(finished).get(..19).unwrap_or("").replace('T', " "))];
+            row.extend(differing.iter().map(|k| p.get(*k).cloned().unwrap_or(Value::Null)));
+            row.extend(metric_names.iter().map(|k| m.get(*k).cloned().unwrap_or(Value::Null)));
+            row
+        })
+        .collect();
+    if let Some(col) = sort {
+        let c = header.iter().position(|h| h == col || h == &format!("param.{col}")).ok_or_else(|| anyhow!("--sort {col}: no such column (columns: {})", header.join(", ")))?;
+        rows.sort_by(|a, b| compare(&a[c], &b[c]));
+    }
+    if reverse {
+        rows.reverse();
+    }
+    Ok(Table { header, rows })
 }
 
 /// Rows of `stage  name  A  B  change` for every value that differs (or

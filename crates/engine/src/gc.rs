@@ -5,13 +5,19 @@ use super::store::{sub_stage, Artifact};
 use anyhow::Result;
 use std::collections::BTreeSet;
 
-/// Artifacts the current pipeline no longer reaches: not a current key, not
-/// in the lineage of one (through the manifests), and not a sub-artifact
-/// (a trial) that a kept artifact lists.
-pub fn unreachable(engine: &Engine) -> Result<Vec<Artifact>> {
+/// Artifacts nothing kept reaches. Kept are the current pipeline's keys and,
+/// unless `workspace_only`, every recorded run's (the experiments); then
+/// everything in their lineage (through the manifests) and every
+/// sub-artifact (a trial) a kept artifact lists.
+pub fn unreachable(engine: &Engine, workspace_only: bool) -> Result<Vec<Artifact>> {
     let planned = engine.plan_all()?;
     let mut keep: BTreeSet<(String, String)> = BTreeSet::new();
     let mut todo: Vec<(String, String)> = planned.iter().map(|(s, p)| (s.clone(), p.key.clone())).collect();
+    if !workspace_only {
+        for run in super::runs::list(&engine.store)? {
+            todo.extend(run.stages.into_iter());
+        }
+    }
     while let Some((s, k)) = todo.pop() {
         if keep.insert((s.clone(), k.clone())) {
             if let Some(a) = engine.store.get(&s, &k)? {
@@ -23,4 +29,9 @@ pub fn unreachable(engine: &Engine) -> Result<Vec<Artifact>> {
         }
     }
     Ok(engine.store.list()?.into_iter().filter(|a| !keep.contains(&(a.stage.clone(), a.key.clone()))).collect())
+}
+
+/// The bytes an artifact holds: its outputs as its manifest lists them.
+pub fn size(a: &Artifact) -> u64 {
+    a.manifest.outputs.values().map(|f| f.size).sum()
 }

@@ -15,6 +15,7 @@ pub mod paths;
 pub mod pipeline;
 pub mod progress;
 pub mod runner;
+pub mod runs;
 pub mod scan;
 pub mod slurm;
 pub mod stage;

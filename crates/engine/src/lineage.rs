@@ -27,7 +27,7 @@ pub fn lineage(engine: &Engine, what: &str) -> Result<String> {
     } else {
         bail!("`{what}` is neither a file, a stage, nor stage.metric (stages: {})", engine.pipeline.stage_names().join(", "));
     };
-    render(&engine.store, &artifact, 0, &mut out)?;
+    render(&engine.store, &artifact, 0, &mut std::collections::HashSet::new(), &mut out)?;
     Ok(out)
 }
 
@@ -42,9 +42,16 @@ fn artifact_containing(store: &Store, path: &Path) -> Result<Artifact> {
     store.get(&stage, &key)?.ok_or_else(|| anyhow!("{}: artifacts/{stage}/{key} has no manifest (incomplete or not an artifact)", path.display()))
 }
 
-fn render(store: &Store, a: &Artifact, depth: usize, out: &mut String) -> Result<()> {
+/// One artifact and, indented below it, its upstreams. The lineage is a DAG
+/// (ingest feeds most stages), so an artifact already printed is named once
+/// more as a reference, not printed again with its whole subtree.
+fn render(store: &Store, a: &Artifact, depth: usize, printed: &mut std::collections::HashSet<(String, String)>, out: &mut String) -> Result<()> {
     let pad = "    ".repeat(depth);
     let m = &a.manifest;
+    if !printed.insert((m.stage.clone(), m.key.clone())) {
+        writeln!(out, "{pad}{} @ {}  (see above)", m.stage, m.key)?;
+        return Ok(());
+    }
     writeln!(out, "{pad}{} @ {}  (version {}, ran {} for {:.1} s, liverseg {})", m.stage, m.key, m.version, m.started_utc, m.duration_s, m.liverseg_version)?;
     writeln!(out, "{pad}  params: {}", serde_json::to_string(&m.params)?)?;
     if let Some(e) = &m.effective_params {
@@ -71,7 +78,7 @@ fn render(store: &Store, a: &Artifact, depth: usize, out: &mut String) -> Result
     }
     for (d, key) in &m.upstream {
         match store.get(d, key)? {
-            Some(up) => render(store, &up, depth + 1, out)?,
+            Some(up) => render(store, &up, depth + 1, printed, out)?,
             None => writeln!(out, "{pad}    {d} @ {key}  (no longer in the store; `liverseg gc --apply` or a deleted file removed it)")?,
         }
     }

@@ -2,8 +2,8 @@
 
 use super::executor::{Executor, Local};
 use super::hash::{stage_key, KeyInputs};
-use super::scan::{RawList, Scanner};
 use super::pipeline::{ExecutorKind, Pipeline, ResolvedStage};
+use super::scan::{RawList, Scanner};
 use super::stage::{Placement, RawFile, Stage, StageContext, StageInfo};
 use super::store::{now_unix, utc_string, Artifact, Depth, Manifest, Store};
 use anyhow::{anyhow, bail, Context, Result};

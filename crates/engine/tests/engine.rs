@@ -314,7 +314,7 @@ fn sub_artifacts_are_cached_kept_by_gc_and_verified() {
     let a = e.current_artifact("search").unwrap();
     assert_eq!(a.manifest.children["try"].len(), 3);
     // The current search keeps its three tries; the older search (2 tries) is unreachable.
-    let dead: Vec<String> = liverseg_engine::gc::unreachable(&e).unwrap().iter().map(|a| format!("{}/{}", a.stage, a.key)).collect();
+    let dead: Vec<String> = liverseg_engine::gc::unreachable(&e, false).unwrap().iter().map(|a| format!("{}/{}", a.stage, a.key)).collect();
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert!(dead[0].starts_with("search/"));
     // Sub-artifacts are artifacts: listed and verified like any other.
@@ -335,7 +335,7 @@ fn sub_artifacts_are_cached_kept_by_gc_and_verified() {
     let folders: Vec<String> = e.store.list().unwrap().into_iter().filter(|a| a.stage.contains('+')).map(|a| a.stage).collect();
     assert_eq!(folders.iter().filter(|s| *s == "search.a+try").count(), 2, "{folders:?}");
     assert_eq!(folders.iter().filter(|s| *s == "search.b+try").count(), 1, "{folders:?}");
-    assert!(liverseg_engine::gc::unreachable(&e).unwrap().is_empty(), "gc keeps what the current searches used");
+    assert!(liverseg_engine::gc::unreachable(&e, false).unwrap().is_empty(), "gc keeps what the current searches used");
 }
 
 /// Flip one byte of `path` at `at` (from the start, or from the end when negative).

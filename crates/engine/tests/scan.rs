@@ -62,15 +62,8 @@ fn replace_keeping_mtime(dir: &Path, rel: &str, text: &str) {
     std::fs::rename(&tmp, &path).unwrap();
 }
 
-const START: &[(&str, &str)] = &[
-    ("a/changed.bin", "old 1"),
-    ("a/removed.bin", "gone"),
-    ("a/same.bin", "same"),
-    ("a/touched.bin", "touch"),
-    ("b/replaced.bin", "old 2"),
-    ("c/moved.bin", "moved"),
-    ("e/steady.bin", "steady"),
-];
+const START: &[(&str, &str)] =
+    &[("a/changed.bin", "old 1"), ("a/removed.bin", "gone"), ("a/same.bin", "same"), ("a/touched.bin", "touch"), ("b/replaced.bin", "old 2"), ("c/moved.bin", "moved"), ("e/steady.bin", "steady")];
 
 fn start(name: &str) -> PathBuf {
     let dir = folder(name);
@@ -101,15 +94,8 @@ fn every_change_in_a_trusted_folder_is_seen() {
     std::fs::rename(dir.join("data/c"), dir.join("data/d")).unwrap();
 
     let (after, cost) = scan(&dir, ScanMode::Stat);
-    let now = [
-        ("a/added.bin", "added"),
-        ("a/changed.bin", "new 1"),
-        ("a/same.bin", "same"),
-        ("a/touched.bin", "touch"),
-        ("b/replaced.bin", "new 2"),
-        ("d/moved.bin", "moved"),
-        ("e/steady.bin", "steady"),
-    ];
+    let now =
+        [("a/added.bin", "added"), ("a/changed.bin", "new 1"), ("a/same.bin", "same"), ("a/touched.bin", "touch"), ("b/replaced.bin", "new 2"), ("d/moved.bin", "moved"), ("e/steady.bin", "steady")];
     assert_eq!(after, expected(&now));
     assert_eq!(cost.files_hashed, 5, "changed, added, touched, replaced and the moved folder's file; not same or steady");
     assert_eq!(cost.folders_read, 4, "data (c renamed), a, b and d; not e");

@@ -63,8 +63,36 @@ fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
 /// The SeriesInstanceUID of a DICOM file, read from its header alone;
 /// `None` where it is empty (anonymised exports blank it).
 pub fn series_uid(path: &Path) -> Result<Option<String>> {
+    Ok(probe(path)?.series_uid)
+}
+
+/// What a DICOM file is, from its header alone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    pub series_uid: Option<String>,
+    /// Set for an object that is not an image slice (a SEG, SR, RTSTRUCT,
+    /// presentation state...): its modality, or its SOP class.
+    pub not_an_image: Option<String>,
+}
+
+/// Modalities of DICOM objects that carry no image of the patient.
+const NON_IMAGE_MODALITIES: &[&str] = &["SEG", "SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "PR", "KO", "REG", "DOC", "PLAN", "FID"];
+
+/// SOP classes of the same (the prefix covers the family: SR's 88.x, PR's 11.x).
+const NON_IMAGE_SOP_CLASSES: &[&str] = &["1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.11.", "1.2.840.10008.5.1.4.1.1.481.", "1.2.840.10008.5.1.4.1.1.104."];
+
+pub fn probe(path: &Path) -> Result<Probe> {
     let obj = dicom_object::OpenFileOptions::new().read_until(Tag(0x7FE0, 0x0010)).open_file(path).map_err(|e| anyhow!("{}: not a readable DICOM file: {e}", path.display()))?;
-    Ok(text(&obj, Tag(0x0020, 0x000E)).filter(|s| !s.is_empty()))
+    let modality = text(&obj, Tag(0x0008, 0x0060)).unwrap_or_default();
+    let sop_class = uid_or_meta(&obj, Tag(0x0008, 0x0016), &obj.meta().media_storage_sop_class_uid);
+    let not_an_image = if NON_IMAGE_MODALITIES.contains(&modality.as_str()) {
+        Some(format!("modality {modality}"))
+    } else if NON_IMAGE_SOP_CLASSES.iter().any(|c| sop_class.starts_with(c)) {
+        Some(format!("SOP class {sop_class}"))
+    } else {
+        None
+    };
+    Ok(Probe { series_uid: text(&obj, Tag(0x0020, 0x000E)).filter(|s| !s.is_empty()), not_an_image })
 }
 
 /// A UID attribute, or where an anonymiser blanked it, its copy in the file

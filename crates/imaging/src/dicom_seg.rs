@@ -59,6 +59,9 @@ pub struct Seg<'a> {
     /// Seeds the new UIDs (the model's key and the series, say).
     pub seed: &'a str,
     pub software: &'a str,
+    /// SegmentAlgorithmName: the tool and the model that made the mask
+    /// (`liverseg 0.1.0 model <key>`), so the object names its provenance.
+    pub algorithm: &'a str,
 }
 
 /// Write `seg` as a binary DICOM Segmentation to `path`.
@@ -93,7 +96,7 @@ pub fn write(seg: &Seg, path: &Path) -> Result<()> {
     for e in geometry(seg, &dim_uid, &source_series) {
         obj.put(e);
     }
-    obj.put(seq((0x0062, 0x0002), vec![segment(seg.software)]));
+    obj.put(seq((0x0062, 0x0002), vec![segment(seg.algorithm)]));
     obj.put(seq((0x5200, 0x9230), (0..n).map(|k| frame(seg, k)).collect()));
     obj.put(el((0x7FE0, 0x0010), VR::OB, pack_bits(seg.mask)));
     let meta = FileMetaTableBuilder::new()
@@ -193,12 +196,12 @@ fn geometry(seg: &Seg, dim_uid: &str, source_series: &str) -> Vec<DataElement<In
 }
 
 /// The one segment: liver, found by an algorithm.
-fn segment(software: &str) -> InMemDicomObject {
+fn segment(algorithm: &str) -> InMemDicomObject {
     item(vec![
         el((0x0062, 0x0004), VR::US, 1u16),
         el((0x0062, 0x0005), VR::LO, "Liver"),
         el((0x0062, 0x0008), VR::CS, "AUTOMATIC"),
-        el((0x0062, 0x0009), VR::LO, format!("liverseg {software}").as_str()),
+        el((0x0062, 0x0009), VR::LO, algorithm.get(..64).unwrap_or(algorithm)),
         seq((0x0062, 0x0003), vec![code("123037004", "SCT", "Anatomical Structure")]),
         seq((0x0062, 0x000F), vec![code("10200004", "SCT", "Liver")]),
         seq((0x0066, 0x002F), vec![code("123109", "DCM", "Artificial Intelligence")]),

@@ -291,6 +291,34 @@ fn header_affine(b: &[u8], e: &Endian, spacing: [f64; 3]) -> [[f64; 4]; 4] {
 /// Write a volume as NIfTI-1. With `template`, its header (geometry, codes,
 /// description) is kept and only the data fields change.
 pub fn write_u8_or_i16(path: &Path, dims: [usize; 3], affine: &[[f64; 4]; 4], data: VoxelData, template: Option<&[u8]>) -> Result<()> {
+    write_described(path, dims, affine, data, template, &Described::default())
+}
+
+/// What a written file says about where it came from: the header's 80-byte
+/// `descrip`, and a comment extension (code 6, NIFTI_ECODE_COMMENT) of any
+/// length, as nibabel's `header.extensions` reads it.
+#[derive(Default)]
+pub struct Described<'a> {
+    pub descrip: &'a str,
+    pub comment: Option<&'a [u8]>,
+}
+
+/// The extension block after the header: the 4-byte extender, then one
+/// comment extension padded to a multiple of 16 bytes, as the standard asks.
+fn extensions(comment: Option<&[u8]>) -> Vec<u8> {
+    let Some(text) = comment else {
+        return vec![0u8; 4];
+    };
+    let esize = (8 + text.len()).div_ceil(16) * 16;
+    let mut out = vec![1u8, 0, 0, 0];
+    out.extend_from_slice(&(esize as i32).to_le_bytes());
+    out.extend_from_slice(&6i32.to_le_bytes());
+    out.extend_from_slice(text);
+    out.resize(4 + esize, 0);
+    out
+}
+
+pub fn write_described(path: &Path, dims: [usize; 3], affine: &[[f64; 4]; 4], data: VoxelData, template: Option<&[u8]>, described: &Described) -> Result<()> {
     let mut h = match template {
         Some(t) if t.len() >= HEADER_LEN && i32::from_le_bytes([t[0], t[1], t[2], t[3]]) == 348 => t[..HEADER_LEN].to_vec(),
         _ => {
@@ -327,13 +355,19 @@ pub fn write_u8_or_i16(path: &Path, dims: [usize; 3], affine: &[[f64; 4]; 4], da
     }
     h[70..72].copy_from_slice(&code.to_le_bytes());
     h[72..74].copy_from_slice(&bitpix.to_le_bytes());
-    h[108..112].copy_from_slice(&352f32.to_le_bytes());
+    let ext = extensions(described.comment);
+    h[108..112].copy_from_slice(&((HEADER_LEN + ext.len()) as f32).to_le_bytes());
+    if !described.descrip.is_empty() {
+        let d = described.descrip.as_bytes();
+        h[148..228].fill(0);
+        h[148..148 + d.len().min(79)].copy_from_slice(&d[..d.len().min(79)]);
+    }
     h[112..116].copy_from_slice(&1f32.to_le_bytes()); // scl_slope
     h[116..120].copy_from_slice(&0f32.to_le_bytes()); // scl_inter
     h[124..132].copy_from_slice(&[0u8; 8]); // cal_max, cal_min
-    let mut out = Vec::with_capacity(352 + bytes.len());
+    let mut out = Vec::with_capacity(HEADER_LEN + ext.len() + bytes.len());
     out.extend_from_slice(&h);
-    out.extend_from_slice(&[0u8; 4]); // no extensions
+    out.extend_from_slice(&ext);
     out.extend_from_slice(&bytes);
     let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     if path.to_string_lossy().ends_with(".gz") {

@@ -94,8 +94,10 @@ pub fn discover(input: &Path) -> Result<(Vec<Case>, Vec<String>)> {
         match sniff(&f) {
             Ok(Some(Kind::Nifti)) => cases.push(Case::Nifti(f)),
             Ok(Some(Kind::Image)) => cases.push(Case::Image(f)),
-            Ok(Some(Kind::Dicom)) => match dicom::series_uid(&f) {
-                Ok(uid) => series.entry(series_key(&f, uid)).or_default().push(f),
+            Ok(Some(Kind::Dicom)) => match dicom::probe(&f) {
+                // A SEG or report stored beside its series is not a slice of it.
+                Ok(dicom::Probe { not_an_image: Some(what), .. }) => eprintln!("warning: {}: skipped, a DICOM object without an image ({what})", f.display()),
+                Ok(probe) => series.entry(series_key(&f, probe.series_uid)).or_default().push(f),
                 Err(e) => problems.push(format!("{e:#}")),
             },
             Ok(None) => problems.push(format!("{}: not a NIfTI, DICOM, PNG or JPEG file", f.display())),

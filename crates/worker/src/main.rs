@@ -118,7 +118,12 @@ fn predict_options(args: &[OsString]) -> Result<predict::Options> {
         device: liverseg_model::device_for(parsed::<Device>(args, "--device", "auto")?)?,
         bf16,
         force: has("--force"),
-        batch: parsed::<usize>(args, "--batch", "8")?.max(1),
+        batch: match parsed::<usize>(args, "--batch", "8")? {
+            0 => bail!("--batch 0: give at least one slice per forward pass"),
+            n => n,
+        },
+        resume: has("--continue"),
+        overwrite: has("--overwrite"),
     })
 }
 

@@ -31,6 +31,10 @@ pub struct Options {
     pub bf16: bool,
     pub force: bool,
     pub batch: usize,
+    /// Skip cases whose outputs and sidecar a run before wrote (`--continue`).
+    pub resume: bool,
+    /// Replace outputs that exist; without it (or `resume`) they are an error.
+    pub overwrite: bool,
 }
 
 /// The model folder (model.safetensors, and model.json or the card in the
@@ -50,6 +54,12 @@ fn model_dir(model: &Path) -> Result<PathBuf> {
 pub fn predict(o: &Options) -> Result<Vec<PathBuf>> {
     let mut models: Vec<Loaded> = o.models.iter().enumerate().map(|(i, m)| load_model(&format!("model{i}"), &model_dir(m)?, o.device)).collect::<Result<_>>()?;
     let card = same_preprocessing(&models)?;
+    for (m, path) in models.iter().zip(&o.models) {
+        if let Some(w) = m.card.data_warning() {
+            eprintln!("warning: {}: {w}", path.display());
+        }
+    }
+    let provenance = Provenance::of(o, &models)?;
     let cases = checked_cases(o, &card)?;
     std::fs::create_dir_all(&o.output).with_context(|| format!("cannot create the output folder {}", o.output.display()))?;
     let kind = if o.bf16 { tch::Kind::BFloat16 } else { tch::Kind::Float };
@@ -61,9 +71,114 @@ pub fn predict(o: &Options) -> Result<Vec<PathBuf>> {
             Some(scan) => scan,
             None => inputs::read(&case)?,
         };
-        written.extend(segment_case(o, &nets, &card, &case, scan)?);
+        let outputs = segment_case(o, &nets, &card, &case, scan, &provenance)?;
+        // The sidecar last: its presence marks the case finished for --continue.
+        written.push(provenance.write_sidecar(o, &case, &outputs)?);
+        written.extend(outputs);
     }
     Ok(written)
+}
+
+/// Where a prediction came from: the models (key, weights hash, params,
+/// training data) and the options. Written beside every output as
+/// `<case>_liver.json`, with the case's input and output hashes, and into
+/// each NIfTI output's comment extension.
+struct Provenance {
+    models: Vec<serde_json::Value>,
+    options: serde_json::Value,
+    /// `liverseg 0.1.0 model <key>`: the NIfTI descrip and the SEG's algorithm name.
+    algorithm: String,
+}
+
+impl Provenance {
+    fn of(o: &Options, models: &[Loaded]) -> Result<Self> {
+        let mut described = Vec::new();
+        for (m, path) in models.iter().zip(&o.models) {
+            let weights = if m.card.folds > 0 { m.dir.join("folds/fold0/model.safetensors") } else { m.dir.join("model.safetensors") };
+            let params = m.manifest.as_ref().map(|x| x.effective_params.clone().unwrap_or_else(|| x.params.clone()));
+            described.push(serde_json::json!({
+                "path": path,
+                "train_stage_key": m.card.train_stage_key,
+                "weights_blake3": liverseg_engine::hash::hash_file(&weights)?,
+                "arch": m.card.spec.arch.name(),
+                "size": m.card.size,
+                "folds": m.card.folds,
+                "params": params,
+                "training_data": m.card.training_data,
+            }));
+        }
+        let options = serde_json::json!({
+            "mirror": o.mirror, "largest_component": o.largest_component, "precision": if o.bf16 { "bf16" } else { "fp32" },
+            "batch": o.batch, "device": format!("{:?}", o.device), "probabilities": o.probabilities, "dicom_seg": o.dicom_seg,
+        });
+        let keys: Vec<&str> = models.iter().map(|m| m.card.train_stage_key.as_str()).collect();
+        let algorithm = format!("liverseg {} model {}", env!("CARGO_PKG_VERSION"), keys.iter().map(|k| &k[..k.len().min(16)]).collect::<Vec<_>>().join("+"));
+        Ok(Provenance { models: described, options, algorithm })
+    }
+
+    /// What a case's outputs say about themselves, its input files hashed.
+    fn of_case(&self, case: &Case) -> Result<serde_json::Value> {
+        let inputs: Vec<serde_json::Value> = case_files(case)
+            .iter()
+            .map(|f| {
+                let size = std::fs::metadata(f).with_context(|| format!("cannot stat {}", f.display()))?.len();
+                Ok(serde_json::json!({"path": f, "size": size, "blake3": liverseg_engine::hash::hash_file(f)?}))
+            })
+            .collect::<Result<_>>()?;
+        let mut v = serde_json::json!({
+            "liverseg": env!("CARGO_PKG_VERSION"), "case": case.name(), "models": self.models, "options": self.options, "inputs": inputs,
+        });
+        if !case.is_image() {
+            v["voxel_order"] = VOXEL_ORDER.into();
+        }
+        Ok(v)
+    }
+
+    fn write_sidecar(&self, o: &Options, case: &Case, outputs: &[PathBuf]) -> Result<PathBuf> {
+        let mut v = self.of_case(case)?;
+        let files: Vec<serde_json::Value> = outputs
+            .iter()
+            .map(|f| Ok(serde_json::json!({"file": f.file_name().map(|n| n.to_string_lossy().into_owned()), "size": std::fs::metadata(f)?.len(), "blake3": liverseg_engine::hash::hash_file(f)?})))
+            .collect::<Result<_>>()?;
+        v["outputs"] = files.into();
+        let path = sidecar(o, case);
+        std::fs::write(&path, serde_json::to_vec_pretty(&v)?).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+/// How a volume's voxels are ordered in the NIfTI outputs (README: "Voxel order").
+const VOXEL_ORDER: &str = "as the input: a NIfTI input's own order and affine; a DICOM series as stored, i along each slice's columns, j down its rows, k by position along the slice normal (ascending), with the affine mapping them to RAS+ mm. dcm2niix flips j, so compare arrays through the affines, not index by index";
+
+fn sidecar(o: &Options, case: &Case) -> PathBuf {
+    o.output.join(format!("{}_liver.json", case.name()))
+}
+
+/// The files a case is read from.
+fn case_files(case: &Case) -> Vec<PathBuf> {
+    match case {
+        Case::Nifti(p) | Case::Image(p) => vec![p.clone()],
+        Case::Dicom { files, .. } => files.clone(),
+    }
+}
+
+/// The outputs a case gets, sidecar aside; and the ones an earlier run
+/// with other options may have left, which this run removes.
+fn outputs_of(o: &Options, case: &Case) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let name = case.name();
+    let at = |suffix: &str| o.output.join(format!("{name}{suffix}"));
+    let mask = if case.is_image() { at("_liver.png") } else { at("_liver.nii.gz") };
+    let (mut planned, mut stale) = (vec![mask], Vec::new());
+    let prob = at("_liver_prob.nii.gz");
+    if o.probabilities {
+        planned.push(prob)
+    } else {
+        stale.push(prob)
+    }
+    if matches!(case, Case::Dicom { .. }) && o.dicom_seg {
+        planned.push(at("_liver.dcm"));
+    }
+    (planned, stale)
 }
 
 /// An ensemble's models must prepare their inputs alike.
@@ -88,7 +203,30 @@ fn checked_cases(o: &Options, card: &ModelCard) -> Result<Vec<(Case, Option<Scan
     let mut names = std::collections::BTreeSet::new();
     let mut checked = Vec::with_capacity(cases.len());
     let mut kept_bytes = 0;
+    let not_dicom = cases.iter().filter(|c| !matches!(c, Case::Dicom { .. })).count();
+    if o.dicom_seg && not_dicom > 0 {
+        eprintln!("note: --format dicom-seg: {not_dicom} input(s) are not DICOM series; they get NIfTI (or PNG) outputs only");
+    }
     for case in cases {
+        if !names.insert(case.name()) {
+            problems.push(format!("{}: a second case named {}; give the cases distinct names", case_path(&case).display(), case.name()));
+            continue;
+        }
+        let (planned, stale) = outputs_of(o, &case);
+        let finished = sidecar(o, &case).is_file() && planned.iter().all(|p| p.is_file());
+        if o.resume && finished {
+            eprintln!("skipped {}: finished by an earlier run ({})", case.name(), sidecar(o, &case).display());
+            continue;
+        }
+        // An unfinished case (no sidecar) is redone under --continue.
+        if !o.overwrite && !(o.resume && !finished) {
+            let mut there = planned.iter().chain(&stale).chain(std::iter::once(&sidecar(o, &case))).filter(|p| p.exists()).map(|p| p.display().to_string()).collect::<Vec<_>>();
+            if !there.is_empty() {
+                there.sort();
+                problems.push(format!("{}: output exists ({}); --overwrite replaces it, --continue skips finished cases", case_path(&case).display(), there.join(", ")));
+                continue;
+            }
+        }
         // Scans read here are kept for inference, up to a memory budget, so
         // that a single volume is not decompressed twice.
         match inputs::read(&case) {
@@ -111,12 +249,6 @@ fn checked_cases(o: &Options, card: &ModelCard) -> Result<Vec<(Case, Option<Scan
             } else {
                 problems.push(format!("{msg} (--force predicts anyway)"));
             }
-        }
-        if o.dicom_seg && !matches!(case, Case::Dicom { .. }) {
-            problems.push(format!("{}: --format dicom-seg needs a DICOM series as input", case_path(case).display()));
-        }
-        if !names.insert(case.name()) {
-            problems.push(format!("{}: a second case named {}; give the cases distinct names", case_path(case).display(), case.name()));
         }
     }
     if !problems.is_empty() {
@@ -155,22 +287,28 @@ fn segment_slices(o: &Options, nets: &[&SegmentationModel], card: &ModelCard, im
 }
 
 /// Segment one case and write its outputs; returns the files written.
-fn segment_case(o: &Options, nets: &[&SegmentationModel], card: &ModelCard, case: &Case, scan: Scan) -> Result<Vec<PathBuf>> {
+fn segment_case(o: &Options, nets: &[&SegmentationModel], card: &ModelCard, case: &Case, scan: Scan, provenance: &Provenance) -> Result<Vec<PathBuf>> {
     let name = case.name();
+    for old in outputs_of(o, case).1.iter().chain(std::iter::once(&sidecar(o, case))).filter(|p| p.exists()) {
+        std::fs::remove_file(old).with_context(|| format!("cannot remove the earlier {}", old.display()))?;
+    }
     match scan {
         Scan::Image { pixels, rows, cols } => segment_image(o, nets, card, case_path(case).as_path(), &name, (&pixels, rows, cols)),
         Scan::Volume { volume, header, series } => {
             let (mask, probs) = segment_volume(o, nets, card, &volume, &name)?;
-            let mut out = write_volume(o, &name, &volume, &mask, &probs, header.as_deref())?;
+            let comment = serde_json::to_vec(&provenance.of_case(case)?)?;
+            let described = nifti::Described { descrip: &provenance.algorithm, comment: Some(&comment) };
+            let mut out = write_volume(o, &name, &volume, (&mask, &probs), header.as_deref(), &described)?;
             if let (true, Some(info)) = (o.dicom_seg, series) {
-                out.push(write_seg(o, card, case, &name, &volume, &info, &mask)?);
+                out.push(write_seg(o, card, case, &name, &volume, &info, &mask, &provenance.algorithm)?);
             }
             Ok(out)
         }
     }
 }
 
-fn write_seg(o: &Options, card: &ModelCard, case: &Case, name: &str, vol: &Volume, info: &dicom::SeriesInfo, mask: &[u8]) -> Result<PathBuf> {
+#[allow(clippy::too_many_arguments)]
+fn write_seg(o: &Options, card: &ModelCard, case: &Case, name: &str, vol: &Volume, info: &dicom::SeriesInfo, mask: &[u8], algorithm: &str) -> Result<PathBuf> {
     let missing = dicom_seg::missing_uids(info);
     if !missing.is_empty() {
         eprintln!(
@@ -182,7 +320,7 @@ fn write_seg(o: &Options, card: &ModelCard, case: &Case, name: &str, vol: &Volum
     let [cols, rows, _] = vol.dims;
     let path = o.output.join(format!("{name}_liver.dcm"));
     let seed = format!("{}/{}/{}", card.train_stage_key, name, info.slices.first().map(|s| s.sop_instance_uid.as_str()).unwrap_or(""));
-    dicom_seg::write(&dicom_seg::Seg { series: info, rows, cols, mask, seed: &seed, software: env!("CARGO_PKG_VERSION") }, &path)?;
+    dicom_seg::write(&dicom_seg::Seg { series: info, rows, cols, mask, seed: &seed, software: env!("CARGO_PKG_VERSION"), algorithm }, &path)?;
     Ok(path)
 }
 
@@ -211,13 +349,13 @@ fn segment_volume(o: &Options, nets: &[&SegmentationModel], card: &ModelCard, vo
     Ok((out_mask, out_probs))
 }
 
-fn write_volume(o: &Options, name: &str, vol: &Volume, mask: &[u8], probs: &[f32], header: Option<&[u8]>) -> Result<Vec<PathBuf>> {
+fn write_volume(o: &Options, name: &str, vol: &Volume, (mask, probs): (&[u8], &[f32]), header: Option<&[u8]>, described: &nifti::Described) -> Result<Vec<PathBuf>> {
     let path = o.output.join(format!("{name}_liver.nii.gz"));
-    nifti::write_u8_or_i16(&path, vol.dims, &vol.affine, nifti::VoxelData::U8(mask), header)?;
+    nifti::write_described(&path, vol.dims, &vol.affine, nifti::VoxelData::U8(mask), header, described)?;
     let mut out = vec![path];
     if o.probabilities {
         let path = o.output.join(format!("{name}_liver_prob.nii.gz"));
-        nifti::write_u8_or_i16(&path, vol.dims, &vol.affine, nifti::VoxelData::F32(probs), header)?;
+        nifti::write_described(&path, vol.dims, &vol.affine, nifti::VoxelData::F32(probs), header, described)?;
         out.push(path);
     }
     Ok(out)

@@ -57,8 +57,18 @@ fn runs_are_compared_by_key_stage_and_revision() {
     let lrs: Vec<f64> = rows.as_array().unwrap().iter().map(|r| r["param.lr"].as_f64().unwrap()).collect();
     assert_eq!(lrs, [1e-3, 5e-3], "{rows}");
     assert!(rows[0]["val_dice"].is_number());
-    let md = ok(&dir, &["exp", "show", "--metrics", "dice_per_case", "--md", "--sort", "train.dice_per_case"]);
-    assert!(md.starts_with("| key | finished (UTC) | train.dice_per_case"), "{md}");
+    // By default one row per recorded run, over the whole pipeline: upstream params as columns.
+    let md = ok(&dir, &["exp", "show", "--metrics", "dice_per_case", "--md", "--sort", "evaluate.train.dice_per_case"]);
+    assert!(md.starts_with("| run | finished (UTC) | param.train.lr | evaluate.train.dice_per_case"), "{md}");
+    assert!(md.contains("| run-1 |") && md.contains("| run-2 |"), "{md}");
+    assert_eq!(liverseg_in(&dir, &["metrics", "diff", "run-1", "run-2"]).status.code(), Some(1));
+    // Keys print as short unique prefixes, which the diffs take; too short a prefix says so.
+    let text = ok(&dir, &["exp", "show", "--stage", "train"]);
+    let short = text.lines().nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    assert_eq!(short.len(), 8, "{text}");
+    assert_eq!(liverseg_in(&dir, &["params", "diff", &short, "train"]).status.code(), Some(1));
+    let err = liverseg_in(&dir, &["params", "diff", &short[..3], "train"]);
+    assert!(String::from_utf8_lossy(&err.stderr).contains("a key prefix needs at least 4 characters"), "{}", String::from_utf8_lossy(&err.stderr));
 
     // metrics diff HEAD~1 HEAD: both Dice values and the delta; exit 1 as they differ.
     let out = liverseg_in(&dir, &["metrics", "diff", "HEAD~1", "HEAD", "--json"]);

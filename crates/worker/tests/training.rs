@@ -141,6 +141,8 @@ fn check_per_case_tables(a: &Path) {
 /// The report's Table 1 is the evaluate artifact's, and every section is there.
 fn check_report(a: &Path, manifest: &liverseg_engine::store::Manifest, dice: f64) {
     let html = std::fs::read_to_string(artifact(a, "report").join("report.html")).unwrap();
+    let banner = html.find("trained and evaluated on synthetic phantoms").expect("the phantom banner");
+    assert!(banner < html.find("Table 1").unwrap(), "the banner comes first");
     for section in [
         "Table 1",
         "Learning curves",
@@ -245,7 +247,10 @@ fn check_predict(a: &Path) {
     };
     let ts = shared.join("formats/totalsegmentator");
     let nifti = ts.join("example_ct_sm.nii.gz");
-    run(a, &["predict", "--model", "train", "-i", nifti.to_str().unwrap(), "-o", "pred/nested"]);
+    let out = run(a, &["predict", "--model", "train", "-i", nifti.to_str().unwrap(), "-o", "pred/nested"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("this model was trained on synthetic phantoms"), "{}", String::from_utf8_lossy(&out.stderr));
+    check_sidecar(&a.join("pred/nested"), "example_ct_sm", &nifti);
+    check_rerun_into_the_same_folder(a, &nifti);
     let (src, pred) = (liverseg_imaging::nifti::read(&nifti).unwrap(), liverseg_imaging::nifti::read(&a.join("pred/nested/example_ct_sm_liver.nii.gz")).unwrap());
     assert_eq!(src.volume.dims, pred.volume.dims);
     assert_eq!(src.volume.affine, pred.volume.affine);
@@ -254,6 +259,37 @@ fn check_predict(a: &Path) {
     check_predict_dicom(a, &ts);
     check_predict_mixed_folder(a, &shared);
     assert!(fails(a, &["predict", "--model", "/nonexistent", "-i", nifti.to_str().unwrap(), "-o", "x"]).contains("no model at /nonexistent"));
+}
+
+/// The sidecar names the model and hashes the input and every output.
+fn check_sidecar(dir: &Path, case: &str, input: &Path) {
+    let side: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(format!("{case}_liver.json"))).unwrap()).unwrap();
+    let key = side["models"][0]["train_stage_key"].as_str().unwrap();
+    assert_eq!(key.len(), 20, "{side}");
+    assert_eq!(side["models"][0]["training_data"]["source"], "synthetic");
+    assert!(side["models"][0]["params"]["lr"].is_number(), "{side}");
+    assert_eq!(side["inputs"][0]["blake3"].as_str().unwrap(), liverseg_engine::hash::hash_file(input).unwrap());
+    for o in side["outputs"].as_array().unwrap() {
+        let file = dir.join(o["file"].as_str().unwrap());
+        assert_eq!(o["blake3"].as_str().unwrap(), liverseg_engine::hash::hash_file(&file).unwrap(), "{}", file.display());
+    }
+    assert!(side["voxel_order"].as_str().unwrap().contains("dcm2niix flips j"));
+}
+
+/// Outputs are never replaced silently: a second run is refused, --continue
+/// skips the finished case, --overwrite replaces it and removes a `_prob`
+/// file that the new options no longer write.
+fn check_rerun_into_the_same_folder(a: &Path, nifti: &Path) {
+    let i = nifti.to_str().unwrap();
+    let err = fails(a, &["predict", "-m", "train", "-i", i, "-o", "pred/nested"]);
+    assert!(err.contains("example_ct_sm_liver.nii.gz") && err.contains("--overwrite replaces it, --continue skips finished cases"), "{err}");
+    let out = run(a, &["predict", "-m", "train", "-i", i, "-o", "pred/nested", "--continue"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("skipped example_ct_sm: finished by an earlier run"));
+    run(a, &["predict", "-m", "train", "-i", i, "-o", "pred/nested", "--overwrite", "--probabilities", "--no-mirror"]);
+    assert!(a.join("pred/nested/example_ct_sm_liver_prob.nii.gz").is_file());
+    run(a, &["predict", "-m", "train", "-i", i, "-o", "pred/nested", "--overwrite", "--no-mirror"]);
+    assert!(!a.join("pred/nested/example_ct_sm_liver_prob.nii.gz").exists(), "a stale _prob file stayed");
+    assert!(fails(a, &["predict", "-m", "train", "-i", i, "-o", "x", "--batch", "0"]).contains("--batch"));
 }
 
 /// The DICOM series to NIfTI and SEG, checked with nibabel, pydicom and highdicom.
@@ -299,12 +335,30 @@ fn check_predict_mixed_folder(a: &Path, shared: &Path) {
     let err = fails(a, &["predict", "-m", "train", "-i", "mixed", "-o", "pred/refused"]);
     assert!(err.contains("flipped_10001_81.png: 8bit input, but the model was trained on HU input") && err.contains("--force"), "{err}");
     assert!(!a.join("pred/refused").exists(), "a refused input wrote output");
-    // ...and predicted with a warning under --force.
-    let out = run(a, &["predict", "-m", "train", "-i", "mixed", "-o", "pred/mixed", "--force"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("predicting anyway (--force)"));
+    // ...and predicted with a warning under --force. A DICOM SEG stored in
+    // the series folder is skipped, named; --format dicom-seg gives a SEG
+    // for the series and the plain outputs for the rest.
+    std::fs::copy(a.join("pred/dicom/example_ct_dicom_liver.dcm"), mixed.join("series/seg_of_this_series")).unwrap();
+    let out = run(a, &["predict", "-m", "train", "-i", "mixed", "-o", "pred/mixed", "--force", "--format", "dicom-seg"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("predicting anyway (--force)"), "{err}");
+    assert!(err.contains("seg_of_this_series: skipped, a DICOM object without an image (modality SEG)"), "{err}");
+    assert!(err.contains("3 input(s) are not DICOM series; they get NIfTI (or PNG) outputs only"), "{err}");
     let mut written: Vec<String> = std::fs::read_dir(a.join("pred/mixed")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     written.sort();
-    assert_eq!(written, ["abdomen_liver.nii.gz", "flipped_10001_103_liver.png", "flipped_10001_81_liver.png", "series_liver.nii.gz"], "{}", String::from_utf8_lossy(&out.stderr));
+    let expected = [
+        "abdomen_liver.json",
+        "abdomen_liver.nii.gz",
+        "flipped_10001_103_liver.json",
+        "flipped_10001_103_liver.png",
+        "flipped_10001_81_liver.json",
+        "flipped_10001_81_liver.png",
+        "series_liver.dcm",
+        "series_liver.json",
+        "series_liver.nii.gz",
+    ];
+    assert_eq!(written, expected, "{err}");
+    std::fs::remove_file(mixed.join("series/seg_of_this_series")).unwrap();
     let png = image::open(a.join("pred/mixed/flipped_10001_81_liver.png")).unwrap().to_luma8();
     assert_eq!(png.dimensions(), (256, 256));
     let bytes = std::fs::read(mixed.join("abdomen.nii.gz")).unwrap();
@@ -318,6 +372,7 @@ fn check_predict_mixed_folder(a: &Path, shared: &Path) {
 fn check_external_evaluation(a: &Path) {
     run(a, &["synth", "ext", "--cases", "2", "--size", "64", "--slices", "6", "--seed", "42"]);
     let out = run(a, &["evaluate", "--model", "train", "--data", "ext", "--out", "ext-eval", "-q"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("this model was trained on synthetic phantoms"), "{}", String::from_utf8_lossy(&out.stderr));
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(printed.contains("\"split\": \"all\"") && printed.contains(".dice_per_case"), "{printed}");
     let ext_yaml = std::fs::read_to_string(a.join("ext-eval/pipeline.yaml")).unwrap();
@@ -460,7 +515,7 @@ fn folds_train_an_ensemble_that_evaluate_and_predict_take() {
     let mut args = vec!["predict", "--model", "train", "-i", scan.to_str().unwrap(), "-o", "pred", "--no-mirror"];
     args.extend(&cv[..6]);
     run(&a, &args);
-    assert_eq!(std::fs::read_dir(a.join("pred")).unwrap().count(), 1);
+    assert_eq!(std::fs::read_dir(a.join("pred")).unwrap().count(), 2, "the mask and its sidecar");
     let mut args = vec!["run", "evaluate", "-q"];
     args.extend(&cv[..6]);
     args.extend(["-P", "evaluate.split=val"]);

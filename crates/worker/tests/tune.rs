@@ -124,3 +124,36 @@ fn parallel_trials_of_an_instance_each_have_their_own_request() {
     }
     assert_eq!(bests[0], bests[1], "the same trials choose the same params, one or two at a time");
 }
+
+/// A declared param that tune replaces has no effect: `run` warns about the
+/// -P that set it, `status` names what ran, `params diff` says "no effect".
+#[test]
+fn a_param_tune_replaces_is_reported_not_silently_ignored() {
+    let dir = project("tune_replaces", &format!("{{{BASE}, trial_epochs: 1, budget: 2, prune: none, space: {{lr: {{log_uniform: [1.0e-3, 1.0e-2]}}}}}}"));
+    let yaml =
+        std::fs::read_to_string(dir.join("pipeline.yaml")).unwrap() + "  train:\n    deps: [normalise, split, augment, tune]\n    params: {encoder: resnet18, epochs: 1, threads: 1, lr: 1.0e-4}\n";
+    std::fs::write(dir.join("pipeline.yaml"), yaml).unwrap();
+    let run = |extra: &[&str]| {
+        let out = Command::new(liverseg()).args(["run", "train", "-q"]).args(extra).current_dir(&dir).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let key =
+        || std::fs::read_to_string(dir.join("artifacts/train").read_dir().unwrap().flatten().max_by_key(|e| e.metadata().unwrap().modified().unwrap()).unwrap().path().join("manifest.json")).unwrap();
+    let quiet = run(&[]);
+    assert!(!quiet.contains("warning"), "{quiet}");
+    let first: serde_json::Value = serde_json::from_str(&key()).unwrap();
+    let err = run(&["-P", "train.lr=3e-4"]);
+    assert!(err.contains("warning: -P train.lr=0.0003 had no effect: train ran with lr="), "{err}");
+    let second: serde_json::Value = serde_json::from_str(&key()).unwrap();
+    let used = second["effective_params"]["lr"].as_f64().unwrap();
+    assert_eq!(first["effective_params"]["lr"].as_f64(), Some(used), "both ran tune's lr");
+
+    let status = Command::new(liverseg()).args(["status", "-P", "train.lr=3e-4"]).current_dir(&dir).output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.lines().any(|l| l.starts_with("train") && l.contains("ran with upstream-chosen lr=") && l.contains("(declared 3e-4)")), "{status}");
+    let (a, b) = (first["key"].as_str().unwrap(), second["key"].as_str().unwrap());
+    let diff = Command::new(liverseg()).args(["params", "diff", a, b]).current_dir(&dir).output().unwrap();
+    let diff = String::from_utf8_lossy(&diff.stdout);
+    assert!(diff.lines().any(|l| l.contains(" lr ") && l.contains("no effect: both ran")), "{diff}");
+}
