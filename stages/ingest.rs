@@ -240,8 +240,14 @@ fn discover_nifti(root: &Path, files: &[PathBuf], all: &[PathBuf]) -> Discovered
             items.push(Item::Nifti { case: n.to_owned(), image: path.clone(), mask });
         } else if parent.file_name().is_some_and(|d| d == "imagesTr") {
             let labels = parent.parent().unwrap_or(root).join("labelsTr");
-            let mask = find_mask(&labels, stem);
-            items.push(Item::Nifti { case: stem.to_owned(), image: path.clone(), mask });
+            // nnU-Net names a case's channels `<case>_0000`, `<case>_0001`...
+            // beside `labelsTr/<case>`; MSD names both `<case>`.
+            match (find_mask(&labels, stem), nnunet_channel(stem)) {
+                (Some(mask), _) => items.push(Item::Nifti { case: stem.to_owned(), image: path.clone(), mask: Some(mask) }),
+                (None, Some((case, 0))) => items.push(Item::Nifti { case: case.to_owned(), image: path.clone(), mask: find_mask(&labels, case) }),
+                (None, Some((case, k))) => bad.push((name.clone(), format!("channel {k} of nnU-Net case `{case}`: liverseg reads one channel, the CT (`{case}_0000`)"))),
+                (None, None) => items.push(Item::Nifti { case: stem.to_owned(), image: path.clone(), mask: None }),
+            }
         } else if !(stem.starts_with("segmentation-") || parent.file_name().is_some_and(|d| d == "labelsTr")) {
             bad.push((name.clone(), "NIfTI file that is neither volume-N nor imagesTr/X (no way to pair it with a mask)".to_owned()));
         }
@@ -263,6 +269,12 @@ fn discover_nifti(root: &Path, files: &[PathBuf], all: &[PathBuf]) -> Discovered
         }
     }
     (items, bad)
+}
+
+/// `liver_001_0000` -> (`liver_001`, 0): nnU-Net's channel suffix.
+fn nnunet_channel(stem: &str) -> Option<(&str, u32)> {
+    let (case, k) = stem.rsplit_once('_')?;
+    (k.len() == 4 && k.bytes().all(|b| b.is_ascii_digit()) && !case.is_empty()).then(|| (case, k.parse().unwrap_or(0)))
 }
 
 /// 2D image/mask pairs of the same name, grouped into patients by data.case_regex.

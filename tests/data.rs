@@ -245,3 +245,35 @@ fn bad_inputs_fail_clearly_or_are_quarantined() {
     let err = fails(&d2, &["run", "-q"]);
     assert!(err.contains("flipped_1_1.jpg: not a decodable PNG/JPEG image"), "{err}");
 }
+
+/// The NIfTI layouts ingest reads: LiTS (`volume-N` beside `segmentation-N`),
+/// MSD (`imagesTr/X` with `labelsTr/X`) and nnU-Net (`imagesTr/X_0000` with
+/// `labelsTr/X`; another channel is named, not read). Each gives the same cases.
+#[test]
+fn lits_msd_and_nnunet_layouts_pair_images_with_masks() {
+    let dir = project("data_layouts", "data: {source: nifti, root: lits}\nstages:\n  ingest: {}\n");
+    ok(&dir, &["synth", "lits", "--cases", "2", "--size", "32", "--slices", "4"]);
+    for (layout, image_name) in [("msd", "liver_{n}.nii.gz"), ("nnunet", "liver_{n}_0000.nii.gz")] {
+        std::fs::create_dir_all(dir.join(layout).join("imagesTr")).unwrap();
+        std::fs::create_dir_all(dir.join(layout).join("labelsTr")).unwrap();
+        for n in 0..2 {
+            std::fs::copy(dir.join(format!("lits/volume-{n}.nii.gz")), dir.join(layout).join("imagesTr").join(image_name.replace("{n}", &n.to_string()))).unwrap();
+            std::fs::copy(dir.join(format!("lits/segmentation-{n}.nii.gz")), dir.join(layout).join(format!("labelsTr/liver_{n}.nii.gz"))).unwrap();
+        }
+    }
+    let cases = |root: &str| {
+        let out = run(&dir, &["run", "-q", "-P", &format!("data.root={root}")]);
+        assert!(out.status.success(), "{root}: {}", String::from_utf8_lossy(&out.stderr));
+        let ingest = ok(&dir, &["path", "ingest", "-P", &format!("data.root={root}")]);
+        let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(ingest.trim()).join("manifest.json")).unwrap()).unwrap();
+        (manifest["metrics"]["cases"].as_u64(), manifest["metrics"]["quarantined"].as_u64().unwrap_or(0))
+    };
+    assert_eq!(cases("lits"), (Some(2), 0));
+    assert_eq!(cases("msd"), (Some(2), 0));
+    assert_eq!(cases("nnunet"), (Some(2), 0));
+    // A second channel is not a case: ingest says which file and why.
+    std::fs::copy(dir.join("lits/volume-0.nii.gz"), dir.join("nnunet/imagesTr/liver_0_0001.nii.gz")).unwrap();
+    let out = run(&dir, &["run", "-P", "data.root=nnunet"]);
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("liver_0_0001.nii.gz") && said.contains("channel 1 of nnU-Net case `liver_0`"), "{said}");
+}
