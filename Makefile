@@ -59,8 +59,12 @@ bench: build
 clean-artifacts:
 	rm -rf artifacts/*/ artifacts/.tmp artifacts/.scratch
 
-# The README's diagrams: the stage DAG of pipeline.yaml and the crates (needs Graphviz's dot).
+# docs/params.md (every stage key; a test checks it against the code) and
+# the README's diagrams: the stage DAG and the crates (needs Graphviz's dot).
+PARAMS_HEADER := \# liverseg parameters\n\nEvery key of every stage, generated from the code by `make docs` (`liverseg params --markdown`); tests/cli.rs checks this file is current.\n
 docs: build
+	printf '$(PARAMS_HEADER)' > docs/params.md
+	$(BIN) params --markdown >> docs/params.md
 	$(BIN) dag --dot > docs/dag.dot
 	dot -Tsvg docs/dag.dot -o docs/dag.svg
 	dot -Tsvg docs/crates.dot -o docs/crates.svg

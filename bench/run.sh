@@ -171,7 +171,7 @@ if [ "$what" = all ] || [ "$what" = predict ]; then
     echo "$prec runs (s): liverseg ${ls_t[*]} | smp process ${py_t[*]} | smp loop ${py_loop[*]}"
   done
   read -r same dice < <("$PY" bench/py_predict_speed.py agree "$PR/liverseg_bf16.nii.gz" "$PR/liverseg_fp32.nii.gz")
-  echo "liverseg bf16 against fp32 masks: agree on $same of voxels, Dice $dice (random-init weights; see README for a trained model)"
+  echo "liverseg bf16 against fp32 masks: agree on $same of voxels, Dice $dice (random-init weights; see BENCHMARKS.md for a trained model)"
 fi
 
 if [ "$what" = pipeline-parallel ]; then

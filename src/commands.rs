@@ -291,7 +291,7 @@ pub struct PredictArgs {
     no_largest_component: bool,
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     device: String,
-    /// bf16 runs faster on CPUs with AVX-512 BF16/AMX; see README for its agreement with fp32.
+    /// bf16 runs faster on CPUs with AVX-512 BF16/AMX; see BENCHMARKS.md for its agreement with fp32.
     #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
     precision: String,
     /// Slices per forward pass.

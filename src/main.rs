@@ -138,7 +138,7 @@ enum Command {
     /// List every stage's parameters: name, type, default and meaning; or
     /// `params diff A B`: the params two runs differ in.
     Params {
-        /// Markdown table (as in README.md).
+        /// Markdown tables (docs/params.md, made by `make docs`).
         #[arg(long)]
         markdown: bool,
         #[command(subcommand)]

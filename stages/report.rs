@@ -14,13 +14,16 @@ use liverseg_engine::store::Artifact;
 use liverseg_engine::tables::read_parquet;
 use liverseg_engine::tensors::TensorFile;
 use polars::prelude::DataFrame;
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 /// 4: Table 1 with n, CI rule, HD95 rule, training columns; one search per tuned model.
 /// 6: Table 1's params as wrapping text (the JSON ran off the page).
 /// 7: each model's input scaling under Table 1.
 /// 8: a banner at the top when the models learnt from synthetic phantoms.
-pub const VERSION: u32 = 8;
+/// 9: a per-case Dice strip plot; outlines and FP/FN maps in the examples;
+/// wider charts with legends beside the plot.
+pub const VERSION: u32 = 9;
 
 liverseg_engine::params! {
     pub struct ReportParams {
@@ -74,32 +77,141 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-/// A line chart of several series against epoch (or trial), as standalone SVG.
-fn line_chart(title: &str, x_label: &str, series: &[(&str, &str, Vec<f64>)]) -> String {
-    let (w, h, pad) = (360.0, 220.0, 36.0);
-    let n = series.iter().map(|s| s.2.len()).max().unwrap_or(0).max(2);
-    let vals: Vec<f64> = series.iter().flat_map(|s| s.2.iter().copied()).filter(|v| v.is_finite()).collect();
-    let (mut lo, mut hi) = vals.iter().fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-    if !lo.is_finite() || hi - lo < 1e-9 {
-        lo -= 0.5;
-        hi += 0.5;
-    }
-    let x = |i: usize| pad + (w - 2.0 * pad) * i as f64 / (n - 1) as f64;
-    let y = |v: f64| h - pad - (h - 2.0 * pad) * (v - lo) / (hi - lo);
-    let mut s = format!("<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' viewBox='0 0 {w} {h}' font-family='sans-serif' font-size='11'>");
-    let _ = write!(s, "<text x='{}' y='14' text-anchor='middle' font-weight='bold'>{}</text>", w / 2.0, esc(title));
-    let _ = write!(s, "<line x1='{pad}' y1='{}' x2='{}' y2='{}' stroke='#444'/><line x1='{pad}' y1='{pad}' x2='{pad}' y2='{}' stroke='#444'/>", h - pad, w - pad, h - pad, h - pad);
-    let _ = write!(s, "<text x='4' y='{}'>{hi:.3}</text><text x='4' y='{}'>{lo:.3}</text>", pad + 4.0, h - pad);
-    let _ = write!(s, "<text x='{}' y='{}' text-anchor='middle'>{x_label} (1–{})</text>", w / 2.0, h - 8.0, n);
-    for (k, (name, colour, v)) in series.iter().enumerate() {
-        let pts: Vec<String> = v.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| format!("{:.1},{:.1}", x(i), y(v))).collect();
-        let _ = write!(s, "<polyline fill='none' stroke='{colour}' stroke-width='2' points='{}'/>", pts.join(" "));
-        // Markers too, so that a one-epoch run still shows its values.
-        for p in &pts {
-            let (cx, cy) = p.split_once(',').unwrap_or(("0", "0"));
-            let _ = write!(s, "<circle cx='{cx}' cy='{cy}' r='2.5' fill='{colour}'/>");
+/// Pixels a legend or label of `n` characters takes at font-size 12.
+fn text_width(text: &str) -> f64 {
+    7.0 * text.chars().count() as f64
+}
+
+/// Round ticks (steps of 1, 2 or 5 times a power of ten) between lo and hi.
+fn ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let rough = (hi - lo) / 5.0;
+    let power = 10f64.powf(rough.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * power).find(|s| *s >= rough).unwrap_or(10.0 * power);
+    let first = (lo / step).ceil() as i64;
+    (first..).map(|k| k as f64 * step).take_while(|t| *t <= hi + 1e-12).take(12).collect()
+}
+
+/// The frame of a chart: title, y axis with ticks and grid lines, and the
+/// legend (a line per series) to the right of the plot, never over it.
+struct Frame {
+    plot_w: f64,
+    h: f64,
+    left: f64,
+    top: f64,
+    lo: f64,
+    hi: f64,
+}
+
+impl Frame {
+    const PLOT_H: f64 = 260.0;
+
+    fn new(values: impl Iterator<Item = f64>, plot_w: f64) -> Self {
+        let (mut lo, mut hi) = values.filter(|v| v.is_finite()).fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
+        if !lo.is_finite() || hi - lo < 1e-9 {
+            (lo, hi) = (lo.min(0.0) - 0.5, hi.max(0.0) + 0.5);
         }
-        let _ = write!(s, "<text x='{}' y='{}' fill='{colour}'>{}</text>", w - pad - 70.0, pad + 14.0 * k as f64, esc(name));
+        let margin = (hi - lo) * 0.05;
+        Frame { plot_w, h: Self::PLOT_H + 100.0, left: 60.0, top: 30.0, lo: lo - margin, hi: hi + margin }
+    }
+
+    fn y(&self, v: f64) -> f64 {
+        self.top + Self::PLOT_H * (1.0 - (v - self.lo) / (self.hi - self.lo))
+    }
+
+    /// The SVG up to the plot's contents; `legend` entries as (label, colour, dashed).
+    fn open(&self, title: &str, x_label: &str, legend: &[(String, &str, bool)]) -> String {
+        let legend_w = legend.iter().map(|(l, _, _)| text_width(l)).fold(0.0, f64::max) + 40.0;
+        let w = self.left + self.plot_w + 20.0 + legend_w;
+        let h = self.h.max(self.top + 20.0 * legend.len() as f64 + 20.0);
+        let (x0, x1, y1) = (self.left, self.left + self.plot_w, self.top + Self::PLOT_H);
+        let mut s = format!("<svg xmlns='http://www.w3.org/2000/svg' width='{w:.0}' height='{h:.0}' viewBox='0 0 {w:.0} {h:.0}' font-family='sans-serif' font-size='12'>");
+        let _ = write!(s, "<rect width='100%' height='100%' fill='white'/><text x='{:.1}' y='18' text-anchor='middle' font-weight='bold' font-size='14'>{}</text>", x0 + self.plot_w / 2.0, esc(title));
+        for t in ticks(self.lo, self.hi) {
+            let y = self.y(t);
+            let _ = write!(s, "<line x1='{x0}' y1='{y:.1}' x2='{x1}' y2='{y:.1}' stroke='#ddd'/><text x='{:.1}' y='{:.1}' text-anchor='end'>{}</text>", x0 - 6.0, y + 4.0, tick_label(t));
+        }
+        let _ = write!(s, "<line x1='{x0}' y1='{y1}' x2='{x1}' y2='{y1}' stroke='#444'/><line x1='{x0}' y1='{}' x2='{x0}' y2='{y1}' stroke='#444'/>", self.top);
+        let _ = write!(s, "<text x='{:.1}' y='{:.1}' text-anchor='middle'>{}</text>", x0 + self.plot_w / 2.0, y1 + 54.0, esc(x_label));
+        for (k, (label, colour, dashed)) in legend.iter().enumerate() {
+            let (lx, ly) = (x1 + 20.0, self.top + 10.0 + 20.0 * k as f64);
+            let dash = if *dashed { " stroke-dasharray='6 4'" } else { "" };
+            let _ = write!(s, "<line x1='{lx}' y1='{ly}' x2='{}' y2='{ly}' stroke='{colour}' stroke-width='3'{dash}/><text x='{}' y='{}'>{}</text>", lx + 24.0, lx + 30.0, ly + 4.0, esc(label));
+        }
+        s
+    }
+}
+
+fn tick_label(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// A line chart of several series against epoch (or trial), as standalone
+/// SVG, its legend beside the plot. Series: (label, colour, dashed, values).
+fn line_chart(title: &str, x_label: &str, series: &[(&str, &str, Vec<f64>)]) -> String {
+    let dashed: Vec<(&str, &str, bool, Vec<f64>)> = series.iter().map(|(l, c, v)| (*l, *c, false, v.clone())).collect();
+    line_chart_styled(title, x_label, &dashed)
+}
+
+fn line_chart_styled(title: &str, x_label: &str, series: &[(&str, &str, bool, Vec<f64>)]) -> String {
+    let n = series.iter().map(|s| s.3.len()).max().unwrap_or(0).max(2);
+    let f = Frame::new(series.iter().flat_map(|s| s.3.iter().copied()), 520.0);
+    let x = |i: usize| f.left + f.plot_w * i as f64 / (n - 1) as f64;
+    let legend: Vec<(String, &str, bool)> = series.iter().map(|(l, c, d, _)| (l.to_string(), *c, *d)).collect();
+    let mut s = f.open(title, &format!("{x_label} (1–{n})"), &legend);
+    for i in [0, (n - 1) / 2, n - 1] {
+        let _ = write!(s, "<text x='{:.1}' y='{:.1}' text-anchor='middle'>{}</text>", x(i), f.top + Frame::PLOT_H + 18.0, i + 1);
+    }
+    for (_, colour, dashed, v) in series {
+        let pts: Vec<(f64, f64)> = v.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| (x(i), f.y(v))).collect();
+        let dash = if *dashed { " stroke-dasharray='6 4'" } else { "" };
+        let line: Vec<String> = pts.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
+        let _ = write!(s, "<polyline fill='none' stroke='{colour}' stroke-width='2'{dash} points='{}'/>", line.join(" "));
+        // Markers too, so that a one-epoch run still shows its values.
+        for (cx, cy) in &pts {
+            let _ = write!(s, "<circle cx='{cx:.1}' cy='{cy:.1}' r='2.5' fill='{colour}'/>");
+        }
+    }
+    s.push_str("</svg>");
+    s
+}
+
+/// Per-case values of several groups (a model on a source, or a run): each
+/// case a dot, spread sideways so none hides another, over a box of the
+/// quartiles with the median; the group's n under its label.
+fn strip_chart(title: &str, y_label: &str, groups: &[(String, &str, Vec<f64>)]) -> String {
+    let col = 110.0f64.max(groups.iter().map(|g| text_width(&g.0) + 10.0).fold(0.0, f64::max));
+    let f = Frame::new(groups.iter().flat_map(|g| g.2.iter().copied()).chain([0.0, 1.0]), col * groups.len().max(1) as f64);
+    let mut s = f.open(title, y_label, &[]);
+    for (k, (label, colour, v)) in groups.iter().enumerate() {
+        let cx = f.left + col * (k as f64 + 0.5);
+        let mut sorted: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+        sorted.sort_by(f64::total_cmp);
+        let _ = write!(
+            s,
+            "<text x='{cx:.1}' y='{:.1}' text-anchor='middle'>{}</text><text x='{cx:.1}' y='{:.1}' text-anchor='middle' fill='#666'>n = {}</text>",
+            f.top + Frame::PLOT_H + 18.0,
+            esc(label),
+            f.top + Frame::PLOT_H + 32.0,
+            sorted.len()
+        );
+        if let (Some(&first), Some(&last)) = (sorted.first(), sorted.last()) {
+            let q = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize];
+            let (q1, med, q3) = (f.y(q(0.25)), f.y(q(0.5)), f.y(q(0.75)));
+            let _ = write!(s, "<line x1='{cx:.1}' y1='{:.1}' x2='{cx:.1}' y2='{:.1}' stroke='#888'/>", f.y(first), f.y(last));
+            let _ = write!(s, "<rect x='{:.1}' y='{q3:.1}' width='40' height='{:.1}' fill='{colour}' fill-opacity='0.15' stroke='{colour}'/>", cx - 20.0, (q1 - q3).max(1.0));
+            let _ = write!(s, "<line x1='{:.1}' y1='{med:.1}' x2='{:.1}' y2='{med:.1}' stroke='{colour}' stroke-width='3'/>", cx - 20.0, cx + 20.0);
+        }
+        for (i, &d) in v.iter().enumerate().filter(|(_, d)| d.is_finite()) {
+            // A fixed spread by index: the same input draws the same figure.
+            let dx = ((i * 37) % 11) as f64 * 3.0 - 15.0;
+            let _ = write!(s, "<circle cx='{:.1}' cy='{:.1}' r='3.5' fill='{colour}' fill-opacity='0.75'/>", cx + dx, f.y(d));
+        }
     }
     s.push_str("</svg>");
     s
@@ -112,20 +224,36 @@ fn heat(v: u8) -> [u8; 3] {
     [c(3.0), c(2.0), c(1.0)]
 }
 
-/// Image | truth | prediction | Grad-CAM, side by side: truth in green,
-/// prediction in red, the liver Grad-CAM map blended over the image.
+/// Image | contours | errors | Grad-CAM, side by side: the truth's outline
+/// in green and the prediction's in red over the image; then each pixel
+/// by outcome (agreed liver green, false positive red, false negative
+/// blue); then the liver Grad-CAM map blended over the image.
 fn overlay_png(img: &[u8], truth: &[u8], pred: &[u8], cam: Option<&[u8]>, size: usize) -> Result<Vec<u8>> {
     let panels = if cam.is_some() { 4 } else { 3 };
     let mut canvas = image::RgbImage::new(panels * size as u32, size as u32);
+    let edge = |m: &[u8], x: usize, y: usize| {
+        let inside = |x: usize, y: usize| m[y * size + x] > 0;
+        inside(x, y) && (x == 0 || y == 0 || x + 1 == size || y + 1 == size || !inside(x - 1, y) || !inside(x + 1, y) || !inside(x, y - 1) || !inside(x, y + 1))
+    };
     for y in 0..size {
         for x in 0..size {
             let i = y * size + x;
             let g = img[i];
             canvas.put_pixel(x as u32, y as u32, image::Rgb([g, g, g]));
-            let t = if truth[i] > 0 { image::Rgb([g / 2, 200, g / 2]) } else { image::Rgb([g, g, g]) };
-            canvas.put_pixel((size + x) as u32, y as u32, t);
-            let p = if pred[i] > 0 { image::Rgb([220, g / 2, g / 2]) } else { image::Rgb([g, g, g]) };
-            canvas.put_pixel((2 * size + x) as u32, y as u32, p);
+            let outline = match (edge(truth, x, y), edge(pred, x, y)) {
+                (_, true) => image::Rgb([255, 40, 40]),
+                (true, false) => image::Rgb([40, 230, 40]),
+                _ => image::Rgb([g, g, g]),
+            };
+            canvas.put_pixel((size + x) as u32, y as u32, outline);
+            let dim = g / 2;
+            let outcome = match (truth[i] > 0, pred[i] > 0) {
+                (true, true) => image::Rgb([dim, 200, dim]),
+                (false, true) => image::Rgb([230, dim, dim]),
+                (true, false) => image::Rgb([dim, dim, 240]),
+                (false, false) => image::Rgb([dim, dim, dim]),
+            };
+            canvas.put_pixel((2 * size + x) as u32, y as u32, outcome);
             if let Some(cam) = cam {
                 let h = heat(cam[i]);
                 let mix = |k: usize| ((g as u16 + h[k] as u16) / 2) as u8;
@@ -367,6 +495,7 @@ impl Stage for Report {
         if models.is_empty() {
             bail!("report: the evaluate artifact lists no models");
         }
+        per_case_plot(&mut doc, eval, &models)?;
         curves(&mut doc, ctx, &models)?;
         examples(&mut doc, eval, &models)?;
         inference_options(&mut doc, eval)?;
@@ -492,6 +621,26 @@ fn input_scaling(doc: &mut Doc, ctx: &StageContext, models: &[String]) -> Result
 }
 
 /// Loss, pixel accuracy and mIoU per epoch of every trained model upstream.
+/// Dice per case of every model on the evaluated split and on each external
+/// source: the spread behind Table 1's means, a collapse on one source visible.
+fn per_case_plot(doc: &mut Doc, eval: &Artifact, models: &[String]) -> Result<()> {
+    let split = metric_str(eval, "split", "test");
+    let external: Vec<String> = eval.manifest.metrics.get("external").and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()).unwrap_or_default();
+    let mut groups: Vec<(String, &str, Vec<f64>)> = Vec::new();
+    for (source, file) in std::iter::once((split.clone(), "per_case.parquet".to_owned())).chain(external.iter().map(|n| (n.clone(), format!("external/{n}/per_case.parquet")))) {
+        let df = read_parquet(&eval.file(&file))?;
+        let (m, dice) = (strs(&df, "model")?, f64s(&df, "dice")?);
+        for (k, model) in models.iter().enumerate() {
+            let v: Vec<f64> = m.iter().zip(&dice).filter(|(x, _)| *x == model).map(|(_, d)| *d).collect();
+            groups.push((format!("{model} · {source}"), RUN_COLOURS[k % RUN_COLOURS.len()], v));
+        }
+    }
+    doc.heading(2, "Dice per case");
+    doc.para(&[plain(format!("Each dot is one case ({split} split, then each external source); the box spans the quartiles, the bar is the median. Source: ")), code(key_line(eval)), plain(".")]);
+    let svg = strip_chart("Dice per case, by model and source", "model · source", &groups);
+    doc.figure("dice_per_case.svg", svg.as_bytes(), "image/svg+xml", "Dice per case by model and source", None, None)
+}
+
 fn curves(doc: &mut Doc, ctx: &StageContext, models: &[String]) -> Result<()> {
     doc.heading(2, "Learning curves");
     for m in models {
@@ -528,7 +677,7 @@ fn curves(doc: &mut Doc, ctx: &StageContext, models: &[String]) -> Result<()> {
 fn examples(doc: &mut Doc, eval: &Artifact, models: &[String]) -> Result<()> {
     let split_name = metric_str(eval, "split", "test");
     doc.heading(2, &format!("Examples: best, median and worst {split_name} patients"));
-    doc.para(&[plain("Left to right: image, ground truth (green), prediction (red), and the Grad-CAM map of the liver class at the encoder's last stage (blue low, red high; the study's Figure 5), on the model's input grid; the slice with the most liver of each patient, whose per-case Dice (original grid) is in the caption. Source: "), code(key_line(eval)), plain(".")]);
+    doc.para(&[plain("Left to right: image; outlines of the ground truth (green) and the prediction (red); each pixel by outcome (agreed liver green, false positive red, false negative blue); and the Grad-CAM map of the liver class at the encoder's last stage (blue low, red high; the study's Figure 5), on the model's input grid; the slice with the most liver of each patient, whose per-case Dice (original grid) is in the caption. Source: "), code(key_line(eval)), plain(".")]);
     let ex = read_parquet(&eval.file("examples.parquet"))?;
     let (ex_model, ex_label, ex_case, ex_dice) = (strs(&ex, "model")?, strs(&ex, "label")?, strs(&ex, "case_id")?, f64s(&ex, "dice")?);
     let ex_slice: Vec<i64> = ex.column("slice_index")?.i64()?.iter().map(|v| v.unwrap_or(-1)).collect();
@@ -755,44 +904,46 @@ const RUN_COLOURS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff
 /// model's Dice per case. Each chart overlays the runs, one colour each.
 pub fn plots_page(runs: &[(String, Artifact)]) -> Result<String> {
     let colour = |i: usize| RUN_COLOURS[i % RUN_COLOURS.len()];
+    let labels = run_labels(runs);
     let mut figures: Vec<(String, String)> = Vec::new();
     let curves: Vec<(usize, DataFrame)> =
         runs.iter().enumerate().filter(|(_, r)| r.1.file("metrics.parquet").is_file()).map(|(i, r)| Ok((i, read_parquet(&r.1.file("metrics.parquet"))?))).collect::<Result<_>>()?;
-    for (title, col) in [("validation loss", "val_loss"), ("validation Dice", "val_dice")] {
-        let series: Vec<(&str, &str, Vec<f64>)> = curves.iter().map(|(i, df)| Ok((runs[*i].0.as_str(), colour(*i), f64s(df, col)?))).collect::<Result<_>>()?;
-        if !series.is_empty() {
-            figures.push((title.to_owned(), line_chart(title, "epoch", &series)));
+    if !curves.is_empty() {
+        let train: Vec<String> = curves.iter().map(|(i, _)| format!("{} train", labels[*i])).collect();
+        let val: Vec<String> = curves.iter().map(|(i, _)| format!("{} validation", labels[*i])).collect();
+        let mut series: Vec<(&str, &str, bool, Vec<f64>)> = Vec::new();
+        for (k, (i, df)) in curves.iter().enumerate() {
+            series.push((train[k].as_str(), colour(*i), true, f64s(df, "train_loss")?));
+            series.push((val[k].as_str(), colour(*i), false, f64s(df, "val_loss")?));
         }
+        figures.push(("loss".into(), line_chart_styled("loss (dashed: train, solid: validation)", "epoch", &series)));
+        let dice: Vec<(&str, &str, Vec<f64>)> = curves.iter().map(|(i, df)| Ok((labels[*i].as_str(), colour(*i), f64s(df, "val_dice")?))).collect::<Result<_>>()?;
+        figures.push(("validation Dice".into(), line_chart("validation Dice", "epoch", &dice)));
     }
-    let mut per_model: std::collections::BTreeMap<String, Vec<(usize, Vec<f64>)>> = Default::default();
+    let mut per_model: std::collections::BTreeMap<String, Vec<(String, &str, Vec<f64>)>> = Default::default();
     for (i, (_, a)) in runs.iter().enumerate() {
         let path = a.file("per_case.parquet");
         if !path.is_file() {
             continue;
         }
         let df = read_parquet(&path)?;
-        let (models, cases, dice) = (strs(&df, "model")?, strs(&df, "case_id")?, f64s(&df, "dice")?);
-        let mut rows: Vec<(String, String, f64)> = models.into_iter().zip(cases).zip(dice).map(|((m, c), d)| (m, c, d)).collect();
-        rows.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-        for (m, _, d) in rows {
-            let entry = per_model.entry(m).or_default();
-            match entry.last_mut() {
-                Some((j, v)) if *j == i => v.push(d),
-                _ => entry.push((i, vec![d])),
-            }
+        let (models, dice) = (strs(&df, "model")?, f64s(&df, "dice")?);
+        let mut by_model: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+        models.into_iter().zip(dice).for_each(|(m, d)| by_model.entry(m).or_default().push(d));
+        for (m, v) in by_model {
+            per_model.entry(m).or_default().push((labels[i].clone(), colour(i), v));
         }
     }
-    for (model, series) in &per_model {
-        let s: Vec<(&str, &str, Vec<f64>)> = series.iter().map(|(i, v)| (runs[*i].0.as_str(), colour(*i), v.clone())).collect();
+    for (model, groups) in &per_model {
         let title = format!("{model}: Dice per case");
-        figures.push((title.clone(), line_chart(&title, "case, by id", &s)));
+        figures.push((title.clone(), strip_chart(&title, "each dot a case; box: quartiles and median", groups)));
     }
     if figures.is_empty() {
         bail!("none of these runs has a per-epoch table (metrics.parquet) or per-case scores (per_case.parquet) to plot");
     }
-    let mut html = String::from("<!doctype html><html><head><meta charset='utf-8'><title>liverseg plots diff</title><style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:0 1em 1em 0}</style></head><body><h1>liverseg plots diff</h1><ul>");
-    for (i, (label, a)) in runs.iter().enumerate() {
-        let _ = write!(html, "<li><span style='color:{}'>&#9632;</span> {}: <code>{}@{}</code></li>", colour(i), esc(label), esc(&a.stage), esc(&a.key));
+    let mut html = String::from("<!doctype html><html><head><meta charset='utf-8'><title>liverseg plots diff</title><style>body{font-family:sans-serif;margin:2em;max-width:1100px}figure{margin:0 0 1.5em 0}img{max-width:100%}</style></head><body><h1>liverseg plots diff</h1><ul>");
+    for (i, (_, a)) in runs.iter().enumerate() {
+        let _ = write!(html, "<li><span style='color:{}'>&#9632;</span> {}: <code>{}@{}</code></li>", colour(i), esc(&labels[i]), esc(&a.stage), esc(&a.key));
     }
     html.push_str("</ul>");
     for (title, svg) in figures {
@@ -800,6 +951,26 @@ pub fn plots_page(runs: &[(String, Artifact)]) -> Result<String> {
     }
     html.push_str("</body></html>\n");
     Ok(html)
+}
+
+/// Each run's label with the params in which the runs differ (`HEAD~1
+/// (lr=0.001)`), so a legend says what changed between the lines.
+fn run_labels(runs: &[(String, Artifact)]) -> Vec<String> {
+    let params: Vec<BTreeMap<String, serde_json::Value>> = runs.iter().map(|(_, a)| liverseg_engine::experiments::params_of(a)).collect();
+    runs.iter()
+        .enumerate()
+        .map(|(i, (label, a))| {
+            // Compared with the other runs of the same stage only.
+            let peers: Vec<&BTreeMap<String, serde_json::Value>> = runs.iter().zip(&params).filter(|((_, b), _)| b.stage == a.stage).map(|(_, p)| p).collect();
+            let differing = params[i].keys().filter(|k| peers.iter().any(|p| p.get(*k) != params[i].get(*k)));
+            let what: Vec<String> = differing.take(3).map(|k| format!("{k}={}", liverseg_engine::experiments::cell(&params[i][k]))).collect();
+            if what.is_empty() {
+                label.clone()
+            } else {
+                format!("{label} ({})", what.join(", "))
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

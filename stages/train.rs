@@ -41,7 +41,7 @@ liverseg_engine::params! {
         loss: Loss = choice "ce", "loss";
         schedule: Schedule = choice "constant", "learning-rate schedule (poly: lr·(1 − epoch/epochs)^0.9, nnU-Net's)";
         online_flip: bool = bool "false", "also mirror training batches at random (online augmentation; online_augment {mirror: 0.5})";
-        online_augment: serde_json::Value = any "null", "online augmentation of training batches, a fresh draw per slice and epoch on the loader thread: null, nnunet (nnU-Net's 2D set), or {rotation: [p, lo, hi], scale: [p, lo, hi], mirror: p, gamma: ...} (see README)";
+        online_augment: serde_json::Value = any "null", "online augmentation of training batches, a fresh draw per slice and epoch on the loader thread: null, nnunet (nnU-Net's 2D set), or {rotation: [p, lo, hi], scale: [p, lo, hi], mirror: p, gamma: ...} (see docs/guide.md)";
         input_scaling: InputScheme = choice "fixed", "how stored slices become model input: fixed (/255 of the window or 8-bit export), percentile (each image clipped to its 0.5–99.5 percentiles and z-scored; for exports of unknown window), ct (clipped to the training liver's 0.5–99.5 percentiles, z-scored with their mean and std; HU data)";
         steps_per_epoch: usize = int "0", "optimizer steps per epoch (nnU-Net: 250); 0 = one pass over the training slices";
         folds: usize = int "0", "cross-validation: K models on K patient-level folds of train+validation (each fold's validation for its early stopping; the test split untouched), used as their ensemble (mean softmax); 0 = one model on the split's train/validation";
@@ -265,7 +265,7 @@ impl ModelCard {
     pub fn data_warning(&self) -> Option<String> {
         match &self.training_data {
             Some(d) if d.phantoms() => Some(format!(
-                "this model was trained on synthetic phantoms ({} generated cases, ingest {}), not on CT; its masks of real scans are not to be trusted. Train on your data first (README: \"Your own data\")",
+                "this model was trained on synthetic phantoms ({} generated cases, ingest {}), not on CT; its masks of real scans are not to be trusted. Train on your data first (README, \"Your own data\")",
                 d.cases,
                 &d.ingest_key[..d.ingest_key.len().min(12)]
             )),

@@ -69,3 +69,18 @@ fn pipeline_options_go_before_or_after_the_command() {
     let moved = ok(&dir, &["--pipeline", "other.yaml", "status", "-P", "split.seed=6"]);
     assert!(moved.contains("split.seed"), "{moved}");
 }
+
+/// docs/params.md is `liverseg params --markdown` under its header: a param
+/// added or changed in the code without `make docs` fails here.
+#[test]
+fn the_params_reference_is_current() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/params.md")).unwrap();
+    let generated = ok(root, &["params", "--markdown"]);
+    let body = doc.split_once("checks this file is current.\n").map(|(_, b)| b).expect("docs/params.md lost its header; run `make docs`");
+    assert!(body == generated, "docs/params.md differs from `liverseg params --markdown`: run `make docs`");
+    // The README stays an entry, and names no key table of its own.
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(readme.lines().count() <= 160, "README.md has {} lines", readme.lines().count());
+    assert!(readme.contains("docs/params.md") && !readme.contains("| `data.source` |"));
+}

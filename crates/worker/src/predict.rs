@@ -147,7 +147,7 @@ impl Provenance {
     }
 }
 
-/// How a volume's voxels are ordered in the NIfTI outputs (README: "Voxel order").
+/// How a volume's voxels are ordered in the NIfTI outputs (docs/guide.md, "Inference").
 const VOXEL_ORDER: &str = "as the input: a NIfTI input's own order and affine; a DICOM series as stored, i along each slice's columns, j down its rows, k by position along the slice normal (ascending), with the affine mapping them to RAS+ mm. dcm2niix flips j, so compare arrays through the affines, not index by index";
 
 fn sidecar(o: &Options, case: &Case) -> PathBuf {
