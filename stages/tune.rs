@@ -25,7 +25,9 @@ use std::collections::BTreeMap;
 
 /// 2: pruning as Optuna's MedianPruner, typed trial columns, trial subsets across patients, arch.
 /// 3: trials train from smp's initialisation (train's version 5).
-pub const VERSION: u32 = 3;
+/// 4: `batch` (points asked before results are told) is the search's, and
+/// in the key; `parallel` only says how many of them run at once.
+pub const VERSION: u32 = 4;
 /// 2: the train stage's version 2 (no time budget, spread subsets, per-epoch medians).
 /// 3: smp's initialisation (train's version 5).
 const TRIAL_VERSION: u32 = 3;
@@ -51,7 +53,8 @@ liverseg_engine::params! {
         prune: Prune = choice "median", "stop a trial worse than the median of completed trials at the same epoch (Optuna's MedianPruner)";
         prune_startup: usize = int "2", "completed trials before pruning starts (n_startup_trials)";
         prune_warmup: i64 = int "0", "epochs a trial runs before it can be pruned (n_warmup_steps)";
-        parallel: usize = int "1", "trials run at once (each a worker process)";
+        batch: usize = int "1", "points the sampler proposes before it is told their results (also pruning's reference: the trials completed before the batch); part of the search, so of the key";
+        parallel: usize = int "1", "trials of a batch run at once (each a worker process; under Slurm one array); not in the key: it changes when trials run, not which";
         threads: i64 = int "0", "CPU threads per trial (0 = the Slurm job's allocation, else cores / parallel; the count used is then not in the key)";
     }
 }
@@ -118,7 +121,12 @@ impl TuneParams {
     /// share per trial. Not in the trial's params (its key): under Slurm the
     /// job's allocation decides instead.
     fn trial_cpus(&self) -> Option<usize> {
-        (self.threads == 0).then(|| (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / self.parallel.max(1)).max(1))
+        (self.threads == 0).then(|| (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / self.at_once()).max(1))
+    }
+
+    /// Trials running at once: a batch's, up to `parallel`.
+    fn at_once(&self) -> usize {
+        self.parallel.min(self.batch).max(1)
     }
 }
 
@@ -127,9 +135,13 @@ impl Stage for Tune {
         &INFO
     }
 
-    /// Its trials' threads: `parallel` trials at once, each with `threads`.
+    /// Its trials' threads: `at_once` trials, each with `threads`.
     fn threads(&self, params: &Params) -> usize {
-        params.typed::<TuneParams>().map_or(0, |p| if p.threads > 0 { p.threads as usize * p.parallel.max(1) } else { 0 })
+        params.typed::<TuneParams>().map_or(0, |p| if p.threads > 0 { p.threads as usize * p.at_once() } else { 0 })
+    }
+
+    fn unkeyed_params(&self) -> &'static [&'static str] {
+        &["parallel"]
     }
 
     fn check(&self, params: &Params) -> Result<()> {
@@ -138,8 +150,8 @@ impl Stage for Tune {
         if p.strategies.is_empty() {
             bail!("tune.strategies: empty");
         }
-        if p.budget == 0 || p.parallel == 0 {
-            bail!("tune.budget and tune.parallel must be at least 1");
+        if p.budget == 0 || p.parallel == 0 || p.batch == 0 {
+            bail!("tune.budget, tune.batch and tune.parallel must be at least 1");
         }
         if p.trial_epochs < 1 {
             bail!("tune.trial_epochs must be at least 1");
@@ -198,7 +210,7 @@ impl Study<'_> {
         let mut done: Vec<TrialResult> = Vec::new();
         let (mut ran, mut reused) = (0, 0);
         while done.len() < p.budget {
-            let batch: Vec<Point> = (0..p.parallel.max(1).min(p.budget - done.len())).map(|_| s.ask()).collect();
+            let batch: Vec<Point> = (0..p.batch.min(p.budget - done.len())).map(|_| s.ask()).collect();
             let prune = self.prune_medians(&done);
             for (t, pt) in self.run_batch(&batch, prune)?.into_iter().zip(batch) {
                 let (t, cached) = t;

@@ -116,6 +116,11 @@ impl Params {
         // BTreeMap serialises in key order; nested objects are canonicalised on insert.
         serde_json::to_string(&self.0).expect("params serialise")
     }
+    /// These params less `names`: what a stage's key and manifest hold.
+    pub fn keyed(&self, unkeyed: &[&str]) -> Params {
+        Params(self.0.iter().filter(|(k, _)| !unkeyed.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+
     pub fn get(&self, key: &str) -> Result<&Value> {
         self.0.get(key).ok_or_else(|| anyhow::anyhow!("parameter `{key}` is not declared"))
     }

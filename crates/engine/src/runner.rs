@@ -160,7 +160,8 @@ impl<'r> Engine<'r> {
             let raw = if sources.is_empty() { RawList::default() } else { scanner.scan(&sources, self.show_progress, keep)? };
             let upstream: BTreeMap<String, String> =
                 s.deps.iter().map(|d| planned.get(d).map(|p| (d.clone(), p.key.clone())).ok_or_else(|| anyhow!("internal: {d} planned after {}", s.name))).collect::<Result<_>>()?;
-            let key = stage_key(&KeyInputs { stage: &s.name, version: imp.info().version, params_json: &s.params.canonical_json(), upstream: &upstream, raw_files: &raw });
+            let params_json = s.params.keyed(imp.unkeyed_params()).canonical_json();
+            let key = stage_key(&KeyInputs { stage: &s.name, version: imp.info().version, params_json: &params_json, upstream: &upstream, raw_files: &raw });
             planned.insert(s.name.clone(), Planned { key, upstream, raw: std::sync::Arc::new(raw) });
         }
         // Hashing is the slow part of a no-op; keep what we learnt even if the run fails later.
@@ -415,7 +416,7 @@ impl<'r> Engine<'r> {
             stage: s.name.clone(),
             key: p.key.clone(),
             version: imp.info().version,
-            params: serde_json::to_value(&s.params.0)?,
+            params: serde_json::to_value(&s.params.keyed(imp.unkeyed_params()).0)?,
             effective_params: ctx.effective().map(|e| serde_json::to_value(&e.0)).transpose()?,
             upstream: p.upstream.clone(),
             outputs: BTreeMap::new(),

@@ -81,6 +81,13 @@ pub trait Stage: Send + Sync {
         0
     }
 
+    /// Params that say how a stage runs, not what it makes (how many trials
+    /// at once): left out of its key and its manifest, so changing one
+    /// reruns nothing. The stage must give the same bytes whatever they are.
+    fn unkeyed_params(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     fn run(&self, ctx: &StageContext) -> Result<Summary>;
 }
 

@@ -71,9 +71,10 @@ pub fn status(engine: &Engine) -> Result<Vec<StageStatus>> {
             reasons.push(format!("code version {} -> {version}", m.version));
         }
         let old = m.params.as_object().cloned().unwrap_or_default();
-        let keys: BTreeSet<&String> = old.keys().chain(s.params.0.keys()).collect();
+        let now = s.params.keyed(engine.stage_impl(&s.uses)?.unkeyed_params());
+        let keys: BTreeSet<&String> = old.keys().chain(now.0.keys()).collect();
         for k in keys {
-            let (a, b) = (old.get(k), s.params.0.get(k));
+            let (a, b) = (old.get(k), now.0.get(k));
             if a != b {
                 let show = |v: Option<&serde_json::Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "(unset)".into());
                 reasons.push(format!("param {}.{k}: {} -> {}", s.name, show(a), show(b)));

@@ -25,7 +25,7 @@ stages:
   augment: {{deps: [normalise, split], params: {{copies: 1}}}}
   tune:
     deps: [normalise, split, augment]
-    params: {{strategies: [random], budget: 2, parallel: 2, trial_epochs: {trial_epochs}, trial_max_slices: 48, trial_encoder: resnet18, seed: 1, prune: none}}
+    params: {{strategies: [random], budget: 2, batch: 2, parallel: 2, trial_epochs: {trial_epochs}, trial_max_slices: 48, trial_encoder: resnet18, seed: 1, prune: none}}
   train:
     deps: [normalise, split, augment, tune]
     params: {{encoder: resnet18, epochs: {train_epochs}, batch_size: 8, threads: 2, seed: 3, patience: 100}}
