@@ -126,7 +126,7 @@ fn trial_threads_come_from_the_share_not_the_key() {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("parallel_threads");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let pipeline = PIPELINE.replace("threads: THREADS}", "threads: 0, parallel: 2}").replace("THREADS", "1");
+    let pipeline = PIPELINE.replace("threads: THREADS}", "threads: 0, batch: 2, parallel: 2}").replace("THREADS", "1");
     std::fs::write(dir.join("pipeline.yaml"), pipeline).unwrap();
     let out = Command::new(liverseg()).args(["run", "-q", "tune.train"]).env_remove("SLURM_CPUS_PER_TASK").env_remove("SLURM_JOB_ID").current_dir(&dir).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
