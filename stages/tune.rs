@@ -193,6 +193,26 @@ impl Stage for Tune {
     }
 }
 
+/// Failed trials, each distinct error once: a batch the cluster refused
+/// fails every trial with the same error, which thousands of lines would bury.
+fn failure_report(failed: Vec<(String, String)>) -> String {
+    let mut by_error: Vec<(String, Vec<String>)> = Vec::new();
+    for (key, error) in failed {
+        match by_error.iter_mut().find(|(e, _)| *e == error) {
+            Some((_, keys)) => keys.push(key),
+            None => by_error.push((error, vec![key])),
+        }
+    }
+    let lines: Vec<String> = by_error
+        .into_iter()
+        .map(|(error, keys)| match keys.len() {
+            1 => format!("trial {} failed: {error}", keys[0]),
+            n => format!("{n} trials ({}{}) failed: {error}", keys[..n.min(3)].join(", "), if n > 3 { ", ..." } else { "" }),
+        })
+        .collect();
+    lines.join("\n  ")
+}
+
 /// One study: the search of each strategy over the space, trials cached.
 struct Study<'a> {
     ctx: &'a StageContext<'a>,
@@ -324,7 +344,7 @@ impl Study<'_> {
             let summary = match summary {
                 Ok(s) => s.summary,
                 Err(e) => {
-                    failed.push(format!("trial {key} failed: {e:#}"));
+                    failed.push((key, format!("{e:#}")));
                     continue;
                 }
             };
@@ -334,7 +354,7 @@ impl Study<'_> {
             out[slot] = Some((result, false));
         }
         if !failed.is_empty() {
-            bail!("{} of {} trial(s) failed; the others are kept for the next run:\n  {}", failed.len(), reqs.len(), failed.join("\n  "));
+            bail!("{} of {} trial(s) failed; the others are kept for the next run:\n  {}", failed.len(), reqs.len(), failure_report(failed));
         }
         Ok(out.into_iter().flatten().collect())
     }
@@ -414,4 +434,18 @@ fn write_trials(ctx: &StageContext, rows: &[(String, usize, TrialResult)], space
     ]);
     let mut df = DataFrame::new_infer_height(cols)?;
     write_parquet(&ctx.out("trials.parquet"), &mut df, &ctx.provenance())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_error_of_many_trials_is_reported_once() {
+        let same = "sbatch refused the job for `tune.train`: Invalid job array specification";
+        let mut failed: Vec<(String, String)> = (0..1500).map(|i| (format!("k{i}"), same.to_owned())).collect();
+        failed.push(("k9999".into(), "Slurm job 7_3 FAILED (exit code 1)".into()));
+        let report = super::failure_report(failed);
+        assert_eq!(report.lines().count(), 2, "{report}");
+        assert!(report.starts_with(&format!("1500 trials (k0, k1, k2, ...) failed: {same}")), "{report}");
+        assert!(report.ends_with("trial k9999 failed: Slurm job 7_3 FAILED (exit code 1)"), "{report}");
+    }
 }

@@ -84,8 +84,18 @@ fn run_labelled(mut cmd: std::process::Command, label: &str) -> std::io::Result<
     child.wait()
 }
 
-/// The worker binary next to the running one.
+/// Names the worker binary where it is not beside the engine's (a cluster
+/// whose nodes install it elsewhere, or a stand-in in the executor's tests).
+pub const WORKER_ENV: &str = "LIVERSEG_WORKER";
+
+/// The worker binary: `LIVERSEG_WORKER`, else the one next to the running one.
 pub fn worker_binary() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(WORKER_ENV).filter(|v| !v.is_empty()).map(PathBuf::from) {
+        if !bin.is_file() {
+            bail!("{}: {WORKER_ENV} names no file", bin.display());
+        }
+        return Ok(bin);
+    }
     let me = std::env::current_exe().context("cannot locate the running executable")?;
     let dir = me.parent().ok_or_else(|| anyhow!("executable has no folder"))?;
     let bin = dir.join("liverseg-torch");

@@ -181,11 +181,41 @@ impl Slurm {
         JobDir(self.root.join(format!("{}-{}", req.stage, req.key)))
     }
 
+    /// Submit the requests as array jobs of at most the cluster's
+    /// MaxArraySize tasks each. When `parallel` throttles, each array waits
+    /// for the one before (`--dependency=afterany`), so the throttle holds
+    /// over all of them. If any array is refused, those already submitted
+    /// are cancelled: one error, nothing left running.
+    fn submit_all(&self, reqs: &[(&WorkerRequest, JobDir)], parallel: usize) -> Result<Vec<JobRecord>> {
+        let size = max_array_size()?;
+        let chain = parallel.max(1) < reqs.len() && reqs.len() > size;
+        let mut records: Vec<JobRecord> = Vec::with_capacity(reqs.len());
+        let mut arrays: Vec<String> = Vec::new();
+        for chunk in reqs.chunks(size) {
+            let after = if chain { arrays.last().map(String::as_str) } else { None };
+            match self.submit(chunk, parallel, after) {
+                Ok(r) => {
+                    arrays.push(array_id(&r[0].id).to_owned());
+                    records.extend(r);
+                }
+                Err(e) => {
+                    if !arrays.is_empty() {
+                        let _ = Command::new("scancel").args(&arrays).status();
+                    }
+                    let n = reqs.len();
+                    return Err(e.context(format!("{n} request(s) in {} array(s) of at most {size} (MaxArraySize); none left queued", n.div_ceil(size))));
+                }
+            }
+        }
+        Ok(records)
+    }
+
     /// Submit the requests as one array job; returns the job records.
-    fn submit(&self, reqs: &[(&WorkerRequest, JobDir)], parallel: usize) -> Result<Vec<JobRecord>> {
+    fn submit(&self, reqs: &[(&WorkerRequest, JobDir)], parallel: usize, after: Option<&str>) -> Result<Vec<JobRecord>> {
         let first = reqs[0].0;
         let batch = self.root.join("batches").join(batch_name(reqs.iter().map(|r| r.0)));
         std::fs::create_dir_all(&batch).with_context(|| format!("cannot create {}", batch.display()))?;
+        std::fs::write(batch.join("label"), &first.label)?;
         let list: String = reqs.iter().map(|(_, d)| format!("{}\n", d.0.display())).collect();
         std::fs::write(batch.join("requests.txt"), list)?;
         let script = batch.join("job.sh");
@@ -197,9 +227,11 @@ impl Slurm {
             .arg(format!("--output={}/slurm-%A_%a.log", escape_percent(&batch.display().to_string())))
             .arg(format!("--chdir={}", std::path::absolute(&first.project_root)?.display()))
             .args(self.config.resources(first).sbatch_args())
+            .args(after.map(|id| format!("--dependency=afterany:{id}")))
             .arg(&script);
         let out = cmd.output().context("cannot run sbatch (is Slurm installed and SLURM_CONF set?)")?;
         if !out.status.success() {
+            std::fs::remove_dir_all(&batch).ok();
             bail!("sbatch refused the job for `{}`: {}", first.label, String::from_utf8_lossy(&out.stderr).trim());
         }
         let id = String::from_utf8_lossy(&out.stdout).trim().split(';').next().unwrap_or("").to_owned();
@@ -310,6 +342,32 @@ fn escape_percent(s: &str) -> String {
     s.replace('%', "%%")
 }
 
+/// The array job of a task id `<array>_<task>`.
+fn array_id(task: &str) -> &str {
+    task.split('_').next().unwrap_or(task)
+}
+
+/// `MaxArraySize` from `scontrol show config` (tasks 0..size-1 fit one
+/// array), read once; Slurm's default, 1001, where scontrol cannot tell.
+fn max_array_size() -> Result<usize> {
+    static SIZE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let size = *SIZE.get_or_init(|| {
+        let out = Command::new("scontrol").args(["show", "config"]).output().ok()?;
+        parse_max_array_size(&String::from_utf8_lossy(&out.stdout))
+    });
+    match size.unwrap_or(1001) {
+        0 => bail!("this cluster takes no job arrays (MaxArraySize = 0 in `scontrol show config`); liverseg submits its requests as arrays"),
+        n => Ok(n),
+    }
+}
+
+fn parse_max_array_size(config: &str) -> Option<usize> {
+    config.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == "MaxArraySize").then(|| v.trim().parse().ok())?
+    })
+}
+
 /// A job's exit code from its record, if it has written one.
 fn exit_code(dir: &JobDir) -> Option<i32> {
     let text = std::fs::read_to_string(dir.exit()).ok()?;
@@ -328,7 +386,7 @@ enum State {
 
 /// Array tasks in the queue: (state, reason) by id (`squeue -r`).
 fn queue(ids: &[&str]) -> Result<BTreeMap<String, (String, String)>> {
-    let jobs: Vec<&str> = ids.iter().map(|id| id.split('_').next().unwrap_or(id)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let jobs: Vec<&str> = ids.iter().map(|id| array_id(id)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     let out = Command::new("squeue").args(["-h", "-r", "-o", "%i %T %r", "-j", &jobs.join(",")]).output().context("cannot run squeue")?;
     // squeue calls a job it no longer knows an error; that is an empty queue
     // for us. Any other failure (a controller that does not answer) says
@@ -536,8 +594,41 @@ impl Executor for Slurm {
 
 impl Slurm {
     fn run_all(&self, reqs: &[WorkerRequest], parallel: usize) -> Result<Vec<Result<WorkerOutput>>> {
-        let mut jobs: Vec<Option<(String, JobDir, JobRecord)>> = Vec::new();
-        let mut fresh: Vec<(usize, WorkerRequest, JobDir)> = Vec::new();
+        let (mut jobs, fresh) = self.adopt_or_prepare(reqs)?;
+        if !fresh.is_empty() {
+            let pairs: Vec<(&WorkerRequest, JobDir)> = fresh.iter().map(|(_, r, d)| (r, JobDir(d.0.clone()))).collect();
+            let records = match self.submit_all(&pairs, parallel) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Nothing of this batch runs: leave no request folders behind.
+                    for (_, _, dir) in &fresh {
+                        std::fs::remove_dir_all(&dir.0).ok();
+                    }
+                    return Err(e);
+                }
+            };
+            let arrays: std::collections::BTreeSet<&str> = records.iter().map(|r| array_id(&r.id)).collect();
+            eprintln!("{}: submitted {} Slurm job(s) as array {}", reqs[0].label, records.len(), arrays.into_iter().collect::<Vec<_>>().join(", "));
+            for ((i, req, dir), record) in fresh.into_iter().zip(records) {
+                jobs[i] = Some((req.label.clone(), dir, record));
+            }
+        }
+        let jobs: Vec<(String, JobDir, JobRecord)> = jobs.into_iter().map(|j| j.expect("every request has a job")).collect();
+        let states = self.wait(&jobs)?;
+        let logs: Vec<PathBuf> = jobs.iter().map(|(_, _, rec)| rec.log.clone()).collect();
+        let results: Vec<Result<WorkerOutput>> = reqs.iter().zip(jobs.iter().zip(states)).map(|(req, ((label, dir, rec), state))| self.outcome(req, label, dir, rec, state)).collect();
+        if results.iter().all(|r| r.is_ok()) {
+            self.remove_old_batches(&reqs[0].label, &logs);
+        }
+        Ok(results)
+    }
+
+    /// Each request's job from an earlier run (adopted: finished or still
+    /// queued), or a fresh folder for a new one: (jobs by request, fresh ones).
+    #[allow(clippy::type_complexity)]
+    fn adopt_or_prepare(&self, reqs: &[WorkerRequest]) -> Result<(Vec<Option<(String, JobDir, JobRecord)>>, Vec<(usize, WorkerRequest, JobDir)>)> {
+        let mut jobs = Vec::new();
+        let mut fresh = Vec::new();
         for (i, (req, earlier)) in reqs.iter().zip(self.earlier_jobs(reqs)).enumerate() {
             match earlier {
                 Some((dir, record, finished)) => {
@@ -556,17 +647,27 @@ impl Slurm {
                 }
             }
         }
-        if !fresh.is_empty() {
-            let pairs: Vec<(&WorkerRequest, JobDir)> = fresh.iter().map(|(_, r, d)| (r, JobDir(d.0.clone()))).collect();
-            let records = self.submit(&pairs, parallel)?;
-            eprintln!("{}: submitted {} Slurm job(s) as array {}", reqs[0].label, records.len(), records[0].id.split('_').next().unwrap_or(""));
-            for ((i, req, dir), record) in fresh.into_iter().zip(records) {
-                jobs[i] = Some((req.label.clone(), dir, record));
+        Ok((jobs, fresh))
+    }
+
+    /// After a batch of `label` was collected in full: remove its earlier
+    /// batch folders whose every request was collected too (no request
+    /// folder left, so no job of theirs can still be waited for). The
+    /// batches just used stay, with their logs, until the next success.
+    fn remove_old_batches(&self, label: &str, logs: &[PathBuf]) {
+        let keep: std::collections::BTreeSet<&Path> = logs.iter().filter_map(|l| l.parent()).collect();
+        let Ok(entries) = std::fs::read_dir(self.root.join("batches")) else { return };
+        for batch in entries.flatten().map(|e| e.path()) {
+            let ours = std::fs::read_to_string(batch.join("label")).is_ok_and(|l| l == label);
+            let is_plain_dir = std::fs::symlink_metadata(&batch).is_ok_and(|m| m.is_dir());
+            if !ours || !is_plain_dir || keep.contains(batch.as_path()) {
+                continue;
+            }
+            let Ok(list) = std::fs::read_to_string(batch.join("requests.txt")) else { continue };
+            if list.lines().all(|dir| !Path::new(dir).exists()) {
+                std::fs::remove_dir_all(&batch).ok();
             }
         }
-        let jobs: Vec<(String, JobDir, JobRecord)> = jobs.into_iter().map(|j| j.expect("every request has a job")).collect();
-        let states = self.wait(&jobs)?;
-        Ok(reqs.iter().zip(jobs.iter().zip(states)).map(|(req, ((label, dir, rec), state))| self.outcome(req, label, dir, rec, state)).collect())
     }
 
     fn outcome(&self, req: &WorkerRequest, label: &str, dir: &JobDir, rec: &JobRecord, state: State) -> Result<WorkerOutput> {
@@ -628,6 +729,16 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn max_array_size_is_read_from_the_config() {
+        let config = "Configuration data as of 2026-12-05T10:00:00\nMailProg                = /bin/mail\nMaxArraySize            = 1001\nMaxJobCount             = 10000\n";
+        assert_eq!(parse_max_array_size(config), Some(1001));
+        assert_eq!(parse_max_array_size("MaxArraySize = 4\n"), Some(4));
+        assert_eq!(parse_max_array_size("MaxJobCount = 4\n"), None);
+        assert_eq!(parse_max_array_size("MaxArraySize = lots\n"), None);
+        assert_eq!(array_id("1234_56"), "1234");
+    }
 
     fn request(label: &str, trial: bool) -> WorkerRequest {
         serde_json::from_value(serde_json::json!({

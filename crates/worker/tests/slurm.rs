@@ -131,6 +131,72 @@ fn slurm_executor_on_a_real_cluster() {
     killed_engine_cancels_its_jobs_and_finished_jobs_are_adopted();
     threads_come_from_the_allocation();
     a_stalled_controller_is_waited_out();
+    requests_beyond_max_array_size_are_chunked();
+}
+
+/// A stand-in worker: writes a summary naming its array job and task.
+const FAKE_WORKER: &str = "#!/bin/bash\nprintf '{\"summary\":{\"array\":\"%s\",\"task\":%s}}' \"$SLURM_ARRAY_JOB_ID\" \"$SLURM_ARRAY_TASK_ID\" > \"$(dirname \"$2\")/summary.json\"\n";
+
+fn fake_requests(base: &Path, label: &str, n: usize) -> Vec<liverseg_engine::worker::WorkerRequest> {
+    std::fs::create_dir_all(base.join("builds")).unwrap();
+    (0..n)
+        .map(|i| {
+            let key = format!("{label}{i:06}");
+            serde_json::from_value(serde_json::json!({
+                "stage": "fake", "label": label, "trial": true, "key": key, "params": {}, "upstream": {}, "raw_files": [],
+                "out_dir": base.join("builds").join(&key), "scratch_dir": base.join("scratch"),
+                "summary_path": base.join("builds").join(format!("{key}.summary.json")),
+                "project_root": base, "store_root": base.join("artifacts"), "show_progress": false
+            }))
+            .unwrap()
+        })
+        .collect()
+}
+
+/// 1,500 requests, more than the cluster's MaxArraySize (1001 by default),
+/// run as arrays of at most that size; a refused submission is one error
+/// per request with nothing left behind; a later success removes the
+/// earlier, fully collected batch folders.
+fn requests_beyond_max_array_size_are_chunked() {
+    use liverseg_engine::executor::Executor;
+    let base = project("slurm_chunks", "stages: {}\n");
+    let worker = base.join("fake-worker.sh");
+    std::fs::write(&worker, FAKE_WORKER).unwrap();
+    std::fs::set_permissions(&worker, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = |trial: serde_json::Value| -> liverseg_engine::slurm::SlurmConfig { serde_json::from_value(serde_json::json!({"trial": trial, "poll_seconds": 0.5})).unwrap() };
+    std::env::set_var(liverseg_engine::executor::WORKER_ENV, &worker);
+    let size: usize = {
+        let out = Command::new("scontrol").args(["show", "config"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines().find_map(|l| l.split_once('=').filter(|(k, _)| k.trim() == "MaxArraySize").map(|(_, v)| v.trim().parse().unwrap())).unwrap()
+    };
+    assert!(size < 1500, "the test cluster's MaxArraySize is {size}");
+
+    let refused = liverseg_engine::slurm::Slurm::new(config(serde_json::json!({"partition": "nowhere", "mem": "50M"})), &base.join("artifacts")).unwrap();
+    let errors: Vec<String> = refused.run_batch(&fake_requests(&base, "refused", 1500), 1500).into_iter().map(|r| format!("{:#}", r.unwrap_err())).collect();
+    assert!(errors.iter().all(|e| *e == errors[0]) && errors[0].contains("sbatch refused") && errors[0].contains("1500 request(s)"), "{}", errors[0]);
+    let left: Vec<_> = std::fs::read_dir(base.join("artifacts/.slurm")).unwrap().flatten().map(|e| e.file_name()).filter(|n| n != "batches" && n != "reaper.pid").collect();
+    assert!(left.is_empty(), "a refused submission left {left:?}");
+    assert_eq!(std::fs::read_dir(base.join("artifacts/.slurm/batches")).map(|d| d.count()).unwrap_or(0), 0);
+
+    let slurm = liverseg_engine::slurm::Slurm::new(config(serde_json::json!({"partition": "many", "cpus": 1, "mem": "50M"})), &base.join("artifacts")).unwrap();
+    let early = slurm.run_batch(&fake_requests(&base, "many", 2), 2);
+    assert!(early.iter().all(|r| r.is_ok()));
+    let t0 = Instant::now();
+    let results = slurm.run_batch(&fake_requests(&base, "many", 1500), 1500);
+    eprintln!("1500 fake requests on the test cluster: {:.1} s", t0.elapsed().as_secs_f64());
+    let mut arrays: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for r in results {
+        let s = r.unwrap().summary;
+        arrays.entry(s["array"].as_str().unwrap().to_owned()).or_default().push(s["task"].as_u64().unwrap());
+    }
+    assert_eq!(arrays.len(), 1500usize.div_ceil(size), "{:?}", arrays.keys());
+    assert!(arrays.values().all(|t| t.len() <= size && t.iter().all(|&i| (i as usize) < size)));
+    assert_eq!(arrays.values().map(Vec::len).sum::<usize>(), 1500);
+    // The two-request batch was collected in full: removed after the next success.
+    let batches: Vec<_> = std::fs::read_dir(base.join("artifacts/.slurm/batches")).unwrap().flatten().collect();
+    assert_eq!(batches.len(), arrays.len(), "{batches:?}");
+    std::env::remove_var(liverseg_engine::executor::WORKER_ENV);
 }
 
 fn same_keys_and_bytes_as_local() {
