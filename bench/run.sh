@@ -10,7 +10,11 @@
 # `bash bench/run.sh pipeline-parallel` times the quick pipeline with -j 1
 #   and -j 2 (PARALLEL_REPS alternating pairs, default 3).
 # `bash bench/run.sh accuracy` trains msd.yaml (about 1.5 hours on 2 cores;
-#   ACCURACY_MODELS=train for DeepLabV3+ alone, ACCURACY_SET for -P overrides).
+#   ACCURACY_MODELS=train for DeepLabV3+ alone, ACCURACY_SET for -P overrides;
+#   ACCURACY_EXTERNAL=dir1,dir2 external sources, default the shared external-dev).
+# `bash bench/run.sh robustness` screens intensity-robust recipes at 64²
+#   (ROBUST_RECIPES, ROBUST_EPOCHS) on MSD validation, simulated exports,
+#   MSD test and ACCURACY_EXTERNAL.
 # `bash bench/run.sh tune` compares random search, TPE and a Gaussian process
 #   on the MSD slices, 3 seeds each (TUNE_NO_PRUNE=1 adds a study without
 #   pruning; TUNE_BUDGET trials per strategy, default 12).
@@ -193,6 +197,35 @@ if [ "$what" = pipeline-parallel ]; then
   awk -v a="$m1" -v b="$m2" -v n="${#one[@]}" 'BEGIN { printf "median of %d: -j 1 %.1f s, -j 2 %.1f s, -j 1 / -j 2 = %.2f\n", n, a / 1000, b / 1000, a / b }'
 fi
 
+if [ "$what" = robustness ]; then
+  # Intensity-robust recipes at a screening budget (64², ResNet18 encoder,
+  # ROBUST_EPOCHS epochs, default 8; a few minutes each on 2 cores), each
+  # a named run of one pipeline: MSD validation as exported and under the
+  # simulated exports (what a recipe is chosen on), MSD test and the
+  # external sources (for seeing, never choosing), Dice per case and PA.
+  echo "## robustness: recipes at 64², resnet18, ${ROBUST_EPOCHS:-8} epochs; external: ${ACCURACY_EXTERNAL:-$SHARED/external-dev/chaos-ct-2d}"
+  R=$OUT/robustness; mkdir -p "$R"
+  "$PY" - "$SHARED/msd-liver-2d" "${ACCURACY_EXTERNAL:-$SHARED/external-dev/chaos-ct-2d}" "${ACCURACY_EXTERNAL_REGEX:-(\d+)_(\d+)}" "${ROBUST_EPOCHS:-8}" > "$R/pipeline.yaml" <<'PYEOF'
+import os, re, sys, yaml
+root, external, regex, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+stages = {
+    "ingest": {}, "normalise": {"deps": ["ingest"], "params": {"size": 64}}, "split": {"deps": ["normalise"]},
+    "augment": {"deps": ["normalise", "split"], "params": {"copies": 1}},
+    "train": {"deps": ["normalise", "split", "augment"], "params": {"encoder": "resnet18", "epochs": epochs, "patience": epochs, "batch_size": 16, "loss": "ce_dice", "seed": 3}},
+    "evaluate": {"deps": ["ingest", "normalise", "split", "train"], "params": {"split": "test", "bootstrap": 2000}},
+}
+ext = {re.sub(r"\W", "_", os.path.basename(p.rstrip("/"))): {"source": "slices2d", "root": p, "case_regex": regex} for p in external.split(",") if p}
+print(yaml.safe_dump({"data": {"source": "slices2d", "root": root}, "external": ext, "stages": stages}, sort_keys=False))
+PYEOF
+  RECIPES=${ROBUST_RECIPES:-"fixed: nnunet:train.online_augment=nnunet domain:train.online_augment=domain percentile:train.input_scaling=percentile percentile_domain:train.input_scaling=percentile,train.online_augment=domain"}
+  for recipe in $RECIPES; do
+    name=${recipe%%:*}; SETS=(); IFS=, read -r -a sets <<< "${recipe#*:}"; for s in "${sets[@]}"; do SETS+=(-P "$s"); done
+    s=$(date +%s); (cd "$R" && "$BIN" run -q "${SETS[@]}" --name "$name") 2>&1 | grep -E "rror|warning" || true; e=$(date +%s)
+    echo "$name: $((e - s)) s (cd $R && liverseg run ${SETS[*]})"
+    "$PY" bench/accuracy_table.py "$R/$(cd "$R" && "$BIN" path evaluate -q "${SETS[@]}")" "$name" | { [ "$recipe" = "${RECIPES%% *}" ] && cat || tail -n +3; }
+  done
+fi
+
 if [ "$what" = tune ]; then
   echo "## tune: best validation Dice vs trials, random vs bayes (TPE) vs gp, MSD slices at 96x96"
   "$PY" -c "import pyarrow" 2>/dev/null || .venv/bin/pip install --quiet pyarrow
@@ -224,12 +257,17 @@ fi
 if [ "$what" = accuracy ]; then
   # msd.yaml as it is, or with ACCURACY_MODELS=train the DeepLabV3+ alone
   # (baseline removed); ACCURACY_SET adds -P overrides, e.g. a candidate recipe:
-  #   ACCURACY_SET="train.online_augment=nnunet train.input_scaling=percentile"
-  echo "## accuracy: msd.yaml, test patients (models: ${ACCURACY_MODELS:-train baseline}; overrides: ${ACCURACY_SET:-none})"
+  #   ACCURACY_SET="train.online_augment=domain train.stop_metric=val_dice"
+  # Every external source (ACCURACY_EXTERNAL=dir1,dir2; default the shared
+  # external-dev set, case regex ACCURACY_EXTERNAL_REGEX) is an `external:`
+  # dataset of the same pipeline: scored by the same evaluate, with the same
+  # post-processing, one row per source. They are for seeing generalisation:
+  # recipes are chosen on validation and the simulated exports (val_shift).
+  echo "## accuracy: msd.yaml (models: ${ACCURACY_MODELS:-train baseline}; overrides: ${ACCURACY_SET:-none})"
   A=$OUT/accuracy; mkdir -p "$A"
-  "$PY" - "$SHARED/msd-liver-2d" "${ACCURACY_MODELS:-train baseline}" > "$A/pipeline.yaml" <<'PYEOF'
-import sys, yaml
-root, models = sys.argv[1], sys.argv[2].split()
+  "$PY" - "$SHARED/msd-liver-2d" "${ACCURACY_MODELS:-train baseline}" "${ACCURACY_EXTERNAL:-$SHARED/external-dev/chaos-ct-2d}" "${ACCURACY_EXTERNAL_REGEX:-(\d+)_(\d+)}" > "$A/pipeline.yaml" <<'PYEOF'
+import os, re, sys, yaml
+root, models, external, regex = sys.argv[1], sys.argv[2].split(), sys.argv[3], sys.argv[4]
 d = yaml.safe_load(open("msd.yaml"))
 d["profiles"]["msd"]["data.root"] = root
 for m in ("train", "baseline"):
@@ -237,9 +275,11 @@ for m in ("train", "baseline"):
         del d["stages"][m]
         d["stages"]["evaluate"]["deps"].remove(m)
         d["profiles"]["msd"] = {k: v for k, v in d["profiles"]["msd"].items() if not k.startswith(m + ".")}
+d["external"] = {re.sub(r"\W", "_", os.path.basename(p.rstrip("/"))): {"source": "slices2d", "root": p, "case_regex": regex} for p in external.split(",") if p}
 print(yaml.safe_dump(d, sort_keys=False))
 PYEOF
   SETS=(); for s in ${ACCURACY_SET:-}; do SETS+=(-P "$s"); done
-  (cd "$A" && /usr/bin/time -v "$BIN" run "${SETS[@]}") 2>&1 | tee "$A/log.txt" | grep -E "^(ran|Epoch|early|train:|baseline:|Loss)|Dice per case|rror"
+  (cd "$A" && /usr/bin/time -v "$BIN" run "${SETS[@]}") 2>&1 | tee "$A/log.txt" | grep -E "^(ran|Epoch|early|train:|baseline:|Loss|val )|Dice per case|rror|warning"
   (cd "$A" && "$BIN" lineage evaluate "${SETS[@]}" | head -40)
+  "$PY" bench/accuracy_table.py "$A/$(cd "$A" && "$BIN" path evaluate -q "${SETS[@]}")" "${ACCURACY_SET:-msd.yaml}"
 fi

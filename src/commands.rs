@@ -433,7 +433,10 @@ pub fn evaluate_external(p: &PipelineArgs, e: ExternalEval) -> Result<()> {
     };
     let path = e.out.join("pipeline.yaml");
     std::fs::write(&path, serde_yaml::to_string(&file)?).with_context(|| format!("cannot write {}", path.display()))?;
-    let ext = PipelineArgs { pipeline: path, profile: None, set: p.set.clone(), quiet: p.quiet, executor: p.executor, remote: p.remote.clone() };
+    // -P picks the model in the project's pipeline; of them only evaluate's
+    // own apply to this evaluation (its other stages come from the model).
+    let set = p.set.iter().filter(|o| o.key.starts_with("evaluate.")).cloned().collect();
+    let ext = PipelineArgs { pipeline: path, profile: None, set, quiet: p.quiet, executor: p.executor, remote: p.remote.clone() };
     let eng = engine(&ext)?;
     eng.run(Some("evaluate"))?;
     let a = eng.current_artifact("evaluate")?;

@@ -37,7 +37,8 @@ use liverseg_recipe::{choices, Device};
 /// 3: scored on the original grid, per 3D case; NaN for empty masks; HD95
 /// never null. 4: probabilities resampled as normalise fits slices;
 /// mirroring, largest component and ensemble measured on validation.
-pub const VERSION: u32 = 4;
+/// 5: intensity distance of the inputs from each model's training data.
+pub const VERSION: u32 = 5;
 
 /// Fewer cases than this get no confidence interval.
 pub const MIN_CASES_FOR_CI: usize = 10;
@@ -45,6 +46,11 @@ pub const MIN_CASES_FOR_CI: usize = 10;
 choices!(
     /// Which cases evaluate scores.
     EvalSplit { Test = "test", Val = "val", All = "all" }
+);
+
+choices!(
+    /// Where Table 1's mirroring and largest-component settings come from.
+    PostProcess { Validation = "validation", Fixed = "fixed" }
 );
 
 liverseg_engine::params! {
@@ -57,9 +63,11 @@ liverseg_engine::params! {
         batch_size: usize = int "16", "inference batch size";
         device: Device = choice "auto", "auto = CUDA when available";
         force_unit: bool = bool "false", "evaluate models on data of another intensity unit (HU against 8-bit exports) with a warning instead of refusing";
-        mirror: bool = bool "false", "test-time mirroring in the reported scores: average the softmax over left-right and up-down flips";
-        largest_component: bool = bool "false", "keep only the largest connected component (3D for volumes, per slice for 2D slices) in the reported scores";
+        postprocess: PostProcess = choice "validation", "Table 1's mirroring and largest component: validation = per model, whichever of the four combinations scores the highest Dice per case on the validation patients (options.parquet; needs options and split), as predict applies both by default; fixed = the mirror and largest_component params";
+        mirror: bool = bool "false", "postprocess fixed: test-time mirroring in the reported scores (average the softmax over left-right and up-down flips)";
+        largest_component: bool = bool "false", "postprocess fixed: keep only the largest connected component (3D for volumes, per slice for 2D slices) in the reported scores";
         options: bool = bool "true", "also measure mirroring, the largest component and the ensemble of all models on the validation split (options.parquet)";
+        shifts: bool = bool "true", "also score the validation patients under simulated other exports (CT windows, gamma, contrast; shift.parquet), the measure for choosing an intensity-robust recipe without looking at other hospitals' data";
     }
 }
 
@@ -72,7 +80,7 @@ pub static INFO: StageInfo = StageInfo {
     collects: &["ingest", "normalise"],
     per_dataset: false,
     dataset_requires: &[],
-    outputs: &["table1.parquet", "per_case.parquet", "per_slice.parquet", "predictions/", "examples.parquet", "examples/", "options.parquet?", "external/?"],
+    outputs: &["table1.parquet", "per_case.parquet", "per_slice.parquet", "predictions/", "examples.parquet", "examples/", "options.parquet?", "shift.parquet?", "external/?"],
     params: EvaluateParams::SPECS,
     placement: Placement::Worker,
 };
@@ -110,7 +118,7 @@ impl Stage for Evaluate {
 pub mod measure {
     //! Segment every case with every model and score it on its own grid.
 
-    use super::{EvalSplit, EvaluateParams, MIN_CASES_FOR_CI};
+    use super::{EvalSplit, EvaluateParams, PostProcess, MIN_CASES_FOR_CI};
     use crate::ingest::IngestedCases;
     use crate::normalise::{model_input, model_mask, NormaliseParams, NormalisedSet};
     use crate::split::{Part, SplitAssignment};
@@ -123,7 +131,7 @@ pub mod measure {
     use liverseg_imaging::components::keep_largest;
     use liverseg_imaging::pack_mask_rows;
     use liverseg_imaging::resize::{unfit_bilinear, Fit};
-    use liverseg_metrics::{bootstrap_ci, nan_mean, score_case as score_case_metrics, CaseGeometry, Confusion, Hd95, Hd95Rule};
+    use liverseg_metrics::{bootstrap_ci, nan_mean, score_case as score_case_metrics, CaseGeometry, Confusion, Hd95, Hd95Rule, IntensityHistogram, INTENSITY_SHIFT_WARN};
     use liverseg_model::{device_for, fit, weights, ModelSpec, SegmentationModel};
     use polars::prelude::{Column, DataFrame};
     use std::collections::{BTreeMap, BTreeSet};
@@ -141,8 +149,28 @@ pub mod measure {
         /// Where its training figures sit in the manifest's metrics: "" or `fold<k>.`.
         pub metrics_prefix: String,
         pub dir: PathBuf,
+        /// Evaluate's mirroring and largest component for this model.
+        pub post: Post,
         /// Own the weights `nets` use.
         _vs: Vec<nn::VarStore>,
+    }
+
+    /// Test-time mirroring and keeping the largest component.
+    #[derive(Debug, Clone, Copy, Default, PartialEq)]
+    pub struct Post {
+        pub mirror: bool,
+        pub largest: bool,
+    }
+
+    impl Post {
+        fn name(self) -> &'static str {
+            match (self.mirror, self.largest) {
+                (false, false) => "none",
+                (true, false) => "mirror",
+                (false, true) => "largest_component",
+                (true, true) => "mirror+largest_component",
+            }
+        }
     }
 
     /// Load the trained model in `dir`: model.safetensors and its card, or
@@ -158,7 +186,7 @@ pub mod measure {
             stores.push(vs);
         }
         let manifest = read_manifest(&dir.join(MANIFEST)).ok();
-        Ok(Loaded { name: name.to_owned(), card, nets, manifest, metrics_prefix: String::new(), dir: dir.to_path_buf(), _vs: stores })
+        Ok(Loaded { name: name.to_owned(), card, nets, manifest, metrics_prefix: String::new(), dir: dir.to_path_buf(), post: Post::default(), _vs: stores })
     }
 
     /// Fold `k` of the cross-validated model in `dir`, on its own, named `name`.
@@ -173,7 +201,7 @@ pub mod measure {
         /// A second copy of the model, prepared for inference in `kind`.
         pub fn reloaded(&self, kind: tch::Kind, device: tch::Device) -> Result<Loaded> {
             let mut copy = load_model(&self.name, &self.dir, device)?;
-            (copy.manifest, copy.metrics_prefix) = (self.manifest.clone(), self.metrics_prefix.clone());
+            (copy.manifest, copy.metrics_prefix, copy.post) = (self.manifest.clone(), self.metrics_prefix.clone(), self.post);
             copy.for_inference(kind);
             Ok(copy)
         }
@@ -236,6 +264,8 @@ pub mod measure {
         /// `mm` when every selected case has its spacing, else `px`.
         unit: &'static str,
         provenance: Vec<(String, String)>,
+        /// Where the cases came from (`data.root`, or the source for phantoms).
+        origin: String,
     }
 
     impl Dataset {
@@ -246,7 +276,9 @@ pub mod measure {
                 bail!("{label}: no case to evaluate");
             }
             let unit = if selected.iter().all(|&g| cases.spacing(g).iter().all(|v| v.is_finite())) { "mm" } else { "px" };
-            Ok(Dataset { label, cases, params: norm.params.clone(), selected, out, prefix, unit, provenance: ctx.provenance() })
+            let param = |k: &str| ingest.manifest.params.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+            let origin = if param("data.source") == "synthetic" { "synthetic phantoms".to_owned() } else { param("data.root") };
+            Ok(Dataset { label, cases, params: norm.params.clone(), selected, out, prefix, unit, provenance: ctx.provenance(), origin })
         }
 
         /// The cases' intensity unit (`HU`, `8bit` or `mixed`).
@@ -260,6 +292,7 @@ pub mod measure {
     }
 
     /// A case as the models see it and as it is scored.
+    #[derive(Clone)]
     struct CaseInput {
         id: String,
         n: usize,
@@ -324,6 +357,8 @@ pub mod measure {
         volume_pred: f64,
         volume_true: f64,
         loss_sum: f64,
+        /// Grey levels of the case's model inputs.
+        intensity: IntensityHistogram,
     }
 
     /// Liver probabilities of `nets` on the model's grid (averaged, with
@@ -372,12 +407,13 @@ pub mod measure {
             volume_pred: m.volume_pred,
             volume_true: m.volume_true,
             loss_sum,
+            intensity: IntensityHistogram::of(&input.images),
         }
     }
 
     fn score_case(model: &Loaded, input: &CaseInput, ds: &Dataset, p: &EvaluateParams, device: tch::Device) -> Result<CaseScore> {
-        let probs = probabilities(&[model], input, ds.params.size, &fit::Inference::fp32(p.batch_size, device, p.mirror))?;
-        let full = mask_of(&probs.liver, input, p.largest_component);
+        let probs = probabilities(&[model], input, ds.params.size, &fit::Inference::fp32(p.batch_size, device, model.post.mirror))?;
+        let full = mask_of(&probs.liver, input, model.post.largest);
         write_prediction(ds, &model.name, input, &full)?;
         Ok(score(&full, input, ds, probs.loss_sum))
     }
@@ -404,6 +440,13 @@ pub mod measure {
 
         fn slices(&self) -> usize {
             self.cases.iter().map(|c| c.per_slice.len()).sum()
+        }
+
+        /// Every case's inputs pooled.
+        fn intensity(&self) -> IntensityHistogram {
+            let mut h = IntensityHistogram::default();
+            self.cases.iter().for_each(|c| h.add(&c.intensity));
+            h
         }
 
         fn row(&self, model: &Loaded, p: &EvaluateParams) -> BTreeMap<&'static str, serde_json::Value> {
@@ -433,11 +476,13 @@ pub mod measure {
             row.insert("recall", jf(o.recall()));
             row.insert("hd95_mean", jf(nan_mean(&hd)));
             row.insert("hd95_one_empty_cases", self.cases.iter().filter(|c| c.hd95.rule == Hd95Rule::OneEmpty).count().into());
+            row.insert("intensity_distance", jf(intensity_distance(model, &self.intensity())));
             row.insert("parameters", model.card.parameters.into());
             row.insert("train_loss", got("train_loss"));
             row.insert("epochs_run", got("epochs_run"));
             row.insert("stop_reason", got("stop_reason"));
             row.insert("params_used", used_params(model).into());
+            row.insert("postprocess", model.post.name().into());
             row
         }
     }
@@ -451,6 +496,31 @@ pub mod measure {
         let pick: serde_json::Map<String, serde_json::Value> =
             ["lr", "batch_size", "optimizer", "weight_decay", "loss", "epochs"].iter().filter_map(|k| p.get(*k).map(|v| (k.to_string(), v.clone()))).collect();
         serde_json::Value::Object(pick).to_string()
+    }
+
+    /// Jensen–Shannon divergence of `h` from the model's training inputs
+    /// (NaN for a card that predates the histogram).
+    fn intensity_distance(model: &Loaded, h: &IntensityHistogram) -> f64 {
+        model.card.input_histogram.as_ref().map_or(f64::NAN, |train| h.js_divergence(train))
+    }
+
+    /// Inputs whose grey levels lie far from a model's training data: the
+    /// dataset's distance and the cases beyond the bar, named.
+    fn warn_if_far(ds: &Dataset, model: &Loaded, scores: &ModelScores, summary: &mut Summary) {
+        let d = intensity_distance(model, &scores.intensity());
+        let far: Vec<String> = scores.cases.iter().filter(|c| intensity_distance(model, &c.intensity) > INTENSITY_SHIFT_WARN).map(|c| c.case.clone()).collect();
+        if d > INTENSITY_SHIFT_WARN || !far.is_empty() {
+            let named = if far.len() > 5 { format!("{}, ...", far[..5].join(", ")) } else { far.join(", ") };
+            let message = format!(
+                "{} ({}): the inputs' intensity histogram is {d:.3} from model {}'s training data (Jensen-Shannon divergence in bits; above {INTENSITY_SHIFT_WARN} warns); {} of {} cases are beyond it ({named}): another scanner or export mapping, so expect lower accuracy than on the training source",
+                ds.label,
+                ds.origin,
+                model.name,
+                far.len(),
+                scores.cases.len()
+            );
+            liverseg_engine::stage::warn(summary, message);
+        }
     }
 
     fn jf(v: f64) -> serde_json::Value {
@@ -474,6 +544,8 @@ pub mod measure {
         }
         bar.finish_and_clear();
         let rows: Vec<BTreeMap<&str, serde_json::Value>> = models.iter().zip(&scores).map(|(m, s)| s.row(m, p)).collect();
+        // Fold members share their ensemble's card: one warning for the ensemble.
+        models.iter().zip(&scores).filter(|(m, _)| m.metrics_prefix.is_empty()).for_each(|(m, s)| warn_if_far(ds, m, s, summary));
         for row in &rows {
             let name = row["model"].as_str().unwrap_or_default();
             for (k, v) in row {
@@ -498,7 +570,7 @@ pub mod measure {
         let g = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
         let ci = if g("dice_per_case_ci_low").is_finite() { format!(" [{:.4}, {:.4}]", g("dice_per_case_ci_low"), g("dice_per_case_ci_high")) } else { String::new() };
         eprintln!(
-            "{} {}: Dice per case {:.4}{ci} (n = {}), global {:.4}, mIoU {:.4}, liver IoU {:.4}, PA {:.4}, HD95 {:.2} {}",
+            "{} {}: Dice per case {:.4}{ci} (n = {}), global {:.4}, mIoU {:.4}, liver IoU {:.4}, PA {:.4}, HD95 {:.2} {}, intensity distance {:.3}",
             ds.label,
             row["model"].as_str().unwrap_or(""),
             g("dice_per_case"),
@@ -508,7 +580,8 @@ pub mod measure {
             g("liver_iou"),
             g("pixel_accuracy"),
             g("hd95_mean"),
-            ds.unit
+            ds.unit,
+            g("intensity_distance")
         );
     }
 
@@ -535,17 +608,19 @@ pub mod measure {
             f("recall"),
             f("hd95_mean"),
             i("hd95_one_empty_cases"),
+            f("intensity_distance"),
             i("parameters"),
             f("train_loss"),
             i("epochs_run"),
             s("stop_reason"),
             s("params_used"),
+            s("postprocess"),
         ])?;
         write_parquet(&out.join("table1.parquet"), &mut table1, &ctx.provenance())
     }
 
     fn write_per_case(ctx: &StageContext, ds: &Dataset, models: &[Loaded], scores: &[ModelScores]) -> Result<()> {
-        let rows: Vec<(&str, &CaseScore)> = models.iter().zip(scores).flat_map(|(m, s)| s.cases.iter().map(move |c| (m.name.as_str(), c))).collect();
+        let rows: Vec<(&str, &CaseScore, f64)> = models.iter().zip(scores).flat_map(|(m, s)| s.cases.iter().map(move |c| (m.name.as_str(), c, intensity_distance(m, &c.intensity)))).collect();
         let vol = if ds.unit == "mm" { "ml" } else { "px" };
         let rule = |h: &Hd95| match h.rule {
             Hd95Rule::Measured => "measured",
@@ -565,6 +640,7 @@ pub mod measure {
             Column::new(format!("volume_pred_{vol}").into(), rows.iter().map(|r| r.1.volume_pred).collect::<Vec<_>>()),
             Column::new(format!("volume_true_{vol}").into(), rows.iter().map(|r| r.1.volume_true).collect::<Vec<_>>()),
             Column::new(format!("volume_diff_{vol}").into(), rows.iter().map(|r| r.1.volume_pred - r.1.volume_true).collect::<Vec<_>>()),
+            Column::new("intensity_distance".into(), rows.iter().map(|r| r.2).collect::<Vec<_>>()),
         ])?;
         write_parquet(&ds.out.join("per_case.parquet"), &mut df, &ctx.provenance())
     }
@@ -592,12 +668,14 @@ pub mod measure {
     /// and the ensemble of all of them (softmax averaged), plain, mirrored,
     /// with only the largest component kept, and both; each in fp32 and
     /// bf16, with bf16's masks compared to fp32's (options.parquet).
-    fn inference_options(ctx: &StageContext, ds: &Dataset, models: &[Loaded], p: &EvaluateParams, device: tch::Device) -> Result<()> {
+    /// Returns, per model measured, the fp32 settings with the highest
+    /// validation Dice per case (ties go to the simpler).
+    fn inference_options(ctx: &StageContext, ds: &Dataset, models: &[Loaded], p: &EvaluateParams, device: tch::Device) -> Result<BTreeMap<String, Post>> {
         // Cross-validated models trained on the validation patients: measured
         // there, they would not be held out.
         let models: Vec<&Loaded> = models.iter().filter(|m| m.card.folds == 0 && m.metrics_prefix.is_empty()).collect();
         if models.is_empty() {
-            return Ok(());
+            return Ok(BTreeMap::new());
         }
         let bf16_models = models.iter().map(|m| m.reloaded(tch::Kind::BFloat16, device)).collect::<Result<Vec<_>>>()?;
         let mut variants: Vec<(String, Vec<&Loaded>, Vec<&Loaded>)> = models.iter().zip(&bf16_models).map(|(m, b)| (m.name.clone(), vec![*m], vec![b])).collect();
@@ -627,7 +705,82 @@ pub mod measure {
             bar.inc(1);
         }
         bar.finish_and_clear();
-        write_options(ctx, &variants.iter().map(|v| v.0.clone()).collect::<Vec<_>>(), scores)
+        let names: Vec<String> = variants.iter().map(|v| v.0.clone()).collect();
+        let chosen = best_settings(&names[..models.len()], &scores);
+        write_options(ctx, &names, scores)?;
+        Ok(chosen)
+    }
+
+    /// Of each model's fp32 rows, in the order none, largest, mirror, both:
+    /// the first with the highest Dice per case.
+    fn best_settings(names: &[String], scores: &BTreeMap<OptionKey, (Vec<CaseScore>, Confusion)>) -> BTreeMap<String, Post> {
+        let mut best: BTreeMap<String, (f64, Post)> = BTreeMap::new();
+        for (k, (cases, _)) in scores.iter().filter(|(k, _)| !k.bf16 && k.variant < names.len()) {
+            let dice = nan_mean(&cases.iter().map(|c| c.confusion.dice()).collect::<Vec<_>>());
+            let entry = best.entry(names[k.variant].clone()).or_insert((f64::NEG_INFINITY, Post::default()));
+            if dice > entry.0 {
+                *entry = (dice, Post { mirror: k.mirror, largest: k.largest });
+            }
+        }
+        best.into_iter().map(|(name, (_, post))| (name, post)).collect()
+    }
+
+    /// The validation patients as exported, then under each simulated other
+    /// export, scored with Table 1's settings (mirroring, largest component):
+    /// shift.parquet, and per model `val.M.dice_per_case` beside
+    /// `val_shift.M.dice_per_case` (the mean over the exports) and its worst.
+    fn shifted_validation(ctx: &StageContext, ds: &Dataset, models: &[Loaded], p: &EvaluateParams, device: tch::Device, summary: &mut Summary) -> Result<()> {
+        // Cross-validated models trained on the validation patients.
+        let models: Vec<&Loaded> = models.iter().filter(|m| m.card.folds == 0 && m.metrics_prefix.is_empty()).collect();
+        // 8-bit exports are taken as the MSD export's window, HU clipped to [0, 255].
+        let source = if ds.intensity_unit() == "HU" { ds.params.window().map(|(lo, hi)| (lo as f64, hi as f64))? } else { (0.0, 255.0) };
+        let mut exports = vec![("none", Vec::new())];
+        exports.extend(liverseg_imaging::augment::simulated_exports(source));
+        let size = ds.params.size;
+        let mut scores: Vec<Vec<ModelScores>> = models.iter().map(|_| exports.iter().map(|_| ModelScores { cases: Vec::new() }).collect()).collect();
+        let bar = liverseg_engine::progress::bar(ds.selected.len() as u64, "simulated exports (val)", ctx.show_progress);
+        for &g in &ds.selected {
+            let input = case_input(ds, g)?;
+            for (e, (_, ops)) in exports.iter().enumerate() {
+                let mut shifted = input.clone();
+                shifted.images = input.images.chunks_exact(size * size).flat_map(|slice| liverseg_imaging::augment::intensity_u8(ops, slice, size)).collect();
+                for (m, model) in models.iter().enumerate() {
+                    let probs = probabilities(&[model], &shifted, size, &fit::Inference::fp32(p.batch_size, device, model.post.mirror))?;
+                    scores[m][e].cases.push(score(&mask_of(&probs.liver, &shifted, model.post.largest), &shifted, ds, probs.loss_sum));
+                }
+            }
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let dice = |s: &ModelScores| nan_mean(&s.cases.iter().map(|c| c.confusion.dice()).collect::<Vec<_>>());
+        for (model, rows) in models.iter().zip(&scores) {
+            let shifted: Vec<(f64, &str)> = rows.iter().zip(&exports).skip(1).map(|(s, e)| (dice(s), e.0)).collect();
+            let worst = shifted.iter().copied().fold((f64::INFINITY, ""), |w, d| if d.0 < w.0 { d } else { w });
+            summary.insert(format!("val.{}.dice_per_case", model.name), jf(dice(&rows[0])));
+            summary.insert(format!("val_shift.{}.dice_per_case", model.name), jf(nan_mean(&shifted.iter().map(|d| d.0).collect::<Vec<_>>())));
+            summary.insert(format!("val_shift.{}.worst_export", model.name), worst.1.into());
+            if ctx.show_progress {
+                eprintln!(
+                    "val {}: Dice per case {:.4} as exported, {:.4} under simulated other exports (worst {} {:.4})",
+                    model.name,
+                    dice(&rows[0]),
+                    nan_mean(&shifted.iter().map(|d| d.0).collect::<Vec<_>>()),
+                    worst.1,
+                    worst.0
+                );
+            }
+        }
+        let rows: Vec<(&Loaded, &str, &ModelScores)> = models.iter().zip(&scores).flat_map(|(m, r)| r.iter().zip(&exports).map(move |(s, e)| (*m, e.0, s))).collect();
+        let mut df = DataFrame::new_infer_height(vec![
+            Column::new("model".into(), rows.iter().map(|r| r.0.name.clone()).collect::<Vec<_>>()),
+            Column::new("export".into(), rows.iter().map(|r| r.1).collect::<Vec<_>>()),
+            Column::new("cases".into(), rows.iter().map(|r| r.2.cases.len() as u64).collect::<Vec<_>>()),
+            Column::new("dice_per_case".into(), rows.iter().map(|r| dice(r.2)).collect::<Vec<_>>()),
+            Column::new("dice_global".into(), rows.iter().map(|r| r.2.overall().dice()).collect::<Vec<_>>()),
+            Column::new("pixel_accuracy".into(), rows.iter().map(|r| r.2.overall().pixel_accuracy()).collect::<Vec<_>>()),
+            Column::new("intensity_distance".into(), rows.iter().map(|r| intensity_distance(r.0, &r.2.intensity())).collect::<Vec<_>>()),
+        ])?;
+        write_parquet(&ctx.out("shift.parquet"), &mut df, &ctx.provenance())
     }
 
     /// One row of options.parquet.
@@ -764,15 +917,26 @@ pub mod measure {
         }
         let mut summary = Summary::new();
         let norm = NormalisedSet::open(ctx.upstream("normalise")?)?;
+        let mut models = models;
+        models.iter_mut().for_each(|m| m.post = Post { mirror: p.mirror, largest: p.largest_component });
+        // The options on validation first: Table 1 may take its settings from them.
+        if p.options && ctx.upstream.contains_key("split") {
+            let val = wanted_cases(ctx, &norm, EvalSplit::Val)?;
+            let ds = Dataset::new(ctx, "val".into(), ctx.upstream("ingest")?, &norm, val, ctx.out_dir.to_path_buf(), "options.".into())?;
+            let chosen = inference_options(ctx, &ds, &models, &p, device)?;
+            if p.postprocess == PostProcess::Validation {
+                models.iter_mut().for_each(|m| m.post = chosen.get(&m.name).copied().unwrap_or(m.post));
+            }
+        }
         let wanted = wanted_cases(ctx, &norm, p.split)?;
         let ds = Dataset::new(ctx, p.split.name().to_owned(), ctx.upstream("ingest")?, &norm, wanted, ctx.out_dir.to_path_buf(), String::new())?;
         let scores = evaluate_dataset(ctx, &ds, &models, &p, device, &mut summary)?;
         examples(ctx, &ds, &models, &scores, &p, device)?;
         summary.insert("split".into(), p.split.name().into());
-        if p.options && ctx.upstream.contains_key("split") {
+        if p.shifts && ctx.upstream.contains_key("split") {
             let val = wanted_cases(ctx, &norm, EvalSplit::Val)?;
-            let ds = Dataset::new(ctx, "val".into(), ctx.upstream("ingest")?, &norm, val, ctx.out_dir.to_path_buf(), "options.".into())?;
-            inference_options(ctx, &ds, &models, &p, device)?;
+            let ds = Dataset::new(ctx, "val".into(), ctx.upstream("ingest")?, &norm, val, ctx.out_dir.to_path_buf(), "shift.".into())?;
+            shifted_validation(ctx, &ds, &models, &p, device, &mut summary)?;
         }
         summary.insert("min_cases_for_ci".into(), MIN_CASES_FOR_CI.into());
 

@@ -11,6 +11,7 @@
 use anyhow::{bail, Context, Result};
 use liverseg_engine::params::{ParamSpec, Params};
 use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary};
+use liverseg_metrics::IntensityHistogram;
 use liverseg_recipe::scaling::InputScaling;
 use liverseg_recipe::{Arch, Device, Encoder, InputScheme, Loss, Objective, Optimizer, Schedule};
 use serde::{Deserialize, Serialize};
@@ -24,14 +25,16 @@ use std::sync::LazyLock;
 /// 5: the model starts from smp's initialisation (BatchNorm weight 1, not
 /// uniform in [0, 1]; torchvision's encoder convs; PyTorch's decoder and head).
 /// 6: the model card names its training data (source, root hash, cases).
-pub const VERSION: u32 = 6;
+/// 7: the model card holds the training inputs' intensity histogram.
+pub const VERSION: u32 = 7;
 
 liverseg_engine::params! {
     pub struct TrainParams {
         arch: Arch = choice "deeplabv3plus", "deeplabv3plus, or resnet (the plain baseline)";
         encoder: Encoder = choice "resnet34", "ResNet encoder";
         epochs: i64 = int "12", "maximum epochs";
-        patience: i64 = int "5", "early stopping: epochs without a lower validation loss";
+        patience: i64 = int "5", "early stopping: epochs without a better stop_metric";
+        stop_metric: Objective = choice "val_loss", "early stopping and the kept epoch: val_loss (lowest) or val_dice (highest Dice over the validation slices; for recipes whose loss and Dice disagree, as under strong augmentation)";
         batch_size: usize = int "16", "batch size";
         lr: f64 = float "1e-3", "learning rate";
         weight_decay: f64 = float "0", "weight decay (L2 for adam/sgd/rmsprop, decoupled for adamw)";
@@ -41,7 +44,7 @@ liverseg_engine::params! {
         loss: Loss = choice "ce", "loss";
         schedule: Schedule = choice "constant", "learning-rate schedule (poly: lr·(1 − epoch/epochs)^0.9, nnU-Net's)";
         online_flip: bool = bool "false", "also mirror training batches at random (online augmentation; online_augment {mirror: 0.5})";
-        online_augment: serde_json::Value = any "null", "online augmentation of training batches, a fresh draw per slice and epoch on the loader thread: null, nnunet (nnU-Net's 2D set), or {rotation: [p, lo, hi], scale: [p, lo, hi], mirror: p, gamma: ...} (see docs/guide.md)";
+        online_augment: serde_json::Value = any "null", "online augmentation of training batches, a fresh draw per slice and epoch on the loader thread: null, nnunet (nnU-Net's 2D set), domain (nnunet plus re-export under other CT windows), or {rotation: [p, lo, hi], scale: [p, lo, hi], mirror: p, gamma: ..., rewindow: {p, width, level}} (see docs/guide.md)";
         input_scaling: InputScheme = choice "fixed", "how stored slices become model input: fixed (/255 of the window or 8-bit export), percentile (each image clipped to its 0.5–99.5 percentiles and z-scored; for exports of unknown window), ct (clipped to the training liver's 0.5–99.5 percentiles, z-scored with their mean and std; HU data)";
         steps_per_epoch: usize = int "0", "optimizer steps per epoch (nnU-Net: 250); 0 = one pass over the training slices";
         folds: usize = int "0", "cross-validation: K models on K patient-level folds of train+validation (each fold's validation for its early stopping; the test split untouched), used as their ensemble (mean softmax); 0 = one model on the split's train/validation";
@@ -204,6 +207,10 @@ pub struct ModelCard {
     /// 8-bit export was scaled differently (absent in older cards).
     #[serde(default)]
     pub input_stats: Option<InputStats>,
+    /// Grey levels of the training inputs (before augmentation), to measure
+    /// how far new inputs lie from them (absent in older cards).
+    #[serde(default)]
+    pub input_histogram: Option<IntensityHistogram>,
     /// How the stored slices become model input (absent in older cards: fixed).
     #[serde(default)]
     pub scaling: InputScaling,
@@ -365,7 +372,7 @@ mod training {
     //! The training loop: data, model, epochs with early stopping and
     //! checkpoints, and the artifact.
 
-    use super::{InputScaling, InputScheme, InputStats, ModelCard, ModelSpecCard, StopReason, TrainParams, CARD_METADATA};
+    use super::{InputScaling, InputScheme, InputStats, IntensityHistogram, ModelCard, ModelSpecCard, StopReason, TrainParams, CARD_METADATA};
     use crate::augment::AugmentedSet;
     use crate::normalise::NormalisedSet;
     use crate::split::{Part, SplitAssignment};
@@ -413,7 +420,10 @@ mod training {
     #[derive(Debug, Clone, Serialize, Deserialize)]
     struct Progress {
         epochs_done: i64,
+        /// Validation loss of the kept epoch.
         best_loss: f64,
+        /// stop_metric of the kept epoch, as minimised.
+        best_score: f64,
         best_epoch: i64,
         bad_epochs: i64,
         lr: f64,
@@ -496,6 +506,12 @@ mod training {
         card.folds = k;
         card.best_epoch = 0;
         card.best_val_loss = folds.iter().map(|f| f.1.best_val_loss).sum::<f64>() / k as f64;
+        // Every fold's training slices: the pool of train and validation patients.
+        card.input_histogram = folds.iter().map(|f| f.1.input_histogram.clone()).collect::<Option<Vec<_>>>().map(|all| {
+            let mut pooled = IntensityHistogram::default();
+            all.iter().for_each(|h| pooled.add(h));
+            pooled
+        });
         std::fs::write(ctx.out("model.json"), serde_json::to_vec_pretty(&card)?)?;
         let rows: Vec<(usize, &EpochRow)> = folds.iter().enumerate().flat_map(|(i, f)| f.2.iter().map(move |r| (i, r))).collect();
         let mut df = metrics_frame(&rows.iter().map(|r| r.1.clone()).collect::<Vec<_>>(), None)?;
@@ -549,6 +565,7 @@ mod training {
         val: SliceSet,
         /// Of the training rows' own slices, before augmentation.
         input_stats: InputStats,
+        input_histogram: IntensityHistogram,
     }
 
     impl TrainingData {
@@ -557,7 +574,7 @@ mod training {
             let train_rows = spread(train_rows.to_vec(), p.max_train_slices);
             let (mut ti, mut tm) = norm.select(&train_rows);
             let (vi, vm) = norm.select(val_rows);
-            let input_stats = InputStats::of(&ti);
+            let (input_stats, input_histogram) = (InputStats::of(&ti), IntensityHistogram::of(&ti));
             let size = norm.size;
             if p.use_augmented {
                 // The augmented copies of the chosen slices, by their source row
@@ -577,7 +594,7 @@ mod training {
             if train.len() < 2 || val.is_empty() {
                 bail!("training needs at least 2 training and 1 validation slice (got {} and {})", train.len(), val.len());
             }
-            Ok(TrainingData { train, val, input_stats })
+            Ok(TrainingData { train, val, input_stats, input_histogram })
         }
     }
 
@@ -619,7 +636,7 @@ mod training {
             }
             let opt = Optimizer::new(OptKind::new(p.optimizer, p.momentum, p.nesterov), vs.trainable_variables(), p.lr, p.weight_decay);
             let best = fit::snapshot(&vs);
-            let progress = Progress { epochs_done: 0, best_loss: f64::INFINITY, best_epoch: 0, bad_epochs: 0, lr: p.lr, plateau_bad: 0, step: 0, rows: Vec::new() };
+            let progress = Progress { epochs_done: 0, best_loss: f64::INFINITY, best_score: f64::INFINITY, best_epoch: 0, bad_epochs: 0, lr: p.lr, plateau_bad: 0, step: 0, rows: Vec::new() };
             let online = p.online_transforms()?.map(Arc::new);
             Ok(Run { ctx, p, device, bf16, vs, model, opt, best, progress, pruned: false, online, out, scratch, label })
         }
@@ -634,7 +651,7 @@ mod training {
                 self.epoch(&train_set, &val_set)?;
             }
             self.say_why_it_stopped();
-            self.finish(norm, data.input_stats, train_set.scaling, started)
+            self.finish(norm, (data.input_stats, data.input_histogram), train_set.scaling, started)
         }
 
         /// Resume an interrupted run of this very key from its checkpoint.
@@ -712,7 +729,7 @@ mod training {
             let (val_loss, vconf) = fit::evaluate(&self.model, val_set, p.batch_size, self.device, p.loss, self.bf16);
             let row = epoch_row(epoch, lr, &stats, val_loss, &vconf, t0.elapsed().as_secs_f64(), train_secs);
             self.report(&row);
-            self.keep_if_best(epoch, val_loss);
+            self.keep_if_best(epoch, &row);
             self.plateau();
             self.progress.epochs_done = epoch;
             self.progress.step = self.opt.step;
@@ -734,25 +751,26 @@ mod training {
             }
         }
 
-        /// Early stopping's bookkeeping: a lower validation loss keeps these weights.
-        fn keep_if_best(&mut self, epoch: i64, val_loss: f64) {
-            let (prog, show) = (&mut self.progress, self.ctx.show_progress);
-            if val_loss < prog.best_loss {
+        /// Early stopping's bookkeeping: a better stop_metric keeps these weights.
+        fn keep_if_best(&mut self, epoch: i64, row: &EpochRow) {
+            let (prog, show, metric) = (&mut self.progress, self.ctx.show_progress, self.p.stop_metric);
+            let score = metric.to_minimise(row.val_dice, row.val_loss);
+            // NaN (no liver in any validation slice) never counts as better.
+            if score < prog.best_score {
                 if show {
-                    if prog.best_loss.is_finite() {
-                        eprintln!("Loss decreased from {:.4} to {:.4}, saving the model", prog.best_loss, val_loss);
-                    } else {
-                        eprintln!("Loss decreased from inf to {val_loss:.4}, saving the model");
+                    match metric {
+                        Objective::ValLoss if prog.best_score.is_finite() => eprintln!("Loss decreased from {:.4} to {:.4}, saving the model", prog.best_score, score),
+                        Objective::ValLoss => eprintln!("Loss decreased from inf to {score:.4}, saving the model"),
+                        Objective::ValDice => eprintln!("Validation Dice rose from {:.4} to {:.4}, saving the model", metric.reported(prog.best_score).max(0.0), row.val_dice),
                     }
                 }
-                prog.best_loss = val_loss;
-                prog.best_epoch = epoch;
-                prog.bad_epochs = 0;
+                (prog.best_score, prog.best_loss, prog.best_epoch, prog.bad_epochs) = (score, row.val_loss, epoch, 0);
                 self.best = fit::snapshot(&self.vs);
             } else {
                 prog.bad_epochs += 1;
                 if show {
-                    eprintln!("Loss not decreased for {} epoch(s) (best {:.4} at epoch {})", prog.bad_epochs, prog.best_loss, prog.best_epoch);
+                    let what = if metric == Objective::ValLoss { "Loss not decreased" } else { "Validation Dice not risen" };
+                    eprintln!("{what} for {} epoch(s) (best {:.4} at epoch {})", prog.bad_epochs, metric.reported(prog.best_score), prog.best_epoch);
                 }
             }
         }
@@ -776,13 +794,20 @@ mod training {
 
         fn say_why_it_stopped(&self) {
             if self.ctx.show_progress && self.stop_reason() == Some(StopReason::EarlyStop) {
-                eprintln!("early stopping: no lower validation loss for {} epochs", self.p.patience);
+                let what = if self.p.stop_metric == Objective::ValLoss { "lower validation loss" } else { "higher validation Dice" };
+                eprintln!("early stopping: no {what} for {} epochs", self.p.patience);
             }
         }
 
         /// The artifact: the best epoch's weights, the per-epoch table, the
         /// model card and the summary.
-        fn finish(self, norm: &NormalisedSet, input_stats: InputStats, scaling: InputScaling, started: Instant) -> Result<(Summary, ModelCard, Vec<EpochRow>)> {
+        fn finish(
+            self,
+            norm: &NormalisedSet,
+            (input_stats, input_histogram): (InputStats, IntensityHistogram),
+            scaling: InputScaling,
+            started: Instant,
+        ) -> Result<(Summary, ModelCard, Vec<EpochRow>)> {
             let ctx = self.ctx;
             fit::restore(&self.vs, &self.best, "")?;
             let stop = self.stop_reason().unwrap_or(StopReason::MaxEpochs);
@@ -800,6 +825,7 @@ mod training {
                 best_val_loss: self.progress.best_loss,
                 train_stage_key: ctx.key.to_owned(),
                 input_stats: Some(input_stats),
+                input_histogram: Some(input_histogram),
                 scaling,
                 folds: 0,
                 training_data: super::TrainingData::from_lineage(ctx)?,

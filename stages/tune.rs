@@ -30,7 +30,8 @@ use std::collections::BTreeMap;
 pub const VERSION: u32 = 4;
 /// 2: the train stage's version 2 (no time budget, spread subsets, per-epoch medians).
 /// 3: smp's initialisation (train's version 5).
-const TRIAL_VERSION: u32 = 3;
+/// 4: the card holds the inputs' intensity histogram (train's version 7).
+const TRIAL_VERSION: u32 = 4;
 
 choices!(
     /// Whether and how trials are stopped early.

@@ -4,7 +4,7 @@ use super::executor::{Executor, Local};
 use super::hash::{stage_key, KeyInputs};
 use super::pipeline::{ExecutorKind, Pipeline, ResolvedStage};
 use super::scan::{RawList, Scanner};
-use super::stage::{Placement, RawFile, Stage, StageContext, StageInfo};
+use super::stage::{Placement, RawFile, Stage, StageContext, StageInfo, WARNINGS};
 use super::store::{now_unix, utc_string, Artifact, Depth, Manifest, Store};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
@@ -193,13 +193,15 @@ impl<'r> Engine<'r> {
         let planned = self.plan_keeping(&stages, Some(&self.raw_bytes))?;
         let mut report = RunReport::default();
         // Fast path: nothing to do needs no lock.
-        let mut all_fresh = true;
+        let mut fresh = Vec::new();
         for s in &stages {
-            all_fresh &= matches!(self.find(&s.name, &planned[&s.name].key)?, Found::Fresh(_));
+            if let Found::Fresh(a) = self.find(&s.name, &planned[&s.name].key)? {
+                fresh.push(a);
+            }
         }
-        if all_fresh {
-            for s in &stages {
-                self.say(&format!("reused  {:<10} {}", s.name, planned[&s.name].key));
+        if fresh.len() == stages.len() {
+            for (s, a) in stages.iter().zip(&fresh) {
+                self.say_reused(a, "");
                 report.reused.push(s.name.clone());
             }
             return Ok(report);
@@ -296,8 +298,8 @@ impl<'r> Engine<'r> {
         let mut rebuilt = false;
         // Another process may have built it while we waited for the lock.
         match self.find(&s.name, &p.key)? {
-            Found::Fresh(_) => {
-                self.say(&format!("reused  {:<10} {}", s.name, p.key));
+            Found::Fresh(a) => {
+                self.say_reused(&a, "");
                 return Ok((Outcome::Reused, false));
             }
             Found::Damaged(a, problems) => {
@@ -344,8 +346,8 @@ impl<'r> Engine<'r> {
         let mut report = RunReport::default();
         let lock = self.store.lock()?;
         match self.find(name, &p.key)? {
-            Found::Fresh(_) if !force => {
-                self.say(&format!("reused  {:<10} {}  (use --force to rerun)", name, p.key));
+            Found::Fresh(a) if !force => {
+                self.say_reused(&a, "  (use --force to rerun)");
                 report.reused.push(name.to_owned());
                 return Ok(report);
             }
@@ -441,6 +443,16 @@ impl<'r> Engine<'r> {
     fn say(&self, line: &str) {
         if self.show_progress {
             eprintln!("{line}");
+        }
+    }
+
+    /// A reused artifact, and the warnings its run gave (a summary's
+    /// `warnings`), which hold for it as long as it is reused, as cargo
+    /// replays a cached crate's warnings.
+    fn say_reused(&self, a: &Artifact, note: &str) {
+        self.say(&format!("reused  {:<10} {}{note}", a.stage, a.key));
+        for w in a.manifest.metrics.get(WARNINGS).and_then(|v| v.as_array()).into_iter().flatten().filter_map(|w| w.as_str()) {
+            eprintln!("warning: {w} (from the run of {}@{})", a.stage, a.key);
         }
     }
 

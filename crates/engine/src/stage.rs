@@ -51,6 +51,19 @@ pub struct StageInfo {
 /// `lineage stage.metric` looks up.
 pub type Summary = BTreeMap<String, Value>;
 
+/// The summary key of a stage's warnings (an array of strings): printed
+/// again whenever the artifact is reused, since they hold for it.
+pub const WARNINGS: &str = "warnings";
+
+/// Print a warning now and keep it in the summary for every later reuse.
+pub fn warn(summary: &mut Summary, message: String) {
+    eprintln!("warning: {message}");
+    let list = summary.entry(WARNINGS.to_owned()).or_insert_with(|| Value::Array(Vec::new()));
+    if let Value::Array(items) = list {
+        items.push(Value::String(message));
+    }
+}
+
 /// A raw input file of a source stage, with its content hash.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct RawFile {

@@ -76,12 +76,89 @@ pub struct Transforms {
     pub low_res: Chance,
     /// Gamma on the slice's range, mean and std kept.
     pub gamma: Chance,
+    /// Another CT display window's export of the same slice (intensity
+    /// domain randomisation), before every other intensity transform.
+    pub rewindow: Rewindow,
+}
+
+/// The slice re-exported under another CT display window: it is read as the
+/// export of `source` (HU mapped to 0..255, lower HU clipped black) and
+/// mapped as a window of width W and level L would have exported it, W drawn
+/// log-uniform in `width` and L uniform in `level` (HU). What the source
+/// clipped black has lost its HU; it is given CT's own: black connected to
+/// the slice's border is air (−1000 HU), black inside the body is fat
+/// (drawn in −120..−80 HU per slice).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rewindow {
+    pub p: f64,
+    pub width: (f64, f64),
+    pub level: (f64, f64),
+    /// The window the stored slices were exported with (the MSD export: HU clipped to [0, 255]).
+    #[serde(default = "Rewindow::msd_export")]
+    pub source: (f64, f64),
+}
+
+impl Rewindow {
+    pub const OFF: Rewindow = Rewindow { p: 0.0, width: (0.0, 0.0), level: (0.0, 0.0), source: (0.0, 255.0) };
+
+    fn msd_export() -> (f64, f64) {
+        (0.0, 255.0)
+    }
+
+    /// CT's display presets and exports, from the liver window (W 150) to
+    /// a full 12-bit range (W 4096), levels from the lung window's (−600)
+    /// to bone (400).
+    pub fn ct_windows(p: f64) -> Self {
+        Rewindow { p, width: (150.0, 4096.0), level: (-600.0, 400.0), source: (0.0, 255.0) }
+    }
+
+    /// The grey-level map of window (width, level) for the source's grey
+    /// levels, `v · gain + offset`.
+    pub fn map(&self, width: f64, level: f64) -> (f32, f32) {
+        let (s0, s1) = self.source;
+        let low = level - width / 2.0;
+        (((s1 - s0) / width) as f32, ((s0 - low) * 255.0 / width) as f32)
+    }
+
+    /// The transform for window (width, level), fat at `fat_hu`.
+    pub fn op(&self, width: f64, level: f64, fat_hu: f64) -> Intensity {
+        let (gain, offset) = self.map(width, level);
+        let grey = |hu: f64| ((hu - (level - width / 2.0)) * 255.0 / width).clamp(0.0, 255.0) as f32;
+        Intensity::Rewindow { gain, offset, air: grey(-1000.0), fat: grey(fat_hu) }
+    }
+
+    fn draw(&self, r: &mut Rng) -> Option<Intensity> {
+        if self.p <= 0.0 {
+            return None;
+        }
+        let hit = r.f64() < self.p;
+        let width = (self.width.0.ln() + r.f64() * (self.width.1.ln() - self.width.0.ln())).exp();
+        let level = r.range(self.level.0, self.level.1);
+        let fat_hu = r.range(-120.0, -80.0);
+        hit.then_some(self.op(width, level, fat_hu))
+    }
+
+    fn check(&self) -> Result<()> {
+        let off = self.p == 0.0;
+        let ok = (0.0..=1.0).contains(&self.p) && (off || self.width.0 > 0.0) && (off || (self.width.0 <= self.width.1 && self.level.0 <= self.level.1 && self.source.0 < self.source.1));
+        if !ok {
+            bail!("augmentation `rewindow`: needs 0 ≤ p ≤ 1, 0 < width lo ≤ hi, level lo ≤ hi and a source window lo < hi (HU), got {self:?}");
+        }
+        Ok(())
+    }
+}
+
+impl Default for Rewindow {
+    fn default() -> Self {
+        Rewindow::OFF
+    }
 }
 
 impl Default for Transforms {
     fn default() -> Self {
         let off = Chance::OFF;
-        Transforms { rotation: off, scale: off, shift: off, elastic: off, mirror: 0.0, noise: off, blur: off, brightness: off, contrast: off, low_res: off, gamma: off }
+        Transforms { rotation: off, scale: off, shift: off, elastic: off, mirror: 0.0, noise: off, blur: off, brightness: off, contrast: off, low_res: off, gamma: off, rewindow: Rewindow::OFF }
     }
 }
 
@@ -101,7 +178,14 @@ impl Transforms {
             contrast: c(0.15, 0.75, 1.25),
             low_res: c(0.25, 0.5, 1.0),
             gamma: c(0.3, 0.7, 1.5),
+            rewindow: Rewindow::OFF,
         }
+    }
+
+    /// nnU-Net's set with intensity domain randomisation: half the slices
+    /// re-exported under another CT window ([`Rewindow::ct_windows`]).
+    pub fn domain() -> Self {
+        Transforms { rewindow: Rewindow::ct_windows(0.5), ..Transforms::nnunet() }
     }
 
     /// A config from pipeline.yaml: null or "none" (off), "nnunet", or a
@@ -111,7 +195,8 @@ impl Transforms {
             serde_json::Value::Null => return Ok(None),
             serde_json::Value::String(s) if s == "none" => return Ok(None),
             serde_json::Value::String(s) if s == "nnunet" => Transforms::nnunet(),
-            serde_json::Value::String(s) => bail!("unknown augmentation preset {s:?} (none, nnunet, or a mapping of transforms to [p, lo, hi])"),
+            serde_json::Value::String(s) if s == "domain" => Transforms::domain(),
+            serde_json::Value::String(s) => bail!("unknown augmentation preset {s:?} (none, nnunet, domain, or a mapping of transforms to [p, lo, hi])"),
             other => serde_json::from_value(other.clone()).map_err(|e| anyhow::anyhow!("augmentation: {e} (each transform is [p, lo, hi]; mirror is a probability)"))?,
         };
         t.check()?;
@@ -142,7 +227,7 @@ impl Transforms {
         if !(0.0..=1.0).contains(&self.mirror) {
             bail!("augmentation `mirror`: a probability, got {}", self.mirror);
         }
-        Ok(())
+        self.rewindow.check()
     }
 }
 
@@ -159,6 +244,15 @@ pub enum Intensity {
     Contrast(f32),
     LowRes(f32),
     Gamma(f32),
+    /// `v · gain + offset` for the source's grey levels, clipped to
+    /// 0..255; what the source clipped black (v < 0.5) becomes `air` where
+    /// it reaches the slice's border, else `fat`.
+    Rewindow {
+        gain: f32,
+        offset: f32,
+        air: f32,
+        fat: f32,
+    },
 }
 
 /// One drawn transform of a slice.
@@ -220,6 +314,8 @@ pub fn draw_scale_and_intensity(cfg: &Transforms, r: &mut Rng, t: &mut Transform
     if let Some(s) = cfg.scale.draw(r) {
         t.scale = s as f32;
     }
+    // An export mapping comes before what the scanner and the transforms add.
+    t.intensity.extend(cfg.rewindow.draw(r));
     if let Some(var) = cfg.noise.draw(r) {
         t.intensity.push(Intensity::Noise { relative_std: var.sqrt() as f32, seed: r.next_u64() });
     }
@@ -233,6 +329,31 @@ pub fn draw_scale_and_intensity(cfg: &Transforms, r: &mut Rng, t: &mut Transform
     push(&cfg.contrast, r, Intensity::Contrast);
     push(&cfg.low_res, r, Intensity::LowRes);
     push(&cfg.gamma, r, Intensity::Gamma);
+}
+
+/// Fixed other exports of a slice exported with `source` (HU window), to
+/// measure how a model holds under another hospital's intensity mapping
+/// without looking at one: CT display windows (abdomen, liver, wide, a full
+/// 12-bit range, lung) with air and fat given back, gamma and low contrast.
+pub fn simulated_exports(source: (f64, f64)) -> Vec<(&'static str, Vec<Intensity>)> {
+    let at = |width: f64, level: f64| vec![Rewindow { source, ..Rewindow::ct_windows(1.0) }.op(width, level, -100.0)];
+    vec![
+        ("abdomen_w400_l40", at(400.0, 40.0)),
+        ("liver_w150_l30", at(150.0, 30.0)),
+        ("wide_w2000_l0", at(2000.0, 0.0)),
+        ("full_w4096_l1024", at(4096.0, 1024.0)),
+        ("lung_w1500_l-600", at(1500.0, -600.0)),
+        ("gamma_0.6", vec![Intensity::Gamma(0.6)]),
+        ("gamma_1.6", vec![Intensity::Gamma(1.6)]),
+        ("contrast_0.6", vec![Intensity::Contrast(0.6)]),
+    ]
+}
+
+/// Intensity transforms alone on a uint8 slice, rounded back.
+pub fn intensity_u8(ops: &[Intensity], img: &[u8], size: usize) -> Vec<u8> {
+    let mut x: Vec<f32> = img.iter().map(|&v| v as f32).collect();
+    ops.iter().for_each(|op| intensity(op, &mut x, size));
+    x.iter().map(|v| v.round().clamp(0.0, 255.0) as u8).collect()
 }
 
 /// Bilinear displacement of the elastic grid at pixel (fx, fy).
@@ -333,6 +454,18 @@ pub fn intensity(op: &Intensity, x: &mut [f32], size: usize) {
             x.iter_mut().for_each(|v| *v = ((*v - mean) * f + mean).clamp(lo, hi));
         }
         Intensity::LowRes(zoom) => low_resolution(x, size, zoom),
+        Intensity::Rewindow { gain, offset, air, fat } => {
+            let outside = black_from_border(x, size);
+            x.iter_mut().zip(outside).for_each(|(v, out)| {
+                *v = if *v >= 0.5 {
+                    (*v * gain + offset).clamp(0.0, 255.0)
+                } else if out {
+                    air
+                } else {
+                    fat
+                }
+            });
+        }
         Intensity::Gamma(g) => {
             let (mean, std) = mean_std(x);
             let (lo, hi) = min_max(x);
@@ -343,6 +476,24 @@ pub fn intensity(op: &Intensity, x: &mut [f32], size: usize) {
             x.iter_mut().for_each(|v| *v = (*v - m2) * k + mean);
         }
     }
+}
+
+/// Black pixels (< 0.5) 4-connected to the border of a square slice: air
+/// around the body, as against fat inside it.
+fn black_from_border(x: &[f32], size: usize) -> Vec<bool> {
+    let mut seen = vec![false; x.len()];
+    let black = |i: usize| x[i] < 0.5;
+    let mut stack: Vec<usize> = (0..size).flat_map(|k| [k, (size - 1) * size + k, k * size, k * size + size - 1]).filter(|&i| i < x.len() && black(i)).collect();
+    while let Some(i) = stack.pop() {
+        if seen[i] {
+            continue;
+        }
+        seen[i] = true;
+        let (r, c) = (i / size, i % size);
+        let next = [(r > 0).then(|| i - size), (r + 1 < size).then(|| i + size), (c > 0).then(|| i - 1), (c + 1 < size).then(|| i + 1)];
+        stack.extend(next.into_iter().flatten().filter(|&j| !seen[j] && black(j)));
+    }
+    seen
 }
 
 /// Separable Gaussian blur, edges clamped, radius ⌈3σ⌉.

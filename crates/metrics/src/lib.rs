@@ -13,8 +13,10 @@
 //!   diagonal of the grid (MONAI would give infinity); both empty is NaN.
 
 mod distance;
+mod intensity;
 
 pub use distance::{edt_squared, surface};
+pub use intensity::{IntensityHistogram, INTENSITY_SHIFT_WARN};
 
 /// Binary (background/liver) confusion counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use liverseg_imaging::components::keep_largest;
 use liverseg_imaging::resize::{unfit_bilinear, Fit};
 use liverseg_imaging::{dicom, dicom_seg, nifti, Volume};
+use liverseg_metrics::{IntensityHistogram, INTENSITY_SHIFT_WARN};
 use liverseg_model::{fit as infer, SegmentationModel};
 use liverseg_stages::evaluate::measure::{load_model, Loaded};
 use liverseg_stages::normalise::scaled_resize;
@@ -295,7 +296,7 @@ fn segment_case(o: &Options, nets: &[&SegmentationModel], card: &ModelCard, case
     match scan {
         Scan::Image { pixels, rows, cols } => segment_image(o, nets, card, case_path(case).as_path(), &name, (&pixels, rows, cols)),
         Scan::Volume { volume, header, series } => {
-            let (mask, probs) = segment_volume(o, nets, card, &volume, &name)?;
+            let (mask, probs) = segment_volume(o, nets, card, &volume, (case_path(case).as_path(), &name))?;
             let comment = serde_json::to_vec(&provenance.of_case(case)?)?;
             let described = nifti::Described { descrip: &provenance.algorithm, comment: Some(&comment) };
             let mut out = write_volume(o, &name, &volume, (&mask, &probs), header.as_deref(), &described)?;
@@ -325,7 +326,7 @@ fn write_seg(o: &Options, card: &ModelCard, case: &Case, name: &str, vol: &Volum
 }
 
 /// Every axial slice of a volume in HU; the mask and probabilities on its grid.
-fn segment_volume(o: &Options, nets: &[&SegmentationModel], card: &ModelCard, vol: &Volume, name: &str) -> Result<(Vec<u8>, Vec<f32>)> {
+fn segment_volume(o: &Options, nets: &[&SegmentationModel], card: &ModelCard, vol: &Volume, (path, name): (&Path, &str)) -> Result<(Vec<u8>, Vec<f32>)> {
     let ((rows, cols), spacing) = vol.slice_shape();
     let size = card.size as usize;
     let fit = Fit::new(rows, cols, spacing, size);
@@ -335,6 +336,7 @@ fn segment_volume(o: &Options, nets: &[&SegmentationModel], card: &ModelCard, vo
     for k in 0..n {
         x.extend(scaled_resize(&vol.slice(k), true, false, window, &fit));
     }
+    warn_if_far_from_training(card, &x, path);
     let (probs, mut mask) = segment_slices(o, nets, card, &x, &fit, n, name)?;
     if o.largest_component {
         keep_largest(&mut mask, [n, rows, cols], true);
@@ -365,7 +367,7 @@ fn write_volume(o: &Options, name: &str, vol: &Volume, (mask, probs): (&[u8], &[
 fn segment_image(o: &Options, nets: &[&SegmentationModel], card: &ModelCard, path: &Path, name: &str, (image, rows, cols): (&[u8], usize, usize)) -> Result<Vec<PathBuf>> {
     let fit = Fit::new(rows, cols, (f64::NAN, f64::NAN), card.size as usize);
     let x = scaled_resize(image, false, card.minmax_8bit, (0.0, 255.0), &fit);
-    warn_if_scaled_differently(card, &x, path);
+    warn_if_far_from_training(card, &x, path);
     let (probs, mut mask) = segment_slices(o, nets, card, &x, &fit, 1, name)?;
     if o.largest_component {
         keep_largest(&mut mask, [1, rows, cols], false);
@@ -382,8 +384,26 @@ fn segment_image(o: &Options, nets: &[&SegmentationModel], card: &ModelCard, pat
     Ok(written)
 }
 
-/// An 8-bit export whose body intensities sit elsewhere than the training
-/// data's (another window or scaling) is segmented, with a warning naming both.
+/// An input whose grey levels (as the model sees them) lie far from the
+/// training data's, from another scanner, window or export mapping, is
+/// segmented, with a warning naming the distance.
+fn warn_if_far_from_training(card: &ModelCard, input: &[u8], path: &Path) {
+    let Some(train) = &card.input_histogram else {
+        return warn_if_scaled_differently(card, input, path);
+    };
+    let here = IntensityHistogram::of(input);
+    let d = here.js_divergence(train);
+    if d > INTENSITY_SHIFT_WARN {
+        eprintln!(
+            "warning: {}: its intensity histogram is {d:.3} from the model's training data (Jensen-Shannon divergence in bits; above {INTENSITY_SHIFT_WARN} warns; median grey level {} here, {} in training): another scanner or export mapping, so check the mask",
+            path.display(),
+            here.median(),
+            train.median()
+        );
+    }
+}
+
+/// Cards from before the histogram: body intensity percentiles only.
 fn warn_if_scaled_differently(card: &ModelCard, input: &[u8], path: &Path) {
     let Some(train) = &card.input_stats else {
         return;

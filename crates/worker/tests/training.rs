@@ -70,6 +70,7 @@ fn training_learns_resumes_and_is_deterministic() {
     let dice = manifest.metrics["train.dice_per_case"].as_f64().unwrap();
     assert!(dice > 0.6, "liver Dice per case {dice}");
     check_per_case_tables(&a);
+    check_postprocess_and_simulated_exports(&a, &manifest);
     check_report(&a, &manifest, dice);
     check_gradcam(&a);
     check_render(&a);
@@ -149,6 +150,8 @@ fn check_report(a: &Path, manifest: &liverseg_engine::store::Manifest, dice: f64
         "Examples",
         "Grad-CAM",
         "External validation",
+        "Simulated other exports",
+        "wide_w2000_l0",
         "other_site",
         "Hyperparameter search",
         "Data",
@@ -165,9 +168,41 @@ fn check_report(a: &Path, manifest: &liverseg_engine::store::Manifest, dice: f64
     assert!(ext_dice > 0.4, "external Dice per case {ext_dice}");
     assert_eq!(manifest.metrics["external.other_site.cases"], 2);
     assert!(html.contains(&format!("{ext_dice:.4}")), "the report does not show the external Dice {ext_dice:.4}");
+    // Phantoms of another seed and size are the same kind of input: near, not far.
+    let d = manifest.metrics["external.other_site.train.intensity_distance"].as_f64().unwrap();
+    assert!(d < liverseg_metrics::INTENSITY_SHIFT_WARN && html.contains(&format!("{d:.3}")) && html.contains("intensity distance"), "external intensity distance {d}");
     let ext_norm = liverseg_engine::store::read_manifest(&artifact(a, "normalise.other_site").join("manifest.json")).unwrap();
     let own_norm = liverseg_engine::store::read_manifest(&artifact(a, "normalise").join("manifest.json")).unwrap();
     assert_eq!(ext_norm.params, own_norm.params, "external data must get the models' preprocessing");
+}
+
+/// Table 1 (here on validation) takes the options row with the highest
+/// validation Dice per case, and scores exactly as that row; the simulated
+/// exports score the same patients as exported alike, and lower under shift.
+fn check_postprocess_and_simulated_exports(a: &Path, manifest: &liverseg_engine::store::Manifest) {
+    let eval = artifact(a, "evaluate");
+    let options = liverseg_engine::tables::read_parquet(&eval.join("options.parquet")).unwrap();
+    let col_s = |df: &polars::prelude::DataFrame, c: &str| df.column(c).unwrap().str().unwrap().iter().map(|v| v.unwrap().to_owned()).collect::<Vec<_>>();
+    let col_b = |c: &str| options.column(c).unwrap().bool().unwrap().iter().map(|v| v.unwrap()).collect::<Vec<_>>();
+    let (models, precision, mirror, largest, dice) = (col_s(&options, "model"), col_s(&options, "precision"), col_b("mirror"), col_b("largest_component"), column(&options, "dice_per_case"));
+    let rows: Vec<usize> = (0..models.len()).filter(|&i| models[i] == "train" && precision[i] == "fp32").collect();
+    let best = rows.iter().copied().fold(rows[0], |b, i| if dice[i] > dice[b] { i } else { b });
+    let name = match (mirror[best], largest[best]) {
+        (false, false) => "none",
+        (true, false) => "mirror",
+        (false, true) => "largest_component",
+        (true, true) => "mirror+largest_component",
+    };
+    let t1 = liverseg_engine::tables::read_parquet(&eval.join("table1.parquet")).unwrap();
+    assert_eq!(col_s(&t1, "postprocess")[0], name, "options: {options}");
+    let table1_dice = manifest.metrics["train.dice_per_case"].as_f64().unwrap();
+    assert!((table1_dice - dice[best]).abs() < 1e-12, "Table 1 {table1_dice} vs the chosen option {}", dice[best]);
+    let as_exported = manifest.metrics["val.train.dice_per_case"].as_f64().unwrap();
+    assert!((as_exported - table1_dice).abs() < 1e-12, "simulated exports' baseline {as_exported} vs Table 1 {table1_dice}");
+    let shifted = manifest.metrics["val_shift.train.dice_per_case"].as_f64().unwrap();
+    assert!(shifted.is_finite() && shifted < as_exported, "under simulated exports {shifted}, as exported {as_exported}");
+    let shift = liverseg_engine::tables::read_parquet(&eval.join("shift.parquet")).unwrap();
+    assert_eq!(shift.height(), 9, "as exported and eight simulated exports");
 }
 
 /// Grad-CAM maps are there for both examples, each scaled to its own
@@ -522,3 +557,67 @@ fn folds_train_an_ensemble_that_evaluate_and_predict_take() {
     let err = fails(&a, &args);
     assert!(err.contains("cross-validated") && err.contains("not held out"), "{err}");
 }
+
+/// A model trained on the MSD slices: the intensity-shift warning fires on
+/// another hospital's export (CHAOS, external-dev) and stays silent on the
+/// MSD test patients, at evaluate (`--data` and the pipeline's own test
+/// split) and at predict.
+#[test]
+fn intensity_shift_is_warned_on_another_source_only() {
+    let Some(shared) = shared_data() else {
+        eprintln!("SKIPPED intensity-shift warning: ../shared/data is absent");
+        return;
+    };
+    let (msd, chaos) = (shared.join("msd-liver-2d"), shared.join("external-dev/chaos-ct-2d"));
+    let a = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("intensity_shift");
+    let _ = std::fs::remove_dir_all(&a);
+    std::fs::create_dir_all(&a).unwrap();
+    let pipeline = PIPELINE_MSD.replace("ROOT", msd.to_str().unwrap());
+    std::fs::write(a.join("pipeline.yaml"), pipeline).unwrap();
+    const WARNING: &str = "intensity histogram is";
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let out = run(&a, &["run"]);
+    assert!(!stderr(&out).contains(WARNING), "MSD test patients are MSD: {}", stderr(&out));
+    let eval = artifact(&a, "evaluate");
+    let m = liverseg_engine::store::read_manifest(&eval.join("manifest.json")).unwrap();
+    let own = m.metrics["train.intensity_distance"].as_f64().unwrap();
+    assert!(own < 0.05, "MSD test against MSD training: distance {own}");
+    let per_case = liverseg_engine::tables::read_parquet(&eval.join("per_case.parquet")).unwrap();
+    let test_case = per_case.column("case_id").unwrap().str().unwrap().get(0).unwrap().to_owned();
+
+    // A -P on training picks the model and does not break the evaluation's own pipeline.
+    let args = ["evaluate", "--model", "train", "-P", "train.epochs=1", "--data", chaos.to_str().unwrap(), "--source", "slices2d", "--case-regex", r"(\d+)_(\d+)", "--out", "chaos"];
+    let err = stderr(&run(&a, &args));
+    assert!(err.contains(WARNING) && err.contains("4 of 4 cases are beyond it") && err.contains("chaos-ct-2d"), "{err}");
+    let table = liverseg_engine::tables::read_parquet(&std::fs::read_dir(a.join("chaos/artifacts/evaluate")).unwrap().flatten().next().unwrap().path().join("table1.parquet")).unwrap();
+    let far = table.column("intensity_distance").unwrap().f64().unwrap().get(0).unwrap();
+    assert!(far > liverseg_metrics::INTENSITY_SHIFT_WARN, "CHAOS against MSD training: distance {far}");
+    // Evaluated again, the artifact is reused and its warning said again.
+    let err = stderr(&run(&a, &args));
+    assert!(err.contains(WARNING) && err.contains("(from the run of evaluate@"), "{err}");
+
+    // predict: one slice of an MSD test patient, one CHAOS slice.
+    let msd_slice = std::fs::read_dir(msd.join("images")).unwrap().flatten().map(|e| e.path()).find(|p| p.to_string_lossy().contains(&format!("_{test_case}_"))).unwrap();
+    let err = stderr(&run(&a, &["predict", "-m", "train", "-i", msd_slice.to_str().unwrap(), "-o", "pred_msd"]));
+    assert!(!err.contains(WARNING), "{err}");
+    let chaos_slice = chaos.join("images/101_1009.png");
+    let err = stderr(&run(&a, &["predict", "-m", "train", "-i", chaos_slice.to_str().unwrap(), "-o", "pred_chaos"]));
+    assert!(err.contains(&format!("{}: its {WARNING}", chaos_slice.display())), "{err}");
+    assert!(a.join("pred_chaos/101_1009_liver.png").is_file(), "a warning, not a refusal");
+}
+
+/// MSD slices at 64², one short epoch: enough for a model card.
+const PIPELINE_MSD: &str = r#"
+data: {source: slices2d, root: ROOT}
+stages:
+  ingest: {}
+  normalise: {deps: [ingest], params: {size: 64}}
+  split: {deps: [normalise]}
+  augment: {deps: [normalise, split], params: {copies: 1}}
+  train:
+    deps: [normalise, split, augment]
+    params: {encoder: resnet18, epochs: 1, batch_size: 8, max_train_slices: 64, threads: 2, seed: 3}
+  evaluate:
+    deps: [ingest, normalise, split, train]
+    params: {split: test, options: false, bootstrap: 100}
+"#;

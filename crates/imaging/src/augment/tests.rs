@@ -157,3 +157,38 @@ fn configs_parse_from_pipeline_values_and_bad_ones_are_refused() {
         assert!(err.contains(says), "{bad}: {err}");
     }
 }
+
+/// Re-exporting under another window is the CT window arithmetic: the
+/// source's own window is the identity, the abdomen window (W 400, L 40)
+/// puts HU 100 at 165.75; black reaching the border becomes air, black
+/// enclosed by the body fat.
+#[test]
+fn rewindow_maps_as_a_ct_window_would() {
+    let msd = Rewindow::ct_windows(1.0);
+    assert_eq!(msd.map(255.0, 127.5), (1.0, 0.0));
+    let (gain, offset) = msd.map(400.0, 40.0);
+    assert!((100.0 * gain + offset - 165.75).abs() < 1e-4, "{gain} {offset}");
+    // 5×5: a black frame (air), a 3×3 body at 100 with a black centre (fat).
+    let mut x: Vec<f32> = (0..25).map(|i| if (1..4).contains(&(i / 5)) && (1..4).contains(&(i % 5)) && i != 12 { 100.0 } else { 0.0 }).collect();
+    intensity(&msd.op(400.0, 40.0, -100.0), &mut x, 5);
+    assert_eq!((x[0], x[6], x[12]), (0.0, 165.75, 38.25), "air below the window is black, body 165.75, fat (60 HU above the window's bottom) 38.25");
+    let mut wide: Vec<f32> = vec![0.0; 25];
+    intensity(&msd.op(2000.0, 0.0, -100.0), &mut wide, 5);
+    assert_eq!(wide[0], 0.0);
+    let mut lung = vec![0.0f32; 25];
+    intensity(&msd.op(1500.0, -600.0, -100.0), &mut lung, 5);
+    assert!((lung[0] - 59.5).abs() < 1e-3, "air in the lung window: {}", lung[0]);
+    // Drawn from the preset: gains within the windows' range, repeatable, and
+    // a config that leaves it out draws as before.
+    let cfg = Transforms::from_param(&serde_json::json!("domain")).unwrap().unwrap();
+    let draws: Vec<Transform> = (0..200).map(|i| draw(&cfg, &mut Rng::derive(3, i), S)).collect();
+    let gains: Vec<f32> = draws.iter().flat_map(|t| &t.intensity).filter_map(|o| if let Intensity::Rewindow { gain, .. } = o { Some(*gain) } else { None }).collect();
+    assert!((60..140).contains(&gains.len()), "p 0.5 of 200: {}", gains.len());
+    assert!(gains.iter().all(|g| (255.0 / 4096.0 - 1e-6..=255.0 / 150.0 + 1e-6).contains(&(*g as f64))));
+    assert!(gains.iter().any(|&g| g < 0.2) && gains.iter().any(|&g| g > 1.0), "narrow and wide windows both drawn");
+    assert_eq!(draws, (0..200).map(|i| draw(&cfg, &mut Rng::derive(3, i), S)).collect::<Vec<_>>());
+    let set = serde_json::json!({"mirror": 0.5, "rewindow": {"p": 1.0, "width": [300, 300], "level": [50, 50]}});
+    assert!(Transforms::from_param(&set).unwrap().unwrap().rewindow.source == (0.0, 255.0));
+    let bad = serde_json::json!({"rewindow": {"p": 1.0, "width": [0, 300], "level": [50, 50]}});
+    assert!(format!("{:#}", Transforms::from_param(&bad).unwrap_err()).contains("rewindow"));
+}
