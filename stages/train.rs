@@ -14,6 +14,7 @@ use liverseg_engine::stage::{Placement, Stage, StageContext, StageInfo, Summary}
 use liverseg_metrics::IntensityHistogram;
 use liverseg_recipe::scaling::InputScaling;
 use liverseg_recipe::{Arch, Device, Encoder, InputScheme, Loss, Objective, Optimizer, Schedule};
+use polars::prelude::{Column, DataFrame, DataType};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::LazyLock;
@@ -129,12 +130,98 @@ impl Stage for Train {
         params.typed::<TrainParams>().map_or(0, |p| p.threads.max(0) as usize)
     }
 
+    /// Cross-validation folds train independently, each into its folder.
+    fn parts(&self, params: &Params) -> Vec<String> {
+        let folds = params.typed::<TrainParams>().map_or(0, |p| p.folds);
+        if folds < 2 {
+            return Vec::new();
+        }
+        (0..folds).map(fold_folder).collect()
+    }
+
+    fn assemble(&self, ctx: &StageContext, parts: Vec<Summary>) -> Result<Summary> {
+        assemble_folds(ctx, parts)
+    }
+
     fn run(&self, ctx: &StageContext) -> Result<Summary> {
         #[cfg(feature = "torch")]
         return training::train(ctx);
         #[cfg(not(feature = "torch"))]
         bail!("stage `{}` runs in the liverseg-torch worker (this build has no libtorch)", ctx.stage.name)
     }
+}
+
+/// Where fold `k` of a cross-validated model lies in its artifact.
+fn fold_folder(k: usize) -> String {
+    format!("folds/fold{k}")
+}
+
+/// The top-level files of a cross-validated model, from its folds' folders
+/// and summaries: a card naming the folds, every fold's epochs (with a
+/// `fold` column), and a summary with each fold's figures (`fold<k>.…`)
+/// beside their mean. The same whether the folds ran one after another in
+/// one worker or side by side.
+fn assemble_folds(ctx: &StageContext, folds: Vec<Summary>) -> Result<Summary> {
+    let k = folds.len();
+    let mut cards = Vec::with_capacity(k);
+    let mut epochs: Option<DataFrame> = None;
+    for i in 0..k {
+        let dir = ctx.out(&fold_folder(i));
+        let card_path = dir.join("model.json");
+        let bytes = std::fs::read(&card_path).with_context(|| format!("fold {i} of {k}: cannot read {}", card_path.display()))?;
+        cards.push(serde_json::from_slice::<ModelCard>(&bytes).with_context(|| format!("{}: not a model card", card_path.display()))?);
+        let mut df = liverseg_engine::tables::read_parquet(&dir.join("metrics.parquet"))?;
+        let rows = df.height();
+        // Why each fold stopped stays in its own table.
+        df.with_column(Column::full_null("stop_reason".into(), rows, &DataType::String))?;
+        df.with_column(Column::new("fold".into(), vec![i as i64; rows]))?;
+        epochs = Some(match epochs {
+            None => df,
+            Some(all) => all.vstack(&df)?,
+        });
+    }
+    let Some(mut epochs) = epochs else { bail!("stage `{}`: no folds to assemble", ctx.instance) };
+    let mut card = cards[0].clone();
+    card.folds = k;
+    card.best_epoch = 0;
+    card.best_val_loss = cards.iter().map(|c| c.best_val_loss).sum::<f64>() / k as f64;
+    // Every fold's training slices: the pool of train and validation patients.
+    card.input_histogram = cards.iter().map(|c| c.input_histogram.clone()).collect::<Option<Vec<_>>>().map(|all| {
+        let mut pooled = IntensityHistogram::default();
+        all.iter().for_each(|h| pooled.add(h));
+        pooled
+    });
+    std::fs::write(ctx.out("model.json"), serde_json::to_vec_pretty(&card)?)?;
+    liverseg_engine::tables::write_parquet(&ctx.out("metrics.parquet"), &mut epochs, &ctx.provenance())?;
+    Ok(ensemble_summary(&folds))
+}
+
+/// A cross-validated model's summary: the folds' means and totals, and each fold's own figures.
+fn ensemble_summary(folds: &[Summary]) -> Summary {
+    let k = folds.len();
+    let finite = |v: f64| serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, serde_json::Value::Number);
+    let sum = |key: &str| folds.iter().filter_map(|f| f.get(key).and_then(|v| v.as_f64())).sum::<f64>();
+    let mut s = Summary::new();
+    for key in ["train_loss", "val_dice", "val_miou", "val_pa", "val_liver_iou", "best_val_loss"] {
+        s.insert(key.into(), finite(sum(key) / k as f64));
+    }
+    s.insert("epochs_run".into(), finite(sum("epochs_run")));
+    s.insert("train_seconds".into(), finite(sum("train_seconds")));
+    s.insert("stop_reason".into(), format!("{k} folds").into());
+    s.insert("folds".into(), k.into());
+    for (i, fs) in folds.iter().enumerate() {
+        for (key, v) in fs {
+            if !key.starts_with("used.") {
+                s.insert(format!("fold{i}.{key}"), v.clone());
+            }
+        }
+    }
+    for (key, v) in &folds[0] {
+        if key.starts_with("used.") || matches!(key.as_str(), "parameters" | "device" | "cpu_threads") {
+            s.insert(key.clone(), v.clone());
+        }
+    }
+    s
 }
 
 /// An epoch's training order: a shuffle of every slice, or, for `samples`
@@ -469,19 +556,33 @@ mod training {
         // The folds share one input scaling, from all of their training data
         // (nnU-Net computes it before splitting into folds).
         let pool: Vec<usize> = train_rows.iter().chain(&val_rows).copied().collect();
-        let mut fold_summaries = Vec::new();
-        for (k, (fold_train, fold_val)) in patient_folds(&norm, &pool, p.folds, p.seed as u64)?.into_iter().enumerate() {
-            let data = TrainingData::load(ctx, &p, &norm, &pool, &fold_train, &fold_val)?;
-            let out = ctx.out(&format!("folds/fold{k}"));
-            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-            let label = format!("{} fold {}/{}", ctx.stage.name, k + 1, p.folds);
-            let run = Run::new(ctx, p.clone(), norm.size, out, ctx.scratch_dir.join(format!("fold{k}")), label)?;
-            let (mut summary, card, rows) = run.train(data, &norm)?;
+        let folds = patient_folds(&norm, &pool, p.folds, p.seed as u64)?;
+        let train_fold = |k: usize, out: PathBuf, scratch: PathBuf| -> Result<Summary> {
+            let (fold_train, fold_val) = &folds[k];
+            let data = TrainingData::load(ctx, &p, &norm, &pool, fold_train, fold_val)?;
+            let label = format!("{} fold {}/{}", ctx.instance, k + 1, p.folds);
+            let run = Run::new(ctx, p.clone(), norm.size, out, scratch, label)?;
+            let started = liverseg_engine::store::now_unix();
+            let mut summary = run.train(data, &norm)?.0;
+            // When each fold ran: side by side or one after another.
+            summary.insert("started_unix".into(), started.into());
+            summary.insert("finished_unix".into(), liverseg_engine::store::now_unix().into());
             let patients: std::collections::BTreeSet<&str> = fold_val.iter().map(|&r| norm.case_id[r].as_str()).collect();
             summary.insert("val_patients".into(), patients.into_iter().collect::<Vec<_>>().into());
-            fold_summaries.push((summary, card, rows));
+            Ok(summary)
+        };
+        // One fold alone (the engine runs the folds side by side and assembles them).
+        if let Some(k) = ctx.part {
+            return train_fold(k, ctx.out_dir.to_path_buf(), ctx.scratch_dir.clone());
         }
-        ensemble_artifact(ctx, fold_summaries)
+        let mut summaries = Vec::new();
+        for k in 0..p.folds {
+            let folder = super::fold_folder(k);
+            let out = ctx.out(&folder);
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            summaries.push(train_fold(k, out, ctx.scratch_dir.join(&folder))?);
+        }
+        super::assemble_folds(ctx, summaries)
     }
 
     /// Patient-level folds of `pool` (rows of the normalised set): patients
@@ -495,51 +596,6 @@ mod training {
         Rng::new(seed).shuffle(&mut patients);
         let fold_of: BTreeMap<&str, usize> = patients.iter().enumerate().map(|(i, &c)| (c, i % k)).collect();
         Ok((0..k).map(|f| pool.iter().copied().partition(|&r| fold_of[norm.case_id[r].as_str()] != f)).collect())
-    }
-
-    /// The top-level files of a cross-validated model: a card naming the
-    /// folds, every fold's epochs (with a `fold` column), and a summary with
-    /// each fold's figures (`fold<k>.…`) beside their mean.
-    fn ensemble_artifact(ctx: &StageContext, folds: Vec<(Summary, ModelCard, Vec<EpochRow>)>) -> Result<Summary> {
-        let k = folds.len();
-        let mut card = folds[0].1.clone();
-        card.folds = k;
-        card.best_epoch = 0;
-        card.best_val_loss = folds.iter().map(|f| f.1.best_val_loss).sum::<f64>() / k as f64;
-        // Every fold's training slices: the pool of train and validation patients.
-        card.input_histogram = folds.iter().map(|f| f.1.input_histogram.clone()).collect::<Option<Vec<_>>>().map(|all| {
-            let mut pooled = IntensityHistogram::default();
-            all.iter().for_each(|h| pooled.add(h));
-            pooled
-        });
-        std::fs::write(ctx.out("model.json"), serde_json::to_vec_pretty(&card)?)?;
-        let rows: Vec<(usize, &EpochRow)> = folds.iter().enumerate().flat_map(|(i, f)| f.2.iter().map(move |r| (i, r))).collect();
-        let mut df = metrics_frame(&rows.iter().map(|r| r.1.clone()).collect::<Vec<_>>(), None)?;
-        df.with_column(Column::new("fold".into(), rows.iter().map(|r| r.0 as i64).collect::<Vec<_>>()))?;
-        write_parquet(&ctx.out("metrics.parquet"), &mut df, &ctx.provenance())?;
-        let mut s = Summary::new();
-        let mean = |key: &str| json_f(folds.iter().filter_map(|f| f.0.get(key).and_then(|v| v.as_f64())).sum::<f64>() / k as f64);
-        for key in ["train_loss", "val_dice", "val_miou", "val_pa", "val_liver_iou", "best_val_loss"] {
-            s.insert(key.into(), mean(key));
-        }
-        let total = |key: &str| json_f(folds.iter().filter_map(|f| f.0.get(key).and_then(|v| v.as_f64())).sum::<f64>());
-        s.insert("epochs_run".into(), total("epochs_run"));
-        s.insert("train_seconds".into(), total("train_seconds"));
-        s.insert("stop_reason".into(), format!("{k} folds").into());
-        s.insert("folds".into(), k.into());
-        for (i, (fs, _, _)) in folds.iter().enumerate() {
-            for (key, v) in fs {
-                if !key.starts_with("used.") {
-                    s.insert(format!("fold{i}.{key}"), v.clone());
-                }
-            }
-        }
-        for (key, v) in &folds[0].0 {
-            if key.starts_with("used.") || matches!(key.as_str(), "parameters" | "device" | "cpu_threads") {
-                s.insert(key.clone(), v.clone());
-            }
-        }
-        Ok(s)
     }
 
     /// The stage's params, with an upstream tune stage's best ones in place.

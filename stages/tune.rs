@@ -334,6 +334,7 @@ impl Study<'_> {
                 store_root: ctx.store.root.clone(),
                 show_progress: false,
                 cpus: self.p.trial_cpus(),
+                part: None,
             });
         }
         let started = liverseg_engine::store::now_unix();

@@ -2,6 +2,7 @@
 
 use super::executor::{Executor, Local};
 use super::hash::{stage_key, KeyInputs};
+use super::params::Params;
 use super::pipeline::{ExecutorKind, Pipeline, ResolvedStage};
 use super::scan::{RawList, Scanner};
 use super::stage::{Placement, RawFile, Stage, StageContext, StageInfo, WARNINGS};
@@ -79,42 +80,55 @@ enum Limit {
     Cores(usize),
 }
 
-/// Stages running and the cores they claim.
+/// Stages running and what they claim.
 struct Slots {
     limit: Limit,
-    /// Cores each stage claims: its declared threads, at most every core.
+    /// What each stage claims while it runs: under `-j`, one job per part
+    /// it runs at once; else cores, its declared threads times its parts at
+    /// once, at most every core.
     cost: BTreeMap<String, usize>,
     running: usize,
-    cores_in_use: usize,
+    in_use: usize,
 }
 
 impl Slots {
+    fn capacity(&self) -> usize {
+        match self.limit {
+            Limit::Stages(n) | Limit::Cores(n) => n,
+        }
+    }
     /// Whether `stage` may start now. Alone it always may.
     fn fits(&self, stage: &str) -> bool {
-        match self.limit {
-            Limit::Stages(n) => self.running < n,
-            Limit::Cores(cores) => self.running == 0 || self.cores_in_use + self.cost[stage] <= cores,
-        }
+        self.running == 0 || self.in_use.saturating_add(self.cost[stage]) <= self.capacity()
     }
     fn take(&mut self, stage: &str) {
         self.running += 1;
-        self.cores_in_use += self.cost[stage];
+        self.in_use += self.cost[stage];
     }
     fn give_back(&mut self, stage: &str) {
         self.running -= 1;
-        self.cores_in_use -= self.cost[stage];
+        self.in_use -= self.cost[stage];
     }
     /// Whether two stages may ever run at once.
     fn concurrent(&self) -> bool {
-        match self.limit {
-            Limit::Stages(n) => n > 1,
-            Limit::Cores(cores) => {
-                let mut costs: Vec<usize> = self.cost.values().copied().collect();
-                costs.sort_unstable();
-                costs.len() > 1 && costs[0] + costs[1] <= cores
-            }
-        }
+        let mut costs: Vec<usize> = self.cost.values().copied().collect();
+        costs.sort_unstable();
+        costs.len() > 1 && costs[0].saturating_add(costs[1]) <= self.capacity()
     }
+}
+
+/// How a stage with parts runs them: how many at once (1: the whole stage
+/// in one request, part after part) and each part's threads when the stage
+/// declares none.
+struct PartPlan {
+    parts: Vec<String>,
+    at_once: usize,
+    cpus: Option<usize>,
+}
+
+/// This machine's cores, as the scheduler shares them.
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// An artifact as a run finds it.
@@ -274,22 +288,50 @@ impl<'r> Engine<'r> {
         }
     }
 
-    /// What may run at once: `jobs` stages, or by default the stages'
+    /// What may run at once: `jobs` jobs, or by default the stages'
     /// declared threads within this machine's cores (any number when worker
     /// stages go to a cluster).
     fn slots(&self, stages: &[&ResolvedStage]) -> Result<Slots> {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = cores();
         let mut cost = BTreeMap::new();
         for s in stages {
-            let threads = self.stage_impl(&s.uses)?.threads(&s.params);
-            cost.insert(s.name.clone(), if threads == 0 { cores } else { threads.min(cores) });
+            let imp = self.stage_impl(&s.uses)?;
+            let at_once = self.part_plan(imp, &s.params).at_once;
+            let threads = imp.threads(&s.params);
+            let claim = match self.jobs {
+                Some(_) => at_once,
+                None if threads == 0 => cores,
+                None => threads.saturating_mul(at_once).min(cores),
+            };
+            cost.insert(s.name.clone(), if self.executor.is_remote() && self.jobs.is_none() { 1 } else { claim });
         }
         let limit = match self.jobs {
             Some(n) => Limit::Stages(n.max(1)),
             None if self.executor.is_remote() => Limit::Stages(usize::MAX),
             None => Limit::Cores(cores),
         };
-        Ok(Slots { limit, cost, running: 0, cores_in_use: 0 })
+        Ok(Slots { limit, cost, running: 0, in_use: 0 })
+    }
+
+    /// A stage's parts, and how many run at once: within `-j`; by default,
+    /// as many as its declared threads fit in the cores (one at a time for
+    /// a stage that takes every core); on a cluster, all of them.
+    fn part_plan(&self, imp: &dyn Stage, params: &Params) -> PartPlan {
+        let parts = imp.parts(params);
+        if parts.len() < 2 {
+            return PartPlan { parts, at_once: 1, cpus: None };
+        }
+        let (cores, threads, remote) = (cores(), imp.threads(params), self.executor.is_remote());
+        let at_once = match self.jobs {
+            Some(n) => n.max(1),
+            None if remote => parts.len(),
+            None if threads == 0 => 1,
+            None => (cores / threads).max(1),
+        }
+        .min(parts.len());
+        // A Slurm job's allocation decides its threads; locally, a share of the cores.
+        let cpus = (threads == 0 && !remote).then(|| (cores / at_once).max(1));
+        PartPlan { parts, at_once, cpus }
     }
 
     /// Bring one stage up to date under the lock: reuse it, set a damaged
@@ -394,6 +436,7 @@ impl<'r> Engine<'r> {
             executor: self.executor.as_ref(),
             children: Default::default(),
             effective_params: Default::default(),
+            part: None,
         };
         self.say(&format!("running {:<10} {}", s.name, p.key));
         let started = now_unix();
@@ -401,8 +444,10 @@ impl<'r> Engine<'r> {
         // On a cluster, stages listed in `slurm.submit` go as jobs too.
         let submitted = self.executor.is_remote() && self.pipeline.slurm.submit.contains(&s.name);
         let placement = if submitted { Placement::Worker } else { imp.info().placement };
+        let plan = self.part_plan(imp, &s.params);
         let result = match placement {
             Placement::InProcess => imp.run(&ctx),
+            Placement::Worker if plan.at_once > 1 || (self.executor.is_remote() && plan.parts.len() > 1) => super::worker::run_parts(&ctx, imp, &plan.parts, plan.at_once, plan.cpus),
             Placement::Worker => super::worker::run_in_worker(&ctx),
         };
         let result = result.and_then(|m| check_outputs(imp.info(), &build).map(|_| m));
@@ -494,7 +539,7 @@ mod tests {
     use super::*;
 
     fn slots(limit: Limit, costs: &[(&str, usize)]) -> Slots {
-        Slots { limit, cost: costs.iter().map(|(n, c)| (n.to_string(), *c)).collect(), running: 0, cores_in_use: 0 }
+        Slots { limit, cost: costs.iter().map(|(n, c)| (n.to_string(), *c)).collect(), running: 0, in_use: 0 }
     }
 
     #[test]
@@ -514,12 +559,16 @@ mod tests {
     }
 
     #[test]
-    fn jobs_count_stages_whatever_their_threads() {
-        let mut s = slots(Limit::Stages(2), &[("a", 2), ("b", 2), ("c", 2)]);
+    fn jobs_count_parts_at_once_whatever_their_threads() {
+        let mut s = slots(Limit::Stages(2), &[("a", 1), ("b", 1), ("c", 1), ("folds", 2)]);
         s.take("a");
-        assert!(s.fits("b"));
+        assert!(s.fits("b") && !s.fits("folds"), "two folds at once take both jobs");
         s.take("b");
         assert!(!s.fits("c"));
+        s.give_back("a");
+        s.give_back("b");
+        s.take("folds");
+        assert!(!s.fits("a"));
         assert!(!slots(Limit::Stages(1), &[("a", 1), ("b", 1)]).concurrent());
     }
 }

@@ -178,7 +178,8 @@ impl Slurm {
     }
 
     fn job_dir(&self, req: &WorkerRequest) -> JobDir {
-        JobDir(self.root.join(format!("{}-{}", req.stage, req.key)))
+        let part = req.part.map(|k| format!("-part{k}")).unwrap_or_default();
+        JobDir(self.root.join(format!("{}-{}{part}", req.stage, req.key)))
     }
 
     /// Submit the requests as array jobs of at most the cluster's
@@ -294,6 +295,9 @@ fn batch_name<'a>(reqs: impl Iterator<Item = &'a WorkerRequest>) -> String {
             first = r.label.replace('/', "_");
         }
         h.update(r.key.as_bytes());
+        if let Some(k) = r.part {
+            h.update(format!("part{k}").as_bytes());
+        }
     }
     format!("{first}-{}", &h.finalize().to_hex()[..12])
 }

@@ -101,6 +101,21 @@ pub trait Stage: Send + Sync {
         &[]
     }
 
+    /// Independent parts a worker stage's run splits into (a model's
+    /// cross-validation folds), as the folders inside its build folder that
+    /// each builds. With two or more, the engine may run each part as its own
+    /// worker request (`StageContext::part`, building into that folder),
+    /// side by side, on a cluster as one array, then calls `assemble`.
+    fn parts(&self, _params: &Params) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Engine side, after every part ran: the stage's own files and summary
+    /// from its parts' summaries (in part order), as `run` would write them.
+    fn assemble(&self, ctx: &StageContext, _parts: Vec<Summary>) -> Result<Summary> {
+        anyhow::bail!("stage `{}` declares parts but cannot assemble them", ctx.stage.name)
+    }
+
     fn run(&self, ctx: &StageContext) -> Result<Summary>;
 }
 
@@ -130,6 +145,9 @@ pub struct StageContext<'a> {
     /// The params the stage actually used, where they differ from the
     /// declared ones (tuned params fed in from upstream).
     pub effective_params: Mutex<Option<Params>>,
+    /// Which of the stage's `parts` this run builds, alone, into `out_dir`
+    /// (None: the whole stage).
+    pub part: Option<usize>,
 }
 
 impl StageContext<'_> {

@@ -5,7 +5,7 @@
 
 use super::executor::{Executor, Local};
 use super::params::Params;
-use super::stage::{RawFile, StageContext, StageInfo, Summary};
+use super::stage::{RawFile, Stage, StageContext, StageInfo, Summary};
 use super::store::{Artifact, Store};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -39,6 +39,10 @@ pub struct WorkerRequest {
     /// allocation wins over it; never part of a key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<usize>,
+    /// Which of the stage's parts this request builds, alone, into `out_dir`
+    /// (None: the whole stage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<usize>,
 }
 
 /// Set by the local executor from `WorkerRequest::cpus`.
@@ -77,6 +81,7 @@ impl WorkerRequest {
             show_progress: ctx.show_progress,
             summary_path: beside(ctx.out_dir, "summary.json"),
             cpus: None,
+            part: ctx.part,
         }
     }
 
@@ -121,6 +126,49 @@ pub fn run_in_worker(ctx: &StageContext) -> Result<Summary> {
         ctx.record_effective_params(Params(p));
     }
     Ok(out.summary)
+}
+
+/// Run `stage`'s parts (folders of `ctx`'s build) as requests of their own,
+/// `at_once` at a time (on a cluster, one array), each part's threads
+/// `cpus` when the stage declares none; then assemble them here. Every part
+/// runs even when one fails, and each distinct error is named once.
+pub fn run_parts(ctx: &StageContext, stage: &dyn Stage, parts: &[String], at_once: usize, cpus: Option<usize>) -> Result<Summary> {
+    let mut reqs = Vec::with_capacity(parts.len());
+    for (k, folder) in parts.iter().enumerate() {
+        let out_dir = ctx.out_dir.join(folder);
+        std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+        let mut req = WorkerRequest::for_stage(ctx);
+        req.summary_path = beside(&out_dir, "summary.json");
+        req.scratch_dir = ctx.scratch_dir.join(folder);
+        req.out_dir = out_dir;
+        req.part = Some(k);
+        req.cpus = cpus;
+        reqs.push(req);
+    }
+    if at_once > 1 {
+        ctx.executor.label_output(true);
+    }
+    let mut summaries = Vec::with_capacity(parts.len());
+    let mut failed: Vec<(String, Vec<&str>)> = Vec::new();
+    for (folder, result) in parts.iter().zip(ctx.executor.run_batch(&reqs, at_once)) {
+        match result {
+            Ok(out) => {
+                if let (Some(p), None) = (out.effective_params, ctx.effective()) {
+                    ctx.record_effective_params(Params(p));
+                }
+                summaries.push(out.summary);
+            }
+            Err(e) => match failed.iter_mut().find(|(err, _)| *err == format!("{e:#}")) {
+                Some((_, which)) => which.push(folder),
+                None => failed.push((format!("{e:#}"), vec![folder])),
+            },
+        }
+    }
+    if !failed.is_empty() {
+        let lines: Vec<String> = failed.iter().map(|(err, which)| format!("{}: {err}", which.join(", "))).collect();
+        anyhow::bail!("{} of {} part(s) of `{}` failed:\n  {}", failed.iter().map(|f| f.1.len()).sum::<usize>(), parts.len(), ctx.instance, lines.join("\n  "));
+    }
+    stage.assemble(ctx, summaries)
 }
 
 /// Worker side: rebuild the context from a request.
@@ -169,6 +217,7 @@ impl WorkerJob {
             executor: &LOCAL as &dyn Executor,
             children: Default::default(),
             effective_params: Default::default(),
+            part: self.req.part,
         }
     }
 

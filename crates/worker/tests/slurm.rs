@@ -126,6 +126,7 @@ fn slurm_executor_on_a_real_cluster() {
         return;
     }
     same_keys_and_bytes_as_local();
+    folds_go_as_one_array();
     hostile_project_paths_are_quoted();
     cancelled_trial_is_named_and_rerun_alone();
     killed_engine_cancels_its_jobs_and_finished_jobs_are_adopted();
@@ -225,6 +226,31 @@ fn same_keys_and_bytes_as_local() {
     let array = |l: &str| l.split_whitespace().find_map(|w| w.strip_prefix("ArrayJobId=")).unwrap().to_owned();
     assert_eq!(array(trials[0]), array(trials[1]), "{comp}");
     assert!(trials.iter().all(|l| l.contains("JobState=COMPLETED")));
+}
+
+/// Cross-validation folds on a cluster: one array job with a task per fold,
+/// the ensemble the same bytes as a local run's (folds one after another).
+fn folds_go_as_one_array() {
+    let yaml = pipeline(1, 1).replace("    deps: [normalise, split, augment, tune]\n", "    deps: [normalise, split, augment]\n").replace("seed: 3, patience: 100", "seed: 3, patience: 100, folds: 2");
+    let (local, slurm) = (project("slurm_folds_local", &yaml), project("slurm_folds_cluster", &yaml));
+    ok(&local, &["run", "train", "-q", "-j", "1"]);
+    let log = ok(&slurm, &["run", "train", "-q", "--executor", "slurm"]);
+    assert!(log.contains("train: submitted 2 Slurm job(s) as array"), "{log}");
+    let (a, b) = (store_files(&local), store_files(&slurm));
+    let train: Vec<&String> = a.keys().filter(|k| k.starts_with("train/")).collect();
+    assert_eq!(train, b.keys().filter(|k| k.starts_with("train/")).collect::<Vec<_>>(), "the same train key and files");
+    assert!(train.iter().any(|k| k.ends_with("folds/fold1/model.safetensors")), "{train:?}");
+    for path in train {
+        if path.ends_with(".parquet") {
+            same_tables(&local.join("artifacts").join(path), &slurm.join("artifacts").join(path));
+        } else {
+            assert!(a[path] == b[path], "{path} differs between the local and the Slurm run");
+        }
+    }
+    let comp = std::fs::read_to_string(Path::new(&std::env::var("LIVERSEG_SLURM_STATE").unwrap()).join("jobcomp.log")).unwrap();
+    let folds: Vec<&str> = comp.lines().filter(|l| l.contains("Name=liverseg-train ") && l.contains("slurm_folds_cluster")).collect();
+    let array = |l: &str| l.split_whitespace().find_map(|w| w.strip_prefix("ArrayJobId=")).unwrap_or("").to_owned();
+    assert!(folds.len() == 2 && array(folds[0]) == array(folds[1]) && !array(folds[0]).is_empty(), "two tasks of one array: {comp}");
 }
 
 /// A project folder whose name holds a quote, a command substitution,
