@@ -9,6 +9,11 @@
 #   files beside DVC (SCALE_SIZES, SCALE_PAIRS; raw_scan stat and folders).
 # `bash bench/run.sh pipeline-parallel` times the quick pipeline with -j 1
 #   and -j 2 (PARALLEL_REPS alternating pairs, default 3).
+# `bash bench/run.sh dag-sim` runs a simulated DAG through the engine on the
+#   test Slurm cluster: 1,000 stand-in stages, then a 10,000-trial sweep
+#   (DAG_STAGES, DAG_TRIALS, DAG_WIDTH; DAG_SIM_BASELINE=an older dag_sim
+#   binary runs beside it), with wall and engine CPU per stage and the
+#   squeue and sbatch calls. Needs no data and no torch.
 # `bash bench/run.sh accuracy` trains msd.yaml (about 1.5 hours on 2 cores;
 #   ACCURACY_MODELS=train for DeepLabV3+ alone, ACCURACY_SET for -P overrides;
 #   ACCURACY_EXTERNAL=dir1,dir2 external sources, default the shared external-dev).
@@ -27,6 +32,28 @@ SHARED=$(cd .. && pwd)/shared/data
 OUT=$PWD/target/bench
 mkdir -p "$OUT"
 what=${1:-all}
+
+if [ "$what" = dag-sim ]; then
+  cargo build --release --locked -q -p liverseg-engine --example dag_sim
+  D=$OUT/dag-sim; rm -rf "$D"; mkdir -p "$D"
+  sims=("${CARGO_TARGET_DIR:-$PWD/target}/release/examples/dag_sim"); [ -n "${DAG_SIM_BASELINE:-}" ] && sims+=("$DAG_SIM_BASELINE")
+  n=${DAG_STAGES:-1000}; t=${DAG_TRIALS:-10000}; w=${DAG_WIDTH:-50}
+  script=$D/runs.sh
+  {
+    echo 'set -e; echo "test cluster: $(sinfo -h -o "%P %c CPUs" | tr "\n" " ")"'
+    echo 'sim() { log=$1.log; "${@:2}" 2>"$log" || { tail -20 "$log"; exit 1; }; }'
+    for i in "${!sims[@]}"; do
+      label=$([ "$i" = 0 ] && echo current || echo baseline)
+      echo "echo '## $label: ${sims[$i]}'"
+      echo "sim '$D/$label-local' '${sims[$i]}' '$D/$label-local' $n 0 $w local"
+      echo "sim '$D/$label-stages' '${sims[$i]}' '$D/$label-stages' $n 0 $w slurm"
+      echo "sim '$D/$label-trials' '${sims[$i]}' '$D/$label-trials' 1 $t $w slurm"
+    done
+  } > "$script"
+  echo "CPU: $(lscpu | sed -n 's/^Model name: *//p') (family $(lscpu | sed -n 's/^CPU family: *//p'), model $(lscpu | sed -n 's/^Model: *//p')), $(nproc) cores"
+  echo "## dag-sim: $n stand-in stages in layers of $w, then $t stand-in trials, through the engine"
+  exec bash tests/slurm/with_cluster.sh bash "$script"
+fi
 
 if [ ! -d "$SHARED/msd-liver-2d" ]; then
   echo "SKIPPED: $SHARED/msd-liver-2d is absent; the benchmarks run on the shared MSD slices"

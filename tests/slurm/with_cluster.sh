@@ -98,6 +98,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 MinJobAge=300
+# Finished jobs stay MinJobAge and count against MaxJobCount (10,000 by
+# default): room for bench/run.sh dag-sim's 10,000 trials after 1,000 stages.
+MaxJobCount=50000
 JobCompType=jobcomp/filetxt
 JobCompLoc=$STATE/jobcomp.log
 SlurmctldLogFile=$STATE/slurmctld.log

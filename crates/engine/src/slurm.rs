@@ -168,13 +168,47 @@ pub struct Slurm {
     /// Every job this run waits on, by id, with its last state: stages
     /// waiting side by side share one `status.json`.
     states: Mutex<BTreeMap<String, serde_json::Value>>,
+    /// One squeue answer for every stage waiting side by side.
+    queue: Mutex<SharedQueue>,
+}
+
+/// squeue's last answer, shared: a waiting stage asks anew only when the
+/// answer is older than the shortest poll or lacks one of its arrays, and
+/// then asks for every array any stage waits on. A thousand stages waiting
+/// at once make one call per poll, not one each.
+#[derive(Default)]
+struct SharedQueue {
+    /// Arrays some stage waits on, with how many stages wait on each.
+    open: BTreeMap<String, usize>,
+    /// When it was asked, for which arrays, and what it said.
+    last: Option<(Instant, std::collections::BTreeSet<String>, BTreeMap<String, (String, String)>)>,
+}
+
+/// Keeps a stage's arrays in the shared query while it waits on them.
+struct Watching<'a> {
+    queue: &'a Mutex<SharedQueue>,
+    arrays: Vec<String>,
+}
+
+impl Drop for Watching<'_> {
+    fn drop(&mut self) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        for a in &self.arrays {
+            if let Some(n) = q.open.get_mut(a) {
+                *n -= 1;
+                if *n == 0 {
+                    q.open.remove(a);
+                }
+            }
+        }
+    }
 }
 
 impl Slurm {
     pub fn new(config: SlurmConfig, store_root: &Path) -> Result<Self> {
         // The project's own paths must mean the same on every node.
         let root = std::path::absolute(store_root.join(".slurm")).context("cannot resolve the store's path")?;
-        Ok(Slurm { config, root, reaper: Mutex::new(None), states: Mutex::new(BTreeMap::new()) })
+        Ok(Slurm { config, root, reaper: Mutex::new(None), states: Mutex::new(BTreeMap::new()), queue: Mutex::new(SharedQueue::default()) })
     }
 
     fn job_dir(&self, req: &WorkerRequest) -> JobDir {
@@ -485,17 +519,24 @@ impl Slurm {
         let mut poll = self.config.poll_seconds;
         let mut missing_since: BTreeMap<usize, Instant> = BTreeMap::new();
         let mut squeue_failing: Option<Instant> = None;
+        let _watching = self.watch(jobs.iter().map(|(_, _, rec)| array_id(&rec.id)));
+        let mut first_look = true;
         loop {
-            let open: Vec<usize> = (0..jobs.len()).filter(|&i| matches!(states[i], State::Pending | State::Running)).collect();
             let before = states.clone();
-            let ids: Vec<&str> = open.iter().map(|&i| jobs[i].2.id.as_str()).collect();
-            let queued = if ids.is_empty() { Some(BTreeMap::new()) } else { self.ask_queue(&ids, &mut squeue_failing)? };
-            for &i in &open {
-                let (_, dir, rec) = &jobs[i];
-                if let Some(rc) = exit_code(dir) {
-                    states[i] = State::Exited(rc);
-                    continue;
+            for (state, (_, dir, _)) in states.iter_mut().zip(jobs) {
+                if let (State::Pending | State::Running, Some(rc)) = (&*state, exit_code(dir)) {
+                    *state = State::Exited(rc);
                 }
+            }
+            let open: Vec<usize> = (0..jobs.len()).filter(|&i| matches!(states[i], State::Pending | State::Running)).collect();
+            let ids: Vec<&str> = open.iter().map(|&i| jobs[i].2.id.as_str()).collect();
+            // The first look is at the exit records only: jobs just submitted
+            // are queued, and by the next poll the stages submitted beside
+            // this one are watched too, so that one squeue answers them all.
+            let queued = if ids.is_empty() || first_look { None } else { self.ask_queue(&ids, &mut squeue_failing)? };
+            first_look = false;
+            for &i in &open {
+                let (_, _, rec) = &jobs[i];
                 let Some(queued) = &queued else { continue };
                 match queued.get(&rec.id).map(|(s, r)| (s.as_str(), r.as_str())) {
                     Some(("PENDING", reason)) if HOPELESS.contains(&reason) => {
@@ -537,7 +578,7 @@ impl Slurm {
     /// `SQUEUE_PATIENCE` of failures in a row. The jobs stay queued then; a
     /// rerun adopts them.
     fn ask_queue(&self, ids: &[&str], failing: &mut Option<Instant>) -> Result<Option<BTreeMap<String, (String, String)>>> {
-        match queue(ids) {
+        match self.shared_queue(ids) {
             Ok(q) => {
                 if failing.take().is_some() {
                     eprintln!("squeue answers again");
@@ -555,6 +596,34 @@ impl Slurm {
                 Ok(None)
             }
         }
+    }
+
+    /// Add `arrays` to the shared query until the guard drops.
+    fn watch<'a>(&self, arrays: impl Iterator<Item = &'a str>) -> Watching<'_> {
+        let arrays: Vec<String> = arrays.map(str::to_owned).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        for a in &arrays {
+            *q.open.entry(a.clone()).or_default() += 1;
+        }
+        Watching { queue: &self.queue, arrays }
+    }
+
+    /// The queue for `ids`: the last shared answer while it is fresh and
+    /// covers them, else one squeue call for every watched array. The lock
+    /// is held over the call, so stages polling together make one.
+    fn shared_queue(&self, ids: &[&str]) -> Result<BTreeMap<String, (String, String)>> {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let want: std::collections::BTreeSet<String> = ids.iter().map(|id| array_id(id).to_owned()).collect();
+        if let Some((at, asked, answer)) = &q.last {
+            if at.elapsed().as_secs_f64() < self.config.poll_seconds && want.is_subset(asked) {
+                return Ok(answer.clone());
+            }
+        }
+        let all: std::collections::BTreeSet<String> = q.open.keys().cloned().chain(want).collect();
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let answer = queue(&refs)?;
+        q.last = Some((Instant::now(), all, answer.clone()));
+        Ok(answer)
     }
 
     /// Jobs left by an earlier run for these requests: finished (adopt it),

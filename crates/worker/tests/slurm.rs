@@ -133,6 +133,7 @@ fn slurm_executor_on_a_real_cluster() {
     threads_come_from_the_allocation();
     a_stalled_controller_is_waited_out();
     requests_beyond_max_array_size_are_chunked();
+    stages_waiting_side_by_side_share_squeue();
 }
 
 /// A stand-in worker: writes a summary naming its array job and task.
@@ -371,4 +372,45 @@ fn a_stalled_controller_is_waited_out() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("squeue failed") && stderr.contains("retrying"), "squeue never failed during the stall:\n{stderr}");
     assert_eq!(std::fs::read_dir(dir.join("artifacts/train")).unwrap().flatten().count(), 1);
+}
+
+/// Forty stages' jobs waited on side by side (each its own array, as the
+/// scheduler submits independent stages) are watched with one squeue call
+/// per poll between them, not one per stage per poll.
+fn stages_waiting_side_by_side_share_squeue() {
+    use liverseg_engine::executor::Executor;
+    let base = project("slurm_shared_queue", "stages: {}\n");
+    let worker = base.join("fake-worker.sh");
+    std::fs::write(&worker, FAKE_WORKER).unwrap();
+    std::fs::set_permissions(&worker, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let real = Command::new("bash").args(["-c", "command -v squeue"]).output().unwrap();
+    let shims = base.join("shims");
+    std::fs::create_dir_all(&shims).unwrap();
+    let calls = base.join("squeue.calls");
+    let shim = format!("#!/bin/sh\necho >> '{}'\nexec '{}' \"$@\"\n", calls.display(), String::from_utf8_lossy(&real.stdout).trim());
+    std::fs::write(shims.join("squeue"), shim).unwrap();
+    std::fs::set_permissions(shims.join("squeue"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = std::env::var("PATH").unwrap();
+    std::env::set_var("PATH", format!("{}:{path}", shims.display()));
+    std::env::set_var(liverseg_engine::executor::WORKER_ENV, &worker);
+    // Each job holds its task a few seconds, so every stage sees several polls.
+    let config: liverseg_engine::slurm::SlurmConfig = serde_json::from_value(serde_json::json!({"trial": {"partition": "many", "cpus": 1, "mem": "50M"}, "poll_seconds": 0.5})).unwrap();
+    let slurm = liverseg_engine::slurm::Slurm::new(config, &base.join("artifacts")).unwrap();
+    let reqs = fake_requests(&base, "side", 40);
+    std::fs::write(&worker, FAKE_WORKER.replace("#!/bin/bash\n", "#!/bin/bash\nsleep 4\n")).unwrap();
+    let t0 = Instant::now();
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = reqs.iter().map(|r| scope.spawn(|| slurm.run(r))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    std::env::set_var("PATH", path);
+    std::env::remove_var(liverseg_engine::executor::WORKER_ENV);
+    let arrays: std::collections::BTreeSet<String> = results.into_iter().map(|r| r.unwrap().summary["array"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(arrays.len(), 40, "each stage is its own array");
+    let n = std::fs::read_to_string(&calls).unwrap_or_default().lines().count();
+    eprintln!("40 stages waiting side by side for {secs:.1} s: {n} squeue call(s)");
+    // Per stage, each would poll at least twice in 4 s (80 calls); shared,
+    // about one call per 0.5 s poll of the whole wait.
+    assert!(n as f64 <= 2.0 + 2.0 * secs / 0.5 && n < 40, "{n} squeue calls in {secs:.1} s");
 }
