@@ -182,6 +182,9 @@ struct SharedQueue {
     open: BTreeMap<String, usize>,
     /// When it was asked, for which arrays, and what it said.
     last: Option<(Instant, std::collections::BTreeSet<String>, BTreeMap<String, (String, String)>)>,
+    /// When squeue last failed, and how: shared like an answer, so that
+    /// stages waiting behind a hung call do not each hang in turn.
+    failed: Option<(Instant, String)>,
 }
 
 /// Keeps a stage's arrays in the shared query while it waits on them.
@@ -608,22 +611,36 @@ impl Slurm {
         Watching { queue: &self.queue, arrays }
     }
 
-    /// The queue for `ids`: the last shared answer while it is fresh and
-    /// covers them, else one squeue call for every watched array. The lock
-    /// is held over the call, so stages polling together make one.
+    /// The queue for `ids`: the last shared answer (or failure) while it is
+    /// fresh and covers them, else one squeue call for every watched array.
+    /// The lock is held over the call, so stages polling together make one.
     fn shared_queue(&self, ids: &[&str]) -> Result<BTreeMap<String, (String, String)>> {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = |at: &Instant| at.elapsed().as_secs_f64() < self.config.poll_seconds;
+        if let Some((at, why)) = &q.failed {
+            if fresh(at) {
+                bail!("{why}");
+            }
+        }
         let want: std::collections::BTreeSet<String> = ids.iter().map(|id| array_id(id).to_owned()).collect();
         if let Some((at, asked, answer)) = &q.last {
-            if at.elapsed().as_secs_f64() < self.config.poll_seconds && want.is_subset(asked) {
+            if fresh(at) && want.is_subset(asked) {
                 return Ok(answer.clone());
             }
         }
         let all: std::collections::BTreeSet<String> = q.open.keys().cloned().chain(want).collect();
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-        let answer = queue(&refs)?;
-        q.last = Some((Instant::now(), all, answer.clone()));
-        Ok(answer)
+        match queue(&refs) {
+            Ok(answer) => {
+                q.failed = None;
+                q.last = Some((Instant::now(), all, answer.clone()));
+                Ok(answer)
+            }
+            Err(e) => {
+                q.failed = Some((Instant::now(), format!("{e:#}")));
+                Err(e)
+            }
+        }
     }
 
     /// Jobs left by an earlier run for these requests: finished (adopt it),
