@@ -36,12 +36,7 @@ pub fn run(p: &PipelineArgs, target: Option<&str>, json: bool, verify: bool, pul
     if let Some(n) = name {
         liverseg_engine::runs::check_name(n)?;
     }
-    let mut e = engine(p)?;
-    e.verify_on_use |= verify;
-    e.jobs = jobs;
-    if pull {
-        e.remote = Some(Box::new(crate::compare::remote(p, &e)?));
-    }
+    let e = run_engine(p, verify, pull, jobs)?;
     let report = e.run(target)?;
     if json {
         say!("{}", serde_json::to_string(&report)?);
@@ -54,6 +49,31 @@ pub fn run(p: &PipelineArgs, target: Option<&str>, json: bool, verify: bool, pul
         eprintln!("recorded as run `{}` (`liverseg exp show` lists the runs)", rec.name);
     }
     tell_replaced_params(p, &e, report.ran.iter().chain(&report.reused))
+}
+
+/// The engine as `run` sets it up: verify, pull and jobs from its flags.
+fn run_engine(p: &PipelineArgs, verify: bool, pull: bool, jobs: Option<usize>) -> Result<Engine<'static>> {
+    let mut e = engine(p)?;
+    e.verify_on_use |= verify;
+    e.jobs = jobs;
+    if pull {
+        e.remote = Some(Box::new(crate::compare::remote(p, &e)?));
+    }
+    Ok(e)
+}
+
+/// `run --detach`: what ran here, what was submitted after what, what is left.
+pub fn run_detached(p: &PipelineArgs, target: Option<&str>, verify: bool, pull: bool, jobs: Option<usize>) -> Result<()> {
+    let report = run_engine(p, verify, pull, jobs)?.run_detached(target)?;
+    if report.submitted.is_empty() {
+        eprintln!("nothing to submit: every stage is up to date or was run here");
+        return Ok(());
+    }
+    if !report.left.is_empty() {
+        eprintln!("left for `liverseg run` (they run in the engine, after a job): {}", report.left.join(", "));
+    }
+    eprintln!("{} stage(s) submitted as Slurm jobs; `liverseg status` shows them, `liverseg run` waits for them and commits them", report.submitted.len());
+    Ok(())
 }
 
 /// Say which declared params did not run because an upstream stage (a
@@ -95,9 +115,10 @@ pub fn status(p: &PipelineArgs, json: bool) -> Result<()> {
     let e = engine(p)?;
     let st = state::status(&e)?;
     let jobs = liverseg_engine::slurm::jobs_of_running_run(&e.store);
+    let detached = liverseg_engine::slurm::detached_jobs(&e.store)?;
     if json {
-        let jobs: Vec<serde_json::Value> = jobs.iter().map(|(s, j, st)| serde_json::json!({"stage": s, "job": j, "state": st})).collect();
-        say!("{}", serde_json::to_string_pretty(&serde_json::json!({"stages": st, "slurm_jobs": jobs}))?);
+        let rows = |list: &[(String, String, String)]| -> Vec<serde_json::Value> { list.iter().map(|(s, j, st)| serde_json::json!({"stage": s, "job": j, "state": st})).collect() };
+        say!("{}", serde_json::to_string_pretty(&serde_json::json!({"stages": st, "slurm_jobs": rows(&jobs), "detached_jobs": rows(&detached)}))?);
         return Ok(());
     }
     let width = st.iter().map(|s| s.stage.len()).max().unwrap_or(0);
@@ -111,10 +132,12 @@ pub fn status(p: &PipelineArgs, json: bool) -> Result<()> {
         }
         say!("{:<width$} {:<7} {}  {}", s.stage, s.state, s.key, reasons.join("; "));
     }
-    if !jobs.is_empty() {
-        say!("Slurm jobs of the run in progress:");
-        for (stage, job, state) in jobs {
-            say!("  {stage:<width$} job {job:<12} {state}");
+    for (title, list) in [("Slurm jobs of the run in progress:", jobs), ("Slurm jobs of the detached run (`liverseg run` collects them):", detached)] {
+        if !list.is_empty() {
+            say!("{title}");
+            for (stage, job, state) in list {
+                say!("  {stage:<width$} job {job:<12} {state}");
+            }
         }
     }
     Ok(())

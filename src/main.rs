@@ -85,6 +85,11 @@ enum Command {
         /// `gc` keeps its artifacts. A name used before now names this run.
         #[arg(long)]
         name: Option<String>,
+        /// On a cluster: run here only what needs no job, submit the rest as
+        /// jobs chained by their dependencies, and exit; `status` shows them
+        /// and a later `run` waits for them and commits them.
+        #[arg(long, conflicts_with_all = ["json", "name"])]
+        detach: bool,
     },
     /// Upload the current pipeline's artifacts (up to TARGET) to the remote cache.
     Push { target: Option<String> },
@@ -268,7 +273,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     use commands as c;
     let p = &cli.p;
     match cli.command {
-        Command::Run { target, json, verify, pull, jobs, name } => c::run(p, target.as_deref(), json, verify, pull, jobs.map(usize::from), name.as_deref()),
+        Command::Run { target, json, verify, pull, jobs, name, detach: false } => c::run(p, target.as_deref(), json, verify, pull, jobs.map(usize::from), name.as_deref()),
+        Command::Run { target, verify, pull, jobs, detach: true, .. } => c::run_detached(p, target.as_deref(), verify, pull, jobs.map(usize::from)),
         Command::Push { target } => compare::push(p, target.as_deref()),
         Command::Pull { target } => compare::pull(p, target.as_deref()),
         Command::Stage { name, force } => c::stage(p, &name, force),

@@ -194,17 +194,9 @@ impl Stage for Tune {
     }
 }
 
-/// Failed trials, each distinct error once: a batch the cluster refused
-/// fails every trial with the same error, which thousands of lines would bury.
+/// Failed trials (key, error), each distinct error once.
 fn failure_report(failed: Vec<(String, String)>) -> String {
-    let mut by_error: Vec<(String, Vec<String>)> = Vec::new();
-    for (key, error) in failed {
-        match by_error.iter_mut().find(|(e, _)| *e == error) {
-            Some((_, keys)) => keys.push(key),
-            None => by_error.push((error, vec![key])),
-        }
-    }
-    let lines: Vec<String> = by_error
+    let lines: Vec<String> = liverseg_engine::worker::group_errors(failed)
         .into_iter()
         .map(|(error, keys)| match keys.len() {
             1 => format!("trial {} failed: {error}", keys[0]),
@@ -335,6 +327,8 @@ impl Study<'_> {
                 show_progress: false,
                 cpus: self.p.trial_cpus(),
                 part: None,
+                manifest: None,
+                provisional: Default::default(),
             });
         }
         let started = liverseg_engine::store::now_unix();

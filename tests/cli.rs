@@ -84,3 +84,13 @@ fn the_params_reference_is_current() {
     assert!(readme.lines().count() <= 160, "README.md has {} lines", readme.lines().count());
     assert!(readme.contains("docs/params.md") && !readme.contains("| `data.source` |"));
 }
+
+/// `run --detach` without a cluster executor: one clear error before
+/// anything runs (a local run has nothing to detach from).
+#[test]
+fn detach_needs_a_cluster_executor() {
+    let dir = project("cli_detach", DATA_PIPELINE);
+    let err = fails(&dir, &["run", "--detach"]);
+    assert!(err.contains("run --detach submits stages as cluster jobs") && err.contains("executor: slurm"), "{err}");
+    assert!(!dir.join("artifacts/ingest").exists(), "nothing ran");
+}

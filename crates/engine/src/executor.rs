@@ -20,6 +20,29 @@ pub trait Executor: Send + Sync {
     /// print so each line says whose it is.
     fn label_output(&self, _on: bool) {}
 
+    /// Submit `req` to start once the jobs `after` succeeded, and return
+    /// without waiting: its job id, and the folder its build appears in
+    /// (`run --detach`).
+    fn detach(&self, req: &WorkerRequest, _after: &[String]) -> Result<(String, PathBuf)> {
+        bail!("stage `{}`: only a cluster executor can detach jobs", req.label)
+    }
+
+    /// Before a run writes the store: wait for the jobs an earlier detached
+    /// run submitted (the jobs after a finished one may still read its build).
+    fn settle(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Whether jobs of an earlier detached run are still to be collected.
+    fn detached_pending(&self) -> bool {
+        false
+    }
+
+    /// Whether an earlier run left a job for exactly this request.
+    fn has_job(&self, _req: &WorkerRequest) -> bool {
+        false
+    }
+
     /// Run one request to completion and return what it wrote.
     fn run(&self, req: &WorkerRequest) -> Result<WorkerOutput>;
 

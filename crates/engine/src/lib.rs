@@ -4,6 +4,7 @@
 //! (`Stage`), and the engine runs whatever pipeline.yaml composes of them.
 
 pub mod config;
+pub mod detach;
 pub mod executor;
 pub mod experiments;
 pub mod gc;

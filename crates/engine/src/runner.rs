@@ -69,7 +69,7 @@ pub struct RunReport {
 }
 
 /// How `run` brought a stage up to date.
-enum Outcome {
+pub(crate) enum Outcome {
     Reused,
     Pulled,
     Ran,
@@ -126,6 +126,13 @@ struct PartPlan {
     cpus: Option<usize>,
 }
 
+/// How often the scheduler says which stages are running while several
+/// run at once: `LIVERSEG_PROGRESS_EVERY` seconds, else a minute.
+fn progress_every() -> std::time::Duration {
+    let secs = std::env::var("LIVERSEG_PROGRESS_EVERY").ok().and_then(|v| v.parse::<f64>().ok()).filter(|s| *s > 0.0 && s.is_finite()).unwrap_or(60.0);
+    std::time::Duration::from_secs_f64(secs)
+}
+
 /// This machine's cores, as the scheduler shares them.
 fn cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
@@ -162,6 +169,11 @@ impl<'r> Engine<'r> {
     /// Keys of `stages` (which must be closed under deps), in topological order.
     pub fn plan(&self, stages: &[&ResolvedStage]) -> Result<BTreeMap<String, Planned>> {
         self.plan_keeping(stages, None)
+    }
+
+    /// `plan` for stages about to run: the raw files read are kept for them.
+    pub(crate) fn plan_for_run(&self, stages: &[&ResolvedStage]) -> Result<BTreeMap<String, Planned>> {
+        self.plan_keeping(stages, Some(&self.raw_bytes))
     }
 
     /// `plan`, keeping the raw files it reads in `keep` (when about to run).
@@ -204,7 +216,7 @@ impl<'r> Engine<'r> {
             Some(t) => self.pipeline.ancestors_and_self(t)?,
             None => self.pipeline.stages.iter().collect(),
         };
-        let planned = self.plan_keeping(&stages, Some(&self.raw_bytes))?;
+        let planned = self.plan_for_run(&stages)?;
         let mut report = RunReport::default();
         // Fast path: nothing to do needs no lock.
         let mut fresh = Vec::new();
@@ -221,6 +233,7 @@ impl<'r> Engine<'r> {
             return Ok(report);
         }
         let lock = self.store.lock()?;
+        self.executor.settle()?;
         let outcomes = self.run_scheduled(&stages, &planned, &lock)?;
         // In pipeline order, whatever order they finished in.
         for s in &stages {
@@ -240,12 +253,13 @@ impl<'r> Engine<'r> {
     /// Run each stage once its upstreams are done, as many at once as
     /// `slots` allows; the lock, commit and lineage are as for one at a time.
     /// After a failure nothing new starts; running stages finish (and commit).
-    fn run_scheduled(&self, stages: &[&ResolvedStage], planned: &BTreeMap<String, Planned>, lock: &super::store::StoreLock) -> Result<BTreeMap<String, (Outcome, bool)>> {
+    pub(crate) fn run_scheduled(&self, stages: &[&ResolvedStage], planned: &BTreeMap<String, Planned>, lock: &super::store::StoreLock) -> Result<BTreeMap<String, (Outcome, bool)>> {
         let mut slots = self.slots(stages)?;
         self.executor.label_output(slots.concurrent());
         let mut waiting: Vec<&ResolvedStage> = stages.to_vec();
         let mut outcomes: BTreeMap<String, (Outcome, bool)> = BTreeMap::new();
         let mut failures: Vec<anyhow::Error> = Vec::new();
+        let mut started: BTreeMap<String, Instant> = BTreeMap::new();
         std::thread::scope(|scope| {
             let (done_tx, done_rx) = std::sync::mpsc::channel();
             let mut running = 0;
@@ -255,6 +269,7 @@ impl<'r> Engine<'r> {
                     let Some(i) = ready else { break };
                     let s = waiting.remove(i);
                     slots.take(&s.name);
+                    started.insert(s.name.clone(), Instant::now());
                     running += 1;
                     let done_tx = done_tx.clone();
                     scope.spawn(move || {
@@ -265,7 +280,13 @@ impl<'r> Engine<'r> {
                 if running == 0 {
                     break;
                 }
-                let (s, result) = done_rx.recv().expect("a running stage always reports");
+                let (s, result) = loop {
+                    match done_rx.recv_timeout(progress_every()) {
+                        Ok(done) => break done,
+                        Err(_) => self.say_running(&started, outcomes.len(), stages.len()),
+                    }
+                };
+                started.remove(&s.name);
                 running -= 1;
                 slots.give_back(&s.name);
                 match result {
@@ -371,7 +392,7 @@ impl<'r> Engine<'r> {
     /// Rerun one stage from its cached upstream artifacts.
     pub fn run_one(&self, name: &str, force: bool) -> Result<RunReport> {
         let stages = self.pipeline.ancestors_and_self(name)?;
-        let planned = self.plan_keeping(&stages, Some(&self.raw_bytes))?;
+        let planned = self.plan_for_run(&stages)?;
         let s = *stages.last().expect("contains self");
         for d in &s.deps {
             let key = &planned[d].key;
@@ -387,6 +408,7 @@ impl<'r> Engine<'r> {
         let p = &planned[name];
         let mut report = RunReport::default();
         let lock = self.store.lock()?;
+        self.executor.settle()?;
         match self.find(name, &p.key)? {
             Found::Fresh(a) if !force => {
                 self.say_reused(&a, "  (use --force to rerun)");
@@ -445,8 +467,11 @@ impl<'r> Engine<'r> {
         let submitted = self.executor.is_remote() && self.pipeline.slurm.submit.contains(&s.name);
         let placement = if submitted { Placement::Worker } else { imp.info().placement };
         let plan = self.part_plan(imp, &s.params);
+        // A detached run submitted a stage with parts as one request: adopt it as that.
+        let whole = plan.parts.len() > 1 && self.executor.has_job(&super::worker::WorkerRequest::for_stage(&ctx));
         let result = match placement {
             Placement::InProcess => imp.run(&ctx),
+            Placement::Worker if whole => super::worker::run_in_worker(&ctx),
             Placement::Worker if plan.at_once > 1 || (self.executor.is_remote() && plan.parts.len() > 1) => super::worker::run_parts(&ctx, imp, &plan.parts, plan.at_once, plan.cpus),
             Placement::Worker => super::worker::run_in_worker(&ctx),
         };
@@ -485,7 +510,19 @@ impl<'r> Engine<'r> {
         Ok(secs)
     }
 
-    fn say(&self, line: &str) {
+    /// A line per running stage, while two or more run side by side (one
+    /// alone shows its own progress).
+    fn say_running(&self, started: &BTreeMap<String, Instant>, done: usize, all: usize) {
+        if started.len() < 2 {
+            return;
+        }
+        for (stage, t0) in started {
+            let secs = t0.elapsed().as_secs();
+            self.say(&format!("[{stage}] still running after {} min {:02} s ({done} of {all} stages done)", secs / 60, secs % 60));
+        }
+    }
+
+    pub(crate) fn say(&self, line: &str) {
         if self.show_progress {
             eprintln!("{line}");
         }

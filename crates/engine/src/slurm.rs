@@ -13,6 +13,9 @@
 //! run when the engine's end of a pipe closes without a goodbye: Ctrl-C, a
 //! kill, a crash.
 
+mod detached;
+pub use detached::detached_jobs;
+
 use super::executor::{worker_binary, Executor};
 use super::worker::{WorkerOutput, WorkerRequest};
 use anyhow::{anyhow, bail, Context, Result};
@@ -22,7 +25,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What a job asks Slurm for; unset fields are left to the cluster.
@@ -181,7 +184,7 @@ struct SharedQueue {
     /// Arrays some stage waits on, with how many stages wait on each.
     open: BTreeMap<String, usize>,
     /// When it was asked, for which arrays, and what it said.
-    last: Option<(Instant, std::collections::BTreeSet<String>, BTreeMap<String, (String, String)>)>,
+    last: Option<(Instant, std::collections::BTreeSet<String>, Arc<Queue>)>,
     /// When squeue last failed, and how: shared like an answer, so that
     /// stages waiting behind a hung call do not each hang in turn.
     failed: Option<(Instant, String)>,
@@ -230,8 +233,8 @@ impl Slurm {
         let mut records: Vec<JobRecord> = Vec::with_capacity(reqs.len());
         let mut arrays: Vec<String> = Vec::new();
         for chunk in reqs.chunks(size) {
-            let after = if chain { arrays.last().map(String::as_str) } else { None };
-            match self.submit(chunk, parallel, after) {
+            let after = if chain { arrays.last().map(|id| format!("afterany:{id}")) } else { None };
+            match self.submit(chunk, parallel, after, true) {
                 Ok(r) => {
                     arrays.push(array_id(&r[0].id).to_owned());
                     records.extend(r);
@@ -248,8 +251,10 @@ impl Slurm {
         Ok(records)
     }
 
-    /// Submit the requests as one array job; returns the job records.
-    fn submit(&self, reqs: &[(&WorkerRequest, JobDir)], parallel: usize, after: Option<&str>) -> Result<Vec<JobRecord>> {
+    /// Submit the requests as one array job, after `dependency` (sbatch's
+    /// form, `afterok:12:13`) if given, watched by the reaper if `reap`;
+    /// returns the job records.
+    fn submit(&self, reqs: &[(&WorkerRequest, JobDir)], parallel: usize, dependency: Option<String>, reap: bool) -> Result<Vec<JobRecord>> {
         let first = reqs[0].0;
         let batch = self.root.join("batches").join(batch_name(reqs.iter().map(|r| r.0)));
         std::fs::create_dir_all(&batch).with_context(|| format!("cannot create {}", batch.display()))?;
@@ -265,7 +270,7 @@ impl Slurm {
             .arg(format!("--output={}/slurm-%A_%a.log", escape_percent(&batch.display().to_string())))
             .arg(format!("--chdir={}", std::path::absolute(&first.project_root)?.display()))
             .args(self.config.resources(first).sbatch_args())
-            .args(after.map(|id| format!("--dependency=afterany:{id}")))
+            .args(dependency.into_iter().flat_map(|d| [format!("--dependency={d}"), "--kill-on-invalid-dep=yes".to_owned()]))
             .arg(&script);
         let out = cmd.output().context("cannot run sbatch (is Slurm installed and SLURM_CONF set?)")?;
         if !out.status.success() {
@@ -276,7 +281,9 @@ impl Slurm {
         if id.is_empty() {
             bail!("sbatch gave no job id for `{}`", first.label);
         }
-        self.reaper()?.as_mut().context("no job reaper")?.watch(&id)?;
+        if reap {
+            self.reaper()?.as_mut().context("no job reaper")?.watch(&id)?;
+        }
         let mut records = Vec::new();
         for (i, (_, dir)) in reqs.iter().enumerate() {
             let record = JobRecord { id: format!("{id}_{i}"), log: batch.join(format!("slurm-{id}_{i}.log")) };
@@ -425,8 +432,11 @@ enum State {
     Ended(String),
 }
 
+/// squeue's answer: (state, reason) by array task id.
+type Queue = BTreeMap<String, (String, String)>;
+
 /// Array tasks in the queue: (state, reason) by id (`squeue -r`).
-fn queue(ids: &[&str]) -> Result<BTreeMap<String, (String, String)>> {
+fn queue(ids: &[&str]) -> Result<Queue> {
     let jobs: Vec<&str> = ids.iter().map(|id| array_id(id)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     let out = Command::new("squeue").args(["-h", "-r", "-o", "%i %T %r", "-j", &jobs.join(",")]).output().context("cannot run squeue")?;
     // squeue calls a job it no longer knows an error; that is an empty queue
@@ -456,11 +466,17 @@ const HOPELESS: &[&str] = &["PartitionConfig", "BadConstraints", "PartitionNodeL
 /// A finished job's state, from `scontrol` (kept a few minutes after the
 /// end), else `sacct` where accounting storage is configured.
 fn final_state(id: &str) -> String {
-    let scontrol = Command::new("scontrol").args(["show", "job", id]).output();
-    if let Ok(out) = scontrol {
-        let text = String::from_utf8_lossy(&out.stdout);
-        if let Some(s) = text.split_whitespace().find_map(|w| w.strip_prefix("JobState=")) {
-            return s.to_owned();
+    let scontrol = |id: &str| Command::new("scontrol").args(["show", "job", id]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let state = |text: &str| text.split_whitespace().find_map(|w| w.strip_prefix("JobState=")).map(str::to_owned);
+    if let Some(s) = state(&scontrol(id)) {
+        return s;
+    }
+    // A task cancelled before its array was split has no record of its own:
+    // the array's is its when the array holds that one task.
+    let array = scontrol(array_id(id));
+    if array.lines().filter(|l| l.starts_with("JobId=")).count() == 1 {
+        if let Some(s) = state(&array) {
+            return s;
         }
     }
     let sacct = Command::new("sacct").args(["-n", "-X", "-P", "-o", "State", "-j", id]).output();
@@ -524,6 +540,7 @@ impl Slurm {
         let mut squeue_failing: Option<Instant> = None;
         let _watching = self.watch(jobs.iter().map(|(_, _, rec)| array_id(&rec.id)));
         let mut first_look = true;
+        let mut first_write = true;
         loop {
             let before = states.clone();
             for (state, (_, dir, _)) in states.iter_mut().zip(jobs) {
@@ -562,7 +579,12 @@ impl Slurm {
             let running = states.iter().filter(|s| **s == State::Running).count();
             bar.set_position(done as u64);
             bar.set_message(format!("{} pending, {running} running, {done} done", jobs.len() - done - running));
-            write_status(&self.root, &self.states, jobs, &states);
+            // Rewritten only on a change: thousands of waiting trials would
+            // otherwise cost a full rewrite per poll.
+            if states != before || first_write {
+                write_status(&self.root, &self.states, jobs, &states);
+                first_write = false;
+            }
             if done == jobs.len() {
                 break;
             }
@@ -580,7 +602,7 @@ impl Slurm {
     /// at the next poll, never read as the jobs' end, and an error only after
     /// `SQUEUE_PATIENCE` of failures in a row. The jobs stay queued then; a
     /// rerun adopts them.
-    fn ask_queue(&self, ids: &[&str], failing: &mut Option<Instant>) -> Result<Option<BTreeMap<String, (String, String)>>> {
+    fn ask_queue(&self, ids: &[&str], failing: &mut Option<Instant>) -> Result<Option<Arc<Queue>>> {
         match self.shared_queue(ids) {
             Ok(q) => {
                 if failing.take().is_some() {
@@ -614,7 +636,7 @@ impl Slurm {
     /// The queue for `ids`: the last shared answer (or failure) while it is
     /// fresh and covers them, else one squeue call for every watched array.
     /// The lock is held over the call, so stages polling together make one.
-    fn shared_queue(&self, ids: &[&str]) -> Result<BTreeMap<String, (String, String)>> {
+    fn shared_queue(&self, ids: &[&str]) -> Result<Arc<Queue>> {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         let fresh = |at: &Instant| at.elapsed().as_secs_f64() < self.config.poll_seconds;
         if let Some((at, why)) = &q.failed {
@@ -625,15 +647,16 @@ impl Slurm {
         let want: std::collections::BTreeSet<String> = ids.iter().map(|id| array_id(id).to_owned()).collect();
         if let Some((at, asked, answer)) = &q.last {
             if fresh(at) && want.is_subset(asked) {
-                return Ok(answer.clone());
+                return Ok(Arc::clone(answer));
             }
         }
         let all: std::collections::BTreeSet<String> = q.open.keys().cloned().chain(want).collect();
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
         match queue(&refs) {
             Ok(answer) => {
+                let answer = Arc::new(answer);
                 q.failed = None;
-                q.last = Some((Instant::now(), all, answer.clone()));
+                q.last = Some((Instant::now(), all, Arc::clone(&answer)));
                 Ok(answer)
             }
             Err(e) => {
@@ -669,6 +692,22 @@ impl Executor for Slurm {
 
     fn run(&self, req: &WorkerRequest) -> Result<WorkerOutput> {
         self.run_batch(std::slice::from_ref(req), 1).pop().unwrap_or_else(|| Err(anyhow!("no result")))
+    }
+
+    fn detach(&self, req: &WorkerRequest, after: &[String]) -> Result<(String, PathBuf)> {
+        self.submit_detached(req, after)
+    }
+
+    fn settle(&self) -> Result<()> {
+        self.settle_detached()
+    }
+
+    fn detached_pending(&self) -> bool {
+        self.has_detached()
+    }
+
+    fn has_job(&self, req: &WorkerRequest) -> bool {
+        self.job_dir(req).job().is_file()
     }
 
     fn run_batch(&self, reqs: &[WorkerRequest], parallel: usize) -> Vec<Result<WorkerOutput>> {

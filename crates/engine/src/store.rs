@@ -780,6 +780,19 @@ pub fn hash_tree(dir: &Path, hash: fn(&Path) -> Result<String>) -> Result<BTreeM
         .collect()
 }
 
+/// A build no index vouches for yet (a detached job's, read by the jobs
+/// after it): its manifest names `key` and every file hashes as it says.
+pub fn check_build(a: &Artifact, key: &str) -> Vec<Problem> {
+    let mpath = a.dir.join(MANIFEST);
+    if a.key != key {
+        return vec![Problem::BadManifest(mpath, format!("names key {}, where {key} was submitted", a.key))];
+    }
+    if let Err(why) = a.manifest.check_names() {
+        return vec![Problem::BadManifest(mpath, why)];
+    }
+    verify_files(a).unwrap_or_else(|e| vec![Problem::BadManifest(a.dir.clone(), format!("{e:#}"))])
+}
+
 /// Differences between an artifact's files and its manifest, every file re-hashed.
 fn verify_files(a: &Artifact) -> Result<Vec<Problem>> {
     let actual = hash_tree(&a.dir, hash_file)?;

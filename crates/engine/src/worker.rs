@@ -6,7 +6,7 @@
 use super::executor::{Executor, Local};
 use super::params::Params;
 use super::stage::{RawFile, Stage, StageContext, StageInfo, Summary};
-use super::store::{Artifact, Store};
+use super::store::{now_unix, utc_string, Artifact, Manifest, Store};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -43,6 +43,15 @@ pub struct WorkerRequest {
     /// (None: the whole stage).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub part: Option<usize>,
+    /// A detached job's manifest, less what its run gives (outputs, metrics,
+    /// times): the worker completes it into its build folder, so that the
+    /// jobs after it read that build as an artifact before any commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<Manifest>,
+    /// Upstreams that are such builds, by name, with the key each must
+    /// have: no index vouches for them, so every file is re-hashed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub provisional: BTreeMap<String, String>,
 }
 
 /// Set by the local executor from `WorkerRequest::cpus`.
@@ -82,6 +91,8 @@ impl WorkerRequest {
             summary_path: beside(ctx.out_dir, "summary.json"),
             cpus: None,
             part: ctx.part,
+            manifest: None,
+            provisional: BTreeMap::new(),
         }
     }
 
@@ -149,7 +160,7 @@ pub fn run_parts(ctx: &StageContext, stage: &dyn Stage, parts: &[String], at_onc
         ctx.executor.label_output(true);
     }
     let mut summaries = Vec::with_capacity(parts.len());
-    let mut failed: Vec<(String, Vec<&str>)> = Vec::new();
+    let mut failed: Vec<(String, String)> = Vec::new();
     for (folder, result) in parts.iter().zip(ctx.executor.run_batch(&reqs, at_once)) {
         match result {
             Ok(out) => {
@@ -158,17 +169,29 @@ pub fn run_parts(ctx: &StageContext, stage: &dyn Stage, parts: &[String], at_onc
                 }
                 summaries.push(out.summary);
             }
-            Err(e) => match failed.iter_mut().find(|(err, _)| *err == format!("{e:#}")) {
-                Some((_, which)) => which.push(folder),
-                None => failed.push((format!("{e:#}"), vec![folder])),
-            },
+            Err(e) => failed.push((folder.clone(), format!("{e:#}"))),
         }
     }
     if !failed.is_empty() {
-        let lines: Vec<String> = failed.iter().map(|(err, which)| format!("{}: {err}", which.join(", "))).collect();
-        anyhow::bail!("{} of {} part(s) of `{}` failed:\n  {}", failed.iter().map(|f| f.1.len()).sum::<usize>(), parts.len(), ctx.instance, lines.join("\n  "));
+        let n = failed.len();
+        let lines: Vec<String> = group_errors(failed).into_iter().map(|(err, which)| format!("{}: {err}", which.join(", "))).collect();
+        anyhow::bail!("{n} of {} part(s) of `{}` failed:\n  {}", parts.len(), ctx.instance, lines.join("\n  "));
     }
     stage.assemble(ctx, summaries)
+}
+
+/// Failures of independent requests (parts, trials) as (error, who failed
+/// with it), each distinct error once, in the order first seen: a batch the
+/// cluster refused fails every request alike, which a line each would bury.
+pub fn group_errors(failed: Vec<(String, String)>) -> Vec<(String, Vec<String>)> {
+    let mut by_error: Vec<(String, Vec<String>)> = Vec::new();
+    for (who, error) in failed {
+        match by_error.iter_mut().find(|(e, _)| *e == error) {
+            Some((_, list)) => list.push(who),
+            None => by_error.push((error, vec![who])),
+        }
+    }
+    by_error
 }
 
 /// Worker side: rebuild the context from a request.
@@ -177,6 +200,7 @@ pub struct WorkerJob {
     pub params: Params,
     pub upstream: BTreeMap<String, Artifact>,
     store: Store,
+    started: f64,
 }
 
 impl WorkerJob {
@@ -188,14 +212,17 @@ impl WorkerJob {
         for (name, dir) in &req.upstream {
             // Checked here too: a job may start long after the engine looked.
             let a = Artifact::load(dir)?;
-            let problems = store.check(&a, super::store::Depth::Quick);
+            let problems = match req.provisional.get(name) {
+                Some(key) => super::store::check_build(&a, key),
+                None => store.check(&a, super::store::Depth::Quick),
+            };
             if !problems.is_empty() {
                 let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
                 anyhow::bail!("upstream artifact {}@{} is damaged ({}); nothing was run", a.stage, a.key, list.join("; "));
             }
             upstream.insert(name.clone(), a);
         }
-        Ok(WorkerJob { params: Params(req.params.clone()), upstream, store, req })
+        Ok(WorkerJob { params: Params(req.params.clone()), upstream, store, req, started: now_unix() })
     }
 
     pub fn context<'a>(&'a self, stage: &'static StageInfo) -> StageContext<'a> {
@@ -221,9 +248,27 @@ impl WorkerJob {
         }
     }
 
-    /// Hand the stage's summary (and effective params) back to the engine.
+    /// Hand the stage's summary (and effective params) back to the engine;
+    /// a detached job first describes its build with its manifest.
     pub fn finish(&self, ctx: &StageContext, summary: Summary) -> Result<()> {
+        if let Some(template) = &self.req.manifest {
+            self.write_manifest(template.clone(), ctx, &summary)?;
+        }
         let out = WorkerOutput { summary, effective_params: ctx.effective().map(|p| p.0) };
         std::fs::write(&self.req.summary_path, serde_json::to_vec(&out)?).with_context(|| format!("cannot write {}", self.req.summary_path.display()))
+    }
+
+    /// The manifest the engine would write, into the build: the jobs after
+    /// this one check the build against it. The engine's commit replaces it.
+    fn write_manifest(&self, mut m: Manifest, ctx: &StageContext, summary: &Summary) -> Result<()> {
+        m.effective_params = ctx.effective().map(|p| serde_json::to_value(&p.0)).transpose()?;
+        m.metrics = summary.clone();
+        m.started_unix = self.started;
+        m.started_utc = utc_string(self.started);
+        m.finished_unix = now_unix();
+        m.duration_s = m.finished_unix - self.started;
+        m.outputs = super::store::hash_tree(&self.req.out_dir, super::hash::hash_file)?;
+        let path = self.req.out_dir.join(super::store::MANIFEST);
+        std::fs::write(&path, serde_json::to_vec_pretty(&m)?).with_context(|| format!("cannot write {}", path.display()))
     }
 }

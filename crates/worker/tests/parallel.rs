@@ -30,15 +30,17 @@ stages:
   evaluate: {deps: [ingest, normalise, split, train, baseline], params: {split: val, bootstrap: 100}}
 "#;
 
-/// A fresh project run with `-j jobs`.
-fn run_with(name: &str, threads: usize, jobs: usize) -> PathBuf {
+/// A fresh project run with `-j jobs` (a progress line every second while
+/// stages run side by side); the project and what the run printed.
+fn run_with(name: &str, threads: usize, jobs: usize) -> (PathBuf, String) {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("pipeline.yaml"), PIPELINE.replace("THREADS", &threads.to_string())).unwrap();
-    let out = Command::new(liverseg()).args(["run", "-j", &jobs.to_string()]).current_dir(&dir).output().unwrap();
-    assert!(out.status.success(), "run -j {jobs}: {}", String::from_utf8_lossy(&out.stderr));
-    dir
+    let out = Command::new(liverseg()).args(["run", "-j", &jobs.to_string()]).env("LIVERSEG_PROGRESS_EVERY", "1").current_dir(&dir).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "run -j {jobs}: {log}");
+    (dir, log)
 }
 
 /// A name for run time, not for what was computed.
@@ -106,8 +108,11 @@ fn overlap(dir: &Path, a: &str, b: &str) -> bool {
 #[test]
 fn independent_stages_overlap_and_give_the_same_bytes() {
     for threads in [1, 2] {
-        let one = run_with(&format!("parallel_t{threads}_j1"), threads, 1);
-        let four = run_with(&format!("parallel_t{threads}_j4"), threads, 4);
+        let (one, one_log) = run_with(&format!("parallel_t{threads}_j1"), threads, 1);
+        let (four, four_log) = run_with(&format!("parallel_t{threads}_j4"), threads, 4);
+        assert!(!one_log.contains("still running"), "one stage at a time shows its own progress: {one_log}");
+        let shown: std::collections::BTreeSet<&str> = four_log.lines().filter(|l| l.contains("] still running after")).filter_map(|l| l.split(']').next()).collect();
+        assert!(shown.len() >= 2, "side by side, each running stage has a progress line: {four_log}");
         for (a, b) in [("tune.train", "tune.baseline"), ("train", "baseline")] {
             assert!(!overlap(&one, a, b), "threads {threads}: {a} and {b} overlapped under -j 1");
             assert!(overlap(&four, a, b), "threads {threads}: {a} and {b} did not overlap under -j 4: {:?} {:?}", span(&four, a), span(&four, b));

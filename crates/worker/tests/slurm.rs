@@ -112,6 +112,25 @@ fn same_tables(a: &Path, b: &Path) {
     }
 }
 
+/// The same artifact files in both stores, and those `compared` picks the
+/// same value for value (tables by column, results without their timing);
+/// returns the compared paths.
+fn same_store(local: &Path, cluster: &Path, compared: impl Fn(&str) -> bool) -> Vec<String> {
+    let (a, b) = (store_files(local), store_files(cluster));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "the same stage keys and files");
+    let picked: Vec<String> = a.keys().filter(|p| compared(p)).cloned().collect();
+    for path in &picked {
+        if path.ends_with(".parquet") {
+            same_tables(&local.join("artifacts").join(path), &cluster.join("artifacts").join(path));
+        } else if path.ends_with("result.json") {
+            assert_eq!(without_seconds(&a[path]), without_seconds(&b[path]), "{path}");
+        } else {
+            assert!(a[path] == b[path], "{path} differs between {} and {}", local.display(), cluster.display());
+        }
+    }
+    picked
+}
+
 fn without_seconds(json: &[u8]) -> serde_json::Value {
     let mut v: serde_json::Value = serde_json::from_slice(json).unwrap();
     v.as_object_mut().unwrap().remove("seconds");
@@ -134,6 +153,7 @@ fn slurm_executor_on_a_real_cluster() {
     a_stalled_controller_is_waited_out();
     requests_beyond_max_array_size_are_chunked();
     stages_waiting_side_by_side_share_squeue();
+    detached_run_chains_jobs_and_a_later_run_collects();
 }
 
 /// A stand-in worker: writes a summary naming its array job and task.
@@ -208,18 +228,8 @@ fn same_keys_and_bytes_as_local() {
     let log = ok(&slurm, &["run", "-q", "--executor", "slurm"]);
     assert!(log.contains("tune: submitted 2 Slurm job(s) as array"), "{log}");
     assert!(log.contains("normalise: submitted 1 Slurm job(s)"), "an engine stage listed in slurm.submit goes as a job: {log}");
-    let (a, b) = (store_files(&local), store_files(&slurm));
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "the same stage keys and files");
-    assert!(a.keys().any(|k| k.starts_with("train/") && k.ends_with("model.safetensors")));
-    for (path, bytes) in &a {
-        if path.ends_with(".parquet") {
-            same_tables(&local.join("artifacts").join(path), &slurm.join("artifacts").join(path));
-        } else if path.ends_with("result.json") {
-            assert_eq!(without_seconds(bytes), without_seconds(&b[path]), "{path}");
-        } else {
-            assert!(bytes == &b[path], "{path} differs between the local and the Slurm run");
-        }
-    }
+    let files = same_store(&local, &slurm, |_| true);
+    assert!(files.iter().any(|k| k.starts_with("train/") && k.ends_with("model.safetensors")));
     // Slurm's own record: the two trials are tasks 0 and 1 of one array job.
     let comp = std::fs::read_to_string(Path::new(&std::env::var("LIVERSEG_SLURM_STATE").unwrap()).join("jobcomp.log")).unwrap();
     let trials: Vec<&str> = comp.lines().filter(|l| l.contains("Name=liverseg-tune ")).collect();
@@ -237,17 +247,8 @@ fn folds_go_as_one_array() {
     ok(&local, &["run", "train", "-q", "-j", "1"]);
     let log = ok(&slurm, &["run", "train", "-q", "--executor", "slurm"]);
     assert!(log.contains("train: submitted 2 Slurm job(s) as array"), "{log}");
-    let (a, b) = (store_files(&local), store_files(&slurm));
-    let train: Vec<&String> = a.keys().filter(|k| k.starts_with("train/")).collect();
-    assert_eq!(train, b.keys().filter(|k| k.starts_with("train/")).collect::<Vec<_>>(), "the same train key and files");
+    let train = same_store(&local, &slurm, |p| p.starts_with("train/"));
     assert!(train.iter().any(|k| k.ends_with("folds/fold1/model.safetensors")), "{train:?}");
-    for path in train {
-        if path.ends_with(".parquet") {
-            same_tables(&local.join("artifacts").join(path), &slurm.join("artifacts").join(path));
-        } else {
-            assert!(a[path] == b[path], "{path} differs between the local and the Slurm run");
-        }
-    }
     let comp = std::fs::read_to_string(Path::new(&std::env::var("LIVERSEG_SLURM_STATE").unwrap()).join("jobcomp.log")).unwrap();
     let folds: Vec<&str> = comp.lines().filter(|l| l.contains("Name=liverseg-train ") && l.contains("slurm_folds_cluster")).collect();
     let array = |l: &str| l.split_whitespace().find_map(|w| w.strip_prefix("ArrayJobId=")).unwrap_or("").to_owned();
@@ -413,4 +414,55 @@ fn stages_waiting_side_by_side_share_squeue() {
     // Per stage, each would poll at least twice in 4 s (80 calls); shared,
     // about one call per 0.5 s poll of the whole wait.
     assert!(n as f64 <= 2.0 + 2.0 * secs / 0.5 && n < 40, "{n} squeue calls in {secs:.1} s");
+}
+
+/// `run --detach`: the engine runs the cheap stages itself, submits train,
+/// then evaluate to start after it (`afterok`), and exits with both queued;
+/// `status` lists them; a later `run` waits for them and commits them, with
+/// the bytes of a local run. A detached chain whose first job is cancelled
+/// is one error at collection, naming both jobs, and leaves nothing behind.
+fn detached_run_chains_jobs_and_a_later_run_collects() {
+    let yaml = pipeline(1, 1).replace("    deps: [normalise, split, augment, tune]\n", "    deps: [normalise, split, augment]\n").replace("  submit: [normalise]\n", "");
+    let (local, slurm) = (project("slurm_detach_local", &yaml), project("slurm_detach_cluster", &yaml));
+    ok(&local, &["run", "evaluate", "-q"]);
+    let log = ok(&slurm, &["run", "evaluate", "--executor", "slurm", "--detach"]);
+    let (train, evaluate) = (job_of_in(&log, "train"), job_of_in(&log, "evaluate"));
+    assert!(log.contains(&format!("(Slurm job {evaluate}, after {train})")), "evaluate waits for train: {log}");
+    assert!(queue().iter().any(|(id, _)| *id == evaluate), "the engine exited with evaluate still queued: {:?}", queue());
+    let status = run(&slurm, &["status"]);
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert!(shown.contains("Slurm jobs of the detached run") && shown.contains(&format!("job {evaluate}")), "{shown}");
+    assert!(shown.lines().any(|l| l.starts_with("train") && l.contains("missing")), "nothing is committed before a run collects: {shown}");
+    let collect = ok(&slurm, &["run", "evaluate", "-q", "--executor", "slurm"]);
+    assert!(collect.contains("waiting for the 2 job(s) of the detached run") && collect.contains("adopting it") && !collect.contains("submitted"), "{collect}");
+    let files = same_store(&local, &slurm, |p| p.starts_with("train/") || p.starts_with("evaluate/"));
+    assert!(files.iter().any(|k| k.starts_with("evaluate/")), "{files:?}");
+    // Slurm's own record: evaluate started once train had ended.
+    let comp = std::fs::read_to_string(Path::new(&std::env::var("LIVERSEG_SLURM_STATE").unwrap()).join("jobcomp.log")).unwrap();
+    let field = |id: &str, name: &str| {
+        let array = id.split('_').next().unwrap();
+        let line = comp.lines().find(|l| l.contains(&format!("ArrayJobId={array} "))).unwrap_or_else(|| panic!("job {id} not in {comp}"));
+        line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}="))).unwrap().to_owned()
+    };
+    assert!(field(&evaluate, "StartTime") >= field(&train, "EndTime"), "{comp}");
+    // A chain whose first job is cancelled: the job after it never runs.
+    let log = ok(&slurm, &["run", "evaluate", "--executor", "slurm", "--detach", "-P", "train.epochs=2"]);
+    let (train, evaluate) = (job_of_in(&log, "train"), job_of_in(&log, "evaluate"));
+    assert!(Command::new("scancel").arg(&train).status().unwrap().success());
+    let out = run(&slurm, &["run", "evaluate", "-q", "--executor", "slurm", "-P", "train.epochs=2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a cancelled detached job fails the collecting run: {stderr}");
+    assert!(
+        stderr.contains("2 of the 2 job(s) of the detached run did not finish")
+            && stderr.contains(&format!("Slurm job {train} ended CANCELLED"))
+            && stderr.contains(&format!("Slurm job {evaluate} ended")),
+        "{stderr}"
+    );
+    assert!(!slurm.join("artifacts/.slurm/detached.json").exists(), "the record is gone: a rerun submits anew");
+    assert!(queue().is_empty(), "{:?}", queue());
+}
+
+fn job_of_in(log: &str, stage: &str) -> String {
+    let line = log.lines().find(|l| l.starts_with(&format!("submitted {stage} "))).unwrap_or_else(|| panic!("{stage} not submitted: {log}"));
+    line.split("Slurm job ").nth(1).unwrap().split([',', ')']).next().unwrap().to_owned()
 }
