@@ -8,27 +8,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+use common::{overlap, span, SIDE_BY_SIDE};
+
 fn liverseg() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_liverseg-torch")).with_file_name("liverseg")
 }
-
-const PIPELINE: &str = r#"
-data: {source: synthetic, synthetic_cases: 8, synthetic_size: 64, synthetic_slices: 6}
-stages:
-  ingest: {}
-  normalise: {deps: [ingest], params: {size: 64}}
-  split: {deps: [normalise]}
-  augment: {deps: [normalise, split], params: {copies: 1}}
-  tune:
-    deps: [normalise, split, augment]
-    foreach: {train: {arch: deeplabv3plus}, baseline: {arch: resnet}}
-    params: {strategies: [random], budget: 2, trial_epochs: 1, trial_max_slices: 8, trial_encoder: resnet18, threads: THREADS}
-  train: {deps: [normalise, split, augment, tune.train], params: {encoder: resnet18, epochs: 1, batch_size: 8, threads: THREADS, seed: 3}}
-  baseline:
-    deps: [normalise, split, augment, tune.baseline]
-    params: {arch: resnet, encoder: resnet18, epochs: 1, batch_size: 8, threads: THREADS, seed: 3}
-  evaluate: {deps: [ingest, normalise, split, train, baseline], params: {split: val, bootstrap: 100}}
-"#;
 
 /// A fresh project run with `-j jobs` (a progress line every second while
 /// stages run side by side); the project and what the run printed.
@@ -36,7 +21,7 @@ fn run_with(name: &str, threads: usize, jobs: usize) -> (PathBuf, String) {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("pipeline.yaml"), PIPELINE.replace("THREADS", &threads.to_string())).unwrap();
+    std::fs::write(dir.join("pipeline.yaml"), SIDE_BY_SIDE.replace("THREADS", &threads.to_string())).unwrap();
     let out = Command::new(liverseg()).args(["run", "-j", &jobs.to_string()]).env("LIVERSEG_PROGRESS_EVERY", "1").current_dir(&dir).output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "run -j {jobs}: {log}");
@@ -93,18 +78,6 @@ fn store_contents(dir: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// (started, finished) of the one artifact of `stage`.
-fn span(dir: &Path, stage: &str) -> (f64, f64) {
-    let key = std::fs::read_dir(dir.join("artifacts").join(stage)).unwrap().flatten().next().unwrap().path();
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(key.join("manifest.json")).unwrap()).unwrap();
-    (m["started_unix"].as_f64().unwrap(), m["finished_unix"].as_f64().unwrap())
-}
-
-fn overlap(dir: &Path, a: &str, b: &str) -> bool {
-    let ((s1, e1), (s2, e2)) = (span(dir, a), span(dir, b));
-    s1 < e2 && s2 < e1
-}
-
 #[test]
 fn independent_stages_overlap_and_give_the_same_bytes() {
     for threads in [1, 2] {
@@ -132,7 +105,7 @@ fn trial_threads_come_from_the_share_not_the_key() {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("parallel_threads");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let pipeline = PIPELINE.replace("threads: THREADS}", "threads: 0, batch: 2, parallel: 2}").replace("THREADS", "1");
+    let pipeline = SIDE_BY_SIDE.replace("threads: THREADS}", "threads: 0, batch: 2, parallel: 2}").replace("THREADS", "1");
     std::fs::write(dir.join("pipeline.yaml"), pipeline).unwrap();
     let out = Command::new(liverseg()).args(["run", "-q", "tune.train"]).env_remove("SLURM_CPUS_PER_TASK").env_remove("SLURM_JOB_ID").current_dir(&dir).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -155,7 +128,7 @@ fn folds_run_side_by_side_and_give_the_same_bytes() {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let pipeline = PIPELINE.replace("deps: [normalise, split, augment, tune.train], params: {", "deps: [normalise, split, augment], params: {folds: 2, ").replace("THREADS", "1");
+        let pipeline = SIDE_BY_SIDE.replace("deps: [normalise, split, augment, tune.train], params: {", "deps: [normalise, split, augment], params: {folds: 2, ").replace("THREADS", "1");
         std::fs::write(dir.join("pipeline.yaml"), pipeline).unwrap();
         let out = Command::new(liverseg()).args(["run", "train", "-j", &jobs.to_string()]).current_dir(&dir).output().unwrap();
         assert!(out.status.success(), "run train -j {jobs}: {}", String::from_utf8_lossy(&out.stderr));

@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{overlap, span, SIDE_BY_SIDE};
+
 fn liverseg() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_liverseg-torch")).with_file_name("liverseg")
 }
@@ -154,6 +157,7 @@ fn slurm_executor_on_a_real_cluster() {
     requests_beyond_max_array_size_are_chunked();
     stages_waiting_side_by_side_share_squeue();
     detached_run_chains_jobs_and_a_later_run_collects();
+    independent_stages_run_at_once_on_the_cluster();
 }
 
 /// A stand-in worker: writes a summary naming its array job and task.
@@ -465,4 +469,34 @@ fn detached_run_chains_jobs_and_a_later_run_collects() {
 fn job_of_in(log: &str, stage: &str) -> String {
     let line = log.lines().find(|l| l.starts_with(&format!("submitted {stage} "))).unwrap_or_else(|| panic!("{stage} not submitted: {log}"));
     line.split("Slurm job ").nth(1).unwrap().split([',', ')']).next().unwrap().to_owned()
+}
+
+/// The scheduler on the cluster, with 1 and 2 threads per stage: under
+/// `-j 4`, tune.train and tune.baseline, then train and baseline, overlap
+/// (their manifests), train's and baseline's jobs ran at the same time
+/// (Slurm's record), and the store equals a local `-j 1` run's (evaluate's
+/// tables aside: it takes its job's allocation, unlike the stages before).
+fn independent_stages_run_at_once_on_the_cluster() {
+    for threads in [1, 2] {
+        let yaml = SIDE_BY_SIDE.replace("THREADS", &threads.to_string()) + "slurm: {default: {cpus: 1, mem: 2G}, trial: {cpus: 1, mem: 2G}, poll_seconds: 0.5}\n";
+        let (local, cluster) = (project(&format!("slurm_side_local_t{threads}"), &yaml), project(&format!("slurm_side_cluster_t{threads}"), &yaml));
+        ok(&local, &["run", "-q", "-j", "1"]);
+        ok(&cluster, &["run", "-q", "-j", "4", "--executor", "slurm"]);
+        for (a, b) in [("tune.train", "tune.baseline"), ("train", "baseline")] {
+            assert!(overlap(&cluster, a, b), "threads {threads}: {a} and {b} did not overlap: {:?} {:?}", span(&cluster, a), span(&cluster, b));
+        }
+        let comp = std::fs::read_to_string(Path::new(&std::env::var("LIVERSEG_SLURM_STATE").unwrap()).join("jobcomp.log")).unwrap();
+        let times = |name: &str| {
+            let line = comp.lines().find(|l| l.contains(&format!("Name=liverseg-{name} ")) && l.contains(&format!("slurm_side_cluster_t{threads}"))).unwrap_or_else(|| panic!("no {name} job: {comp}"));
+            let field = |f: &str| line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{f}="))).unwrap().to_owned();
+            (field("StartTime"), field("EndTime"))
+        };
+        let ((s1, e1), (s2, e2)) = (times("train"), times("baseline"));
+        assert!(s1 < e2 && s2 < e1, "threads {threads}: train's and baseline's jobs did not run at once: {comp}");
+        // evaluate declares no threads: in its 1-CPU job it computes the
+        // losses with other thread counts than locally, so its last bits may
+        // differ (documented). Everything before it must not.
+        let files = same_store(&local, &cluster, |p| !p.starts_with("evaluate/"));
+        assert!(files.iter().any(|k| k.starts_with("baseline/") && k.ends_with("model.safetensors")), "{files:?}");
+    }
 }
