@@ -817,7 +817,8 @@ pub mod measure {
         let size = ds.params.size;
         let plane = size * size;
         let mut rows: Vec<(String, &str, String, i64, f64)> = Vec::new();
-        std::fs::create_dir_all(ctx.out("examples"))?;
+        let examples = ctx.out("examples");
+        std::fs::create_dir_all(&examples).with_context(|| format!("cannot create {}", examples.display()))?;
         for (model, s) in models.iter().zip(scores) {
             let mut t: [Vec<u8>; 4] = Default::default();
             for (label, case, dice) in picks(s) {
@@ -946,7 +947,7 @@ pub mod measure {
         for (name, a) in ctx.instances_of("normalise") {
             let ingest = ingests.get(name).with_context(|| format!("extra dataset {name}: evaluate needs ingest.{name} upstream too"))?;
             let out = ctx.out(&format!("external/{name}"));
-            std::fs::create_dir_all(&out)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
             let ds = Dataset::new(ctx, format!("external {name}"), ingest, &NormalisedSet::open(a)?, None, out, format!("external.{name}."))?;
             evaluate_dataset(ctx, &ds, &models, &p, device, &mut summary)?;
             external.push(name.to_owned());

@@ -508,7 +508,8 @@ impl Stage for Ingest {
             }
         }
         let reader = Reader::new(ctx, &p, root.clone())?;
-        std::fs::create_dir_all(ctx.out("cases"))?;
+        let cases = ctx.out("cases");
+        std::fs::create_dir_all(&cases).with_context(|| format!("cannot create {}", cases.display()))?;
         // Cases are independent: read, convert and write each in parallel, one
         // volume per worker at a time, so memory stays bounded by the worker count.
         let bar = liverseg_engine::progress::bar(items.len() as u64, "ingest", ctx.show_progress);

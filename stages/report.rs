@@ -404,7 +404,8 @@ impl Doc {
 
     /// A figure file under figures/, embedded in the HTML and linked from the Markdown.
     fn figure(&mut self, file: &str, bytes: &[u8], mime: &str, alt: &str, caption: Option<&str>, width: Option<usize>) -> Result<()> {
-        std::fs::write(self.figures.join(file), bytes)?;
+        let path = self.figures.join(file);
+        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
         let width = width.map(|w| format!(" width='{w}'")).unwrap_or_default();
         let _ = write!(self.html, "<figure><img alt='{}' src='data:{mime};base64,{}'{width}/>", esc(alt), base64(bytes));
         match caption {
@@ -484,7 +485,8 @@ impl Stage for Report {
     fn run(&self, ctx: &StageContext) -> Result<Summary> {
         let p: ReportParams = ctx.params.typed()?;
         let eval = ctx.upstream("evaluate")?;
-        std::fs::create_dir_all(ctx.out("figures"))?;
+        let figures = ctx.out("figures");
+        std::fs::create_dir_all(&figures).with_context(|| format!("cannot create {}", figures.display()))?;
         let mut doc = Doc::new(&p.title, ctx.out("figures"));
         if let Some(d) = crate::train::TrainingData::from_lineage(ctx)?.filter(|d| d.phantoms()) {
             doc.banner(&format!(

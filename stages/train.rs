@@ -191,7 +191,8 @@ fn assemble_folds(ctx: &StageContext, folds: Vec<Summary>) -> Result<Summary> {
         all.iter().for_each(|h| pooled.add(h));
         pooled
     });
-    std::fs::write(ctx.out("model.json"), serde_json::to_vec_pretty(&card)?)?;
+    let card_path = ctx.out("model.json");
+    std::fs::write(&card_path, serde_json::to_vec_pretty(&card)?).with_context(|| format!("cannot write {}", card_path.display()))?;
     liverseg_engine::tables::write_parquet(&ctx.out("metrics.parquet"), &mut epochs, &ctx.provenance())?;
     Ok(ensemble_summary(&folds))
 }
@@ -715,7 +716,8 @@ mod training {
             let scratch = &self.scratch;
             let (ckpt, prog) = (scratch.join("checkpoint.safetensors"), scratch.join("progress.json"));
             if ckpt.is_file() && prog.is_file() {
-                let saved: Progress = serde_json::from_slice(&std::fs::read(&prog)?).context("corrupt progress.json in scratch")?;
+                let bytes = std::fs::read(&prog).with_context(|| format!("cannot read {}", prog.display()))?;
+                let saved: Progress = serde_json::from_slice(&bytes).with_context(|| format!("{}: corrupt checkpoint progress", prog.display()))?;
                 let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&ckpt).map_err(|e| anyhow!("{}: {e}", ckpt.display()))?.into_iter().collect();
                 fit::restore(&self.vs, &tensors, "model.")?;
                 self.best = tensors.iter().filter_map(|(k, v)| k.strip_prefix("best.").map(|n| (n.to_owned(), v.shallow_clone()))).collect();
@@ -886,7 +888,8 @@ mod training {
                 folds: 0,
                 training_data: super::TrainingData::from_lineage(ctx)?,
             };
-            std::fs::write(self.out.join("model.json"), serde_json::to_vec_pretty(&card)?)?;
+            let card_path = self.out.join("model.json");
+            std::fs::write(&card_path, serde_json::to_vec_pretty(&card)?).with_context(|| format!("cannot write {}", card_path.display()))?;
             if self.p.save_model {
                 self.save_weights(&card)?;
             }
@@ -996,11 +999,12 @@ mod training {
         let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let tmp = dir.join("checkpoint.safetensors.tmp");
         Tensor::write_safetensors(&refs, &tmp).map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))?;
-        std::fs::write(dir.join("progress.json.tmp"), serde_json::to_vec(progress)?)?;
+        let progress_tmp = dir.join("progress.json.tmp");
+        std::fs::write(&progress_tmp, serde_json::to_vec(progress)?).with_context(|| format!("cannot write {}", progress_tmp.display()))?;
         // Tensors first, then the progress that points at them.
-        std::fs::rename(&tmp, dir.join("checkpoint.safetensors"))?;
-        std::fs::rename(dir.join("progress.json.tmp"), dir.join("progress.json"))?;
-        Ok(())
+        let rename = |from: &Path, to: &str| std::fs::rename(from, dir.join(to)).with_context(|| format!("cannot move {} into place", from.display()));
+        rename(&tmp, "checkpoint.safetensors")?;
+        rename(&progress_tmp, "progress.json")
     }
 
     fn json_f(v: f64) -> serde_json::Value {

@@ -178,7 +178,8 @@ impl Stage for Tune {
             reused += u;
         }
         let best = best_of(&rows, &p)?;
-        std::fs::write(ctx.out("best.json"), serde_json::to_vec_pretty(&best)?)?;
+        let best_path = ctx.out("best.json");
+        std::fs::write(&best_path, serde_json::to_vec_pretty(&best)?).with_context(|| format!("cannot write {}", best_path.display()))?;
         write_trials(ctx, &rows, &study.space, p.objective)?;
         let mut summary = Summary::new();
         summary.insert("best_value".into(), json!(best.value));
@@ -345,7 +346,8 @@ impl Study<'_> {
                 }
             };
             let result = trial_result(&req.out_dir, &key, point, &summary, self.p.objective)?;
-            std::fs::write(req.out_dir.join("result.json"), serde_json::to_vec_pretty(&result)?)?;
+            let result_path = req.out_dir.join("result.json");
+            std::fs::write(&result_path, serde_json::to_vec_pretty(&result)?).with_context(|| format!("cannot write {}", result_path.display()))?;
             trials.commit(&req.out_dir, &key, TRIAL_VERSION, &params, self.upstream.clone(), summary, started)?;
             out[slot] = Some((result, false));
         }

@@ -258,11 +258,11 @@ impl Slurm {
         let first = reqs[0].0;
         let batch = self.root.join("batches").join(batch_name(reqs.iter().map(|r| r.0)));
         std::fs::create_dir_all(&batch).with_context(|| format!("cannot create {}", batch.display()))?;
-        std::fs::write(batch.join("label"), &first.label)?;
-        let list: String = reqs.iter().map(|(_, d)| format!("{}\n", d.0.display())).collect();
-        std::fs::write(batch.join("requests.txt"), list)?;
+        let write = |name: &str, text: String| std::fs::write(batch.join(name), text).with_context(|| format!("cannot write {}", batch.join(name).display()));
+        write("label", first.label.clone())?;
+        write("requests.txt", reqs.iter().map(|(_, d)| format!("{}\n", d.0.display())).collect())?;
         let script = batch.join("job.sh");
-        std::fs::write(&script, job_script(&worker_binary()?, &batch.join("requests.txt")))?;
+        write("job.sh", job_script(&worker_binary()?, &batch.join("requests.txt")))?;
         let mut cmd = Command::new("sbatch");
         cmd.arg("--parsable")
             .arg(format!("--job-name=liverseg-{}", first.label))
@@ -287,7 +287,7 @@ impl Slurm {
         let mut records = Vec::new();
         for (i, (_, dir)) in reqs.iter().enumerate() {
             let record = JobRecord { id: format!("{id}_{i}"), log: batch.join(format!("slurm-{id}_{i}.log")) };
-            std::fs::write(dir.job(), serde_json::to_vec(&record)?)?;
+            std::fs::write(dir.job(), serde_json::to_vec(&record)?).with_context(|| format!("cannot write {}", dir.job().display()))?;
             records.push(record);
         }
         Ok(records)
@@ -313,7 +313,7 @@ impl Slurm {
         job.out_dir = dir.out();
         job.summary_path = dir.summary();
         job.show_progress = false;
-        std::fs::write(dir.request(), serde_json::to_vec_pretty(&absolute_paths(job.clone())?)?)?;
+        std::fs::write(dir.request(), serde_json::to_vec_pretty(&absolute_paths(job.clone())?)?).with_context(|| format!("cannot write {}", dir.request().display()))?;
         Ok((job, dir))
     }
 
