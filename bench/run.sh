@@ -244,7 +244,7 @@ stages = {
 ext = {re.sub(r"\W", "_", os.path.basename(p.rstrip("/"))): {"source": "slices2d", "root": p, "case_regex": regex} for p in external.split(",") if p}
 print(yaml.safe_dump({"data": {"source": "slices2d", "root": root}, "external": ext, "stages": stages}, sort_keys=False))
 PYEOF
-  RECIPES=${ROBUST_RECIPES:-"fixed: nnunet:train.online_augment=nnunet domain:train.online_augment=domain percentile:train.input_scaling=percentile percentile_domain:train.input_scaling=percentile,train.online_augment=domain"}
+  RECIPES=${ROBUST_RECIPES:-"fixed: nnunet:train.online_augment=nnunet domain:train.online_augment=domain percentile:train.input_scaling=percentile percentile_domain:train.input_scaling=percentile,train.online_augment=domain nyul:train.input_scaling=nyul nyul_domain:train.input_scaling=nyul,train.online_augment=domain"}
   for recipe in $RECIPES; do
     name=${recipe%%:*}; SETS=(); IFS=, read -r -a sets <<< "${recipe#*:}"; for s in "${sets[@]}"; do SETS+=(-P "$s"); done
     s=$(date +%s); (cd "$R" && "$BIN" run -q "${SETS[@]}" --name "$name") 2>&1 | grep -E "rror|warning" || true; e=$(date +%s)

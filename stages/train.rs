@@ -46,7 +46,7 @@ liverseg_engine::params! {
         schedule: Schedule = choice "constant", "learning-rate schedule (poly: lr·(1 − epoch/epochs)^0.9, nnU-Net's)";
         online_flip: bool = bool "false", "also mirror training batches at random (online augmentation; online_augment {mirror: 0.5})";
         online_augment: serde_json::Value = any "null", "online augmentation of training batches, a fresh draw per slice and epoch on the loader thread: null, nnunet (nnU-Net's 2D set), domain (nnunet plus re-export under other CT windows), or {rotation: [p, lo, hi], scale: [p, lo, hi], mirror: p, gamma: ..., rewindow: {p, width, level}} (see docs/guide.md)";
-        input_scaling: InputScheme = choice "fixed", "how stored slices become model input: fixed (/255 of the window or 8-bit export), percentile (each image clipped to its 0.5–99.5 percentiles and z-scored; for exports of unknown window), ct (clipped to the training liver's 0.5–99.5 percentiles, z-scored with their mean and std; HU data)";
+        input_scaling: InputScheme = choice "fixed", "how stored slices become model input: fixed (/255 of the window or 8-bit export), percentile (each image clipped to its 0.5–99.5 percentiles and z-scored; for exports of unknown window), ct (clipped to the training liver's 0.5–99.5 percentiles, z-scored with their mean and std; HU data), nyul (each image's body percentiles 1, 10, ..., 90, 99 mapped piecewise linearly onto the training slices' mean: Nyúl–Udupa histogram standardisation)";
         steps_per_epoch: usize = int "0", "optimizer steps per epoch (nnU-Net: 250); 0 = one pass over the training slices";
         folds: usize = int "0", "cross-validation: K models on K patient-level folds of train+validation (each fold's validation for its early stopping; the test split untouched), used as their ensemble (mean softmax); 0 = one model on the split's train/validation";
         use_augmented: bool = bool "true", "train on the augment stage's copies too";
@@ -656,7 +656,8 @@ mod training {
     }
 
     /// The scheme's statistics: for `ct`, of the liver pixels of `train_rows`
-    /// (every training slice, before augmentation), which must be CT.
+    /// (every training slice, before augmentation), which must be CT; for
+    /// `nyul`, the mean landmarks of those slices.
     fn input_scaling(scheme: InputScheme, norm: &NormalisedSet, train_rows: &[usize]) -> Result<InputScaling> {
         if scheme == InputScheme::Ct && norm.unit() != "HU" {
             bail!("input_scaling ct is nnU-Net's CT scheme and needs HU data; these slices are {} (use percentile for 8-bit exports)", norm.unit());
@@ -664,7 +665,7 @@ mod training {
         let px = norm.size * norm.size;
         let (images, masks) = (norm.images(), norm.masks());
         let liver = train_rows.iter().flat_map(|&r| images[r * px..(r + 1) * px].iter().zip(&masks[r * px..(r + 1) * px]).filter(|(_, &m)| m == 1).map(|(&v, _)| v));
-        InputScaling::fit(scheme, liver)
+        InputScaling::fit(scheme, liver, train_rows.iter().map(|&r| &images[r * px..(r + 1) * px]))
     }
 
     /// At most `max` of `rows` (0 = all), evenly spaced, so that a subset of

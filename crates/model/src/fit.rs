@@ -222,7 +222,7 @@ fn to_input(images: &[u8], b: usize, size: usize, device: Device, scaling: &Inpu
     let x: Vec<f32> = images
         .chunks_exact(size * size)
         .flat_map(|img| {
-            let a = scaling.affine(img);
+            let a = scaling.map(img);
             img.iter().map(move |&v| a.apply(v as f32))
         })
         .collect();

@@ -1,7 +1,7 @@
 //! Batches assembled ahead of the model on another thread, from slices held
 //! in memory as uint8, so the model never waits on data.
 
-use crate::scaling::{Affine, InputScaling};
+use crate::scaling::{InputScaling, IntensityMap};
 use liverseg_imaging::augment::{self, Transform, Transforms};
 use liverseg_rng::Rng;
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -62,7 +62,7 @@ pub fn batches(set: Arc<SliceSet>, order: Vec<usize>, batch: usize, drop_singlet
                 let (out_x, out_y) = (&mut xs[k * px..(k + 1) * px], &mut ys[k * px..(k + 1) * px]);
                 // Statistics of the stored slice, so that z-scoring does not undo
                 // the intensity transforms.
-                let scale = set.scaling.affine(src_x);
+                let scale = set.scaling.map(src_x);
                 match t {
                     Some(t) if !is_flip_only(&t) => {
                         let (ax, ay) = augment::apply_f32(&t, src_x, src_y, s);
@@ -89,7 +89,7 @@ fn is_flip_only(t: &Transform) -> bool {
 }
 
 /// One sample as it is, or mirrored left-right, scaled.
-fn copy(src_x: &[u8], src_y: &[u8], out_x: &mut [f32], out_y: &mut [u8], s: usize, mirror: bool, scale: &Affine) {
+fn copy(src_x: &[u8], src_y: &[u8], out_x: &mut [f32], out_y: &mut [u8], s: usize, mirror: bool, scale: &IntensityMap) {
     for r in 0..s {
         for c in 0..s {
             let from = r * s + if mirror { s - 1 - c } else { c };

@@ -101,7 +101,7 @@ choices!(
 
 choices!(
     /// How stored uint8 slices become model input (see liverseg_model::scaling).
-    InputScheme { Fixed = "fixed", Percentile = "percentile", Ct = "ct" }
+    InputScheme { Fixed = "fixed", Percentile = "percentile", Ct = "ct", Nyul = "nyul" }
 );
 
 choices!(

@@ -5,7 +5,11 @@
 //!   z-scored with its own mean and std;
 //! - `ct` (nnU-Net's CT scheme): clipped to the 0.5–99.5 percentiles of the
 //!   training split's liver pixels and z-scored with their mean and std,
-//!   computed once in training and stored in the model card.
+//!   computed once in training and stored in the model card;
+//! - `nyul` (Nyúl and Udupa's histogram standardisation): each image's body
+//!   landmarks (its 1st, 10th, ..., 90th, 99th percentiles) mapped piecewise
+//!   linearly onto the training images' mean landmarks, so that an export's
+//!   monotone mapping (window, gamma, contrast) largely cancels.
 //! Z-scoring is invariant to the window's linear map, so the uint8 values of
 //! a windowed slice give the same input as the HU they came from (up to the
 //! window's clipping and its 256 levels).
@@ -24,6 +28,43 @@ pub enum InputScaling {
     Percentile { lo_pct: f64, hi_pct: f64 },
     /// Clip to `clip` (uint8 units), subtract `mean`, divide by `std`.
     Ct { clip: [f32; 2], mean: f32, std: f32 },
+    /// Per image: its body landmarks at `LANDMARKS` mapped piecewise linearly
+    /// onto `standard` (the training images' mean, on a 0..1 scale).
+    Nyul { standard: [f32; LANDMARK_COUNT] },
+}
+
+/// Nyúl's landmark percentiles: the ends and the deciles.
+pub const LANDMARKS: [f64; LANDMARK_COUNT] = [1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0];
+pub const LANDMARK_COUNT: usize = 11;
+
+/// Standardised values beyond the landmarks are clipped this far outside
+/// 0..1: the clipped-black background of one export must not become a far
+/// outlier of another's.
+const NYUL_MARGIN: f32 = 0.2;
+
+/// What one image's values become.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum IntensityMap {
+    Affine(Affine),
+    /// Through the knots (`from` rising), extended by the end segments,
+    /// clipped to `NYUL_MARGIN` outside the standard scale.
+    Piecewise {
+        from: [f32; LANDMARK_COUNT],
+        to: [f32; LANDMARK_COUNT],
+    },
+}
+
+impl IntensityMap {
+    pub fn apply(&self, v: f32) -> f32 {
+        match self {
+            IntensityMap::Affine(a) => a.apply(v),
+            IntensityMap::Piecewise { from, to } => {
+                let k = from[1..LANDMARK_COUNT - 1].iter().take_while(|&&x| x <= v).count();
+                let t = (v - from[k]) / (from[k + 1] - from[k]);
+                (to[k] + t * (to[k + 1] - to[k])).clamp(to[0] - NYUL_MARGIN, to[LANDMARK_COUNT - 1] + NYUL_MARGIN)
+            }
+        }
+    }
 }
 
 /// value ↦ (clamp(value, lo, hi) − offset) / divisor.
@@ -44,28 +85,34 @@ impl Affine {
 /// nnU-Net's percentiles for both schemes.
 pub const PERCENTILES: (f64, f64) = (0.5, 99.5);
 
+const FIXED: Affine = Affine { lo: f32::NEG_INFINITY, hi: f32::INFINITY, offset: 0.0, divisor: 255.0 };
+
 impl InputScaling {
-    /// The map for one image (its own statistics for `percentile`).
-    pub fn affine(&self, image: &[u8]) -> Affine {
+    /// The map for one image (its own statistics for `percentile` and `nyul`).
+    pub fn map(&self, image: &[u8]) -> IntensityMap {
         match *self {
-            InputScaling::Fixed => Affine { lo: f32::NEG_INFINITY, hi: f32::INFINITY, offset: 0.0, divisor: 255.0 },
+            InputScaling::Fixed => IntensityMap::Affine(FIXED),
             InputScaling::Percentile { lo_pct, hi_pct } => {
                 let h = Histogram::of(image.iter().copied());
                 let (lo, hi) = (h.percentile(lo_pct), h.percentile(hi_pct));
                 let (mean, std) = h.clipped_mean_std(lo, hi);
-                Affine { lo, hi, offset: mean, divisor: std.max(1e-8) }
+                IntensityMap::Affine(Affine { lo, hi, offset: mean, divisor: std.max(1e-8) })
             }
-            InputScaling::Ct { clip, mean, std } => Affine { lo: clip[0], hi: clip[1], offset: mean, divisor: std.max(1e-8) },
+            InputScaling::Ct { clip, mean, std } => IntensityMap::Affine(Affine { lo: clip[0], hi: clip[1], offset: mean, divisor: std.max(1e-8) }),
+            // An image without a body to take landmarks from (blank) stays /255.
+            InputScaling::Nyul { standard } => body_landmarks(image).map_or(IntensityMap::Affine(FIXED), |from| IntensityMap::Piecewise { from, to: standard }),
         }
     }
 
     /// The card's statistics for `scheme`: `foreground` (the training
-    /// split's liver pixels) is read only by `ct`.
-    pub fn fit(scheme: Scheme, foreground: impl Iterator<Item = u8>) -> anyhow::Result<Self> {
+    /// split's liver pixels) is read only by `ct`, `images` (the training
+    /// slices) only by `nyul`.
+    pub fn fit<'a>(scheme: Scheme, foreground: impl Iterator<Item = u8>, images: impl Iterator<Item = &'a [u8]>) -> anyhow::Result<Self> {
         let (lo_pct, hi_pct) = PERCENTILES;
         Ok(match scheme {
             Scheme::Fixed => InputScaling::Fixed,
             Scheme::Percentile => InputScaling::Percentile { lo_pct, hi_pct },
+            Scheme::Nyul => InputScaling::Nyul { standard: standard_landmarks(images)? },
             Scheme::Ct => {
                 let h = Histogram::of(foreground);
                 if h.total == 0 {
@@ -89,8 +136,46 @@ impl InputScaling {
             InputScaling::Ct { clip, mean, std } => {
                 format!("ct: clipped to [{}, {}] (training liver 0.5–99.5 percentiles), z-scored with mean {} and std {} (nnU-Net's CT scheme)", hu(clip[0]), hu(clip[1]), hu(mean), hu_scale(std))
             }
+            InputScaling::Nyul { standard } => {
+                let deciles: Vec<String> = standard.iter().map(|v| format!("{v:.3}")).collect();
+                format!("nyul: each image's body percentiles 1, 10, ..., 90, 99 mapped piecewise linearly onto the training mean [{}] (Nyúl–Udupa histogram standardisation)", deciles.join(", "))
+            }
         }
     }
+}
+
+/// An image's landmarks over its body: the pixels above its minimum (the
+/// clipped-black background of a windowed export is not anatomy). None for
+/// an image with too few such pixels or no spread between its ends.
+fn body_landmarks(image: &[u8]) -> Option<[f32; LANDMARK_COUNT]> {
+    let min = *image.iter().min()?;
+    let h = Histogram::of(image.iter().copied().filter(|&v| v > min));
+    if h.total < 16 {
+        return None;
+    }
+    let mut marks = LANDMARKS.map(|p| h.percentile(p));
+    if marks[LANDMARK_COUNT - 1] - marks[0] < 1.0 {
+        return None;
+    }
+    // Ties (a plateau in the histogram) become a tiny rise, so every segment has a slope.
+    for k in 1..LANDMARK_COUNT {
+        marks[k] = marks[k].max(marks[k - 1] + 1e-3);
+    }
+    Some(marks)
+}
+
+/// The mean over `images` of each one's landmarks, its ends mapped onto 0..1.
+fn standard_landmarks<'a>(images: impl Iterator<Item = &'a [u8]>) -> anyhow::Result<[f32; LANDMARK_COUNT]> {
+    let (mut sum, mut n) = ([0f64; LANDMARK_COUNT], 0usize);
+    for marks in images.filter_map(body_landmarks) {
+        let (lo, hi) = (marks[0] as f64, marks[LANDMARK_COUNT - 1] as f64);
+        sum.iter_mut().zip(marks).for_each(|(s, m)| *s += (m as f64 - lo) / (hi - lo));
+        n += 1;
+    }
+    if n == 0 {
+        anyhow::bail!("input_scaling nyul: no training slice has a body to take landmarks from");
+    }
+    Ok(sum.map(|s| (s / n as f64) as f32))
 }
 
 /// Counts of the 256 uint8 values.
@@ -159,7 +244,7 @@ mod tests {
         let narrower: Vec<u8> = image.iter().map(|&v| (v as f32 * 0.5 + 40.0) as u8).collect();
         let per = InputScaling::Percentile { lo_pct: 0.5, hi_pct: 99.5 };
         let z = |img: &[u8]| -> Vec<f32> {
-            let a = per.affine(img);
+            let a = per.map(img);
             img.iter().map(|&v| a.apply(v as f32)).collect()
         };
         let (za, zb) = (z(&image), z(&narrower));
@@ -168,11 +253,44 @@ mod tests {
         assert!(mean.abs() < 1e-4 && (std - 1.0).abs() < 1e-3, "mean {mean} std {std}");
         let worst = za.iter().zip(&zb).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst < 0.05, "another window's export gives other inputs (worst {worst})");
-        assert_eq!(InputScaling::Fixed.affine(&image).apply(51.0), 0.2);
-        let ct = InputScaling::fit(Scheme::Ct, image.iter().copied()).unwrap();
+        assert_eq!(InputScaling::Fixed.map(&image).apply(51.0), 0.2);
+        let ct = InputScaling::fit(Scheme::Ct, image.iter().copied(), std::iter::empty()).unwrap();
         let InputScaling::Ct { clip, mean, std } = ct else { panic!("{ct:?}") };
         assert!(clip[0] >= 20.0 && clip[1] <= 199.0 && mean > 100.0 && std > 40.0, "{ct:?}");
-        assert!(InputScaling::fit(Scheme::Ct, std::iter::empty()).is_err());
+        assert!(InputScaling::fit(Scheme::Ct, std::iter::empty(), std::iter::empty()).is_err());
         assert!(ct.describe(Some((-100.0, 400.0))).contains("HU"));
+    }
+
+    /// A body on clipped black, as one export and as another's gamma and
+    /// window (a monotone, non-linear remap): nyul gives both nearly the
+    /// same input, closer than percentile's z-scores do (on their scale).
+    #[test]
+    fn nyul_undoes_a_monotone_remap() {
+        let body = |i: u32| if i % 5 == 0 { 0u8 } else { ((i * 7919) % 200 + 30) as u8 };
+        let image: Vec<u8> = (0..4096u32).map(body).collect();
+        let other: Vec<u8> = image.iter().map(|&v| if v == 0 { 0 } else { (255.0 * (v as f32 / 255.0).powf(0.6) * 0.8 + 20.0) as u8 }).collect();
+        let nyul = InputScaling::fit(Scheme::Nyul, std::iter::empty(), [image.as_slice()].into_iter()).unwrap();
+        let InputScaling::Nyul { standard } = nyul else { panic!("{nyul:?}") };
+        assert!(standard[0] == 0.0 && (standard[LANDMARK_COUNT - 1] - 1.0).abs() < 1e-6 && standard.windows(2).all(|w| w[0] < w[1]), "{standard:?}");
+        let spread = |s: &InputScaling, img: &[u8]| -> Vec<f32> {
+            let m = s.map(img);
+            img.iter().map(|&v| m.apply(v as f32)).collect()
+        };
+        // Each scheme's difference between the two exports, over the body,
+        // relative to the range its body inputs span.
+        let relative = |s: &InputScaling| {
+            let (a, b) = (spread(s, &image), spread(s, &other));
+            let body: Vec<usize> = (0..image.len()).filter(|&i| image[i] > 0).collect();
+            let range = body.iter().map(|&i| a[i]).fold(f32::MIN, f32::max) - body.iter().map(|&i| a[i]).fold(f32::MAX, f32::min);
+            body.iter().map(|&i| (a[i] - b[i]).abs()).sum::<f32>() / body.len() as f32 / range
+        };
+        let (n, p) = (relative(&nyul), relative(&InputScaling::Percentile { lo_pct: 0.5, hi_pct: 99.5 }));
+        assert!(n < 0.01 && n < p / 3.0, "nyul {n}, percentile {p}");
+        // Background sits just below the scale, never far out; a blank image stays /255.
+        let bg = nyul.map(&other).apply(0.0);
+        assert!((-NYUL_MARGIN..0.0).contains(&bg), "{bg}");
+        assert_eq!(nyul.map(&[7u8; 64]), IntensityMap::Affine(FIXED));
+        assert!(InputScaling::fit(Scheme::Nyul, std::iter::empty(), [[0u8; 64].as_slice()].into_iter()).is_err());
+        assert!(nyul.describe(None).starts_with("nyul"));
     }
 }
