@@ -493,8 +493,9 @@ fn independent_stages_run_at_once_on_the_cluster() {
         };
         // Both jobs were in Slurm at once: the engine did not wait for one to
         // end before submitting the other. (Whether Slurm starts them in the
-        // same second is its scheduler's business: these jobs last 2 to 3 s,
-        // and a busy machine delays a submission by as much.)
+        // same second is its scheduler's business: train's job is submitted
+        // only once tune.train is committed, a second or two on a busy
+        // machine, hence baseline's longer training in SIDE_BY_SIDE.)
         let ((s1, e1), (s2, e2)) = (times("train"), times("baseline"));
         assert!(s1 <= e2 && s2 <= e1, "threads {threads}: train's and baseline's jobs were not in Slurm at once: {comp}");
         // evaluate declares no threads: in its 1-CPU job it computes the

@@ -6,7 +6,10 @@ use std::path::Path;
 
 /// tune.train and tune.baseline, then train and baseline, depend only on
 /// the data stages: each pair may run side by side. `THREADS` is each
-/// stage's declared threads.
+/// stage's declared threads. baseline trains 3 epochs to train's 1: its
+/// search ends first (ResNet trials are cheaper), so a 1-epoch baseline
+/// could end about when train starts (a cluster run in CI: 1 s apart);
+/// 3 epochs keep it running well past that.
 pub const SIDE_BY_SIDE: &str = r#"
 data: {source: synthetic, synthetic_cases: 8, synthetic_size: 64, synthetic_slices: 6}
 stages:
@@ -21,7 +24,7 @@ stages:
   train: {deps: [normalise, split, augment, tune.train], params: {encoder: resnet18, epochs: 1, batch_size: 8, threads: THREADS, seed: 3}}
   baseline:
     deps: [normalise, split, augment, tune.baseline]
-    params: {arch: resnet, encoder: resnet18, epochs: 1, batch_size: 8, threads: THREADS, seed: 3}
+    params: {arch: resnet, encoder: resnet18, epochs: 3, batch_size: 8, threads: THREADS, seed: 3}
   evaluate: {deps: [ingest, normalise, split, train, baseline], params: {split: val, bootstrap: 100}}
 "#;
 
