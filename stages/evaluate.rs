@@ -68,6 +68,7 @@ liverseg_engine::params! {
         largest_component: bool = bool "false", "postprocess fixed: keep only the largest connected component (3D for volumes, per slice for 2D slices) in the reported scores";
         options: bool = bool "true", "also measure mirroring, the largest component and the ensemble of all models on the validation split (options.parquet)";
         shifts: bool = bool "true", "also score the validation patients under simulated other exports (CT windows, gamma, contrast; shift.parquet), the measure for choosing an intensity-robust recipe without looking at other hospitals' data";
+        threads: i64 = int "0", "CPU threads for inference (0 = the Slurm job's allocation, else all cores; the count then used is not in the key, and libtorch's sums, so the scores' last bits, depend on it: declare a count for the same bytes on every machine)";
     }
 }
 
@@ -103,7 +104,14 @@ impl Stage for Evaluate {
         if p.models.len() != p.models_blake3.len() {
             anyhow::bail!("models and models_blake3 must list the same number of entries");
         }
+        if p.threads < 0 {
+            anyhow::bail!("threads must be 0 (the allocation) or a positive count, got {}", p.threads);
+        }
         Ok(())
+    }
+
+    fn threads(&self, params: &Params) -> usize {
+        params.typed::<EvaluateParams>().map_or(0, |p| p.threads.max(0) as usize)
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Summary> {
@@ -907,6 +915,9 @@ pub mod measure {
 
     pub fn evaluate(ctx: &StageContext) -> Result<Summary> {
         let p: EvaluateParams = ctx.params.typed()?;
+        if p.threads > 0 {
+            tch::set_num_threads(p.threads as i32);
+        }
         let device = device_for(p.device)?;
         // Each model is loaded once and serves every dataset and the examples.
         let models = load_models(&model_dirs(ctx, &p), device)?;
@@ -934,6 +945,8 @@ pub mod measure {
         let scores = evaluate_dataset(ctx, &ds, &models, &p, device, &mut summary)?;
         examples(ctx, &ds, &models, &scores, &p, device)?;
         summary.insert("split".into(), p.split.name().into());
+        // Out of the key when `threads` is 0 (the allocation decides): recorded here.
+        summary.insert("cpu_threads".into(), tch::get_num_threads().into());
         if p.shifts && ctx.upstream.contains_key("split") {
             let val = wanted_cases(ctx, &norm, EvalSplit::Val)?;
             let ds = Dataset::new(ctx, "val".into(), ctx.upstream("ingest")?, &norm, val, ctx.out_dir.to_path_buf(), "shift.".into())?;

@@ -525,11 +525,11 @@ fn malformed_dicom_series() {
     expect_failure("two series", "ct", "holds 2 DICOM series");
 }
 
-/// Params whose size would exhaust memory, and a negative learning rate,
-/// are refused when the pipeline loads, naming the key.
+/// Params whose size would exhaust memory, a negative learning rate and a
+/// negative thread count are refused when the pipeline loads, naming the key.
 #[test]
 fn bad_params_are_refused_before_anything_runs() {
-    let pipeline = format!("{DATA_PIPELINE}  train:\n    deps: [normalise, split, augment]\n");
+    let pipeline = format!("{DATA_PIPELINE}  train:\n    deps: [normalise, split, augment]\n  evaluate:\n    deps: [ingest, normalise, split, train]\n");
     let dir = project("corpus_params", &pipeline);
     for (set, want) in [
         ("normalise.size=1000000", "size must be a positive multiple of 16 (DeepLabV3+ has output stride 16) up to 1024"),
@@ -537,6 +537,7 @@ fn bad_params_are_refused_before_anything_runs() {
         ("data.synthetic_size=0", "data.synthetic_size must be 16 to 1024 (got 0)"),
         ("data.synthetic_size=100000", "data.synthetic_size must be 16 to 1024 (got 100000)"),
         ("train.lr=-0.001", "lr must be a positive number"),
+        ("evaluate.threads=-2", "threads must be 0 (the allocation) or a positive count, got -2"),
     ] {
         let out = limited(&dir, &["run", "-q", "-P", set], None);
         no_panic_or_abort(&out, set);

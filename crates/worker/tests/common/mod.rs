@@ -6,10 +6,11 @@ use std::path::Path;
 
 /// tune.train and tune.baseline, then train and baseline, depend only on
 /// the data stages: each pair may run side by side. `THREADS` is each
-/// stage's declared threads. baseline trains 3 epochs to train's 1: its
-/// search ends first (ResNet trials are cheaper), so a 1-epoch baseline
-/// could end about when train starts (a cluster run in CI: 1 s apart);
-/// 3 epochs keep it running well past that.
+/// stage's declared threads (evaluate's too, so that its scores are the
+/// same bytes in a cluster's 1-CPU job as locally). baseline trains 3
+/// epochs to train's 1: its search ends first (ResNet trials are cheaper),
+/// so a 1-epoch baseline could end about when train starts (a cluster run
+/// in CI: 1 s apart); 3 epochs keep it running well past that.
 pub const SIDE_BY_SIDE: &str = r#"
 data: {source: synthetic, synthetic_cases: 8, synthetic_size: 64, synthetic_slices: 6}
 stages:
@@ -25,7 +26,7 @@ stages:
   baseline:
     deps: [normalise, split, augment, tune.baseline]
     params: {arch: resnet, encoder: resnet18, epochs: 3, batch_size: 8, threads: THREADS, seed: 3}
-  evaluate: {deps: [ingest, normalise, split, train, baseline], params: {split: val, bootstrap: 100}}
+  evaluate: {deps: [ingest, normalise, split, train, baseline], params: {threads: THREADS, split: val, bootstrap: 100}}
 "#;
 
 /// (started, finished) of the one artifact of `stage`.
