@@ -915,9 +915,6 @@ pub mod measure {
 
     pub fn evaluate(ctx: &StageContext) -> Result<Summary> {
         let p: EvaluateParams = ctx.params.typed()?;
-        if p.threads > 0 {
-            tch::set_num_threads(p.threads as i32);
-        }
         let device = device_for(p.device)?;
         // Each model is loaded once and serves every dataset and the examples.
         let models = load_models(&model_dirs(ctx, &p), device)?;

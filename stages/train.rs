@@ -72,6 +72,9 @@ impl TrainParams {
         if !(self.lr.is_finite() && self.lr > 0.0) || !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             bail!("lr must be a positive number and weight_decay ≥ 0, got lr {} and weight_decay {}", self.lr, self.weight_decay);
         }
+        if self.threads < 0 {
+            bail!("threads must be 0 (the allocation) or a positive count, got {}", self.threads);
+        }
         if self.folds == 1 {
             bail!("folds must be 0 (no cross-validation) or at least 2");
         }
@@ -542,9 +545,6 @@ mod training {
     pub fn train(ctx: &StageContext) -> Result<Summary> {
         let p = effective_params(ctx)?;
         p.validate()?;
-        if p.threads > 0 {
-            tch::set_num_threads(p.threads as i32);
-        }
         let norm = NormalisedSet::open(ctx.upstream("normalise")?)?;
         let assignment = SplitAssignment::read(ctx.upstream("split")?)?;
         assignment.check_covers(&norm)?;

@@ -154,6 +154,9 @@ impl Stage for Tune {
         if p.budget == 0 || p.parallel == 0 || p.batch == 0 {
             bail!("tune.budget, tune.batch and tune.parallel must be at least 1");
         }
+        if p.threads < 0 {
+            bail!("tune.threads must be 0 (the allocation) or a positive count, got {}", p.threads);
+        }
         if p.trial_epochs < 1 {
             bail!("tune.trial_epochs must be at least 1");
         }

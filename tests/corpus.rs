@@ -538,6 +538,7 @@ fn bad_params_are_refused_before_anything_runs() {
         ("data.synthetic_size=100000", "data.synthetic_size must be 16 to 1024 (got 100000)"),
         ("train.lr=-0.001", "lr must be a positive number"),
         ("evaluate.threads=-2", "threads must be 0 (the allocation) or a positive count, got -2"),
+        ("train.threads=-1", "threads must be 0 (the allocation) or a positive count, got -1"),
     ] {
         let out = limited(&dir, &["run", "-q", "-P", set], None);
         no_panic_or_abort(&out, set);

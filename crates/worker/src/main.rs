@@ -130,12 +130,14 @@ fn predict_options(args: &[OsString]) -> Result<predict::Options> {
 /// Run one stage request: the stage named in it, from the registry.
 fn stage(request: &OsString) -> Result<()> {
     let job = WorkerJob::load(&PathBuf::from(request))?;
-    // A stage's declared `threads` overrides this where it has one.
-    if let Some(n) = liverseg_engine::worker::allocated_threads() {
-        tch::set_num_threads(n as i32);
-    }
     let registry = liverseg_stages::registry();
     let stage = registry.iter().find(|s| s.info().name == job.req.stage).with_context(|| format!("the worker has no stage `{}`", job.req.stage))?;
+    // Declared threads are in the key and used as given (libtorch's sums
+    // depend on the count); else the allocation, recorded by the stage.
+    match stage.threads(&job.params) {
+        0 => liverseg_engine::worker::allocated_threads().into_iter().for_each(|n| tch::set_num_threads(n as i32)),
+        n => tch::set_num_threads(n as i32),
+    }
     let ctx = job.context(stage.info());
     let summary = stage.run(&ctx)?;
     job.finish(&ctx, summary)
